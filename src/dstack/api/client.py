@@ -1,0 +1,84 @@
+"""The Python client of the dstack server's HTTP API (the CLI uses nothing else)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from dstack.core.errors import DstackError, error_from_dict
+from dstack.core.models import Job, JobStatus, Run, RunnerInfo, RunSubmission, Tag
+
+
+class Client:
+    def __init__(self, url: str, token: str, timeout: float = 60.0):
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise DstackError(f"cannot reach the dstack server at {self.url}: {e}",
+                              hint="is it running? `dstack server` starts one in the foreground") from None
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                raise DstackError(f"the server answered {r.status_code}: {r.text[:300]}") from None
+            raise error_from_dict(err)
+        return r
+
+    def healthz(self) -> dict:
+        return self._call("GET", "/api/healthz", timeout=5).json()
+
+    # runs
+    def reserve_name(self) -> str:
+        return self._call("POST", "/api/runs/names").json()["run_name"]
+
+    def submit(self, sub: RunSubmission) -> Run:
+        return Run.model_validate(self._call("POST", "/api/runs", json=sub.model_dump(mode="json")).json())
+
+    def runs(self, repo_id: str | None, limit: int | None = None, workflow: str | None = None) -> list[Run]:
+        params = {k: v for k, v in {"repo_id": repo_id, "limit": limit, "workflow": workflow}.items() if v}
+        return [Run.model_validate(x) for x in self._call("GET", "/api/runs", params=params).json()]
+
+    def run(self, repo_id: str | None, name: str) -> Run:
+        params = {"repo_id": repo_id} if repo_id else {}
+        return Run.model_validate(self._call("GET", f"/api/runs/{name}", params=params).json())
+
+    def stop(self, repo_id: str | None, ref: str, abort: bool = False) -> Run:
+        params = {"abort": abort, **({"repo_id": repo_id} if repo_id else {})}
+        return Run.model_validate(self._call("POST", f"/api/runs/{ref}/stop", params=params).json())
+
+    def job(self, job_id: str) -> Job:
+        return Job.model_validate(self._call("GET", f"/api/jobs/{job_id}").json())
+
+    def logs(self, job_id: str, offset: int = 0, wait: float = 0) -> tuple[bytes, int, JobStatus]:
+        r = self._call("GET", f"/api/jobs/{job_id}/logs", params={"offset": offset, "wait": wait},
+                       timeout=wait + 30)
+        return r.content, int(r.headers["X-Next-Offset"]), JobStatus(r.headers["X-Job-Status"])
+
+    # tags
+    def tag(self, repo_id: str, run_name: str, tag: str) -> tuple[Tag, str | None]:
+        d = self._call("POST", "/api/tags", json={"repo_id": repo_id, "run_name": run_name, "tag": tag}).json()
+        return Tag.model_validate(d["tag"]), d["moved_from"]
+
+    def untag(self, repo_id: str, ref: str) -> list[Tag]:
+        r = self._call("DELETE", "/api/tags", params={"repo_id": repo_id, "ref": ref})
+        return [Tag.model_validate(x) for x in r.json()]
+
+    def tags(self, repo_id: str) -> list[Tag]:
+        return [Tag.model_validate(x) for x in self._call("GET", "/api/tags", params={"repo_id": repo_id}).json()]
+
+    # runners
+    def runners(self, include_gone: bool = False) -> list[RunnerInfo]:
+        r = self._call("GET", "/api/runners", params={"all": include_gone})
+        return [RunnerInfo.model_validate(x) for x in r.json()]
+
+    # code
+    def upload_code(self, digest: str, data: bytes) -> None:
+        r = self.http.head(f"/api/code/{digest}")
+        if r.status_code == 200:
+            return
+        self._call("PUT", f"/api/code/{digest}", content=data)

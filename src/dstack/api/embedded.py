@@ -1,0 +1,113 @@
+"""Which server the CLI talks to: DSTACK_SERVER_URL + DSTACK_TOKEN, else DSTACK_HOME/config.yml, else the
+embedded local server, started in the background on first use (state under DSTACK_HOME)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dstack.api.client import Client
+from dstack.core.errors import DstackError
+from dstack.core.home import dstack_home
+
+START_TIMEOUT = 30.0
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def configured() -> tuple[str, str] | None:
+    url, token = os.environ.get("DSTACK_SERVER_URL"), os.environ.get("DSTACK_TOKEN")
+    if url and token:
+        return url, token
+    cfg = dstack_home() / "config.yml"
+    if cfg.exists():
+        import yaml
+
+        try:
+            data = yaml.safe_load(cfg.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DstackError(f"{cfg} is not valid YAML: {e}") from None
+        if isinstance(data, dict) and data.get("server") and data.get("token"):
+            return str(data["server"]), str(data["token"])
+        raise DstackError(f"{cfg} must set 'server' and 'token'", hint="delete it to use the local server")
+    return None
+
+
+def local_server(home: Path | None = None) -> tuple[str, str] | None:
+    """The running local server, if any: (url, token)."""
+    sdir = (home or dstack_home()) / "server"
+    info = _read_json(sdir / "server.json")
+    if info and _alive(int(info["pid"])):
+        try:
+            return info["url"], (sdir / "token").read_text().strip()
+        except OSError:
+            return None
+    return None
+
+
+def start_local_server(home: Path | None = None) -> tuple[str, str]:
+    home = home or dstack_home()
+    sdir = home / "server"
+    sdir.mkdir(parents=True, exist_ok=True)
+    with open(sdir / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two CLIs starting at once start one server
+        running = local_server(home)
+        if running:
+            return running
+        log = open(sdir / "server.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dstack.server.main", "--home", str(home)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            info = _read_json(sdir / "server.json")
+            if info and info.get("pid") == proc.pid:
+                return info["url"], (sdir / "token").read_text().strip()
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = (sdir / "server.log").read_text(errors="replace")[-2000:]
+        raise DstackError(f"the local server did not start; its log ({sdir / 'server.log'}) ends with:\n{tail}")
+
+
+def stop_local_server(home: Path | None = None, timeout: float = 20.0) -> bool:
+    sdir = (home or dstack_home()) / "server"
+    info = _read_json(sdir / "server.json")
+    if not info or not _alive(int(info["pid"])):
+        return False
+    pid = int(info["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def connect() -> Client:
+    found = configured() or local_server() or start_local_server()
+    return Client(*found)

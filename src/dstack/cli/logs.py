@@ -1,0 +1,34 @@
+"""`dstack logs RUN|JOB [-f]`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_or_job")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the run ends.")
+def logs(run_or_job: str, follow: bool) -> None:
+    """Print the output of a run (all its jobs) or of one job."""
+    from dstack.api.embedded import connect
+    from dstack.api.repo import find_project, repo_id
+
+    client = connect()
+    run = client.run(repo_id(find_project()), run_or_job)
+    jobs = [j for j in run.jobs if j.job_id == run_or_job] or run.jobs
+    if follow:
+        from dstack.cli.attach import follow_run
+
+        run.jobs = jobs
+        sys.exit(follow_run(client, run))
+    out = sys.stdout.buffer
+    for job in jobs:
+        offset = 0
+        while True:
+            data, offset, _ = client.logs(job.job_id, offset)
+            if not data:
+                break
+            out.write(data)
+        out.flush()

@@ -1,0 +1,91 @@
+"""`dstack`: the command line. Commands are imported only when run, so `dstack --help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from dstack import __version__
+
+# name -> (module:attribute, one-line help)
+COMMANDS = {
+    "init": ("dstack.cli.init:init", "Write an example .dstack/ (workflows.yaml, variables.yaml)."),
+    "run": ("dstack.cli.run:run", "Run a workflow: provision, stream its logs, save its artifacts."),
+    "status": ("dstack.cli.status:status", "Show runs and their jobs."),
+    "logs": ("dstack.cli.logs:logs", "Show the output of a run or job."),
+    "stop": ("dstack.cli.stop:stop", "Stop a run or job (artifacts saved; --abort: not saved)."),
+    "tag": ("dstack.cli.tags:tag", "Name a DONE run, e.g. `dstack tag lazy-bobcat-1 latest`."),
+    "untag": ("dstack.cli.tags:untag", "Remove a tag (by TAG, WORKFLOW:TAG or RUN)."),
+    "tags": ("dstack.cli.tags:tags", "List tags."),
+    "runners": ("dstack.cli.runners:runners", "List runners: the machines that execute jobs."),
+    "server": ("dstack.cli.server:server", "Run the dstack server in the foreground; `server stop` stops it."),
+}
+ALIASES = {"ps": "status"}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        name = ALIASES.get(name, name)
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            import difflib
+
+            close = difflib.get_close_matches(args[0], list(COMMANDS), n=1) if args else []
+            if close:
+                raise click.UsageError(f"no command '{args[0]}'; did you mean '{close[0]}'?", ctx) from None
+            raise e
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, h) for n, (_, h) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="dstack")
+def cli() -> None:
+    """dstack: workflows as code for AI researchers.
+
+    \b
+    Describe workflows in .dstack/workflows.yaml, then:
+      dstack run prepare --gpu 4     run one (logs streamed, artifacts saved)
+      dstack status                  see runs and their jobs
+      dstack tag lazy-bobcat-1 latest
+      dstack run train               `dependencies: [prepare:latest]` mounts its artifacts
+    """
+
+
+def main() -> None:
+    from dstack.core.errors import DstackError
+
+    try:
+        cli.main(standalone_mode=False, prog_name="dstack")
+    except DstackError as e:
+        from dstack.cli.output import print_error
+
+        print_error(e)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Printing: errors, tables, times."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+
+from dstack.core.errors import ConfigError, DstackError
+
+
+def print_error(e: DstackError) -> None:
+    where = e.location + ": " if isinstance(e, ConfigError) and e.location else ""
+    color = sys.stderr.isatty()
+    red, dim, off = ("\033[31m", "\033[2m", "\033[0m") if color else ("", "", "")
+    sys.stderr.write(f"{where}{red}error:{off} {e.message}\n")
+    if e.hint:
+        sys.stderr.write(f"  {dim}hint:{off} {e.hint.strip()}\n")
+
+
+def ago(t: datetime | None) -> str:
+    if t is None:
+        return ""
+    secs = (datetime.now(UTC).replace(tzinfo=None) - t).total_seconds()
+    if secs < 60:
+        return "now" if secs < 5 else f"{int(secs)} secs ago"
+    if secs < 3600:
+        n = int(secs // 60)
+        return f"{n} min{'s' if n > 1 else ''} ago"
+    if secs < 86400:
+        n = int(secs // 3600)
+        return f"{n} hour{'s' if n > 1 else ''} ago"
+    if secs < 7 * 86400:
+        n = int(secs // 86400)
+        return f"{n} day{'s' if n > 1 else ''} ago"
+    return t.strftime("%Y-%m-%d %H:%M")
+
+
+STATUS_STYLE = {
+    "DONE": "green", "FAILED": "red", "STOPPED": "yellow", "ABORTED": "yellow", "RUNNING": "cyan",
+    "UPLOADING": "cyan", "PROVISIONING": "blue", "SUBMITTED": "blue",
+}
+
+
+def console():
+    import shutil
+
+    from rich.console import Console
+
+    # piped: wide enough never to cut a cell; a terminal: its own width
+    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((200, 24)).columns, 200)
+    return Console(highlight=False, soft_wrap=False, width=width)
+
+
+def format_overrides(overrides: dict) -> str:
+    from dstack.config.variables import as_env_value
+
+    return " ".join(f"--{k} {as_env_value(v)}" for k, v in overrides.items())

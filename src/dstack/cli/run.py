@@ -1,0 +1,64 @@
+"""`dstack run WORKFLOW [--VAR VALUE]... [-d]`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dstack.core.errors import ConfigError, DstackError, NotFound
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                 "help_option_names": ["-h", "--help"]})
+@click.argument("workflow")
+@click.option("-d", "--detach", is_flag=True, help="Submit and return; don't stream logs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the submitted run as JSON (implies --detach).")
+@click.pass_context
+def run(ctx: click.Context, workflow: str, detach: bool, as_json: bool) -> None:
+    """Run WORKFLOW of .dstack/workflows.yaml.
+
+    Variables of .dstack/variables.yaml are overridden as --NAME VALUE (e.g. `dstack run prepare --gpu 4`).
+    Attached by default: logs are streamed and the exit code is the job's. Ctrl-C asks whether to
+    stop the run or detach from it.
+    """
+    from dstack.api.embedded import connect
+    from dstack.api.repo import find_project, pack_code, repo_id
+    from dstack.config.variables import parse_cli_args
+    from dstack.config.workflows import resolve_workflow
+    from dstack.core.models import RunSubmission
+
+    project = find_project()
+    overrides = parse_cli_args(ctx.args)
+    resolve_workflow(project, workflow, overrides, "run-name")  # bad input fails before any server starts
+    client = connect()
+    run_name = client.reserve_name()
+    resolved = resolve_workflow(project, workflow, overrides, run_name)
+    digest, archive, code = pack_code(project)
+    client.upload_code(digest, archive)
+    sub = RunSubmission(run_name=run_name, repo_id=repo_id(project), workflow=workflow, provider=resolved.provider,
+                        variables=resolved.variables, overrides=overrides, dependencies=resolved.dependencies,
+                        jobs=resolved.jobs, code=code)
+    try:
+        submitted = client.submit(sub)
+    except (NotFound, DstackError) as e:
+        raise _located(e, resolved.dependency_errors) from None
+    if as_json:
+        click.echo(submitted.model_dump_json(indent=2))
+        return
+    err = click.get_text_stream("stderr")
+    err.write(f"Run {submitted.run_name} ({workflow}) submitted\n")
+    if detach:
+        err.write(f"Follow it with `dstack logs {submitted.run_name} -f`\n")
+        return
+    from dstack.cli.attach import follow_run
+
+    sys.exit(follow_run(client, submitted))
+
+
+def _located(e: DstackError, where: dict[str, ConfigError]) -> DstackError:
+    """A dependency the server could not resolve, pointed at where the workflow names it."""
+    for ref, loc in where.items():
+        if f"'{ref}'" in e.message:
+            return ConfigError(e.message, hint=e.hint, file=loc.file, line=loc.line, column=loc.column)
+    return e

@@ -1,0 +1,35 @@
+"""`dstack runners`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-a", "--all", "show_all", is_flag=True, help="Include runners that have exited.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def runners(show_all: bool, as_json: bool) -> None:
+    """List the runners that execute jobs: on-demand (local backend) and self-hosted."""
+    from dstack.api.embedded import connect
+
+    found = connect().runners(include_gone=show_all)
+    if as_json:
+        import json
+
+        click.echo(json.dumps([r.model_dump(mode="json") for r in found], indent=2))
+        return
+    if not found:
+        click.echo("No runners. The local backend starts one when a job waits; "
+                   "`dstack-runner start --server URL --token TOKEN` adds your own.")
+        return
+    from rich.table import Table
+
+    from dstack.cli.output import ago, console
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for c in ("RUNNER", "HOST", "BACKEND", "RESOURCES", "STATUS", "JOB", "UPDATED"):
+        table.add_column(c, no_wrap=True)
+    for r in found:
+        table.add_row(r.name, r.hostname, r.backend or "self-hosted", r.resources.describe(), r.status.value,
+                      r.job_id or "", ago(r.last_seen_at))
+    console().print(table)

@@ -1,0 +1,45 @@
+"""`dstack server` (foreground) and `dstack server stop`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import click
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=3000, show_default=True, help="Port to bind (0: any free port).")
+@click.option("--log-level", default="info", show_default=True)
+@click.pass_context
+def server(ctx: click.Context, host: str, port: int, log_level: str) -> None:
+    """Run the dstack server in the foreground (state under DSTACK_HOME). Its URL and token are printed;
+    self-hosted runners join it with `dstack-runner start --server URL --token TOKEN`."""
+    if ctx.invoked_subcommand:
+        return
+    from dstack.api.embedded import local_server
+
+    running = local_server()
+    if running:
+        raise click.ClickException(f"a local server is already running at {running[0]}; "
+                                   "stop it with `dstack server stop`")
+    from dstack.core.home import dstack_home
+
+    token_file = dstack_home() / "server" / "token"
+    click.echo(f"Starting dstack server on http://{host}:{port} (token in {token_file})", err=True)
+    cmd = [sys.executable, "-m", "dstack.server.main", "--host", host, "--port", str(port),
+           "--log-level", log_level]
+    try:
+        sys.exit(subprocess.call(cmd, env=os.environ))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+@server.command()
+def stop() -> None:
+    """Stop the local server started in the background (and its runners)."""
+    from dstack.api.embedded import stop_local_server
+
+    click.echo("stopped" if stop_local_server() else "no local server is running")

@@ -1,0 +1,37 @@
+"""`dstack status [RUN] [-n N] [--all] [--json]`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run", required=False)
+@click.option("-n", "--last", "limit", type=click.IntRange(min=1), default=None, help="Show the last N runs (default 10).")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show all runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
+def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) -> None:
+    """Show runs of this project and their jobs (newest first), or one RUN in detail."""
+    from dstack.api.embedded import connect
+    from dstack.api.repo import find_project, repo_id
+
+    client = connect()
+    rid = repo_id(find_project())
+    if run:
+        found = client.run(rid, run)
+        if as_json:
+            click.echo(found.model_dump_json(indent=2))
+        else:
+            from dstack.cli.render import print_run_detail
+
+            print_run_detail(found)
+        return
+    runs = client.runs(rid, limit=None if show_all else (limit or 10))
+    if as_json:
+        import json
+
+        click.echo(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+        return
+    from dstack.cli.render import print_runs
+
+    print_runs(runs)

@@ -1,0 +1,27 @@
+"""`dstack stop RUN|JOB [--abort]`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_or_job")
+@click.option("-x", "--abort", is_flag=True, help="Kill at once and don't save artifacts.")
+@click.option("--no-wait", is_flag=True, help="Return without waiting for the jobs to end.")
+def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
+    """Stop a run or one of its jobs: SIGTERM, then SIGKILL after a grace period; artifacts are saved
+    unless --abort."""
+    import time
+
+    from dstack.api.embedded import connect
+    from dstack.api.repo import find_project, repo_id
+
+    client = connect()
+    rid = repo_id(find_project())
+    run = client.stop(rid, run_or_job, abort=abort)
+    deadline = time.monotonic() + 60
+    while not no_wait and not run.status.finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = client.run(rid, run.run_name)
+    click.echo(f"{run.run_name} {run.status.value}")

@@ -1,0 +1,157 @@
+"""`.dstack/variables.yaml`, command-line overrides, and `$name` / `${{ name }}` substitution."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from dstack.config.yaml_positions import Located, load_file
+from dstack.core.errors import ConfigError, did_you_mean
+
+SYSTEM_VARIABLES = ("run_name", "job_id", "variables_as_args")
+# fields whose text is given to a shell: an undefined `$NAME` there is the shell's, not ours
+SHELL_FIELDS = {"commands", "before_run", "setup", "environment", "env"}
+
+_REF = re.compile(r"\$\$|\$\{\{\s*([A-Za-z_][\w.-]*)\s*\}\}|\$\{\{[^}]*\}\}|\$([A-Za-z_]\w*)")
+_ALIASES = {"run.name": "run_name", "job.id": "job_id"}
+
+
+def load_variables(project: Path, workflow: str, workflow_names: list[str]) -> tuple[dict, Located | None]:
+    """The variables declared for `workflow`: `global` merged with its own section."""
+    path = project / ".dstack" / "variables.yaml"
+    if not path.exists():
+        return {}, None
+    located = load_file(path, display=".dstack/variables.yaml")
+    data = located.data
+    if data is None:
+        return {}, located
+    if not isinstance(data, dict):
+        raise located.error((), "variables.yaml must be a mapping with the key 'variables'")
+    unknown = [k for k in data if k != "variables"]
+    if unknown:
+        raise located.error(
+            (unknown[0],), f"unknown key '{unknown[0]}'", hint=did_you_mean(str(unknown[0]), ["variables"]) or
+            "the file has one key, 'variables'", key=True,
+        )
+    sections = data.get("variables") or {}
+    if not isinstance(sections, dict):
+        raise located.error(("variables",), "'variables' must be a mapping: 'global' and one section per workflow")
+    for name, section in sections.items():
+        if section is not None and not isinstance(section, dict):
+            raise located.error(("variables", name), f"variables of '{name}' must be a mapping of name: value")
+        if name != "global" and name not in workflow_names:
+            raise located.error(
+                ("variables", name), f"variables for an unknown workflow '{name}'",
+                hint=did_you_mean(str(name), ["global", *workflow_names]) or
+                f"workflows: {', '.join(workflow_names) or 'none'}", key=True,
+            )
+    merged = dict(sections.get("global") or {})
+    merged.update(sections.get(workflow) or {})
+    return merged, located
+
+
+def parse_cli_value(text: str) -> Any:
+    """`--gpu 4` gives the integer 4, `--lr 0.01` a float, `--flag true` a bool, anything else a string.
+    A number is a number only when it reads back as written: `--version 3.10` stays '3.10' (not 3.1),
+    `--seed 007` stays '007'; and unlike YAML 1.1, `yes` is not true and `12:30` is not 750."""
+    s = text.strip()
+    if s.lower() in ("true", "false"):
+        return s.lower() == "true"
+    for kind in (int, float):
+        try:
+            number = kind(s)
+        except ValueError:
+            continue
+        if math.isfinite(number) and repr(number) == s:
+            return number
+    return text
+
+
+def parse_cli_args(args: list[str]) -> dict[str, Any]:
+    """`--gpu 4 --name=x` -> {'gpu': 4, 'name': 'x'}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(
+                f"unexpected argument '{arg}'",
+                hint="variables are given as --NAME VALUE, e.g. dstack run train --gpu 2",
+            )
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"--{name} needs a value", hint=f"write it as --{name} VALUE")
+            value = args[i + 1]
+            i += 1
+        out[name] = parse_cli_value(value)
+        i += 1
+    return out
+
+
+def apply_overrides(declared: dict, overrides: dict, workflow: str) -> dict:
+    merged = dict(declared)
+    for name, value in overrides.items():
+        key = name if name in declared else name.replace("-", "_")
+        if key not in declared:
+            names = ", ".join(f"--{n}" for n in declared) or "none"
+            hint = f"declared variables: {names}" + ("" if declared else " (declare them in .dstack/variables.yaml)")
+            suggestion = did_you_mean(name, declared)
+            raise ConfigError(f"'{workflow}' has no variable '{name}'",
+                              hint=f"{suggestion} {hint}" if suggestion else hint)
+        merged[key] = value
+    return merged
+
+
+def as_env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def variables_as_args(variables: dict) -> str:
+    """All variables as `--name value`, each value quoted for the shell that runs the commands."""
+    return " ".join(f"--{k} {shlex.quote(as_env_value(v))}" for k, v in variables.items())
+
+
+def substitute(value: Any, variables: dict, located: Located, path: tuple, shell: bool = False) -> Any:
+    """Replace references in every string of `value`. A string that is exactly one reference takes the
+    variable's own YAML type (`gpu: $gpu` with 4 gives 4)."""
+    if isinstance(value, dict):
+        return {
+            k: substitute(v, variables, located, path + (k,), shell or (len(path) == 2 and k in SHELL_FIELDS))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [substitute(v, variables, located, path + (i,), shell) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def lookup(match: re.Match) -> tuple[bool, Any]:
+        if match.group(0) == "$$":
+            return True, "$"
+        name = match.group(1) or match.group(2)
+        if name is None:
+            raise located.error(path, f"cannot read the reference '{match.group(0)}'",
+                                hint="write ${{ name }} with a variable name inside")
+        name = _ALIASES.get(name, name)
+        if name in variables:
+            return True, variables[name]
+        if shell and match.group(2):
+            return False, match.group(0)  # `$HOME` in a command is the shell's
+        hint = (f"declare it in .dstack/variables.yaml (under 'global' or the workflow's section)"
+                f" or pass it as --{name} VALUE")
+        suggestion = did_you_mean(name, variables)
+        raise located.error(path, f"undefined variable '{name}'", hint=f"{suggestion} {hint}" if suggestion else hint)
+
+    whole = _REF.fullmatch(value.strip())
+    if whole and whole.group(0) != "$$":
+        found, v = lookup(whole)
+        return v if found else value
+    return _REF.sub(lambda m: as_env_value(lookup(m)[1]), value)

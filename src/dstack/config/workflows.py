@@ -1,0 +1,219 @@
+"""`.dstack/workflows.yaml` (and `.dstack/workflows/*.yaml`): find a workflow, substitute its
+variables, validate it with its provider's model, and make its job specs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from dstack.config.variables import (
+    apply_overrides,
+    as_env_value,
+    load_variables,
+    substitute,
+    variables_as_args,
+)
+from dstack.config.yaml_positions import Located, load_file
+from dstack.core.errors import ConfigError, did_you_mean
+from dstack.core.models import DependencySpec, JobSpec
+from dstack.core.names import job_id as new_job_id
+from dstack.providers.base import get_provider
+
+
+@dataclass
+class WorkflowEntry:
+    name: str
+    raw: dict
+    located: Located
+    path: tuple
+
+
+@dataclass
+class ResolvedWorkflow:
+    name: str
+    provider: str
+    variables: dict
+    overrides: dict
+    dependencies: list[DependencySpec]
+    jobs: list[JobSpec]
+    help: str | None = None
+    # where each dependency was written, to point at it when the server cannot resolve it
+    dependency_errors: dict[str, ConfigError] = field(default_factory=dict)
+
+
+def workflow_files(project: Path) -> list[Path]:
+    root = project / ".dstack"
+    files = [root / "workflows.yaml"] if (root / "workflows.yaml").exists() else []
+    if (root / "workflows.yml").exists():
+        files.append(root / "workflows.yml")
+    folder = root / "workflows"
+    if folder.is_dir():
+        files += sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml"))
+    return files
+
+
+def load_workflows(project: Path) -> list[WorkflowEntry]:
+    files = workflow_files(project)
+    if not files:
+        raise ConfigError(
+            f"no workflows: {project / '.dstack' / 'workflows.yaml'} does not exist",
+            hint="run `dstack init` to write an example, or cd into your project",
+        )
+    entries: list[WorkflowEntry] = []
+    seen: dict[str, WorkflowEntry] = {}
+    for f in files:
+        located = load_file(f, display=str(f.relative_to(project)))
+        data = located.data
+        if data is None:
+            continue
+        if not isinstance(data, dict) or "workflows" not in data:
+            key = next(iter(data), None) if isinstance(data, dict) else None
+            raise located.error(
+                (key,) if key is not None else (), "the file must have the key 'workflows' (a list)",
+                hint=did_you_mean(str(key), ["workflows"]) if key else "start it with 'workflows:'", key=True,
+            )
+        extra = [k for k in data if k != "workflows"]
+        if extra:
+            raise located.error((extra[0],), f"unknown key '{extra[0]}'",
+                                hint="the file has one key, 'workflows'", key=True)
+        items = data["workflows"] or []
+        if not isinstance(items, list):
+            raise located.error(("workflows",), "'workflows' must be a list; start each workflow with '- name:'")
+        for i, item in enumerate(items):
+            path = ("workflows", i)
+            if not isinstance(item, dict):
+                raise located.error(path, "each workflow must be a mapping with at least 'name'")
+            name = item.get("name")
+            if not isinstance(name, str) or not name:
+                raise located.error(path, "a workflow has no 'name'", hint="add e.g. 'name: train'")
+            if name in seen:
+                raise located.error(path + ("name",), f"workflow '{name}' is defined twice",
+                                    hint=f"also at {seen[name].located.file}")
+            entry = WorkflowEntry(name=name, raw=item, located=located, path=path)
+            seen[name] = entry
+            entries.append(entry)
+    return entries
+
+
+def find_workflow(entries: list[WorkflowEntry], name: str) -> WorkflowEntry:
+    for e in entries:
+        if e.name == name:
+            return e
+    names = [e.name for e in entries]
+    raise ConfigError(
+        f"no workflow named '{name}'",
+        hint=did_you_mean(name, names) or f"workflows: {', '.join(names) or 'none'}",
+    )
+
+
+def provider_name(raw: dict) -> str:
+    p = raw.get("provider")
+    if isinstance(p, dict):
+        p = p.get("name")
+    if p:
+        return str(p).split("@")[0]
+    return "docker" if raw.get("image") else "bash"
+
+
+def _validation_error(e: ValidationError, entry: WorkflowEntry, model: type) -> ConfigError:
+    errors = e.errors()
+    # an unknown key first: it often causes the others (`comands` leaves `commands` empty)
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-"))))
+    path = entry.path + loc
+    field_name = ".".join(str(x) for x in loc) or "workflow"
+    if err["type"] == "extra_forbidden":
+        key = loc[-1]
+        known = _known_keys(model, loc[:-1])
+        return entry.located.error(
+            path, f"unknown key '{key}' in workflow '{entry.name}'",
+            hint=did_you_mean(str(key), known) or f"known keys: {', '.join(sorted(known))}", key=True,
+        )
+    if err["type"] == "missing":
+        return entry.located.error(entry.path, f"workflow '{entry.name}' is missing '{field_name}'")
+    msg = err["msg"].removeprefix("Value error, ")
+    return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}': {msg}",
+                               hint=f"got {err.get('input')!r}" if "input" in err and err["type"] != "value_error"
+                               else None)
+
+
+def _known_keys(model: type, loc: tuple) -> list[str]:
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        f = model.model_fields.get(part) or next(
+            (f for f in model.model_fields.values() if f.alias == part), None)
+        ann = getattr(f, "annotation", None)
+        models = [a for a in (ann, *get_args(ann)) if hasattr(a, "model_fields")]  # `Model | None` too
+        if not models:
+            return []
+        model = models[0]
+    keys = []
+    for name, f in model.model_fields.items():
+        keys.append(f.alias or name)
+        if f.alias:
+            keys.append(name)
+    if model.__name__ == "Requirements":
+        keys.append("<name>/gpu")
+    return keys
+
+
+def _dependencies(raw: list, entry: WorkflowEntry) -> tuple[list[DependencySpec], dict[str, ConfigError]]:
+    deps, where = [], {}
+    key = next((k for k in ("dependencies", "depends-on", "deps") if k in entry.raw), "dependencies")
+    for i, d in enumerate(raw):
+        path = entry.path + (key, i)
+        if isinstance(d, str):
+            spec = DependencySpec(ref=d.strip())
+        elif isinstance(d, dict) and ("ref" in d or "tag" in d or "workflow" in d):
+            ref = d.get("ref") or (f"{d['workflow']}" if "workflow" in d else None)
+            if "tag" in d:
+                ref = f"{d.get('workflow', entry.name)}:{d['tag']}" if "workflow" in d else f":{d['tag']}"
+            spec = DependencySpec(ref=str(ref), artifacts=d.get("artifacts"))
+        else:
+            raise entry.located.error(path, "a dependency is 'workflow:tag', 'workflow', a run name, "
+                                      "or {ref: ..., artifacts: [...]}")
+        if spec.ref.split(":")[0] == entry.name:
+            raise entry.located.error(path, f"workflow '{entry.name}' depends on itself")
+        deps.append(spec)
+        where[spec.ref] = entry.located.error(path, "")
+    return deps, where
+
+
+def resolve_workflow(project: Path, name: str, overrides: dict[str, Any], run_name: str) -> ResolvedWorkflow:
+    entries = load_workflows(project)
+    entry = find_workflow(entries, name)
+    declared, _ = load_variables(project, name, [e.name for e in entries])
+    variables = apply_overrides(declared, overrides, name)
+    job_id = new_job_id()
+    system = {"run_name": run_name, "job_id": job_id, "variables_as_args": variables_as_args(variables)}
+    raw = substitute(entry.raw, {**variables, **system}, entry.located, entry.path)
+    spelled = [k for k in ("dependencies", "depends-on", "deps") if k in raw]
+    if len(spelled) > 1:
+        raise entry.located.error(entry.path + (spelled[1],), f"'{spelled[0]}' and '{spelled[1]}' are the same"
+                                  " key; keep one", key=True)
+    if "deps" in raw:
+        raw = {k if k != "deps" else "depends-on": v for k, v in raw.items()}
+    pname = provider_name(raw)
+    try:
+        provider = get_provider(pname)
+    except ConfigError as e:
+        raise entry.located.error(entry.path + ("provider",), e.message, hint=e.hint) from None
+    try:
+        spec = provider.Spec.model_validate(raw)
+    except ValidationError as e:
+        raise _validation_error(e, entry, provider.Spec) from None
+    deps, where = _dependencies(spec.dependencies, entry)
+    env = {k.upper(): as_env_value(v) for k, v in variables.items()}
+    env.update({"RUN_NAME": run_name, "JOB_ID": job_id})
+    jobs = provider.create_jobs(spec, env)
+    for i, job in enumerate(jobs):
+        job.job_id = job_id if i == 0 else new_job_id()
+        job.run_name = run_name
+        if i:
+            job.env["JOB_ID"] = job.job_id
+    return ResolvedWorkflow(name=name, provider=pname, variables=variables, overrides=overrides,
+                            dependencies=deps, jobs=jobs, help=spec.help, dependency_errors=where)

@@ -1,0 +1,123 @@
+"""YAML loading that remembers where each value was written, for file:line:column errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dstack.core.errors import ConfigError
+
+Path_ = tuple[Any, ...]
+
+
+@dataclass
+class Located:
+    """Plain data plus the (line, column) of every value and key, by path; 1-based."""
+
+    file: str
+    data: Any
+    positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    key_positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+
+    def where(self, path: Path_, key: bool = False) -> tuple[int | None, int | None]:
+        """The position of `path`, or of its closest written ancestor."""
+        table = self.key_positions if key else self.positions
+        p = tuple(path)
+        while p:
+            if p in table:
+                return table[p]
+            if not key and p in self.key_positions:
+                return self.key_positions[p]
+            p = p[:-1]
+        return self.positions.get((), (None, None))
+
+    def error(self, path: Path_, message: str, hint: str | None = None, key: bool = False) -> ConfigError:
+        line, col = self.where(path, key=key)
+        return ConfigError(message, hint=hint, file=self.file, line=line, column=col)
+
+
+_MAX_VALUES = 100_000  # aliases may expand exponentially ("billion laughs")
+
+
+def _build(node: yaml.Node, path: Path_, out: Located, loader: yaml.SafeLoader, open_: set[int]) -> Any:
+    def fail(message: str, mark: yaml.Mark) -> ConfigError:
+        return ConfigError(message, file=out.file, line=mark.line + 1, column=mark.column + 1)
+
+    if id(node) in open_:
+        raise fail("a YAML alias refers to a value that contains it", node.start_mark)
+    if len(out.positions) > _MAX_VALUES:
+        raise fail(f"the file has more than {_MAX_VALUES} values (once aliases are expanded)", node.start_mark)
+    out.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        open_.add(id(node))
+        result: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise fail("YAML merge keys (<<) are not supported", key_node.start_mark)
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise fail("a key must be a plain value", key_node.start_mark)
+            key = loader.construct_object(key_node)
+            if key in result:
+                err = fail(f"duplicate key '{key}'", key_node.start_mark)
+                err.hint = "each key may appear once in a mapping"
+                raise err
+            out.key_positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            result[key] = _build(value_node, path + (key,), out, loader, open_)
+        open_.discard(id(node))
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        open_.add(id(node))
+        items = [_build(item, path + (i,), out, loader, open_) for i, item in enumerate(node.value)]
+        open_.discard(id(node))
+        return items
+    return loader.construct_object(node)
+
+
+def load_text(text: str, file: str) -> Located:
+    out = Located(file=file, data=None)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or "malformed YAML"
+        hint = None
+        if "found character '\\t'" in problem or "\t" in problem:
+            hint = "indent with spaces, not tabs"
+        elif e.context:
+            hint = e.context
+        raise ConfigError(
+            f"malformed YAML: {problem}",
+            hint=hint,
+            file=file,
+            line=mark.line + 1 if mark else None,
+            column=mark.column + 1 if mark else None,
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed YAML: {e}", file=file) from None
+    if node is None:
+        out.data = None
+        return out
+    try:
+        # a loader per file: a shared one would keep every node it ever built
+        out.data = _build(node, (), out, yaml.SafeLoader(""), set())
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        raise ConfigError(
+            f"malformed YAML: {e.problem}", file=file, line=mark.line + 1 if mark else None,
+            column=mark.column + 1 if mark else None,
+        ) from None
+    return out
+
+
+def load_file(path: Path, display: str | None = None) -> Located:
+    name = display or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name} is not UTF-8 text", file=name) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {name}: {e.strerror}", file=name) from None
+    return load_text(text, name)

@@ -1,0 +1,204 @@
+"""Models shared by the CLI, the server and the runner: the API's vocabulary."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from dstack.core.resources import Requirements, RunnerResources
+
+
+class JobStatus(enum.StrEnum):
+    SUBMITTED = "SUBMITTED"
+    PROVISIONING = "PROVISIONING"
+    RUNNING = "RUNNING"
+    UPLOADING = "UPLOADING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+    ABORTED = "ABORTED"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+    @property
+    def active(self) -> bool:
+        return self in (JobStatus.PROVISIONING, JobStatus.RUNNING, JobStatus.UPLOADING)
+
+
+FINISHED = frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.ABORTED})
+
+# a run's status is the "worst" of its jobs' in this order
+_RUN_ORDER = [
+    JobStatus.FAILED,
+    JobStatus.ABORTED,
+    JobStatus.STOPPED,
+    JobStatus.RUNNING,
+    JobStatus.UPLOADING,
+    JobStatus.PROVISIONING,
+    JobStatus.SUBMITTED,
+    JobStatus.DONE,
+]
+
+
+def run_status(job_statuses: list[JobStatus]) -> JobStatus:
+    if not job_statuses:
+        return JobStatus.SUBMITTED
+    if any(not s.finished for s in job_statuses):
+        active = [s for s in job_statuses if not s.finished]
+        return min(active, key=_RUN_ORDER.index)
+    return min(job_statuses, key=_RUN_ORDER.index)
+
+
+class CodeRef(BaseModel):
+    """Where the job's code comes from: an archive in the artifact store, by hash."""
+
+    archive_hash: str | None = None
+    repo_url: str | None = None
+    branch: str | None = None
+    commit: str | None = None
+    dirty: bool = False
+
+
+class DependencySpec(BaseModel):
+    """A dependency as written: `workflow:tag`, `workflow` (its latest DONE run) or a run name,
+    optionally narrowed to some of its artifacts."""
+
+    ref: str
+    artifacts: list[str] | None = None
+
+
+class DependencyRef(BaseModel):
+    """A resolved dependency: a finished job's saved artifacts."""
+
+    ref: str  # as written: prepare:latest, prepare, lazy-bobcat-1
+    run_name: str
+    job_id: str
+    artifacts: list[str]
+
+
+class JobSpec(BaseModel):
+    """Everything a runner needs to execute one job. Produced by a provider, completed by the server."""
+
+    job_id: str = ""
+    run_name: str = ""
+    workflow: str
+    provider: str
+    image: str | None = None
+    commands: list[str] = []
+    env: dict[str, str] = {}
+    working_dir: str = "."
+    artifacts: list[str] = []
+    ports: int = 0
+    requirements: Requirements = Requirements()
+    dependencies: list[DependencyRef] = []
+    code: CodeRef = CodeRef()
+    master: bool = True
+
+
+class RunSubmission(BaseModel):
+    """POST /api/runs: a workflow resolved by the CLI (variables substituted, jobs made by its
+    provider), to be checked, linked to its dependencies and queued by the server."""
+
+    run_name: str
+    repo_id: str
+    workflow: str
+    provider: str
+    variables: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    dependencies: list[DependencySpec] = []
+    jobs: list[JobSpec]
+    code: CodeRef = CodeRef()
+
+
+class Job(BaseModel):
+    job_id: str
+    run_name: str
+    workflow: str
+    status: JobStatus
+    submitted_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    runner: str | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    spec: JobSpec
+    stop_requested: str | None = None  # "stop" | "abort"
+    image_digest: str | None = None
+    artifacts: list[dict] = []  # saved artifacts: {path, files, size}
+
+
+class Run(BaseModel):
+    run_name: str
+    repo_id: str
+    workflow: str
+    provider: str
+    status: JobStatus
+    submitted_at: datetime
+    variables: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    tags: list[str] = []
+    jobs: list[Job] = []
+    code: CodeRef = CodeRef()
+    dependencies: list[DependencyRef] = []
+
+
+class Tag(BaseModel):
+    name: str
+    repo_id: str
+    run_name: str
+    workflow: str
+    created_at: datetime
+
+
+class RunnerStatus(enum.StrEnum):
+    READY = "READY"
+    BUSY = "BUSY"
+    OFFLINE = "OFFLINE"
+    TERMINATED = "TERMINATED"
+
+
+class RunnerInfo(BaseModel):
+    name: str
+    hostname: str
+    backend: str | None = None
+    status: RunnerStatus
+    resources: RunnerResources
+    registered_at: datetime
+    last_seen_at: datetime
+    job_id: str | None = None
+
+
+class RunnerRegistration(BaseModel):
+    hostname: str
+    resources: RunnerResources
+    backend: str | None = None
+    name: str | None = None
+
+
+class Heartbeat(BaseModel):
+    job_id: str | None = None
+
+
+class HeartbeatReply(BaseModel):
+    stop: str | None = None  # "stop" | "abort" for the current job
+    terminate: bool = False
+
+
+class JobUpdate(BaseModel):
+    status: JobStatus
+    exit_code: int | None = None
+    reason: str | None = None
+    image_digest: str | None = None
+    artifacts: list[dict] | None = None  # with the final status: what was saved
+
+
+class StoreConfig(BaseModel):
+    """Where a runner saves and reads artifacts."""
+
+    type: str = "local"
+    path: str | None = None

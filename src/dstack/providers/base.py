@@ -1,0 +1,155 @@
+"""Providers turn a resolved workflow into job specs. Each validates its own keys."""
+
+from __future__ import annotations
+
+import posixpath
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dstack.core.errors import ConfigError, did_you_mean
+from dstack.core.models import JobSpec
+from dstack.core.resources import Requirements
+
+
+def relative_path(value: str, what: str) -> str:
+    """A path inside the job's folder: no absolute paths, no `..` that leaves it."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty path")
+    value = value.strip()
+    if value.startswith(("/", "~")):
+        raise ValueError(f"{what} '{value}' must be relative to the job's working folder")
+    norm = posixpath.normpath(value)
+    if norm == ".." or norm.startswith("../"):
+        raise ValueError(f"{what} '{value}' leaves the job's folder")
+    return norm
+
+
+class WorkflowSpec(BaseModel):
+    """Keys every workflow has, whatever its provider."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    help: str | None = None
+    provider: str | dict | None = None
+    dependencies: list[str | dict] = Field(default_factory=list, alias="depends-on")
+
+    @field_validator("dependencies", mode="before")
+    @classmethod
+    def _deps(cls, v: Any) -> Any:
+        return [] if v is None else v
+
+
+class CommandsSpec(WorkflowSpec):
+    """Keys of the workflows that run commands (bash, docker)."""
+
+    commands: list[str] = []
+    before_run: list[str] = Field(default_factory=list, alias="setup")
+    environment: dict[str, str] = Field(default_factory=dict, alias="env")
+    working_dir: str = "."
+    ports: int = Field(0, ge=0, le=64)
+    artifacts: list[str] = []
+    resources: Requirements = Requirements()
+
+    @field_validator("commands", "before_run", mode="before")
+    @classmethod
+    def _lines(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list):
+            return [str(x) if isinstance(x, int | float | bool) else x for x in v]
+        return v
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _env(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, list):  # the 0.0.x form: ["KEY=VALUE", "KEY"]
+            out = {}
+            for item in v:
+                if not isinstance(item, str):
+                    raise ValueError("each entry must be KEY=VALUE")
+                k, _, val = item.partition("=")
+                out[k] = val
+            return out
+        if isinstance(v, dict):
+            return {str(k): ("" if x is None else str(x).lower() if isinstance(x, bool) else str(x))
+                    for k, x in v.items()}
+        return v
+
+    @field_validator("artifacts", mode="before")
+    @classmethod
+    def _artifacts(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            path = item.get("path") if isinstance(item, dict) else item
+            out.append(relative_path(path, "artifact"))
+        return out
+
+    @field_validator("working_dir", mode="before")
+    @classmethod
+    def _wd(cls, v: Any) -> Any:
+        return "." if v is None else relative_path(str(v), "working_dir")
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _res(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
+class Provider:
+    """A workflow kind. Subclasses set `name` and `Spec` and implement `create_jobs`."""
+
+    name: ClassVar[str]
+    Spec: ClassVar[type[WorkflowSpec]]
+
+    def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
+        raise NotImplementedError
+
+
+class CommandsProvider(Provider):
+    """One job that runs the workflow's commands, in its image if it has one."""
+
+    def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
+        return [
+            JobSpec(
+                workflow=spec.name,
+                provider=self.name,
+                image=getattr(spec, "image", None),
+                commands=[*spec.before_run, *spec.commands],
+                env={**env, **spec.environment},
+                working_dir=spec.working_dir,
+                artifacts=spec.artifacts,
+                ports=spec.ports,
+                requirements=spec.resources,
+            )
+        ]
+
+
+@cache
+def providers() -> dict[str, type[Provider]]:
+    """Providers registered through the entry-point group `dstack.providers`, built-in ones included."""
+    found = {}
+    for ep in entry_points(group="dstack.providers"):
+        found[ep.name] = ep
+    return found  # loaded lazily by get_provider
+
+
+def get_provider(name: str) -> Provider:
+    eps = providers()
+    if name not in eps:
+        raise ConfigError(
+            f"unknown provider '{name}'",
+            hint=did_you_mean(name, eps) or f"known providers: {', '.join(sorted(eps))}",
+        )
+    return eps[name].load()()

@@ -1,0 +1,49 @@
+"""The runner's HTTP client to its server."""
+
+from __future__ import annotations
+
+import httpx
+
+from dstack.core.errors import DstackError, error_from_dict
+from dstack.core.models import HeartbeatReply, JobSpec, JobUpdate, RunnerInfo, RunnerRegistration
+
+
+class ServerClient:
+    def __init__(self, url: str, token: str, timeout: float = 30.0):
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"},
+                                 timeout=timeout)
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                raise error_from_dict(r.json()["error"])
+            except (ValueError, KeyError):
+                raise DstackError(f"server answered {r.status_code}: {r.text[:200]}") from None
+        return r
+
+    def register(self, reg: RunnerRegistration) -> RunnerInfo:
+        return RunnerInfo.model_validate(self._check(self.http.post("/api/runners/register",
+                                                                    json=reg.model_dump(mode="json"))).json())
+
+    def heartbeat(self, name: str, job_id: str | None) -> HeartbeatReply:
+        r = self._check(self.http.post(f"/api/runners/{name}/heartbeat", json={"job_id": job_id}, timeout=5))
+        return HeartbeatReply.model_validate(r.json())
+
+    def take(self, name: str, wait: float) -> JobSpec | None:
+        r = self._check(self.http.post(f"/api/runners/{name}/take", params={"wait": wait}, timeout=wait + 10))
+        return None if r.status_code == 204 else JobSpec.model_validate(r.json())
+
+    def update(self, name: str, job_id: str, upd: JobUpdate) -> None:
+        self._check(self.http.post(f"/api/runners/{name}/jobs/{job_id}/status", json=upd.model_dump(mode="json")))
+
+    def logs(self, name: str, job_id: str, data: bytes) -> None:
+        self._check(self.http.post(f"/api/runners/{name}/jobs/{job_id}/logs", content=data))
+
+    def deregister(self, name: str) -> None:
+        self._check(self.http.post(f"/api/runners/{name}/deregister", timeout=5))
+
+    def store_config(self) -> dict:
+        return self._check(self.http.get("/api/runners/store")).json()
+
+    def code(self, digest: str) -> bytes:
+        return self._check(self.http.get(f"/api/code/{digest}")).content

@@ -1,0 +1,199 @@
+"""The runner loop: register, heartbeat, take a job, run it, report it, exit when idle for too long."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from dstack.core.errors import DstackError
+from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
+from dstack.core.resources import RunnerResources
+from dstack.runner import workspace
+from dstack.runner.client import ServerClient
+from dstack.runner.logs import LogShipper
+from dstack.storage.local import open_store
+
+log = logging.getLogger("dstack.runner")
+HEARTBEAT_INTERVAL = 1.0
+TAKE_WAIT = 10.0
+STOP_GRACE = 10.0
+
+
+def executor_for(job: JobSpec):
+    if job.image:
+        from dstack.runner.executors.docker import DockerExecutor
+
+        return DockerExecutor()
+    from dstack.runner.executors.host import HostExecutor
+
+    return HostExecutor()
+
+
+class Runner:
+    def __init__(self, client: ServerClient, resources: RunnerResources, workdir: Path, name: str | None = None,
+                 backend: str | None = None, idle_timeout: float | None = None, server_lost_timeout: float = 60.0):
+        self.client = client
+        self.resources = resources
+        self.workdir = Path(workdir)
+        self.name = name
+        self.backend = backend
+        self.idle_timeout = idle_timeout
+        self.server_lost_timeout = server_lost_timeout
+        self.current: JobSpec | None = None
+        self.execution = None
+        self.stop_requested: str | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def register(self) -> None:
+        info = self.client.register(RunnerRegistration(
+            hostname=socket.gethostname(), resources=self.resources, backend=self.backend, name=self.name))
+        self.name = info.name
+        log.info("registered as %s (%s)", self.name, self.resources.describe())
+
+    def shutdown(self) -> None:
+        """Stop taking jobs; stop the current one (its artifacts are saved); deregister."""
+        self._stopping.set()
+        with self._lock:
+            if self.execution is not None:
+                self.stop_requested = self.stop_requested or "stop"
+                threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
+
+    def serve(self) -> None:
+        self.register()
+        hb = threading.Thread(target=self._heartbeats, daemon=True)
+        hb.start()
+        idle_since = time.monotonic()
+        unreachable_since: float | None = None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    job = self.client.take(self.name, TAKE_WAIT)
+                    unreachable_since = None
+                except httpx.TransportError:
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since > self.server_lost_timeout:
+                        log.error("server unreachable for %ss; exiting", self.server_lost_timeout)
+                        return
+                    time.sleep(1)
+                    continue
+                if job is None:
+                    if self.idle_timeout is not None and time.monotonic() - idle_since > self.idle_timeout:
+                        log.info("idle for %ss; exiting", self.idle_timeout)
+                        return
+                    continue
+                self.run_job(job)
+                idle_since = time.monotonic()
+        finally:
+            self._stopping.set()
+            try:
+                self.client.deregister(self.name)
+            except (httpx.HTTPError, DstackError):
+                pass
+
+    def _heartbeats(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_INTERVAL) or self.execution is not None:
+            job = self.current
+            try:
+                reply = self.client.heartbeat(self.name, job.job_id if job else None)
+            except DstackError as e:  # e.g. forgotten by a restarted server: register again
+                log.warning("heartbeat refused: %s", e)
+                try:
+                    self.register()
+                except Exception:
+                    pass
+                continue
+            except httpx.HTTPError:
+                continue
+            if reply.stop and job is not None:
+                self._request_stop(reply.stop)
+            if self._stopping.is_set() and self.execution is None:
+                return
+
+    def _request_stop(self, how: str) -> None:
+        with self._lock:
+            if self.stop_requested == "abort" or (self.stop_requested and how == "stop"):
+                return
+            self.stop_requested = how
+            if self.execution is not None:
+                grace = 0.0 if how == "abort" else STOP_GRACE
+                threading.Thread(target=self.execution.stop, args=(grace,), daemon=True).start()
+
+    # --- one job ---------------------------------------------------------------------------------
+
+    def _status(self, job: JobSpec, status: JobStatus, **kw) -> None:
+        self.client.update(self.name, job.job_id, JobUpdate(status=status, **kw))
+
+    def run_job(self, job: JobSpec) -> None:
+        from dstack.runner.executors.base import ExecutorError
+
+        self.current, self.stop_requested = job, None
+        root = self.workdir / "jobs" / job.job_id
+        shipper = LogShipper(lambda data: self.client.logs(self.name, job.job_id, data))
+        try:
+            self._run(job, root, shipper)
+        except (ExecutorError, workspace.WorkspaceError, DstackError, OSError) as e:
+            shipper.close()
+            self._finish(job, JobStatus.FAILED, reason=str(e))
+        except Exception as e:  # never leave a job hanging in RUNNING
+            log.exception("job %s failed", job.job_id)
+            shipper.close()
+            self._finish(job, JobStatus.FAILED, reason=f"runner error: {e!r}")
+        finally:
+            shipper.close()
+            with self._lock:
+                self.execution = None
+            self.current = None
+            workspace.remove(root)
+
+    def _finish(self, job: JobSpec, status: JobStatus, **kw) -> None:
+        try:
+            self._status(job, status, **kw)
+        except (httpx.HTTPError, DstackError) as e:
+            log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
+
+    def _run(self, job: JobSpec, root: Path, shipper: LogShipper) -> None:
+        store = open_store(self.client.store_config())
+        root.mkdir(parents=True, exist_ok=True)
+        if job.code.archive_hash:
+            workspace.unpack_code(self.client.code(job.code.archive_hash), root)
+        (root / job.working_dir).mkdir(parents=True, exist_ok=True)
+        mounts = workspace.dependency_mounts(job, store)
+        executor = executor_for(job)
+        if not job.image:
+            workspace.materialise(root, mounts)
+        if self.stop_requested:
+            self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,
+                         reason="stopped before it started")
+            return
+        with self._lock:
+            self.execution = executor.start(job, root, mounts, job.env, shipper.write)
+            if self.stop_requested:  # asked while the executor was starting
+                threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
+        self._status(job, JobStatus.RUNNING, image_digest=self.execution.image_digest)
+        code = self.execution.wait()
+        shipper.close()
+        if self.stop_requested == "abort":
+            self._finish(job, JobStatus.ABORTED, exit_code=code, reason="aborted: artifacts were not saved")
+            return
+        artifacts = []
+        if job.artifacts:
+            self._status(job, JobStatus.UPLOADING, exit_code=code)
+            for path in job.artifacts:
+                src = root / workspace.job_path(job, path)
+                info = store.save_artifact(job.job_id, path, src)
+                artifacts.append(info.model_dump())
+        if self.stop_requested:
+            status, reason = JobStatus.STOPPED, "stopped by the user"
+        elif code == 0:
+            status, reason = JobStatus.DONE, None
+        else:
+            status, reason = JobStatus.FAILED, f"exited with code {code}"
+        self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts)

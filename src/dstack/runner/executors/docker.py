@@ -1,0 +1,225 @@
+"""Runs a job in a Docker container of its image, through the Docker SDK.
+
+The job's root folder is bind-mounted read-write at /workflow, each mount at /workflow/<target>,
+and the working dir is /workflow/<working_dir>. The container uses host networking (no NAT, nothing
+on Docker's bridge), a tty (prompt, unmangled output) and Docker's init as PID 1, so that SIGTERM
+reaches the job's shell: a shell that is PID 1 itself ignores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import requests
+from docker.models.containers import Container
+from docker.types import DeviceRequest
+from docker.utils import parse_repository_tag
+
+from dstack.core.models import JobSpec
+from dstack.runner.executors.base import (
+    ExecutorError,
+    Mount,
+    OutputCallback,
+    job_env,
+    job_script,
+    pick_free_ports,
+    relative_working_dir,
+)
+
+log = logging.getLogger(__name__)
+
+# the SDK lets connection failures through as requests' exceptions
+DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
+
+CONTAINER_ROOT = "/workflow"
+TERMINAL_ROWS, TERMINAL_COLUMNS = 24, 80
+DRAIN_TIMEOUT = 10.0  # seconds to wait for the rest of the output once the container exited
+
+
+class DockerExecution:
+    def __init__(
+        self,
+        container: Container,
+        output: Any,
+        on_output: OutputCallback,
+        image_digest: str | None,
+        ports: list[int],
+    ) -> None:
+        self.image_digest = image_digest
+        self.ports = ports
+        self.container = container
+        self._output = output
+        self._on_output = on_output
+        self._lock = threading.Lock()
+        self._exit_code: int | None = None
+        self._reader = threading.Thread(
+            target=self._pump, name=f"dstack-docker-output-{container.short_id}", daemon=True
+        )
+        self._reader.start()
+
+    def _pump(self) -> None:
+        try:
+            for chunk in self._output:
+                try:
+                    self._on_output(chunk)
+                except Exception:
+                    log.exception("on_output failed; the job's output goes on")
+        except Exception as e:  # the stream broke (engine restarted, container removed)
+            log.warning("output of container %s ended early: %s", self.container.short_id, e)
+
+    def wait(self) -> int:
+        with self._lock:
+            if self._exit_code is not None:
+                return self._exit_code
+            try:
+                status = self.container.wait()
+            except docker.errors.NotFound:
+                status = {"StatusCode": 137}  # removed behind our back
+            except DOCKER_ERRORS as e:
+                raise ExecutorError(f"lost the job's container {self.container.short_id}: {e}") from e
+            self._reader.join(DRAIN_TIMEOUT)
+            if self._reader.is_alive():
+                self._output.close()
+            self._remove()
+            self._exit_code = int(status.get("StatusCode", 1))
+            return self._exit_code
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self._exit_code is not None:
+            return
+        try:
+            # SIGTERM (the image's stop signal), SIGKILL after `t` whole seconds; returns once it is dead
+            self.container.stop(timeout=max(0, math.ceil(grace)))
+        except docker.errors.NotFound:
+            pass  # wait() removed it meanwhile
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # 409: its removal is in progress
+                raise ExecutorError(f"could not stop container {self.container.short_id}: {e}") from e
+
+    def _remove(self) -> None:
+        try:
+            self.container.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:  # e.g. removal already in progress
+            log.warning("could not remove container %s: %s", self.container.short_id, e)
+
+
+class DockerExecutor:
+    """Runs jobs in containers of their image; the image must be present or pullable."""
+
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                self._client = docker.from_env()
+            except DOCKER_ERRORS as e:
+                raise ExecutorError(f"Docker is not reachable: {e}") from e
+        return self._client
+
+    def start(
+        self,
+        job: JobSpec,
+        root: Path,
+        mounts: list[Mount],
+        env: dict[str, str],
+        on_output: OutputCallback,
+    ) -> DockerExecution:
+        if not job.image:
+            raise ExecutorError(f"job {job.job_id} has no image; the host executor runs such jobs")
+        client = self.client
+        try:
+            image = self._image(job.image)
+            root = Path(root).resolve()
+            volumes = {str(root): {"bind": CONTAINER_ROOT, "mode": "rw"}}
+            for mount in mounts:
+                target = relative_working_dir(mount.target)
+                if target == ".":
+                    raise ExecutorError(f"a mount of {mount.source} would hide the job's root folder")
+                volumes[str(Path(mount.source).resolve())] = {
+                    "bind": f"{CONTAINER_ROOT}/{target}",
+                    "mode": "ro" if mount.read_only else "rw",
+                }
+            ports = pick_free_ports(job.ports)
+            working_dir = relative_working_dir(job.working_dir)
+            name = f"dstack-{job.job_id}" if job.job_id else None
+            if name:
+                self._remove_stale(name)
+            gpus = job.requirements.gpu_count
+            shm = job.requirements.shm_size_mib
+            container = client.containers.create(
+                image.id,
+                command=["/bin/sh", "-c", job_script(job.commands)] if job.commands else None,
+                tty=True,
+                init=False,
+                network_mode="host",
+                working_dir=CONTAINER_ROOT if working_dir == "." else f"{CONTAINER_ROOT}/{working_dir}",
+                environment=job_env(job, ports, env),
+                volumes=volumes,
+                shm_size=f"{shm}m" if shm else None,
+                device_requests=[DeviceRequest(count=gpus, capabilities=[["gpu"]])] if gpus else None,
+                labels={"dstack.job_id": job.job_id, "dstack.run_name": job.run_name},
+                name=name,
+                auto_remove=False,
+            )
+            try:
+                # attached before the start, so that no early output is lost
+                output = container.attach(stream=True, logs=False)
+                container.start()
+            except DOCKER_ERRORS:
+                container.remove(force=True)
+                raise
+            try:  # best effort, as `docker run -t` does: Engine 20.10 starts a tty at 0x0
+                container.resize(height=TERMINAL_ROWS, width=TERMINAL_COLUMNS)
+            except DOCKER_ERRORS:
+                pass
+        except DOCKER_ERRORS as e:
+            raise ExecutorError(f"could not start the container of job {job.job_id} ({job.image}): {e}") from e
+        return DockerExecution(container, output, on_output, _digest(image, job.image), ports)
+
+    def _image(self, name: str):
+        try:
+            return self.client.images.get(name)
+        except docker.errors.ImageNotFound:
+            pass
+        except requests.exceptions.RequestException as e:
+            raise ExecutorError(f"Docker is not reachable: {e}") from e
+        except docker.errors.DockerException as e:
+            raise ExecutorError(f"Docker could not look up image {name}: {_api_message(e)}") from e
+        try:
+            return self.client.images.pull(name)
+        except DOCKER_ERRORS as e:
+            raise ExecutorError(
+                f"image {name} not found locally and could not be pulled: {_api_message(e)}"
+            ) from e
+
+    def _remove_stale(self, name: str) -> None:
+        """A container of the same job left by a runner that died: it must go before a restart."""
+        try:
+            self.client.containers.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def _digest(image: Any, name: str) -> str:
+    """The registry digest when the image came from one (reproducible elsewhere), else its id."""
+    repo_digests: list[str] = image.attrs.get("RepoDigests") or []
+    repository, _ = parse_repository_tag(name)
+    for digest in repo_digests:
+        if digest.split("@")[0] == repository:
+            return digest
+    return repo_digests[0] if repo_digests else image.id
+
+
+def _api_message(e: Exception) -> str:
+    explanation = getattr(e, "explanation", None)
+    return str(explanation or e)

@@ -1,0 +1,241 @@
+"""Runs a job's commands with bash on the runner's own machine, in the job's working folder.
+
+The job runs in its own process group (its own session), with its output on a pseudo-terminal,
+so that programs line-buffer and progress bars stream as they are drawn. The job must not
+outlive the runner, even a runner that is SIGKILLed:
+
+- the job's shell gets PR_SET_PDEATHSIG=SIGKILL (Linux): the kernel kills it when the runner dies.
+  That covers only the shell itself, not the processes it forks, so in addition
+- a guard joins the job's process group: before the job's commands, the shell starts a detached
+  subshell blocked reading a pipe whose other end only the runner holds. When the runner dies, the
+  kernel closes that end, the guard's read ends and it SIGKILLs the whole group (`kill -9 0`).
+  Processes that leave the group (setsid, daemons) escape both; the Docker executor has no such gap.
+
+PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process; so every
+job is forked from one long-lived thread of this module.
+
+Mounts are not handled here: the runner's workspace materialises dependencies inside the job's
+root folder before starting it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import pty
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from dstack.core.models import JobSpec
+from dstack.runner.executors.base import (
+    ExecutorError,
+    Mount,
+    OutputCallback,
+    job_env,
+    job_script,
+    pick_free_ports,
+    relative_working_dir,
+)
+
+log = logging.getLogger(__name__)
+
+TERMINAL_ROWS, TERMINAL_COLUMNS = 24, 80
+DRAIN_TIMEOUT = 5.0  # seconds to keep reading output after the job ended
+_PR_SET_PDEATHSIG = 1
+# Runs before the job's commands. stdin is the guard pipe: keep it as fd 9 for a double-forked
+# subshell (not a child of the job's shell, so the job's `wait` never waits for it), give the job
+# /dev/null instead.
+_GUARD_PREAMBLE = "exec 9<&0 </dev/null\n( (read -r _ <&9; kill -9 0) >/dev/null 2>&1 & )\nexec 9<&-\n"
+
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstack-host-spawner")
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()
+
+
+def _die_with(parent_pid: int):
+    """A preexec_fn: the child gets SIGKILL when the runner (its parent) dies."""
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the runner died before prctl took effect
+            os._exit(137)
+
+    return preexec
+
+
+def _base_env() -> dict[str, str]:
+    """A minimal environment, not the runner's: its own variables (tokens) stay out of jobs."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/"),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "TERM": "xterm",
+    }
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class HostExecution:
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        guard_pipe: int,
+        master_fd: int,
+        on_output: OutputCallback,
+        ports: list[int],
+    ) -> None:
+        self.image_digest: str | None = None
+        self.ports = ports
+        self._process = process
+        self._guard_pipe: int | None = guard_pipe
+        self._master_fd = master_fd
+        self._on_output = on_output
+        self._drain_until: float | None = None
+        self._lock = threading.Lock()
+        self._exit_code: int | None = None
+        self._reader = threading.Thread(
+            target=self._pump, name=f"dstack-host-output-{process.pid}", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        """The job's shell, which is also its process group id."""
+        return self._process.pid
+
+    def _pump(self) -> None:
+        fd = self._master_fd
+        try:
+            while True:
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if not ready:
+                    if self._drain_until is not None and time.monotonic() > self._drain_until:
+                        return  # something outside the job's group still holds the terminal
+                    continue
+                try:
+                    data = os.read(fd, 65536)
+                except OSError as e:
+                    if e.errno == errno.EIO:  # Linux: every slave end is closed
+                        return
+                    raise
+                if not data:
+                    return
+                try:
+                    self._on_output(data)
+                except Exception:
+                    log.exception("on_output failed; the job's output goes on")
+        finally:
+            os.close(fd)
+
+    def _kill_group(self, sig: int) -> None:
+        try:
+            os.killpg(self._process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is empty already
+
+    def _reap(self) -> None:
+        """After the shell ended: kill what it left in its group (the guard included)."""
+        self._kill_group(signal.SIGKILL)
+        if self._guard_pipe is not None:
+            os.close(self._guard_pipe)
+            self._guard_pipe = None
+
+    def wait(self) -> int:
+        returncode = self._process.wait()
+        with self._lock:
+            if self._exit_code is None:
+                self._reap()
+                self._drain_until = time.monotonic() + DRAIN_TIMEOUT
+                self._reader.join()
+                self._exit_code = _exit_code(returncode)
+            return self._exit_code
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self._process.poll() is None:
+            self._kill_group(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_group(signal.SIGKILL)
+        self._process.wait()
+
+
+class HostExecutor:
+    """Runs `job.commands` with bash (sh where there is no bash) in `root / job.working_dir`."""
+
+    def start(
+        self,
+        job: JobSpec,
+        root: Path,
+        mounts: list[Mount],
+        env: dict[str, str],
+        on_output: OutputCallback,
+    ) -> HostExecution:
+        root = Path(root).resolve()
+        cwd = (root / relative_working_dir(job.working_dir)).resolve()
+        if not cwd.is_relative_to(root):
+            raise ExecutorError(f"working_dir '{job.working_dir}' points outside the repository")
+        cwd.mkdir(parents=True, exist_ok=True)  # as Docker does for a container's working dir
+        shell = shutil.which("bash") or shutil.which("sh") or "/bin/sh"
+        ports = pick_free_ports(job.ports)
+        full_env = {**_base_env(), **job_env(job, ports, env)}
+        script = job_script(job.commands)
+        return _spawner.submit(self._spawn, shell, script, cwd, full_env, on_output, ports).result()
+
+    def _spawn(
+        self,
+        shell: str,
+        script: str,
+        cwd: Path,
+        env: dict[str, str],
+        on_output: OutputCallback,
+        ports: list[int],
+    ) -> HostExecution:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", TERMINAL_ROWS, TERMINAL_COLUMNS, 0, 0))
+        guard_read, guard_write = os.pipe()  # non-inheritable: no other child ever holds them
+        try:
+            process = subprocess.Popen(
+                [shell, "-c", script],
+                cwd=cwd,
+                env=env,
+                stdin=guard_read,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+                preexec_fn=_die_with(os.getpid()),
+            )
+        except OSError as e:
+            os.close(master)
+            os.close(guard_write)
+            raise ExecutorError(f"could not start {shell} in {cwd}: {e}") from e
+        finally:
+            os.close(slave)
+            os.close(guard_read)
+        return HostExecution(process, guard_write, master, on_output, ports)

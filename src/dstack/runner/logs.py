@@ -1,0 +1,62 @@
+"""Job output to the server: batched, in order, promptly; never blocks the job."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("dstack.runner")
+BATCH_DELAY = 0.05
+MAX_BATCH = 256 * 1024
+
+
+class LogShipper:
+    def __init__(self, send: Callable[[bytes], None]):
+        self._send = send
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            self._cond.notify()
+
+    def _take(self) -> bytes:
+        data = bytes(self._buf[:MAX_BATCH])
+        del self._buf[:MAX_BATCH]
+        return data
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._buf and not self._closed:
+                    self._cond.wait()
+                if not self._buf and self._closed:
+                    return
+            if not self._closed:
+                threading.Event().wait(BATCH_DELAY)
+            with self._cond:
+                data = self._take()
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        for attempt in range(5):
+            try:
+                self._send(data)
+                return
+            except Exception as e:  # the server may be restarting; logs are worth a few retries
+                if attempt == 4:
+                    log.error("dropped %d bytes of logs: %s", len(data), e)
+                threading.Event().wait(0.2 * (attempt + 1))
+
+    def close(self) -> None:
+        """Deliver everything written so far, then stop. Safe to call twice."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -1,0 +1,72 @@
+"""`dstack-runner`: the daemon that executes jobs on a machine.
+
+    dstack-runner start --server URL --token TOKEN     # self-hosted: serve jobs until stopped
+    dstack-runner check                                # what this machine offers
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from dstack.core.home import dstack_home
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Run dstack jobs on this machine."""
+
+
+@cli.command()
+def check() -> None:
+    """Print the resources this machine offers to jobs (CPU, memory, GPUs, Docker)."""
+    from dstack.runner.resources import detect_resources
+
+    click.echo(json.dumps(detect_resources().model_dump(), indent=2))
+
+
+@cli.command()
+@click.option("--server", "server_url", envvar="DSTACK_SERVER_URL", required=True, help="URL of the dstack server.")
+@click.option("--token", envvar="DSTACK_TOKEN", required=True, help="Server token (or env DSTACK_TOKEN).")
+@click.option("--name", default=None, help="Runner name (default: generated).")
+@click.option("--backend", default=None, hidden=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where job folders live (default: DSTACK_HOME/runner).")
+@click.option("--idle-timeout", type=float, default=None, help="Exit after this many seconds without a job.")
+@click.option("--no-docker", is_flag=True, help="Run host jobs only, even if Docker is available.")
+def start(server_url: str, token: str, name: str | None, backend: str | None, workdir: Path | None,
+          idle_timeout: float | None, no_docker: bool) -> None:
+    """Register with a server and execute the jobs it hands out."""
+    from dstack.runner.client import ServerClient
+    from dstack.runner.daemon import Runner
+    from dstack.runner.resources import detect_resources
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    resources = detect_resources()
+    if no_docker:
+        resources.docker = False
+    runner = Runner(ServerClient(server_url, token), resources, workdir or dstack_home() / "runner", name=name,
+                    backend=backend, idle_timeout=idle_timeout)
+
+    def _term(signum, _frame):
+        logging.getLogger("dstack.runner").info("signal %s: finishing the current job and exiting", signum)
+        runner.shutdown()
+
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    os.makedirs(runner.workdir, exist_ok=True)
+    runner.serve()
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

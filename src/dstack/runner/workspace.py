@@ -1,0 +1,72 @@
+"""A job's folder on the runner: its code, its dependencies, and its artifacts once it ends."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import tarfile
+from pathlib import Path
+
+from dstack.core.models import JobSpec
+from dstack.runner.executors.base import Mount
+from dstack.storage.local import LocalStore
+
+
+class WorkspaceError(Exception):
+    pass
+
+
+def unpack_code(archive: bytes, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
+        tar.extractall(root, filter="tar")
+
+
+def job_path(job: JobSpec, path: str) -> str:
+    """A path of the workflow (relative to its working dir) as a path relative to the job's root."""
+    return os.path.normpath(os.path.join(job.working_dir, path))
+
+
+def dependency_mounts(job: JobSpec, store: LocalStore) -> list[Mount]:
+    mounts = []
+    for dep in job.dependencies:
+        for path in dep.artifacts:
+            src = store.artifact_dir(dep.job_id, path)
+            if src is None:
+                raise WorkspaceError(f"artifact '{path}' of {dep.run_name} ({dep.ref}) is missing from the store")
+            mounts.append(Mount(source=src, target=job_path(job, path), read_only=True))
+    return mounts
+
+
+def materialise(root: Path, mounts: list[Mount]) -> None:
+    """For the host executor: dependencies copied to their paths, read-only."""
+    for m in mounts:
+        dest = root / m.target
+        if dest.exists():
+            _make_writable(dest)
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(m.source, dest, symlinks=True)
+        for dirpath, dirs, files in os.walk(dest):
+            for n in files + dirs:
+                p = os.path.join(dirpath, n)
+                if not os.path.islink(p):
+                    os.chmod(p, os.lstat(p).st_mode & ~0o222)
+        os.chmod(dest, os.stat(dest).st_mode & ~0o222)
+
+
+def _make_writable(path: Path) -> None:
+    for dirpath, _dirs, files in os.walk(path):
+        os.chmod(dirpath, os.stat(dirpath).st_mode | stat.S_IWUSR)
+        for n in files:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, os.lstat(p).st_mode | stat.S_IWUSR)
+
+
+def remove(root: Path) -> None:
+    if root.exists():
+        _make_writable(root)
+        shutil.rmtree(root, ignore_errors=True)

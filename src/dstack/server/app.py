@@ -1,0 +1,65 @@
+"""The FastAPI application: routers, error handling, start-up (migrations, backends, background loops)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from dstack import __version__
+from dstack.backends.local import LocalBackend
+from dstack.core.errors import DstackError
+from dstack.server.background.loops import run_loops
+from dstack.server.context import Context, Settings
+from dstack.server.db.session import make_engine, make_sessionmaker, migrate
+from dstack.server.routers import code, runners, runs, tags
+from dstack.server.routers.deps import authorized
+from dstack.server.services.jobs import ensure_dirs
+from dstack.storage.local import LocalStore
+
+
+def create_app(settings: Settings, on_ready=None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(migrate, settings.db_url)
+        engine = make_engine(settings.db_url)
+        local = LocalBackend(settings.runners_dir)
+        ctx = Context(settings=settings, sessions=make_sessionmaker(engine),
+                      store=LocalStore(settings.store_dir), backends=[local])
+        ensure_dirs(ctx)
+        app.state.ctx = ctx
+        loops = asyncio.create_task(run_loops(ctx))
+        if on_ready:
+            on_ready()
+        try:
+            yield
+        finally:
+            loops.cancel()
+            await asyncio.to_thread(local.shutdown)
+            await engine.dispose()
+
+    app = FastAPI(title="dstack", version=__version__, lifespan=lifespan, dependencies=[Depends(authorized)],
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    for r in (runs.router, runners.router, tags.router, code.router):
+        app.include_router(r)
+
+    @app.get("/api/healthz", tags=["server"])
+    async def healthz() -> dict:
+        return {"version": __version__}
+
+    @app.exception_handler(DstackError)
+    async def _dstack_error(_request: Request, exc: DstackError) -> JSONResponse:
+        return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return JSONResponse(status_code=422, content={"error": {
+            "kind": "error", "message": f"bad request: {where}: {first.get('msg', 'invalid')}", "hint": None}})
+
+    return app

@@ -1,0 +1,81 @@
+"""Database tables. Pydantic models of dstack.core are stored as JSON where they are read whole."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    repo_id: Mapped[str] = mapped_column(String(500))
+    workflow: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20))
+    submitted_at: Mapped[datetime] = mapped_column(DateTime)
+    variables: Mapped[dict] = mapped_column(JSON, default=dict)
+    overrides: Mapped[dict] = mapped_column(JSON, default=dict)
+    dependencies: Mapped[list] = mapped_column(JSON, default=list)
+    code: Mapped[dict] = mapped_column(JSON, default=dict)
+
+    jobs: Mapped[list[JobRow]] = relationship(back_populates="run", order_by="JobRow.submitted_at")
+    tags: Mapped[list[TagRow]] = relationship(back_populates="run")
+
+    __table_args__ = (Index("ix_runs_repo_submitted", "repo_id", "submitted_at"),)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+
+    job_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_name: Mapped[str] = mapped_column(ForeignKey("runs.name", ondelete="CASCADE"), index=True)
+    workflow: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    submitted_at: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    runner_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    stop_requested: Mapped[str | None] = mapped_column(String(10), nullable=True)
+    image_digest: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    spec: Mapped[dict] = mapped_column(JSON)
+    saved_artifacts: Mapped[list] = mapped_column(JSON, default=list)
+
+    run: Mapped[RunRow] = relationship(back_populates="jobs")
+
+
+class TagRow(Base):
+    __tablename__ = "tags"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    repo_id: Mapped[str] = mapped_column(String(500))
+    workflow: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200))
+    run_name: Mapped[str] = mapped_column(ForeignKey("runs.name", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+    run: Mapped[RunRow] = relationship(back_populates="tags")
+
+    __table_args__ = (UniqueConstraint("repo_id", "workflow", "name", name="uq_tags_repo_workflow_name"),)
+
+
+class RunnerRow(Base):
+    __tablename__ = "runners"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(300))
+    backend: Mapped[str | None] = mapped_column(String(50), nullable=True)
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    resources: Mapped[dict] = mapped_column(JSON)
+    registered_at: Mapped[datetime] = mapped_column(DateTime)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)

@@ -1,0 +1,63 @@
+"""The runner-facing API: register, heartbeat, take a job, report it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from dstack.core.models import (
+    Heartbeat,
+    HeartbeatReply,
+    Job,
+    JobSpec,
+    JobUpdate,
+    RunnerInfo,
+    RunnerRegistration,
+)
+from dstack.server.context import Context
+from dstack.server.routers.deps import get_ctx
+from dstack.server.services import jobs, runners, scheduler
+
+router = APIRouter(prefix="/api/runners", tags=["runners"])
+
+
+@router.get("")
+async def list_runners(all: bool = False, ctx: Context = Depends(get_ctx)) -> list[RunnerInfo]:
+    return await runners.list_runners(ctx, include_gone=all)
+
+
+@router.post("/register")
+async def register(reg: RunnerRegistration, ctx: Context = Depends(get_ctx)) -> RunnerInfo:
+    return await runners.register(ctx, reg)
+
+
+@router.post("/{name}/heartbeat")
+async def heartbeat(name: str, hb: Heartbeat, ctx: Context = Depends(get_ctx)) -> HeartbeatReply:
+    return await runners.heartbeat(ctx, name, hb.job_id)
+
+
+@router.post("/{name}/deregister")
+async def deregister(name: str, ctx: Context = Depends(get_ctx)) -> dict:
+    await runners.deregister(ctx, name)
+    return {}
+
+
+@router.post("/{name}/take", response_model=None)
+async def take(name: str, wait: float = Query(0, ge=0, le=60), ctx: Context = Depends(get_ctx)) -> JobSpec | Response:
+    job = await scheduler.take_job(ctx, name, wait)
+    return job if job is not None else Response(status_code=204)
+
+
+@router.post("/{name}/jobs/{job_id}/status")
+async def job_status(name: str, job_id: str, upd: JobUpdate, ctx: Context = Depends(get_ctx)) -> Job:
+    return await jobs.update_status(ctx, name, job_id, upd)
+
+
+@router.post("/{name}/jobs/{job_id}/logs")
+async def job_logs(name: str, job_id: str, request: Request, ctx: Context = Depends(get_ctx)) -> dict:
+    jobs.append_logs(ctx, job_id, await request.body())
+    return {}
+
+
+@router.get("/store")
+async def store(ctx: Context = Depends(get_ctx)) -> dict:
+    return {"type": "local", "path": str(ctx.store.root)}

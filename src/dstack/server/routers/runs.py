@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Response
+
+from dstack.core.models import Job, Run, RunSubmission
+from dstack.server.context import Context
+from dstack.server.routers.deps import get_ctx
+from dstack.server.services import jobs, runs
+
+router = APIRouter(prefix="/api", tags=["runs"])
+
+
+@router.post("/runs/names")
+async def reserve_name(ctx: Context = Depends(get_ctx)) -> dict:
+    return {"run_name": await runs.reserve_name(ctx)}
+
+
+@router.post("/runs")
+async def submit(sub: RunSubmission, ctx: Context = Depends(get_ctx)) -> Run:
+    return await runs.submit(ctx, sub)
+
+
+@router.get("/runs")
+async def list_runs(repo_id: str | None = None, limit: int | None = Query(None, ge=1), workflow: str | None = None,
+                    ctx: Context = Depends(get_ctx)) -> list[Run]:
+    return await runs.list_runs(ctx, repo_id, limit, workflow)
+
+
+@router.get("/runs/{name}")
+async def get_run(name: str, repo_id: str | None = None, ctx: Context = Depends(get_ctx)) -> Run:
+    return await runs.get_run(ctx, repo_id, name)
+
+
+@router.post("/runs/{name}/stop")
+async def stop(name: str, repo_id: str | None = None, abort: bool = False, ctx: Context = Depends(get_ctx)) -> Run:
+    return await runs.stop(ctx, repo_id, name, abort)
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, ctx: Context = Depends(get_ctx)) -> Job:
+    return await runs.get_job(ctx, job_id)
+
+
+@router.get("/jobs/{job_id}/logs")
+async def logs(job_id: str, offset: int = Query(0, ge=0), wait: float = Query(0, ge=0, le=30),
+               ctx: Context = Depends(get_ctx)) -> Response:
+    """Raw log bytes from `offset`; the job's status and the next offset come in headers."""
+    data, job = await jobs.wait_logs(ctx, job_id, offset, wait)
+    headers = {"X-Next-Offset": str(offset + len(data)), "X-Job-Status": job.status.value}
+    return Response(content=data, media_type="application/octet-stream", headers=headers)

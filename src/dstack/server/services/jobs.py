@@ -1,0 +1,88 @@
+"""What runners report about their jobs: status transitions, logs, saved artifacts."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from dstack.core.errors import Conflict, NotFound
+from dstack.core.models import FINISHED, Job, JobStatus, JobUpdate, RunnerStatus
+from dstack.server.context import Context
+from dstack.server.db.tables import JobRow, RunnerRow
+from dstack.server.services.convert import job_model
+from dstack.server.services.run_state import now, refresh_run_status
+
+
+async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpdate) -> Job:
+    async with ctx.sessions() as s:
+        job = await s.get(JobRow, job_id)
+        if job is None:
+            raise NotFound(f"no job '{job_id}'")
+        if job.runner_name != runner_name:
+            raise Conflict(f"job {job_id} is not assigned to runner {runner_name}")
+        if JobStatus(job.status) in FINISHED:
+            return job_model(job)  # e.g. failed by the janitor meanwhile: the first word stands
+        job.status = upd.status.value
+        if upd.exit_code is not None:
+            job.exit_code = upd.exit_code
+        if upd.reason:
+            job.reason = upd.reason
+        if upd.image_digest:
+            job.image_digest = upd.image_digest
+        if upd.artifacts is not None:
+            job.saved_artifacts = upd.artifacts
+        if upd.status in FINISHED:
+            job.finished_at = now()
+            runner = await s.get(RunnerRow, runner_name)
+            if runner is not None and runner.job_id == job_id:
+                runner.job_id, runner.status = None, RunnerStatus.READY.value
+        await refresh_run_status(s, job.run_name)
+        await s.commit()
+        model = job_model(job)
+    ctx.signals.notify(f"job:{job_id}")
+    return model
+
+
+def log_path(ctx: Context, job_id: str):
+    return ctx.settings.logs_dir / f"{job_id}.log"
+
+
+def append_logs(ctx: Context, job_id: str, data: bytes) -> None:
+    path = log_path(ctx, job_id)
+    with open(path, "ab") as f:
+        f.write(data)
+    ctx.signals.notify(f"job:{job_id}")
+
+
+def read_logs(ctx: Context, job_id: str, offset: int, limit: int = 4 * 1024 * 1024) -> bytes:
+    try:
+        with open(log_path(ctx, job_id), "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float) -> tuple[bytes, Job]:
+    """New log bytes from `offset`; waits up to `wait` s for some, or for the job to finish."""
+    deadline = time.monotonic() + wait
+    while True:
+        data = read_logs(ctx, job_id, offset)
+        job = await _job(ctx, job_id)
+        if data or job.status in FINISHED or time.monotonic() >= deadline:
+            if job.status in FINISHED and not data:
+                data = read_logs(ctx, job_id, offset)
+            return data, job
+        await ctx.signals.wait(f"job:{job_id}", deadline - time.monotonic())
+
+
+async def _job(ctx: Context, job_id: str) -> Job:
+    async with ctx.sessions() as s:
+        row = await s.get(JobRow, job_id)
+        if row is None:
+            raise NotFound(f"no job '{job_id}'")
+        return job_model(row)
+
+
+def ensure_dirs(ctx: Context) -> None:
+    os.makedirs(ctx.settings.logs_dir, exist_ok=True)

@@ -1,0 +1,20 @@
+"""Time stamps and a run's status, which follows its jobs'."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select, update
+
+from dstack.core.models import JobStatus, run_status
+from dstack.server.db.tables import JobRow, RunRow
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+async def refresh_run_status(s, run_name: str) -> None:
+    statuses = (await s.scalars(select(JobRow.status).where(JobRow.run_name == run_name))).all()
+    await s.execute(update(RunRow).where(RunRow.name == run_name)
+                    .values(status=run_status([JobStatus(x) for x in statuses]).value))

@@ -1,0 +1,113 @@
+"""Runners: registration, heartbeats, and what happens to the jobs of a runner that goes silent."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from dstack.core.errors import NotFound
+from dstack.core.models import (
+    FINISHED,
+    HeartbeatReply,
+    JobStatus,
+    RunnerInfo,
+    RunnerRegistration,
+    RunnerStatus,
+)
+from dstack.core.names import random_base
+from dstack.server.context import Context
+from dstack.server.db.tables import JobRow, RunnerRow
+from dstack.server.services.convert import runner_model
+from dstack.server.services.run_state import now, refresh_run_status
+
+
+async def new_name(s, exclude: set[str] = frozenset()) -> str:
+    """`adjective-animal-N`, not used by any runner yet."""
+    base = random_base()
+    n = 1
+    while await s.get(RunnerRow, f"{base}-{n}") or f"{base}-{n}" in exclude:
+        n += 1
+    return f"{base}-{n}"
+
+
+async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
+    async with ctx.sessions() as s:
+        name = reg.name or await new_name(s)
+        row = await s.get(RunnerRow, name)
+        t = now()
+        if row is None:
+            row = RunnerRow(name=name, registered_at=t)
+            s.add(row)
+        row.hostname, row.backend = reg.hostname, reg.backend
+        row.resources = reg.resources.model_dump()
+        row.status, row.last_seen_at, row.job_id = RunnerStatus.READY.value, t, None
+        await s.commit()
+        info = runner_model(row)
+    ctx.signals.notify("jobs")
+    ctx.signals.notify("runners")
+    return info
+
+
+async def heartbeat(ctx: Context, name: str, job_id: str | None) -> HeartbeatReply:
+    async with ctx.sessions() as s:
+        row = await s.get(RunnerRow, name)
+        if row is None:
+            raise NotFound(f"no runner '{name}'", hint="register it again")
+        if row.status in (RunnerStatus.OFFLINE.value, RunnerStatus.TERMINATED.value):
+            # it came back after being given up for lost: its old job has failed; forget it
+            reply = HeartbeatReply(stop="abort" if job_id else None)
+            row.status, row.job_id = RunnerStatus.READY.value, None
+        else:
+            reply = HeartbeatReply()
+            if job_id:
+                job = await s.get(JobRow, job_id)
+                if job is not None and job.stop_requested:
+                    reply.stop = job.stop_requested
+                if job is None or JobStatus(job.status) in FINISHED:
+                    reply.stop = reply.stop or "abort"
+        row.last_seen_at = now()
+        await s.commit()
+    return reply
+
+
+async def deregister(ctx: Context, name: str) -> None:
+    async with ctx.sessions() as s:
+        row = await s.get(RunnerRow, name)
+        if row is not None:
+            row.status, row.job_id = RunnerStatus.TERMINATED.value, None
+            await s.commit()
+    ctx.signals.notify("runners")
+
+
+async def list_runners(ctx: Context, include_gone: bool = False) -> list[RunnerInfo]:
+    q = select(RunnerRow).order_by(RunnerRow.registered_at.desc())
+    if not include_gone:
+        q = q.where(RunnerRow.status != RunnerStatus.TERMINATED.value)
+    async with ctx.sessions() as s:
+        return [runner_model(r) for r in (await s.scalars(q)).all()]
+
+
+async def reap_lost(ctx: Context) -> list[str]:
+    """Runners silent for longer than the timeout go OFFLINE; their unfinished jobs FAIL."""
+    timeout = ctx.settings.runner_timeout
+    cutoff = now() - timedelta(seconds=timeout)
+    failed: list[str] = []
+    async with ctx.sessions() as s:
+        lost = (await s.scalars(select(RunnerRow).where(
+            RunnerRow.status.in_((RunnerStatus.READY.value, RunnerStatus.BUSY.value)),
+            RunnerRow.last_seen_at < cutoff))).all()
+        for r in lost:
+            r.status, r.job_id = RunnerStatus.OFFLINE.value, None
+            jobs = (await s.scalars(select(JobRow).where(
+                JobRow.runner_name == r.name, JobRow.status.notin_([x.value for x in FINISHED])))).all()
+            for job in jobs:
+                job.status = JobStatus.FAILED.value
+                job.finished_at = now()
+                job.reason = f"runner {r.name} stopped responding (no heartbeat for {timeout:g}s)"
+                failed.append(job.job_id)
+                await refresh_run_status(s, job.run_name)
+        await s.commit()
+    for job_id in failed:
+        ctx.signals.notify(f"job:{job_id}")
+    return failed

@@ -1,0 +1,110 @@
+"""Runs: naming, submission (dependencies resolved, resources checked), listing, stopping."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+
+from dstack.core.errors import Conflict, NotFound
+from dstack.core.models import FINISHED, Job, JobStatus, Run, RunSubmission
+from dstack.core.names import random_base
+from dstack.server.context import Context
+from dstack.server.db.tables import JobRow, RunRow
+from dstack.server.services import dependencies, scheduler
+from dstack.server.services.convert import job_model, run_model
+from dstack.server.services.run_state import now, refresh_run_status
+
+
+async def reserve_name(ctx: Context) -> str:
+    """`adjective-animal-N`: N is one more than the runs already named so."""
+    base = random_base()
+    async with ctx.sessions() as s:
+        count = await s.scalar(select(func.count()).select_from(RunRow).where(RunRow.name.like(f"{base}-%")))
+    return f"{base}-{(count or 0) + 1}"
+
+
+async def submit(ctx: Context, sub: RunSubmission) -> Run:
+    for job in sub.jobs:
+        await scheduler.check_satisfiable(ctx, job)
+    async with ctx.sessions() as s:
+        if await s.get(RunRow, sub.run_name):
+            raise Conflict(f"a run named '{sub.run_name}' exists already", hint="submit again for a new name")
+        resolved = await dependencies.resolve(s, sub.repo_id, sub.dependencies)
+        submitted = now()
+        run = RunRow(
+            name=sub.run_name, repo_id=sub.repo_id, workflow=sub.workflow, provider=sub.provider,
+            status=JobStatus.SUBMITTED.value, submitted_at=submitted, variables=sub.variables,
+            overrides=sub.overrides, dependencies=[d.model_dump() for d in resolved],
+            code=sub.code.model_dump(),
+        )
+        s.add(run)
+        for job in sub.jobs:
+            job.dependencies = resolved
+            job.code = sub.code
+            s.add(JobRow(
+                job_id=job.job_id, run_name=sub.run_name, workflow=sub.workflow,
+                status=JobStatus.SUBMITTED.value, submitted_at=submitted, spec=job.model_dump(mode="json"),
+            ))
+        await s.commit()
+    ctx.signals.notify("jobs")
+    return await get_run(ctx, sub.repo_id, sub.run_name)
+
+
+def _runs_query(repo_id: str | None):
+    q = select(RunRow).options(selectinload(RunRow.jobs), selectinload(RunRow.tags))
+    return q.where(RunRow.repo_id == repo_id) if repo_id else q
+
+
+async def list_runs(ctx: Context, repo_id: str | None, limit: int | None, workflow: str | None = None) -> list[Run]:
+    q = _runs_query(repo_id).order_by(RunRow.submitted_at.desc())
+    if workflow:
+        q = q.where(RunRow.workflow == workflow)
+    if limit:
+        q = q.limit(limit)
+    async with ctx.sessions() as s:
+        rows = (await s.scalars(q)).all()
+    return [run_model(r) for r in rows]
+
+
+async def get_run(ctx: Context, repo_id: str | None, name: str) -> Run:
+    async with ctx.sessions() as s:
+        row = await s.scalar(_runs_query(repo_id).where(RunRow.name == name))
+        if row is None:
+            job = await s.get(JobRow, name)
+            if job is not None:
+                row = await s.scalar(_runs_query(repo_id).where(RunRow.name == job.run_name))
+        if row is None:
+            raise NotFound(f"no run or job named '{name}'", hint="`dstack status` lists runs and their jobs")
+        return run_model(row)
+
+
+async def get_job(ctx: Context, job_id: str) -> Job:
+    async with ctx.sessions() as s:
+        row = await s.get(JobRow, job_id)
+        if row is None:
+            raise NotFound(f"no job '{job_id}'")
+        return job_model(row)
+
+
+async def stop(ctx: Context, repo_id: str | None, ref: str, abort: bool) -> Run:
+    """Stop a run (all its jobs) or one job. Queued jobs end at once; running ones are told by heartbeat."""
+    run = await get_run(ctx, repo_id, ref)
+    job_ids = [j.job_id for j in run.jobs if j.job_id == ref] or [j.job_id for j in run.jobs]
+    final = JobStatus.ABORTED if abort else JobStatus.STOPPED
+    async with ctx.sessions() as s:
+        for job_id in job_ids:
+            job = await s.get(JobRow, job_id)
+            if JobStatus(job.status) in FINISHED:
+                continue
+            if job.runner_name is None:
+                job.status = final.value
+                job.finished_at = now()
+                job.reason = "stopped before it started" if not abort else "aborted before it started"
+            else:
+                job.stop_requested = "abort" if abort else "stop"
+        await s.commit()
+        await refresh_run_status(s, run.run_name)
+        await s.commit()
+    for job_id in job_ids:
+        ctx.signals.notify(f"job:{job_id}")
+    return await get_run(ctx, repo_id, run.run_name)

@@ -1,0 +1,90 @@
+"""Which runner may take which job, and whether any ever could."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from sqlalchemy import select, update
+
+from dstack.core.errors import Unsatisfiable
+from dstack.core.models import JobSpec, JobStatus, RunnerStatus
+from dstack.core.resources import RunnerResources, missing
+from dstack.server.context import Context
+from dstack.server.db.tables import JobRow, RunnerRow
+from dstack.server.services.run_state import now, refresh_run_status
+
+LIVE = (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
+
+
+def fits(job: JobSpec, res: RunnerResources) -> list[str]:
+    return missing(job.requirements, res, needs_docker=bool(job.image))
+
+
+async def check_satisfiable(ctx: Context, job: JobSpec) -> None:
+    """Fail now, naming what is missing, when no live runner and no backend could ever run `job`."""
+    async with ctx.sessions() as s:
+        runners = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE)))).all()
+    candidates: list[tuple[str, list[str]]] = []
+    for r in runners:
+        lacks = fits(job, RunnerResources.model_validate(r.resources))
+        if not lacks:
+            return
+        candidates.append((f"runner {r.name}", lacks))
+    for backend in ctx.backends:
+        for offer in await asyncio.to_thread(backend.offers):
+            lacks = fits(job, offer)
+            if not lacks:
+                return
+            candidates.append((f"backend {backend.name}", lacks))
+    if not candidates:
+        raise Unsatisfiable("no runner is registered and no backend is configured",
+                            hint="start one with `dstack-runner start --server URL --token TOKEN`")
+    detail = "; ".join(f"{who} lacks {', '.join(lacks)}" for who, lacks in candidates)
+    raise Unsatisfiable(
+        f"no runner and no backend can provide what '{job.workflow}' needs ({job.requirements.describe()})"
+        f": {detail}",
+        hint="lower the workflow's resources (e.g. --gpu 0) or add a runner that has them",
+    )
+
+
+async def take_job(ctx: Context, runner_name: str, wait: float) -> JobSpec | None:
+    """The oldest queued job this runner can run, assigned to it; waits up to `wait` s for one."""
+    deadline = time.monotonic() + wait
+    while True:
+        job = await _try_take(ctx, runner_name)
+        if job is not None or time.monotonic() >= deadline:
+            return job
+        await ctx.signals.wait("jobs", deadline - time.monotonic())
+
+
+async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
+    async with ctx.sessions() as s:
+        runner = await s.get(RunnerRow, runner_name)
+        if runner is None or runner.status not in LIVE or runner.job_id:
+            return None
+        res = RunnerResources.model_validate(runner.resources)
+        queued = (await s.scalars(
+            select(JobRow).where(JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None))
+            .order_by(JobRow.submitted_at)
+        )).all()
+        for row in queued:
+            spec = JobSpec.model_validate(row.spec)
+            if fits(spec, res):
+                continue
+            taken = await s.execute(
+                update(JobRow)
+                .where(JobRow.job_id == row.job_id, JobRow.runner_name.is_(None),
+                       JobRow.status == JobStatus.SUBMITTED.value)
+                .values(runner_name=runner_name, status=JobStatus.PROVISIONING.value, started_at=now())
+            )
+            if taken.rowcount != 1:
+                continue
+            runner.job_id = row.job_id
+            runner.status = RunnerStatus.BUSY.value
+            runner.last_seen_at = now()
+            await refresh_run_status(s, row.run_name)
+            await s.commit()
+            ctx.signals.notify(f"job:{row.job_id}")
+            return spec
+    return None
