@@ -12,7 +12,7 @@ def exit_code_of(job: Job) -> int:
     if job.status == JobStatus.DONE:
         return 0
     if job.status in (JobStatus.STOPPED, JobStatus.ABORTED):
-        return 130 if job.exit_code in (None, 0) else job.exit_code
+        return 130  # interrupted by the user, as with Ctrl-C in a shell
     return job.exit_code if job.exit_code not in (None, 0) else 1
 
 
@@ -30,50 +30,50 @@ def _ask(run_name: str) -> str:
 
 
 def follow_run(client: Client, run: Run) -> int:
+    """Stream the logs of `run`'s jobs until all have ended; return the exit code to exit with."""
     out = sys.stdout.buffer
-    err = sys.stderr
     offsets = {j.job_id: 0 for j in run.jobs}
-    finished: dict[str, JobStatus] = {}
-    stopping = None
+    finished: set[str] = set()
+    stopping: str | None = None
     while len(finished) < len(offsets):
-        for job_id in offsets:
-            if job_id in finished:
-                continue
-            try:
+        try:
+            for job_id in offsets:
+                if job_id in finished:
+                    continue
                 data, offsets[job_id], status = client.logs(job_id, offsets[job_id], wait=1.0)
-            except KeyboardInterrupt:
+                if data:
+                    out.write(data)
+                    out.flush()
+                if status.finished:
+                    finished.add(job_id)
+        except KeyboardInterrupt:
+            if stopping:  # a second Ctrl-C while stopping: abort
                 if stopping == "stop":
                     stopping = "abort"
-                    err.write("\nAborting...\n")
+                    sys.stderr.write("\nAborting...\n")
                     client.stop(None, run.run_name, abort=True)
-                    continue
-                choice = _ask(run.run_name)
-                if choice == "detach":
-                    err.write(f"Detached. `dstack logs {run.run_name} -f` follows it again; "
-                              f"`dstack stop {run.run_name}` stops it.\n")
-                    return 0
-                if choice in ("stop", "abort"):
-                    stopping = choice
-                    err.write("Stopping...\n" if choice == "stop" else "Aborting...\n")
-                    client.stop(None, run.run_name, abort=choice == "abort")
                 continue
-            if data:
-                out.write(data)
-                out.flush()
-            if status.finished:
-                finished[job_id] = status
+            choice = _ask(run.run_name)
+            if choice == "detach":
+                sys.stderr.write(f"Detached. `dstack logs {run.run_name} -f` follows it again; "
+                                 f"`dstack stop {run.run_name}` stops it.\n")
+                return 0
+            if choice in ("stop", "abort"):
+                stopping = choice
+                sys.stderr.write("Stopping (Ctrl-C again to abort)...\n" if choice == "stop" else "Aborting...\n")
+                client.stop(None, run.run_name, abort=choice == "abort")
     final = client.run(None, run.run_name)
-    code = 0
-    for job in final.jobs:
-        code = code or exit_code_of(job)
-    _summary(final)
-    return code
+    jobs = [j for j in final.jobs if j.job_id in offsets]
+    _summary(final.run_name, jobs)
+    if final.tags:
+        sys.stderr.write(f"Tagged {', '.join(f'{final.workflow}:{t}' for t in final.tags)}\n")
+    return next((c for c in (exit_code_of(j) for j in jobs) if c), 0)
 
 
-def _summary(run: Run) -> None:
+def _summary(run_name: str, jobs: list[Job]) -> None:
     err = sys.stderr
     color = err.isatty()
-    for job in run.jobs:
+    for job in jobs:
         took = ""
         if job.started_at and job.finished_at:
             took = f" in {(job.finished_at - job.started_at).total_seconds():.1f}s"
@@ -84,4 +84,4 @@ def _summary(run: Run) -> None:
                 detail += f" (exit code {job.exit_code})"
         mark = {"DONE": "\033[32m", "FAILED": "\033[31m"}.get(job.status.value, "\033[33m") if color else ""
         off = "\033[0m" if color else ""
-        err.write(f"{mark}{run.run_name} {job.status.value}{off}{took}{detail}\n")
+        err.write(f"{mark}{run_name} {job.status.value}{off}{took}{detail}\n")

@@ -13,9 +13,10 @@ from dstack.core.errors import ConfigError, DstackError, NotFound
                                  "help_option_names": ["-h", "--help"]})
 @click.argument("workflow")
 @click.option("-d", "--detach", is_flag=True, help="Submit and return; don't stream logs.")
+@click.option("-t", "--tag", default=None, help="Tag the run as TAG once it is DONE (moves an existing tag).")
 @click.option("--json", "as_json", is_flag=True, help="Print the submitted run as JSON (implies --detach).")
 @click.pass_context
-def run(ctx: click.Context, workflow: str, detach: bool, as_json: bool) -> None:
+def run(ctx: click.Context, workflow: str, detach: bool, tag: str | None, as_json: bool) -> None:
     """Run WORKFLOW of .dstack/workflows.yaml.
 
     Variables of .dstack/variables.yaml are overridden as --NAME VALUE (e.g. `dstack run prepare --gpu 4`).
@@ -38,7 +39,7 @@ def run(ctx: click.Context, workflow: str, detach: bool, as_json: bool) -> None:
     client.upload_code(digest, archive)
     sub = RunSubmission(run_name=run_name, repo_id=repo_id(project), workflow=workflow, provider=resolved.provider,
                         variables=resolved.variables, overrides=overrides, dependencies=resolved.dependencies,
-                        jobs=resolved.jobs, code=code)
+                        jobs=resolved.jobs, code=code, tag=tag)
     try:
         submitted = client.submit(sub)
     except (NotFound, DstackError) as e:

@@ -135,7 +135,7 @@ def substitute(value: Any, variables: dict, located: Located, path: tuple, shell
 
     def lookup(match: re.Match) -> tuple[bool, Any]:
         if match.group(0) == "$$":
-            return True, "$"
+            return True, "$$" if shell else "$"  # in a command, `$$` is the shell's PID
         name = match.group(1) or match.group(2)
         if name is None:
             raise located.error(path, f"cannot read the reference '{match.group(0)}'",

@@ -113,6 +113,7 @@ class RunSubmission(BaseModel):
     dependencies: list[DependencySpec] = []
     jobs: list[JobSpec]
     code: CodeRef = CodeRef()
+    tag: str | None = None  # tag the run with this once it is DONE
 
 
 class Job(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from dstack.storage.local import open_store
 log = logging.getLogger("dstack.runner")
 HEARTBEAT_INTERVAL = 1.0
 TAKE_WAIT = 10.0
-STOP_GRACE = 10.0
+STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
 
 
 def executor_for(job: JobSpec):
@@ -167,8 +168,6 @@ class Runner:
         (root / job.working_dir).mkdir(parents=True, exist_ok=True)
         mounts = workspace.dependency_mounts(job, store)
         executor = executor_for(job)
-        if not job.image:
-            workspace.materialise(root, mounts)
         if self.stop_requested:
             self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,
                          reason="stopped before it started")

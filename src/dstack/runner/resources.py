@@ -61,7 +61,9 @@ def _own_cgroup_limits() -> tuple[int | None, int | None]:
         return None, None
 
 
-def cgroup_limits(proc_self_cgroup: str, root: Path = Path("/sys/fs/cgroup")) -> tuple[int | None, int | None]:
+def cgroup_limits(
+    proc_self_cgroup: str, root: Path = Path("/sys/fs/cgroup")
+) -> tuple[int | None, int | None]:
     """(CPUs rounded up, memory MiB) that the cgroup of /proc/self/cgroup allows; None where unlimited
     or unknown. cgroup v2 (`cpu.max`, `memory.max`) and v1 (`cpu.cfs_quota_us`, `memory.limit_in_bytes`)."""
     paths: dict[str, str] = {}  # controller ("" for v2) -> the cgroup's path
@@ -75,7 +77,9 @@ def cgroup_limits(proc_self_cgroup: str, root: Path = Path("/sys/fs/cgroup")) ->
         cpu_max = _read(folder / "cpu.max").split()
         cpus = _cpus(cpu_max[0], cpu_max[1]) if len(cpu_max) == 2 and cpu_max[0] != "max" else None
         return cpus, _mib(_read(folder / "memory.max"))
-    cpu_root = next((root / n for n in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if (root / n).is_dir()), root / "cpu")
+    cpu_root = next(
+        (root / n for n in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if (root / n).is_dir()), root / "cpu"
+    )
     cpu_folder = _cgroup_folder(cpu_root, paths.get("cpu"))
     cpus = _cpus(_read(cpu_folder / "cpu.cfs_quota_us"), _read(cpu_folder / "cpu.cfs_period_us"))
     memory_folder = _cgroup_folder(root / "memory", paths.get("memory"))
@@ -158,7 +162,11 @@ def _gpus_from_nvidia_smi() -> list[Gpu]:
         log.warning("nvidia-smi failed: %s", e)
         return []
     if result.returncode != 0:
-        log.warning("nvidia-smi failed (exit %s): %s", result.returncode, result.stderr.strip() or result.stdout.strip())
+        log.warning(
+            "nvidia-smi failed (exit %s): %s",
+            result.returncode,
+            result.stderr.strip() or result.stdout.strip(),
+        )
         return []
     try:
         return parse_nvidia_smi_xml(result.stdout)

@@ -40,23 +40,6 @@ def dependency_mounts(job: JobSpec, store: LocalStore) -> list[Mount]:
     return mounts
 
 
-def materialise(root: Path, mounts: list[Mount]) -> None:
-    """For the host executor: dependencies copied to their paths, read-only."""
-    for m in mounts:
-        dest = root / m.target
-        if dest.exists():
-            _make_writable(dest)
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(m.source, dest, symlinks=True)
-        for dirpath, dirs, files in os.walk(dest):
-            for n in files + dirs:
-                p = os.path.join(dirpath, n)
-                if not os.path.islink(p):
-                    os.chmod(p, os.lstat(p).st_mode & ~0o222)
-        os.chmod(dest, os.stat(dest).st_mode & ~0o222)
-
-
 def _make_writable(path: Path) -> None:
     for dirpath, _dirs, files in os.walk(path):
         os.chmod(dirpath, os.stat(dirpath).st_mode | stat.S_IWUSR)

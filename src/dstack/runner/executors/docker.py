@@ -160,7 +160,7 @@ class DockerExecutor:
                 image.id,
                 command=["/bin/sh", "-c", job_script(job.commands)] if job.commands else None,
                 tty=True,
-                init=False,
+                init=True,
                 network_mode="host",
                 working_dir=CONTAINER_ROOT if working_dir == "." else f"{CONTAINER_ROOT}/{working_dir}",
                 environment=job_env(job, ports, env),
@@ -183,7 +183,9 @@ class DockerExecutor:
             except DOCKER_ERRORS:
                 pass
         except DOCKER_ERRORS as e:
-            raise ExecutorError(f"could not start the container of job {job.job_id} ({job.image}): {e}") from e
+            raise ExecutorError(
+                f"could not start the container of job {job.job_id} ({job.image}): {e}"
+            ) from e
         return DockerExecution(container, output, on_output, _digest(image, job.image), ports)
 
     def _image(self, name: str):

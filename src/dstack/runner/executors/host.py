@@ -14,8 +14,10 @@ outlive the runner, even a runner that is SIGKILLed:
 PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process; so every
 job is forked from one long-lived thread of this module.
 
-Mounts are not handled here: the runner's workspace materialises dependencies inside the job's
-root folder before starting it.
+Dependencies (read-only mounts) appear at their paths inside the job's folder. As root, with
+util-linux's `unshare`, the job runs in a private mount namespace where each is a read-only bind mount
+of the store's folder: zero-copy, and read-only even for root. Otherwise they are copied there with
+their write bits removed (read-only for any user but root).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import os
 import pty
 import select
+import shlex
 import shutil
 import signal
 import struct
@@ -117,6 +120,8 @@ class HostExecution:
         self._on_output = on_output
         self._drain_until: float | None = None
         self._lock = threading.Lock()
+        self._group_lock = threading.Lock()
+        self._group_reaped = False
         self._exit_code: int | None = None
         self._reader = threading.Thread(
             target=self._pump, name=f"dstack-host-output-{process.pid}", daemon=True
@@ -130,10 +135,11 @@ class HostExecution:
 
     def _pump(self) -> None:
         fd = self._master_fd
+        poller = select.poll()  # not select(): the runner may hold more than 1024 files
+        poller.register(fd, select.POLLIN)
         try:
             while True:
-                ready, _, _ = select.select([fd], [], [], 0.1)
-                if not ready:
+                if not poller.poll(100):
                     if self._drain_until is not None and time.monotonic() > self._drain_until:
                         return  # something outside the job's group still holds the terminal
                     continue
@@ -153,17 +159,24 @@ class HostExecution:
             os.close(fd)
 
     def _kill_group(self, sig: int) -> None:
-        try:
-            os.killpg(self._process.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is empty already
+        # The group's id stays reserved while any member lives, and the guard lives until _reap():
+        # until then the id cannot name someone else's processes, even after the shell was reaped.
+        with self._group_lock:
+            if self._group_reaped:
+                return
+            try:
+                os.killpg(self._process.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass  # the group is empty already
 
     def _reap(self) -> None:
         """After the shell ended: kill what it left in its group (the guard included)."""
         self._kill_group(signal.SIGKILL)
-        if self._guard_pipe is not None:
-            os.close(self._guard_pipe)
-            self._guard_pipe = None
+        with self._group_lock:
+            self._group_reaped = True
+            if self._guard_pipe is not None:
+                os.close(self._guard_pipe)
+                self._guard_pipe = None
 
     def wait(self) -> int:
         returncode = self._process.wait()
@@ -182,7 +195,7 @@ class HostExecution:
                 self._process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
-        self._kill_group(signal.SIGKILL)
+        self._kill_group(signal.SIGKILL)  # the shell, or what it left behind
         self._process.wait()
 
 
@@ -206,11 +219,17 @@ class HostExecutor:
         ports = pick_free_ports(job.ports)
         full_env = {**_base_env(), **job_env(job, ports, env)}
         script = job_script(job.commands)
-        return _spawner.submit(self._spawn, shell, script, cwd, full_env, on_output, ports).result()
+        argv = [shell, "-c"]
+        if mounts and _can_bind_mount():
+            argv = ["unshare", "--mount", "--propagation", "private", *argv]
+            script = _bind_mounts_script(root, mounts) + script
+        elif mounts:
+            _copy_read_only(root, mounts)
+        return _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports).result()
 
     def _spawn(
         self,
-        shell: str,
+        argv: list[str],
         script: str,
         cwd: Path,
         env: dict[str, str],
@@ -222,7 +241,7 @@ class HostExecutor:
         guard_read, guard_write = os.pipe()  # non-inheritable: no other child ever holds them
         try:
             process = subprocess.Popen(
-                [shell, "-c", script],
+                [*argv, _GUARD_PREAMBLE + script],
                 cwd=cwd,
                 env=env,
                 stdin=guard_read,
@@ -234,8 +253,40 @@ class HostExecutor:
         except OSError as e:
             os.close(master)
             os.close(guard_write)
-            raise ExecutorError(f"could not start {shell} in {cwd}: {e}") from e
+            raise ExecutorError(f"could not start {argv[0]} in {cwd}: {e}") from e
         finally:
             os.close(slave)
             os.close(guard_read)
         return HostExecution(process, guard_write, master, on_output, ports)
+
+
+def _can_bind_mount() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("mount") is not None
+
+
+def _bind_mounts_script(root: Path, mounts: list[Mount]) -> str:
+    """Shell lines that bind each mount read-only at its path (run inside the job's mount namespace)."""
+    lines = []
+    for m in mounts:
+        dest = shlex.quote(str(root / m.target))
+        src = shlex.quote(str(m.source))
+        opts = "remount,bind,ro" if m.read_only else "remount,bind"
+        lines.append(f"mkdir -p {dest} && mount --bind {src} {dest} && mount -o {opts} {dest} || "
+                     f"{{ echo 'dstack: cannot mount a dependency at {m.target}' >&2; exit 125; }}")
+    return "\n".join(lines) + "\n"
+
+
+def _copy_read_only(root: Path, mounts: list[Mount]) -> None:
+    for m in mounts:
+        dest = root / m.target
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() and not dest.is_symlink() else dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(m.source, dest, symlinks=True)
+        if m.read_only:
+            for dirpath, dirs, files in os.walk(dest):
+                for n in files + dirs:
+                    p = os.path.join(dirpath, n)
+                    if not os.path.islink(p):
+                        os.chmod(p, os.lstat(p).st_mode & ~0o222)
+            os.chmod(dest, os.stat(dest).st_mode & ~0o222)

@@ -25,6 +25,7 @@ class RunRow(Base):
     overrides: Mapped[dict] = mapped_column(JSON, default=dict)
     dependencies: Mapped[list] = mapped_column(JSON, default=list)
     code: Mapped[dict] = mapped_column(JSON, default=dict)
+    tag_when_done: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     jobs: Mapped[list[JobRow]] = relationship(back_populates="run", order_by="JobRow.submitted_at")
     tags: Mapped[list[TagRow]] = relationship(back_populates="run")

@@ -8,7 +8,8 @@ import time
 from dstack.core.errors import Conflict, NotFound
 from dstack.core.models import FINISHED, Job, JobStatus, JobUpdate, RunnerStatus
 from dstack.server.context import Context
-from dstack.server.db.tables import JobRow, RunnerRow
+from dstack.server.db.tables import JobRow, RunnerRow, RunRow
+from dstack.server.services import tags
 from dstack.server.services.convert import job_model
 from dstack.server.services.run_state import now, refresh_run_status
 
@@ -37,6 +38,10 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
             if runner is not None and runner.job_id == job_id:
                 runner.job_id, runner.status = None, RunnerStatus.READY.value
         await refresh_run_status(s, job.run_name)
+        run = await s.get(RunRow, job.run_name)
+        await s.refresh(run)
+        if run.status == JobStatus.DONE.value and run.tag_when_done:
+            await tags.set_tag(s, run, run.tag_when_done)
         await s.commit()
         model = job_model(job)
     ctx.signals.notify(f"job:{job_id}")

@@ -10,7 +10,7 @@ from dstack.core.models import FINISHED, Job, JobStatus, Run, RunSubmission
 from dstack.core.names import random_base
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunRow
-from dstack.server.services import dependencies, scheduler
+from dstack.server.services import dependencies, scheduler, tags
 from dstack.server.services.convert import job_model, run_model
 from dstack.server.services.run_state import now, refresh_run_status
 
@@ -24,6 +24,8 @@ async def reserve_name(ctx: Context) -> str:
 
 
 async def submit(ctx: Context, sub: RunSubmission) -> Run:
+    if sub.tag is not None:
+        tags.check_name(sub.tag)
     for job in sub.jobs:
         await scheduler.check_satisfiable(ctx, job)
     async with ctx.sessions() as s:
@@ -35,7 +37,7 @@ async def submit(ctx: Context, sub: RunSubmission) -> Run:
             name=sub.run_name, repo_id=sub.repo_id, workflow=sub.workflow, provider=sub.provider,
             status=JobStatus.SUBMITTED.value, submitted_at=submitted, variables=sub.variables,
             overrides=sub.overrides, dependencies=[d.model_dump() for d in resolved],
-            code=sub.code.model_dump(),
+            code=sub.code.model_dump(), tag_when_done=sub.tag,
         )
         s.add(run)
         for job in sub.jobs:

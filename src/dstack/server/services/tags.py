@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import delete, select
 
-from dstack.core.errors import Conflict, NotFound
+from dstack.core.errors import ConfigError, Conflict, NotFound
 from dstack.core.models import JobStatus, Tag
 from dstack.server.context import Context
 from dstack.server.db.tables import RunRow, TagRow
@@ -14,8 +14,7 @@ from dstack.server.services.run_state import now
 
 async def add_tag(ctx: Context, repo_id: str, run_name: str, tag: str) -> tuple[Tag, str | None]:
     """Tag a run; a tag of the same name on another run of the workflow moves. Returns the run it left."""
-    if not tag or ":" in tag or any(c.isspace() for c in tag):
-        raise Conflict(f"'{tag}' is not a tag name", hint="use letters, digits, '-', '_' or '.'")
+    check_name(tag)
     async with ctx.sessions() as s:
         run = await s.get(RunRow, run_name)
         if run is None or run.repo_id != repo_id:
@@ -23,19 +22,30 @@ async def add_tag(ctx: Context, repo_id: str, run_name: str, tag: str) -> tuple[
         if run.status != JobStatus.DONE.value:
             raise Conflict(f"run {run_name} is {run.status}; only DONE runs can be tagged",
                            hint="wait for it to finish, or tag another run")
-        old = await s.scalar(select(TagRow).where(TagRow.repo_id == repo_id, TagRow.workflow == run.workflow,
-                                                  TagRow.name == tag))
-        moved_from = None
-        if old is not None:
-            if old.run_name == run_name:
-                return tag_model(old), None
-            moved_from = old.run_name
-            await s.delete(old)
-            await s.flush()
-        row = TagRow(repo_id=repo_id, workflow=run.workflow, name=tag, run_name=run_name, created_at=now())
-        s.add(row)
+        row, moved_from = await set_tag(s, run, tag)
         await s.commit()
         return tag_model(row), moved_from
+
+
+def check_name(tag: str) -> None:
+    if not tag or ":" in tag or any(c.isspace() for c in tag):
+        raise ConfigError(f"'{tag}' is not a tag name", hint="use letters, digits, '-', '_' or '.'")
+
+
+async def set_tag(s, run: RunRow, tag: str) -> tuple[TagRow, str | None]:
+    """Put `tag` on `run` (in the session, not committed); returns the run it moved from, if any."""
+    old = await s.scalar(select(TagRow).where(TagRow.repo_id == run.repo_id, TagRow.workflow == run.workflow,
+                                              TagRow.name == tag))
+    if old is not None and old.run_name == run.name:
+        return old, None
+    moved_from = None
+    if old is not None:
+        moved_from = old.run_name
+        await s.delete(old)
+        await s.flush()
+    row = TagRow(repo_id=run.repo_id, workflow=run.workflow, name=tag, run_name=run.name, created_at=now())
+    s.add(row)
+    return row, moved_from
 
 
 async def remove(ctx: Context, repo_id: str, ref: str) -> list[Tag]:

@@ -40,6 +40,7 @@ def upgrade() -> None:
     sa.Column('overrides', sa.JSON(), nullable=False),
     sa.Column('dependencies', sa.JSON(), nullable=False),
     sa.Column('code', sa.JSON(), nullable=False),
+    sa.Column('tag_when_done', sa.String(length=200), nullable=True),
     sa.PrimaryKeyConstraint('name')
     )
     with op.batch_alter_table('runs', schema=None) as batch_op:

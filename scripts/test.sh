@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The one command that installs what the tests need and runs them, from a clean clone.
+#   scripts/test.sh                 # everything
+#   scripts/test.sh tests/unit -x   # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "test.sh: $*" >&2; }
+
+# --- system packages: Docker Engine and a static busybox for locally built test images ---
+pkgs=()
+command -v dockerd >/dev/null 2>&1 || pkgs+=(docker.io)
+[ -x /bin/busybox ] || pkgs+=(busybox-static)
+python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3.11-venv)
+command -v unshare >/dev/null 2>&1 || pkgs+=(util-linux)
+if [ "${#pkgs[@]}" -gt 0 ]; then
+  # another apt run (e.g. a provisioning script) may hold the lock: wait for it
+  for _ in $(seq 1 120); do
+    fuser /var/lib/dpkg/lock-frontend /var/lib/apt/lists/lock >/dev/null 2>&1 || break
+    sleep 2
+  done
+  log "installing ${pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+
+# --- Docker Engine: started in the background when it is not running ---
+if ! docker info >/dev/null 2>&1; then
+  if ! pgrep -x dockerd >/dev/null 2>&1; then
+    log "starting dockerd (log: /tmp/dockerd.log)"
+    setsid nohup dockerd >/tmp/dockerd.log 2>&1 </dev/null &
+  fi
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+fi
+if ! docker info >/dev/null 2>&1; then
+  # a client newer than the engine may refuse to negotiate: pin the engine's API (Debian 12: 20.10)
+  export DOCKER_API_VERSION=1.41
+fi
+if ! docker info >/dev/null 2>&1; then
+  log "Docker Engine is not reachable after 60 s; see /tmp/dockerd.log"
+  tail -n 20 /tmp/dockerd.log >&2 2>/dev/null || true
+  exit 1
+fi
+
+# --- Python environment ---
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  python3.11 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+export PATH="$PWD/.venv/bin:$PATH"
+
+# --- checks, then the tests ---
+ruff check .
+if ! imports=$(lint-imports 2>&1); then
+  echo "$imports" >&2
+  exit 1
+fi
+# all of tests/, unless the arguments name tests themselves (scripts/test.sh tests/unit -x)
+targets=(tests)
+for arg in "$@"; do
+  if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then
+    targets=()
+    break
+  fi
+done
+set +e
+python -m pytest -q "${targets[@]}" "$@"
+rc=$?
+set -e
+exit "$rc"

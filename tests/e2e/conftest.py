@@ -1,0 +1,82 @@
+"""E2E fixtures: the installed `dstack` CLI driven as a user would, against a real local server and
+real local runners (started by the CLI itself), in a DSTACK_HOME of the test session's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+class Dstack:
+    def __init__(self, home: Path, env: dict[str, str] | None = None):
+        self.home = home
+        self.env = {**os.environ, "DSTACK_HOME": str(home), "PATH": f"{BIN}:{os.environ['PATH']}",
+                    **(env or {})}
+        self.env.pop("DSTACK_SERVER_URL", None)
+        self.env.pop("DSTACK_TOKEN", None)
+
+    def __call__(self, *args: str, cwd: Path, check: bool = False, timeout: float = 120,
+                 input: str | None = None, binary: bool = False) -> subprocess.CompletedProcess:
+        p = subprocess.run([str(BIN / "dstack"), *args], cwd=cwd, env=self.env, capture_output=True,
+                           text=not binary, timeout=timeout, input=input)
+        if check and p.returncode != 0:
+            raise AssertionError(f"dstack {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def popen(self, *args: str, cwd: Path, **kw) -> subprocess.Popen:
+        return subprocess.Popen([str(BIN / "dstack"), *args], cwd=cwd, env=self.env, **kw)
+
+    def runs(self, cwd: Path) -> list[dict]:
+        return json.loads(self("status", "--all", "--json", cwd=cwd, check=True).stdout)
+
+    def run_info(self, cwd: Path, name: str) -> dict:
+        return json.loads(self("status", name, "--json", cwd=cwd, check=True).stdout)
+
+    def wait_status(self, cwd: Path, name: str, statuses: set[str], timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.run_info(cwd, name)
+            if info["status"] in statuses:
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} is {info['status']} after {timeout}s, expected {statuses}")
+            time.sleep(0.2)
+
+    def stop_server(self) -> None:
+        subprocess.run([str(BIN / "dstack"), "server", "stop"], env=self.env, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def dstack(tmp_path_factory) -> Dstack:
+    """One local server (and its runners) for the session's tests; each test has its own project."""
+    d = Dstack(tmp_path_factory.mktemp("dstack-home"), env={"DSTACK_STOP_GRACE": "2"})
+    yield d
+    d.stop_server()
+
+
+@pytest.fixture
+def project(tmp_path) -> callable:
+    """make(workflows, variables=None) -> a project folder with .dstack/ files."""
+
+    def make(workflows: str, variables: str | None = None, name: str = "proj") -> Path:
+        root = tmp_path / name
+        (root / ".dstack").mkdir(parents=True, exist_ok=True)
+        (root / ".dstack" / "workflows.yaml").write_text(textwrap.dedent(workflows))
+        if variables is not None:
+            (root / ".dstack" / "variables.yaml").write_text(textwrap.dedent(variables))
+        return root
+
+    return make
+
+
+def last_run(d: Dstack, cwd: Path) -> dict:
+    return d.runs(cwd)[0]

@@ -1,0 +1,185 @@
+"""Tags, stop, Ctrl-C, lost runners, tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Dstack, last_run
+
+SLEEPY = """\
+workflows:
+  - name: sleepy
+    {image}
+    commands:
+      - echo started
+      - {sleep}
+    artifacts:
+      - out
+"""
+
+
+def _submit(dstack, root, *args) -> str:
+    r = dstack("run", *args, "-d", cwd=root, check=True)
+    return re.search(r"Run (\S+)", r.stderr).group(1)
+
+
+def test_tags_move_list_untag(dstack, project):
+    root = project("workflows:\n  - name: a\n    commands: [echo a]\n  - name: b\n    commands: [exit 1]\n")
+    dstack("run", "a", cwd=root, check=True)
+    first = last_run(dstack, root)["run_name"]
+    dstack("run", "a", cwd=root, check=True)
+    second = last_run(dstack, root)["run_name"]
+    assert dstack("run", "b", cwd=root).returncode == 1
+    failed = last_run(dstack, root)["run_name"]
+
+    dstack("tag", first, "latest", cwd=root, check=True)
+    r = dstack("tag", second, "latest", cwd=root, check=True)
+    assert f"moved from {first}" in r.stdout
+    r = dstack("tag", failed, "latest", cwd=root)
+    assert r.returncode != 0 and "only DONE runs can be tagged" in r.stderr
+    dstack("tag", first, "v1", cwd=root, check=True)
+    tags = json.loads(dstack("tags", "--json", cwd=root, check=True).stdout)
+    assert sorted((t["name"], t["run_name"]) for t in tags) == [("latest", second), ("v1", first)]
+    assert "latest" in dstack("tags", cwd=root, check=True).stdout
+
+    assert "removed a:v1" in dstack("untag", "a:v1", cwd=root, check=True).stdout
+    assert "removed a:latest" in dstack("untag", second, cwd=root, check=True).stdout
+    assert json.loads(dstack("tags", "--json", cwd=root, check=True).stdout) == []
+    assert dstack("untag", "latest", cwd=root).returncode != 0
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_stop_ends_a_running_job_within_seconds(dstack, project, busybox_image, image):
+    root = project(SLEEPY.format(image=f"image: {busybox_image}" if image else "",
+                                 sleep="mkdir -p out && echo partial > out/x && sleep 300"))
+    name = _submit(dstack, root, "sleepy")
+    dstack.wait_status(root, name, {"RUNNING"})
+    time.sleep(0.5)
+    t = time.monotonic()
+    r = dstack("stop", name, cwd=root, check=True)
+    assert time.monotonic() - t < 10
+    assert r.stdout.strip() == f"{name} STOPPED"
+    info = dstack.run_info(root, name)
+    assert info["jobs"][0]["artifacts"][0]["path"] == "out"  # a stopped job's artifacts are saved
+
+
+def test_stop_kills_a_job_that_ignores_sigterm_after_the_grace(dstack, project):
+    root = project(SLEEPY.format(image="", sleep="trap '' TERM; sleep 300 & wait; sleep 300"))
+    name = _submit(dstack, root, "sleepy")
+    dstack.wait_status(root, name, {"RUNNING"})
+    t = time.monotonic()
+    dstack("stop", name, cwd=root, check=True)
+    assert time.monotonic() - t < 2 + 8  # DSTACK_STOP_GRACE=2 in this session
+    assert dstack.run_info(root, name)["status"] == "STOPPED"
+
+
+def test_abort_saves_no_artifacts(dstack, project):
+    root = project(SLEEPY.format(image="", sleep="mkdir -p out && sleep 300"))
+    name = _submit(dstack, root, "sleepy")
+    dstack.wait_status(root, name, {"RUNNING"})
+    assert dstack("stop", name, "--abort", cwd=root, check=True).stdout.strip() == f"{name} ABORTED"
+    assert dstack.run_info(root, name)["jobs"][0]["artifacts"] == []
+
+
+def test_ctrl_c_without_a_terminal_stops_the_run(dstack, project):
+    root = project(SLEEPY.format(image="", sleep="sleep 300"))
+    p = dstack.popen("run", "sleepy", cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+    out = b""
+    while b"started" not in out:
+        out += p.stdout.read1(100)
+    p.send_signal(signal.SIGINT)
+    code = p.wait(timeout=20)
+    assert code == 130
+    assert last_run(dstack, root)["status"] == "STOPPED"
+
+
+def test_ctrl_c_in_a_terminal_asks_and_can_detach(dstack, project):
+    root = project(SLEEPY.format(image="", sleep="sleep 300"))
+    master, slave = os.openpty()
+    p = dstack.popen("run", "sleepy", cwd=root, stdin=slave, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    out = b""
+    while b"started" not in out:
+        out += p.stdout.read1(100)
+    p.send_signal(signal.SIGINT)
+    prompt = b""
+    while b"[d]etach" not in prompt:
+        prompt += os.read(master, 1000)
+    os.write(master, b"d\n")
+    assert p.wait(timeout=20) == 0
+    os.close(master)
+    name = last_run(dstack, root)["run_name"]
+    assert dstack.run_info(root, name)["status"] == "RUNNING"
+    dstack("stop", name, "--abort", cwd=root, check=True)
+
+
+def test_a_killed_runner_fails_its_job_within_the_timeout(tmp_path, project):
+    """Its own server: the runner timeout is 3 s here (DSTACK_RUNNER_TIMEOUT)."""
+    d = Dstack(tmp_path / "home", env={"DSTACK_RUNNER_TIMEOUT": "3"})
+    try:
+        root = project(SLEEPY.format(image="", sleep="echo $$ > /tmp/dstack-e2e-$JOB_ID.pid; sleep 300"))
+        name = _submit(d, root, "sleepy")
+        info = d.wait_status(root, name, {"RUNNING"})
+        runner, job_id = info["jobs"][0]["runner"], info["jobs"][0]["job_id"]
+        pid = int(subprocess.check_output(["pgrep", "-f", f"dstack.runner.main start .*--name {runner}"]).split()[0])
+        os.kill(pid, signal.SIGKILL)
+        t = time.monotonic()
+        info = d.wait_status(root, name, {"FAILED"}, timeout=3 + 7)
+        assert time.monotonic() - t < 10
+        assert f"runner {runner} stopped responding" in info["jobs"][0]["reason"]
+        # the job's processes died with their runner
+        deadline = time.monotonic() + 5
+        job_pid = int(open(f"/tmp/dstack-e2e-{job_id}.pid").read())
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{job_pid}"):
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{job_pid}")
+    finally:
+        d.stop_server()
+
+
+def test_every_endpoint_needs_the_token(dstack, tmp_path):
+    dstack("status", cwd=tmp_path, check=True)  # the server runs
+    info = json.loads((dstack.home / "server" / "server.json").read_text())
+    token_file = dstack.home / "server" / "token"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert info["url"].startswith("http://127.0.0.1:")
+    for method, path in (("GET", "/api/runs"), ("GET", "/api/healthz"), ("GET", "/api/runners"),
+                         ("POST", "/api/runs/names"), ("GET", "/docs"), ("GET", "/openapi.json")):
+        r = httpx.request(method, info["url"] + path)
+        assert r.status_code in (401, 404), (path, r.status_code)
+        r = httpx.request(method, info["url"] + path, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code in (401, 404), (path, r.status_code)
+    ok = httpx.get(info["url"] + "/api/healthz", headers={"Authorization": f"Bearer {token_file.read_text()}"})
+    assert ok.status_code == 200
+
+
+def test_runners_lists_the_local_runner(dstack, project):
+    root = project("workflows:\n  - name: a\n    commands: [echo a]\n")
+    dstack("run", "a", cwd=root, check=True)
+    runners = json.loads(dstack("runners", "--json", cwd=root, check=True).stdout)
+    assert any(r["backend"] == "local" and r["status"] in ("READY", "BUSY") for r in runners)
+    assert "RUNNER" in dstack("runners", cwd=root, check=True).stdout
+
+
+def test_run_with_tag_tags_the_run_once_it_is_done(dstack, project):
+    root = project("workflows:\n  - name: a\n    commands: [echo a]\n  - name: b\n    commands: [exit 1]\n")
+    r = dstack("run", "a", "-t", "best", cwd=root, check=True)
+    assert "Tagged a:best" in r.stderr
+    done = last_run(dstack, root)
+    assert done["tags"] == ["best"]
+    assert dstack("run", "b", "--tag", "best", cwd=root).returncode == 1
+    assert last_run(dstack, root)["tags"] == []  # a failed run is not tagged
+    name = _submit(dstack, root, "a", "-t", "best")  # detached: the server tags it when it ends
+    assert dstack.wait_status(root, name, {"DONE"})["tags"] == ["best"]
+    assert dstack.run_info(root, done["run_name"])["tags"] == []
+    r = dstack("run", "a", "-t", "bad tag", cwd=root)
+    assert r.returncode == 2 and "not a tag name" in r.stderr

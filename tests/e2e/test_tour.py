@@ -1,0 +1,168 @@
+"""DESIGN.md's tour, for real: prepare -> tag -> train reads what prepare wrote; on the host and in Docker."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.e2e.conftest import last_run
+
+HOST_TOUR = """\
+workflows:
+  - name: prepare
+    commands:
+      - mkdir -p data
+      - echo "rows=$ROWS gpu=$GPU run=$RUN_NAME" > data/dataset.txt
+      - cat data/dataset.txt
+    artifacts:
+      - data
+    resources:
+      cpu/gpu: $gpu
+
+  - name: train
+    commands:
+      - cat data/dataset.txt
+      - (echo overwritten > data/dataset.txt) 2>/dev/null && echo WROTE || echo "data is read-only"
+      - mkdir -p checkpoint && cp data/dataset.txt checkpoint/model.txt
+    artifacts:
+      - checkpoint
+    dependencies:
+      - prepare:latest
+"""
+
+DOCKER_TOUR = HOST_TOUR.replace("  - name: prepare\n", "  - name: prepare\n    image: {image}\n").replace(
+    "  - name: train\n", "  - name: train\n    image: {image}\n")
+
+VARIABLES = """\
+variables:
+  global:
+    rows: 10
+  prepare:
+    gpu: 0
+"""
+
+
+def _tour(dstack, root):
+    r = dstack("run", "prepare", "--rows", "42", cwd=root)
+    assert r.returncode == 0, r.stderr
+    prepare = last_run(dstack, root)
+    assert f"rows=42 gpu=0 run={prepare['run_name']}" in r.stdout
+    assert re.fullmatch(r"[a-z]+-[a-z]+-\d+", prepare["run_name"])
+    assert prepare["status"] == "DONE"
+    job = prepare["jobs"][0]
+    assert re.fullmatch(r"[0-9a-f]{12}", job["job_id"])
+    assert job["artifacts"] == [{"path": "data", "files": 1, "size": len(f"rows=42 gpu=0 run={prepare['run_name']}\n")}]
+
+    # no tag yet: a clear error that points at the dependency
+    r = dstack("run", "train", cwd=root)
+    assert r.returncode == 2
+    assert ".dstack/workflows.yaml:" in r.stderr and "latest" in r.stderr and "Traceback" not in r.stderr
+
+    assert dstack("tag", prepare["run_name"], "latest", cwd=root, check=True).stdout.strip() == \
+        f"prepare:latest -> {prepare['run_name']}"
+    r = dstack("run", "train", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert f"rows=42 gpu=0 run={prepare['run_name']}" in r.stdout
+    assert "data is read-only" in r.stdout and "WROTE" not in r.stdout
+    train = last_run(dstack, root)
+    assert train["workflow"] == "train" and train["status"] == "DONE"
+    assert train["dependencies"][0]["run_name"] == prepare["run_name"]
+    assert train["jobs"][0]["artifacts"][0]["path"] == "checkpoint"
+
+    table = dstack("status", cwd=root, check=True).stdout.splitlines()
+    assert table[0].split() == ["RUN", "TAG", "JOB", "WORKFLOW", "VARIABLES", "SUBMITTED", "RUNNER", "STATUS"]
+    # newest first: train's run row, its job row, prepare's run row (tagged), its job row
+    assert table[1].split()[:3] == [train["run_name"], "<none>", "train"]
+    assert table[2].split()[:2] == [train["jobs"][0]["job_id"], "train"]
+    assert table[3].split()[:5] == [prepare["run_name"], "latest", "prepare", "--rows", "42"]
+    assert table[4].split()[0] == job["job_id"]
+    assert all(line.rstrip().endswith("DONE") for line in table[1:5])
+
+
+def test_tour_on_the_host(dstack, project):
+    _tour(dstack, project(HOST_TOUR, VARIABLES))
+
+
+def test_tour_in_docker(dstack, project, busybox_image):
+    root = project(DOCKER_TOUR.format(image=busybox_image), VARIABLES)
+    _tour(dstack, root)
+    info = dstack.run_info(root, last_run(dstack, root)["run_name"])
+    assert info["jobs"][0]["image_digest"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_exit_code_and_reason_of_a_failed_job(dstack, project, busybox_image, image):
+    wf = f"""\
+    workflows:
+      - name: fail
+        {"image: " + busybox_image if image else "help: fails"}
+        commands:
+          - echo before
+          - exit 3
+          - echo never
+    """
+    root = project(wf)
+    r = dstack("run", "fail", cwd=root)
+    assert r.returncode == 3
+    assert "before" in r.stdout and "never" not in r.stdout
+    assert "FAILED" in r.stderr and "exited with code 3" in r.stderr
+    run = last_run(dstack, root)
+    assert run["status"] == "FAILED" and run["jobs"][0]["exit_code"] == 3
+    status = dstack("status", cwd=root, check=True).stdout
+    assert "FAILED (exit 3)" in status
+
+
+def test_logs_keep_carriage_returns(dstack, project):
+    root = project("""\
+    workflows:
+      - name: bar
+        commands:
+          - printf 'progress 1\\rprogress 2\\rdone\\n'
+    """)
+    r = dstack("run", "bar", cwd=root, binary=True)
+    assert r.returncode == 0
+    assert b"progress 1\rprogress 2\rdone" in r.stdout
+    name = last_run(dstack, root)["run_name"]
+    assert b"progress 1\rprogress 2\rdone" in dstack("logs", name, cwd=root, check=True, binary=True).stdout
+
+
+def test_detach_then_logs_follow(dstack, project):
+    root = project("""\
+    workflows:
+      - name: slow
+        commands:
+          - echo start
+          - sleep 1
+          - echo end
+    """)
+    r = dstack("run", "slow", "-d", cwd=root, check=True)
+    name = re.search(r"Run (\S+)", r.stderr).group(1)
+    r = dstack("logs", name, "-f", cwd=root)
+    assert r.returncode == 0 and "start" in r.stdout and "end" in r.stdout
+    assert dstack.run_info(root, name)["status"] == "DONE"
+
+
+def test_variables_reach_the_job_with_their_types(dstack, project):
+    root = project("""\
+    workflows:
+      - name: vars
+        commands:
+          - echo "lr=$LR epochs=$EPOCHS name=${{ run_name }} args=$variables_as_args"
+    """, """\
+    variables:
+      vars:
+        lr: 0.01
+        epochs: 3
+    """)
+    r = dstack("run", "vars", "--epochs", "5", cwd=root, check=True)
+    name = last_run(dstack, root)["run_name"]
+    assert f"lr=0.01 epochs=5 name={name} args=--lr 0.01 --epochs 5" in r.stdout
+    assert last_run(dstack, root)["variables"] == {"lr": 0.01, "epochs": 5}
+
+
+def test_init_writes_an_example_that_runs(dstack, tmp_path):
+    r = dstack("init", cwd=tmp_path, check=True)
+    assert "wrote .dstack/workflows.yaml" in r.stdout
+    assert "kept" in dstack("init", cwd=tmp_path, check=True).stdout
+    assert dstack("run", "prepare", cwd=tmp_path).returncode == 0

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import pytest
+
+from dstack.config import yaml_positions
+from dstack.config.yaml_positions import load_file, load_text
+from dstack.core.errors import ConfigError
+
+TEXT = """\
+workflows:
+  - name: train
+    commands:
+      - python train.py
+    resources:
+      gpu: 2
+"""
+
+
+def test_every_value_and_key_has_its_one_based_position():
+    located = load_text(TEXT, "w.yaml")
+    assert located.data == {
+        "workflows": [{"name": "train", "commands": ["python train.py"], "resources": {"gpu": 2}}]
+    }
+    assert located.positions[("workflows", 0, "name")] == (2, 11)
+    assert located.key_positions[("workflows", 0, "name")] == (2, 5)
+    assert located.positions[("workflows", 0, "commands", 0)] == (4, 9)
+    assert located.positions[("workflows", 0, "resources", "gpu")] == (6, 12)
+
+
+def test_position_of_an_unwritten_path_is_its_closest_written_ancestor():
+    located = load_text(TEXT, "w.yaml")
+    assert located.where(("workflows", 0, "resources", "gpu", "count")) == (6, 12)
+    assert located.where(("workflows", 0, "image")) == (2, 5)  # the workflow's mapping
+
+
+def test_error_points_at_the_key_when_asked():
+    err = load_text(TEXT, "w.yaml").error(("workflows", 0, "resources", "gpu"), "bad", key=True)
+    assert (err.file, err.line, err.column) == ("w.yaml", 6, 7)
+    assert err.location == "w.yaml:6:7"
+
+
+def test_values_keep_their_yaml_types():
+    data = load_text("a: 4\nb: '4'\nc: true\nd: 1.5\ne: null\n", "f").data
+    assert data == {"a": 4, "b": "4", "c": True, "d": 1.5, "e": None}
+    assert isinstance(data["a"], int) and isinstance(data["b"], str)
+
+
+def test_empty_file_is_none():
+    assert load_text("", "f").data is None
+    assert load_text("# only a comment\n", "f").data is None
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        ("a: [1, 2\nb: 3\n", 2, 2),  # unclosed flow sequence
+        ("a: 1\n b: 2\n", 2, 3),  # bad indentation
+        ("a: 'unterminated\n", 2, 1),
+    ],
+)
+def test_malformed_yaml_is_a_config_error_with_file_line_column(text, line, column):
+    with pytest.raises(ConfigError) as info:
+        load_text(text, ".dstack/workflows.yaml")
+    err = info.value
+    assert err.message.startswith("malformed YAML")
+    assert (err.file, err.line, err.column) == (".dstack/workflows.yaml", line, column)
+    assert err.exit_code == 2
+
+
+def test_tab_indentation_gets_a_hint():
+    with pytest.raises(ConfigError) as info:
+        load_text("a:\n\t- b\n", "f")
+    assert info.value.hint == "indent with spaces, not tabs"
+    assert info.value.location == "f:2:1"
+
+
+def test_duplicate_key_is_rejected_at_the_second_one():
+    with pytest.raises(ConfigError, match="duplicate key 'a'") as info:
+        load_text("a: 1\nb: 2\na: 3\n", "f")
+    assert info.value.location == "f:3:1"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("base: &b {x: 1}\nother:\n  <<: *b\n", "merge keys"),
+        ("? [1, 2]\n: 3\n", "a key must be a plain value"),
+        ("a: !!python/object:os.system x\n", "malformed YAML"),
+        ("a: &x [1, *x]\n", "refers to a value that contains it"),
+        ("a: &x {b: *x}\n", "refers to a value that contains it"),
+    ],
+)
+def test_unsupported_yaml_is_a_config_error(text, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_text(text, "f")
+    assert info.value.line is not None
+
+
+def test_aliases_expand_to_copies():
+    data = load_text("a: &x {b: 1}\nc: *x\n", "f").data
+    assert data == {"a": {"b": 1}, "c": {"b": 1}}
+
+
+def test_exponential_alias_expansion_is_refused(monkeypatch):
+    monkeypatch.setattr(yaml_positions, "_MAX_VALUES", 1000)
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for prev, cur in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{cur}: &{cur} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    with pytest.raises(ConfigError, match="more than"):
+        load_text("\n".join(lines) + "\n", "f")
+
+
+def test_missing_and_non_utf8_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_file(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"a: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8") as info:
+        load_file(bad, display=".dstack/bad.yaml")
+    assert info.value.file == ".dstack/bad.yaml"
