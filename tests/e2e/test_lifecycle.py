@@ -122,16 +122,29 @@ def test_ctrl_c_in_a_terminal_asks_and_can_detach(dstack, project):
     dstack("stop", name, "--abort", cwd=root, check=True)
 
 
-def test_a_killed_runner_fails_its_job_within_the_timeout(tmp_path, project):
+@pytest.mark.parametrize("image", [False, True])
+def test_a_killed_runner_fails_its_job_within_the_timeout(tmp_path, project, busybox_image, docker_client, image):
     """Its own server: the runner timeout is 3 s here (DSTACK_RUNNER_TIMEOUT)."""
     d = Dstack(tmp_path / "home", env={"DSTACK_RUNNER_TIMEOUT": "3"})
     try:
+        if image:
+            root = project(SLEEPY.format(image=f"image: {busybox_image}", sleep="sleep 300"))
+            name = _submit(d, root, "sleepy")
+            info = d.wait_status(root, name, {"RUNNING"})
+            runner, job_id = info["jobs"][0]["runner"], info["jobs"][0]["job_id"]
+            _kill_runner(runner)
+            info = d.wait_status(root, name, {"FAILED"}, timeout=3 + 7)
+            assert f"runner {runner} stopped responding" in info["jobs"][0]["reason"]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and docker_client.containers.list(filters={"name": f"dstack-{job_id}"}):
+                time.sleep(0.2)
+            assert not docker_client.containers.list(all=True, filters={"name": f"dstack-{job_id}"})
+            return
         root = project(SLEEPY.format(image="", sleep="echo $$ > /tmp/dstack-e2e-$JOB_ID.pid; sleep 300"))
         name = _submit(d, root, "sleepy")
         info = d.wait_status(root, name, {"RUNNING"})
         runner, job_id = info["jobs"][0]["runner"], info["jobs"][0]["job_id"]
-        pid = int(subprocess.check_output(["pgrep", "-f", f"dstack.runner.main start .*--name {runner}"]).split()[0])
-        os.kill(pid, signal.SIGKILL)
+        _kill_runner(runner)
         t = time.monotonic()
         info = d.wait_status(root, name, {"FAILED"}, timeout=3 + 7)
         assert time.monotonic() - t < 10
@@ -183,3 +196,8 @@ def test_run_with_tag_tags_the_run_once_it_is_done(dstack, project):
     assert dstack.run_info(root, done["run_name"])["tags"] == []
     r = dstack("run", "a", "-t", "bad tag", cwd=root)
     assert r.returncode == 2 and "not a tag name" in r.stderr
+
+
+def _kill_runner(name: str) -> None:
+    pid = int(subprocess.check_output(["pgrep", "-f", f"dstack.runner.main start .*--name {name}"]).split()[0])
+    os.kill(pid, signal.SIGKILL)

@@ -166,3 +166,31 @@ def test_init_writes_an_example_that_runs(dstack, tmp_path):
     assert "wrote .dstack/workflows.yaml" in r.stdout
     assert "kept" in dstack("init", cwd=tmp_path, check=True).stdout
     assert dstack("run", "prepare", cwd=tmp_path).returncode == 0
+
+
+def test_ports_are_picked_exported_and_printed(dstack, project):
+    root = project("""\
+    workflows:
+      - name: app
+        ports: 2
+        commands:
+          - echo "ports $PORT_0 $PORT_1"
+          - sleep 1
+    """)
+    r = dstack("run", "app", cwd=root, check=True)
+    first, second = re.search(r"ports (\d+) (\d+)", r.stdout).groups()
+    assert first != second
+    assert f"PORT_0: http://127.0.0.1:{first}" in r.stderr and f"PORT_1: http://127.0.0.1:{second}" in r.stderr
+    assert last_run(dstack, root)["jobs"][0]["ports"] == [int(first), int(second)]
+
+
+def test_an_artifact_the_job_never_created_is_reported_in_its_logs(dstack, project):
+    root = project("""\
+    workflows:
+      - name: lazy
+        commands: [echo nothing]
+        artifacts: [model]
+    """)
+    r = dstack("run", "lazy", cwd=root, check=True)
+    assert "dstack: artifact 'model' was not created by the job" in r.stdout
+    assert last_run(dstack, root)["jobs"][0]["artifacts"] == [{"path": "model", "files": 0, "size": 0}]

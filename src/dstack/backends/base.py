@@ -36,3 +36,6 @@ class Backend(Protocol):
     def terminate(self, instance_id: str) -> None: ...
 
     def list(self) -> list[Instance]: ...
+
+    def release_jobs(self, job_ids: list[str]) -> None:
+        """The runners of these jobs were lost: make sure nothing of the jobs runs on."""

@@ -57,6 +57,14 @@ class LocalBackend:
                 del self._procs[iid]
         return [inst for _, inst in self._procs.values()]
 
+    def release_jobs(self, job_ids: list[str]) -> None:
+        """Jobs whose runner died: their containers (if any) must not run on."""
+        if not job_ids or not self._resources.docker:
+            return
+        from dstack.runner.executors.docker import remove_orphans
+
+        remove_orphans()
+
     def shutdown(self, grace: float = 10.0) -> None:
         procs = [p for p, _ in self._procs.values() if p.poll() is None]
         for p in procs:

@@ -35,6 +35,7 @@ def follow_run(client: Client, run: Run) -> int:
     offsets = {j.job_id: 0 for j in run.jobs}
     finished: set[str] = set()
     stopping: str | None = None
+    announced: set[str] = set()
     while len(finished) < len(offsets):
         try:
             for job_id in offsets:
@@ -44,6 +45,9 @@ def follow_run(client: Client, run: Run) -> int:
                 if data:
                     out.write(data)
                     out.flush()
+                if status == JobStatus.RUNNING and job_id not in announced:
+                    announced.add(job_id)
+                    _announce_ports(client.job(job_id))
                 if status.finished:
                     finished.add(job_id)
         except KeyboardInterrupt:
@@ -68,6 +72,13 @@ def follow_run(client: Client, run: Run) -> int:
     if final.tags:
         sys.stderr.write(f"Tagged {', '.join(f'{final.workflow}:{t}' for t in final.tags)}\n")
     return next((c for c in (exit_code_of(j) for j in jobs) if c), 0)
+
+
+def _announce_ports(job: Job) -> None:
+    """Where the job's ports (PORT_0, ...) can be reached; apps must bind 0.0.0.0 or the runner's host."""
+    host = job.hostname or "127.0.0.1"
+    for i, port in enumerate(job.ports):
+        sys.stderr.write(f"PORT_{i}: http://{host}:{port}\n")
 
 
 def _summary(run_name: str, jobs: list[Job]) -> None:

@@ -20,7 +20,7 @@ from dstack.config.yaml_positions import Located, load_file
 from dstack.core.errors import ConfigError, did_you_mean
 from dstack.core.models import DependencySpec, JobSpec
 from dstack.core.names import job_id as new_job_id
-from dstack.providers.base import get_provider
+from dstack.providers.base import get_provider, relative_path
 
 
 @dataclass
@@ -161,18 +161,40 @@ def _known_keys(model: type, loc: tuple) -> list[str]:
     return keys
 
 
+DEPENDENCY_KEYS = ["ref", "artifacts", "tag", "workflow"]
+
+
+def _dependency_artifacts(value: Any, entry: WorkflowEntry, path: tuple) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise entry.located.error(path, "'artifacts' of a dependency is a list of artifact paths")
+    try:
+        return [relative_path(a, "artifact") for a in value]
+    except ValueError as e:
+        raise entry.located.error(path, str(e)) from None
+
+
 def _dependencies(raw: list, entry: WorkflowEntry) -> tuple[list[DependencySpec], dict[str, ConfigError]]:
     deps, where = [], {}
     key = next((k for k in ("dependencies", "depends-on", "deps") if k in entry.raw), "dependencies")
     for i, d in enumerate(raw):
         path = entry.path + (key, i)
-        if isinstance(d, str):
+        if isinstance(d, str) and d.strip():
             spec = DependencySpec(ref=d.strip())
         elif isinstance(d, dict) and ("ref" in d or "tag" in d or "workflow" in d):
+            unknown = [k for k in d if k not in DEPENDENCY_KEYS]
+            if unknown:
+                raise entry.located.error(path + (unknown[0],), f"unknown key '{unknown[0]}' in a dependency",
+                                          hint=did_you_mean(str(unknown[0]), DEPENDENCY_KEYS)
+                                          or f"known keys: {', '.join(DEPENDENCY_KEYS)}", key=True)
             ref = d.get("ref") or (f"{d['workflow']}" if "workflow" in d else None)
             if "tag" in d:
                 ref = f"{d.get('workflow', entry.name)}:{d['tag']}" if "workflow" in d else f":{d['tag']}"
-            spec = DependencySpec(ref=str(ref), artifacts=d.get("artifacts"))
+            spec = DependencySpec(ref=str(ref), artifacts=_dependency_artifacts(d.get("artifacts"), entry,
+                                                                                path + ("artifacts",)))
         else:
             raise entry.located.error(path, "a dependency is 'workflow:tag', 'workflow', a run name, "
                                       "or {ref: ..., artifacts: [...]}")
@@ -181,6 +203,14 @@ def _dependencies(raw: list, entry: WorkflowEntry) -> tuple[list[DependencySpec]
         deps.append(spec)
         where[spec.ref] = entry.located.error(path, "")
     return deps, where
+
+
+# variables never exported under these names: a variable `path` must not break the job's PATH
+PROTECTED_ENV = {"PATH", "HOME", "PWD", "SHELL", "USER", "TERM", "HOSTNAME", "LANG"}
+
+
+def _env_name(variable: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in variable).upper()
 
 
 def resolve_workflow(project: Path, name: str, overrides: dict[str, Any], run_name: str) -> ResolvedWorkflow:
@@ -207,7 +237,7 @@ def resolve_workflow(project: Path, name: str, overrides: dict[str, Any], run_na
     except ValidationError as e:
         raise _validation_error(e, entry, provider.Spec) from None
     deps, where = _dependencies(spec.dependencies, entry)
-    env = {k.upper(): as_env_value(v) for k, v in variables.items()}
+    env = {_env_name(k): as_env_value(v) for k, v in variables.items() if _env_name(k) not in PROTECTED_ENV}
     env.update({"RUN_NAME": run_name, "JOB_ID": job_id})
     jobs = provider.create_jobs(spec, env)
     for i, job in enumerate(jobs):

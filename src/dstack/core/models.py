@@ -131,6 +131,8 @@ class Job(BaseModel):
     stop_requested: str | None = None  # "stop" | "abort"
     image_digest: str | None = None
     artifacts: list[dict] = []  # saved artifacts: {path, files, size}
+    ports: list[int] = []
+    hostname: str | None = None  # of the runner, where `ports` can be reached
 
 
 class Run(BaseModel):
@@ -196,6 +198,7 @@ class JobUpdate(BaseModel):
     reason: str | None = None
     image_digest: str | None = None
     artifacts: list[dict] | None = None  # with the final status: what was saved
+    ports: list[int] | None = None  # with RUNNING: the ports the runner picked (PORT_0, ...)
 
 
 class StoreConfig(BaseModel):

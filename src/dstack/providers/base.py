@@ -40,7 +40,7 @@ class WorkflowSpec(BaseModel):
     @field_validator("dependencies", mode="before")
     @classmethod
     def _deps(cls, v: Any) -> Any:
-        return [] if v is None else v
+        return [] if v is None else [v] if isinstance(v, str | dict) else v
 
 
 class CommandsSpec(WorkflowSpec):
@@ -62,7 +62,8 @@ class CommandsSpec(WorkflowSpec):
         if isinstance(v, str):
             return [v]
         if isinstance(v, list):
-            return [str(x) if isinstance(x, int | float | bool) else x for x in v]
+            return [str(x).lower() if isinstance(x, bool) else str(x) if isinstance(x, int | float) else x
+                    for x in v]
         return v
 
     @field_validator("environment", mode="before")

@@ -69,6 +69,11 @@ class Runner:
 
     def serve(self) -> None:
         self.register()
+        if self.resources.docker:
+            from dstack.runner.executors.docker import remove_orphans
+
+            for job_id in remove_orphans():
+                log.info("removed the container of job %s, left by a runner that died", job_id)
         hb = threading.Thread(target=self._heartbeats, daemon=True)
         hb.start()
         idle_since = time.monotonic()
@@ -176,10 +181,11 @@ class Runner:
             self.execution = executor.start(job, root, mounts, job.env, shipper.write)
             if self.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
-        self._status(job, JobStatus.RUNNING, image_digest=self.execution.image_digest)
+        self._status(job, JobStatus.RUNNING, image_digest=self.execution.image_digest,
+                     ports=self.execution.ports or None)
         code = self.execution.wait()
-        shipper.close()
         if self.stop_requested == "abort":
+            shipper.close()
             self._finish(job, JobStatus.ABORTED, exit_code=code, reason="aborted: artifacts were not saved")
             return
         artifacts = []
@@ -187,8 +193,12 @@ class Runner:
             self._status(job, JobStatus.UPLOADING, exit_code=code)
             for path in job.artifacts:
                 src = root / workspace.job_path(job, path)
+                if not src.is_dir():
+                    what = "is not a folder" if src.exists() else "was not created by the job"
+                    shipper.write(f"dstack: artifact '{path}' {what}; saved as an empty folder\r\n".encode())
                 info = store.save_artifact(job.job_id, path, src)
                 artifacts.append(info.model_dump())
+        shipper.close()  # every line of output is on the server before the final status
         if self.stop_requested:
             status, reason = JobStatus.STOPPED, "stopped by the user"
         elif code == 0:

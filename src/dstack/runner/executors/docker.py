@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,8 @@ class DockerExecutor:
                 volumes=volumes,
                 shm_size=f"{shm}m" if shm else None,
                 device_requests=[DeviceRequest(count=gpus, capabilities=[["gpu"]])] if gpus else None,
-                labels={"dstack.job_id": job.job_id, "dstack.run_name": job.run_name},
+                labels={"dstack.job_id": job.job_id, "dstack.run_name": job.run_name,
+                        "dstack.runner_pid": str(os.getpid()), "dstack.boot_id": _boot_id()},
                 name=name,
                 auto_remove=False,
             )
@@ -225,3 +227,42 @@ def _digest(image: Any, name: str) -> str:
 def _api_message(e: Exception) -> str:
     explanation = getattr(e, "explanation", None)
     return str(explanation or e)
+
+
+def _boot_id() -> str:
+    try:
+        return open("/proc/sys/kernel/random/boot_id").read().strip()
+    except OSError:
+        return ""
+
+
+def remove_orphans(client: docker.DockerClient | None = None) -> list[str]:
+    """Remove job containers whose runner died (SIGKILL, crash) on this machine since this boot.
+
+    A container outlives its runner's death; the runner that starts next on the machine cleans up."""
+    try:
+        client = client or docker.from_env()
+        containers = client.containers.list(all=True, filters={"label": "dstack.runner_pid"})
+    except DOCKER_ERRORS:
+        return []
+    removed = []
+    for c in containers:
+        labels = c.labels
+        if labels.get("dstack.boot_id") != _boot_id() or _pid_alive(int(labels.get("dstack.runner_pid", "0"))):
+            continue
+        try:
+            c.remove(force=True)
+            removed.append(labels.get("dstack.job_id", c.name))
+        except DOCKER_ERRORS:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False

@@ -64,7 +64,9 @@ async def autoscale(ctx: Context) -> None:
 async def run_loops(ctx: Context, interval: float = 0.5) -> None:
     while True:
         try:
-            await runners.reap_lost(ctx)
+            lost = await runners.reap_lost(ctx)
+            for backend in ctx.backends if lost else ():
+                await asyncio.to_thread(backend.release_jobs, lost)
             await autoscale(ctx)
         except asyncio.CancelledError:
             raise

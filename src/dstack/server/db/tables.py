@@ -50,6 +50,7 @@ class JobRow(Base):
     image_digest: Mapped[str | None] = mapped_column(String(200), nullable=True)
     spec: Mapped[dict] = mapped_column(JSON)
     saved_artifacts: Mapped[list] = mapped_column(JSON, default=list)
+    ports: Mapped[list] = mapped_column(JSON, default=list)
 
     run: Mapped[RunRow] = relationship(back_populates="jobs")
 

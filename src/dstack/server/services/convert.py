@@ -23,6 +23,7 @@ def job_model(row: JobRow) -> Job:
         stop_requested=row.stop_requested,
         image_digest=row.image_digest,
         artifacts=row.saved_artifacts or [],
+        ports=row.ports or [],
     )
 
 

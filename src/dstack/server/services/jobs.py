@@ -30,6 +30,8 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
             job.reason = upd.reason
         if upd.image_digest:
             job.image_digest = upd.image_digest
+        if upd.ports is not None:
+            job.ports = upd.ports
         if upd.artifacts is not None:
             job.saved_artifacts = upd.artifacts
         if upd.status in FINISHED:

@@ -9,7 +9,7 @@ from dstack.core.errors import Conflict, NotFound
 from dstack.core.models import FINISHED, Job, JobStatus, Run, RunSubmission
 from dstack.core.names import random_base
 from dstack.server.context import Context
-from dstack.server.db.tables import JobRow, RunRow
+from dstack.server.db.tables import JobRow, RunnerRow, RunRow
 from dstack.server.services import dependencies, scheduler, tags
 from dstack.server.services.convert import job_model, run_model
 from dstack.server.services.run_state import now, refresh_run_status
@@ -85,7 +85,11 @@ async def get_job(ctx: Context, job_id: str) -> Job:
         row = await s.get(JobRow, job_id)
         if row is None:
             raise NotFound(f"no job '{job_id}'")
-        return job_model(row)
+        job = job_model(row)
+        runner = await s.get(RunnerRow, row.runner_name) if row.runner_name else None
+        if runner is not None:
+            job.hostname = "127.0.0.1" if runner.backend == "local" else runner.hostname
+        return job
 
 
 async def stop(ctx: Context, repo_id: str | None, ref: str, abort: bool) -> Run:

@@ -61,6 +61,7 @@ def upgrade() -> None:
     sa.Column('image_digest', sa.String(length=200), nullable=True),
     sa.Column('spec', sa.JSON(), nullable=False),
     sa.Column('saved_artifacts', sa.JSON(), nullable=False),
+    sa.Column('ports', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['run_name'], ['runs.name'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('job_id')
     )
