@@ -27,6 +27,7 @@ class Instance:
 
 class Backend(Protocol):
     name: str
+    max_runners: int  # the limit: runners of this backend alive at once
 
     def offers(self) -> list[RunnerResources]:
         """The kinds of runner this backend can create."""

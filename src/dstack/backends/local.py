@@ -18,8 +18,9 @@ from dstack.core.resources import RunnerResources
 class LocalBackend:
     name = "local"
 
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, max_runners: int = 4):
         self.home = Path(home)
+        self.max_runners = max_runners
         self._procs: dict[str, tuple[subprocess.Popen, Instance]] = {}
 
     @cached_property
@@ -29,7 +30,7 @@ class LocalBackend:
         return detect_resources()
 
     def offers(self) -> list[RunnerResources]:
-        return [self._resources]
+        return [self._resources] if self.max_runners > 0 else []
 
     def create(self, offer: RunnerResources, bootstrap: Bootstrap) -> Instance:
         workdir = self.home / bootstrap.runner_name

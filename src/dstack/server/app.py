@@ -27,7 +27,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, settings.db_url)
         engine = make_engine(settings.db_url)
-        local = LocalBackend(settings.runners_dir)
+        local = LocalBackend(settings.runners_dir, settings.max_local_runners)
         ctx = Context(settings=settings, sessions=make_sessionmaker(engine),
                       store=LocalStore(settings.store_dir), backends=[local])
         ensure_dirs(ctx)

@@ -48,7 +48,7 @@ async def autoscale(ctx: Context) -> None:
             if spare > 0:
                 spare -= 1
                 continue
-            if alive >= ctx.settings.max_local_runners:
+            if alive >= backend.max_runners:
                 break
             offer = next((o for o in backend.offers() if not fits(job, o)), None)
             if offer is None:

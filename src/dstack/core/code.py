@@ -1,0 +1,114 @@
+"""A run's code, as the CLI captured it and the runner recreates it: the snapshot that a run records,
+and the tree hash that both sides compute the same way to prove that the runner's copy is exact."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from dstack.core.errors import DstackError
+
+
+class CodeError(DstackError):
+    """The code could not be captured or recreated as recorded."""
+
+
+class CodeSnapshot(BaseModel):
+    """What a run records about its code.
+
+    `git` mode: the runner clones `repo_url`, checks out `commit`, applies the binary diff
+    (`diff_hash`: staged and unstaged changes against `commit`) and extracts the untracked files
+    (`untracked_hash`: a tar of the untracked, not ignored files). `archive` mode: the runner extracts
+    the folder's tar (`archive_hash`); `repo_url`/`branch`/`commit` are then informative only.
+    Blobs are stored by their sha256. `tree_hash` is `tree_hash()` of the resulting tree (the whole git
+    work tree in git mode); `subdir` is where the project lies in it (the job's root)."""
+
+    mode: Literal["git", "archive"]
+    repo_url: str | None = None
+    branch: str | None = None
+    commit: str | None = None
+    dirty: bool = False
+    subdir: str = "."
+    diff_hash: str | None = None
+    untracked_hash: str | None = None
+    archive_hash: str | None = None
+    tree_hash: str
+    files: int = 0
+    size: int = 0  # bytes of regular files in the tree
+
+    def blob_hashes(self) -> list[str]:
+        """The blobs the runner needs, by hash."""
+        return [h for h in (self.diff_hash, self.untracked_hash, self.archive_hash) if h]
+
+
+# --- the tree hash -----------------------------------------------------------------------------------
+
+SYMLINK, FILE, EXECUTABLE = "l", "f", "x"
+
+Entry = tuple[str, str, str]  # (relative posix path, kind, sha256 of the content | symlink target)
+
+
+def blob_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_entry(root: Path, rel: str) -> tuple[Entry, int] | None:
+    """The tree entry of one path and its size in bytes; None for what a tree does not hold
+    (directories, sockets, missing paths)."""
+    path = os.path.join(root, rel)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return (rel, SYMLINK, os.readlink(path)), 0
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return (rel, EXECUTABLE if st.st_mode & stat.S_IXUSR else FILE, digest), st.st_size
+
+
+def tree_digest(entries: Iterable[Entry]) -> str:
+    """sha256 over the sorted entries; each field NUL-terminated (paths and link targets hold no NUL)."""
+    h = hashlib.sha256()
+    for rel, kind, value in sorted(entries):
+        h.update(b"%s\0%s\0%s\0" % (os.fsencode(rel), kind.encode(), os.fsencode(value)))
+    return h.hexdigest()
+
+
+def tree_hash(root: Path, files: Iterable[str]) -> str:
+    """The hash of these files (relative posix paths) of the tree at `root`: path, executable bit,
+    and content (or a symlink's target). Directories, and so empty ones, do not count."""
+    entries = []
+    for rel in files:
+        e = file_entry(root, rel)
+        if e is not None:
+            entries.append(e[0])
+    return tree_digest(entries)
+
+
+def walk_tree(root: Path) -> list[str]:
+    """Every file and symlink under `root` (symlinks are not followed), as sorted relative posix paths;
+    anything named `.git` is skipped, at any depth."""
+    out = []
+    for dirpath, dirs, names in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        keep = []
+        for d in dirs:
+            if d == ".git":
+                continue
+            if os.path.islink(os.path.join(dirpath, d)):
+                out.append(prefix + d)  # a symlink to a directory is a symlink
+            else:
+                keep.append(d)
+        dirs[:] = keep
+        out.extend(prefix + n for n in names if n != ".git")
+    return sorted(out)
