@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import click
@@ -28,13 +27,11 @@ def server(ctx: click.Context, host: str, port: int, log_level: str) -> None:
     from dstack.core.home import dstack_home
 
     token_file = dstack_home() / "server" / "token"
-    click.echo(f"Starting dstack server on http://{host}:{port} (token in {token_file})", err=True)
+    click.echo(f"Starting the dstack server (state in {dstack_home()}; token in {token_file})", err=True)
     cmd = [sys.executable, "-m", "dstack.server.main", "--host", host, "--port", str(port),
            "--log-level", log_level]
-    try:
-        sys.exit(subprocess.call(cmd, env=os.environ))
-    except KeyboardInterrupt:
-        sys.exit(0)
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)  # the server is this process: signals reach it directly
 
 
 @server.command()

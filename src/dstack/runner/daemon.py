@@ -59,13 +59,15 @@ class Runner:
         self.name = info.name
         log.info("registered as %s (%s)", self.name, self.resources.describe())
 
-    def shutdown(self) -> None:
-        """Stop taking jobs; stop the current one (its artifacts are saved); deregister."""
+    def shutdown(self) -> bool:
+        """Stop taking jobs; stop the current one (its artifacts are saved). True when idle."""
         self._stopping.set()
         with self._lock:
             if self.execution is not None:
                 self.stop_requested = self.stop_requested or "stop"
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
+                return False
+            return self.current is None
 
     def serve(self) -> None:
         self.register()

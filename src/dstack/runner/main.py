@@ -55,8 +55,9 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
                     backend=backend, idle_timeout=idle_timeout)
 
     def _term(signum, _frame):
-        logging.getLogger("dstack.runner").info("signal %s: finishing the current job and exiting", signum)
-        runner.shutdown()
+        logging.getLogger("dstack.runner").info("signal %s: stopping the current job (if any) and exiting", signum)
+        if runner.shutdown():
+            raise SystemExit(0)  # idle: interrupt the long poll at once
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)

@@ -72,12 +72,28 @@ async def heartbeat(ctx: Context, name: str, job_id: str | None) -> HeartbeatRep
 
 
 async def deregister(ctx: Context, name: str) -> None:
+    """A runner leaves; a job it took and did not finish fails (it will not come back to it)."""
+    failed = []
     async with ctx.sessions() as s:
         row = await s.get(RunnerRow, name)
         if row is not None:
             row.status, row.job_id = RunnerStatus.TERMINATED.value, None
+            failed = await _fail_jobs_of(s, name, f"runner {name} exited before the job ended")
             await s.commit()
+    for job_id in failed:
+        ctx.signals.notify(f"job:{job_id}")
     ctx.signals.notify("runners")
+
+
+async def _fail_jobs_of(s, runner_name: str, reason: str) -> list[str]:
+    jobs = (await s.scalars(select(JobRow).where(
+        JobRow.runner_name == runner_name, JobRow.status.notin_([x.value for x in FINISHED])))).all()
+    for job in jobs:
+        job.status = JobStatus.FAILED.value
+        job.finished_at = now()
+        job.reason = reason
+        await refresh_run_status(s, job.run_name)
+    return [j.job_id for j in jobs]
 
 
 async def list_runners(ctx: Context, include_gone: bool = False) -> list[RunnerInfo]:
@@ -99,14 +115,8 @@ async def reap_lost(ctx: Context) -> list[str]:
             RunnerRow.last_seen_at < cutoff))).all()
         for r in lost:
             r.status, r.job_id = RunnerStatus.OFFLINE.value, None
-            jobs = (await s.scalars(select(JobRow).where(
-                JobRow.runner_name == r.name, JobRow.status.notin_([x.value for x in FINISHED])))).all()
-            for job in jobs:
-                job.status = JobStatus.FAILED.value
-                job.finished_at = now()
-                job.reason = f"runner {r.name} stopped responding (no heartbeat for {timeout:g}s)"
-                failed.append(job.job_id)
-                await refresh_run_status(s, job.run_name)
+            failed += await _fail_jobs_of(s, r.name, f"runner {r.name} stopped responding "
+                                                     f"(no heartbeat for {timeout:g}s)")
         await s.commit()
     for job_id in failed:
         ctx.signals.notify(f"job:{job_id}")
