@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
-
+from dstack.api.http import HttpClient, Response, TransportError
 from dstack.core.errors import DstackError, error_from_dict
 from dstack.core.models import Job, JobStatus, Run, RunnerInfo, RunSubmission, Tag
 
@@ -13,12 +12,12 @@ from dstack.core.models import Job, JobStatus, Run, RunnerInfo, RunSubmission, T
 class Client:
     def __init__(self, url: str, token: str, timeout: float = 60.0):
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        self.http = HttpClient(self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
 
-    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    def _call(self, method: str, path: str, **kw: Any) -> Response:
         try:
             r = self.http.request(method, path, **kw)
-        except httpx.TransportError as e:
+        except TransportError as e:
             raise DstackError(f"cannot reach the dstack server at {self.url}: {e}",
                               hint="is it running? `dstack server` starts one in the foreground") from None
         if r.status_code >= 400:
@@ -57,7 +56,7 @@ class Client:
     def logs(self, job_id: str, offset: int = 0, wait: float = 0) -> tuple[bytes, int, JobStatus]:
         r = self._call("GET", f"/api/jobs/{job_id}/logs", params={"offset": offset, "wait": wait},
                        timeout=wait + 30)
-        return r.content, int(r.headers["X-Next-Offset"]), JobStatus(r.headers["X-Job-Status"])
+        return r.content, int(r.headers["x-next-offset"]), JobStatus(r.headers["x-job-status"])
 
     # tags
     def tag(self, repo_id: str, run_name: str, tag: str) -> tuple[Tag, str | None]:
@@ -78,7 +77,9 @@ class Client:
 
     # code
     def upload_code(self, digest: str, data: bytes) -> None:
-        r = self.http.head(f"/api/code/{digest}")
-        if r.status_code == 200:
-            return
+        try:
+            if self.http.request("HEAD", f"/api/code/{digest}").status_code == 200:
+                return
+        except TransportError:
+            pass
         self._call("PUT", f"/api/code/{digest}", content=data)

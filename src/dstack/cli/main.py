@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
 
 from dstack import __version__
+
+# pydantic would otherwise scan every installed distribution for plugins on first use (~30 ms)
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 # name -> (module:attribute, one-line help)
 COMMANDS = {

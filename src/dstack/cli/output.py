@@ -52,6 +52,7 @@ def console():
 
 
 def format_overrides(overrides: dict) -> str:
-    from dstack.config.variables import as_env_value
+    def text(v) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
 
-    return " ".join(f"--{k} {as_env_value(v)}" for k, v in overrides.items())
+    return " ".join(f"--{k} {text(v)}" for k, v in overrides.items())

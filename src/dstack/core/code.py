@@ -23,8 +23,9 @@ class CodeSnapshot(BaseModel):
     """What a run records about its code.
 
     `git` mode: the runner clones `repo_url`, checks out `commit`, applies the binary diff
-    (`diff_hash`: staged and unstaged changes against `commit`) and extracts the untracked files
-    (`untracked_hash`: a tar of the untracked, not ignored files). `archive` mode: the runner extracts
+    (`diff_hash`: staged and unstaged changes against `commit`) and extracts over it the files that
+    travel whole (`files_hash`: a tar of the untracked, not ignored files, and of the changed files too
+    large for a diff, which it leaves out). `archive` mode: the runner extracts
     the folder's tar (`archive_hash`); `repo_url`/`branch`/`commit` are then informative only.
     Blobs are stored by their sha256. `tree_hash` is `tree_hash()` of the resulting tree (the whole git
     work tree in git mode); `subdir` is where the project lies in it (the job's root)."""
@@ -36,7 +37,7 @@ class CodeSnapshot(BaseModel):
     dirty: bool = False
     subdir: str = "."
     diff_hash: str | None = None
-    untracked_hash: str | None = None
+    files_hash: str | None = None
     archive_hash: str | None = None
     tree_hash: str
     files: int = 0
@@ -44,13 +45,14 @@ class CodeSnapshot(BaseModel):
 
     def blob_hashes(self) -> list[str]:
         """The blobs the runner needs, by hash."""
-        return [h for h in (self.diff_hash, self.untracked_hash, self.archive_hash) if h]
+        return [h for h in (self.diff_hash, self.files_hash, self.archive_hash) if h]
 
 
 # --- the tree hash -----------------------------------------------------------------------------------
 
 SYMLINK, FILE, EXECUTABLE = "l", "f", "x"
 
+_SMALL = 1 << 20  # read at once; larger files are hashed in chunks
 Entry = tuple[str, str, str]  # (relative posix path, kind, sha256 of the content | symlink target)
 
 
@@ -71,7 +73,10 @@ def file_entry(root: Path, rel: str) -> tuple[Entry, int] | None:
     if not stat.S_ISREG(st.st_mode):
         return None
     with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if st.st_size <= _SMALL:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        else:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     return (rel, EXECUTABLE if st.st_mode & stat.S_IXUSR else FILE, digest), st.st_size
 
 

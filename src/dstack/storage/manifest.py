@@ -1,0 +1,234 @@
+"""An artifact as a manifest: every directory, file and symlink of a saved folder, by relative path.
+
+Files are named by the BLAKE3 hash of their content (the blob that holds it); directories and
+symlinks live only in the manifest. The manifest's own digest (BLAKE3 of its canonical JSON) names
+the artifact. A manifest is only valid when it cannot reach outside its root: paths are relative,
+normalised and free of `..`; every entry's parent is a directory entry of the same manifest (so no
+file is ever written through a symlink); and every symlink resolves inside the root."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+from blake3 import blake3
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from dstack.core.errors import ConfigError
+
+EMPTY_HASH = blake3(b"").hexdigest()
+MAX_SYMLINK_HOPS = 40  # as Linux's ELOOP limit
+_HASH = re.compile(r"[0-9a-f]{64}")
+
+
+class UnsafePath(ConfigError):
+    """A path or a symlink that would reach outside the artifact or the job's folder."""
+
+
+def check_text(text: str, what: str) -> None:
+    if "\0" in text:
+        raise UnsafePath(f"{what} {text!r} contains a NUL byte")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsafePath(
+            f"{what} {text.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8",
+            hint="artifacts hold UTF-8 file names only; rename the file",
+        ) from None
+
+
+def validate_relative_path(path: str, what: str = "path") -> str:
+    """`path` if it is a normalised relative POSIX path (`a/b/c`) that stays below its root.
+
+    Rejected: empty, absolute, `..` anywhere, `.` or empty components (`a//b`, `a/./b`, `a/`), NUL,
+    names that are not UTF-8."""
+    if not isinstance(path, str) or not path:
+        raise UnsafePath(f"{what} is empty")
+    check_text(path, what)
+    if path.startswith("/"):
+        raise UnsafePath(f"{what} '{path}' is absolute", hint="use a path relative to the artifact")
+    for part in path.split("/"):
+        if part == "..":
+            raise UnsafePath(f"{what} '{path}' reaches outside its folder with '..'")
+        if part in ("", "."):
+            raise UnsafePath(f"{what} '{path}' is not normalised (empty or '.' component)")
+    return path
+
+
+def normalize_relative_path(path: str, what: str = "path") -> str:
+    """A user-written relative path (`./data/`, `out//x`) in normal form (`data`, `out/x`); `.` for the
+    folder itself. Absolute paths and `..` are rejected, not resolved."""
+    if not isinstance(path, str) or not path.strip():
+        raise UnsafePath(f"{what} is empty")
+    check_text(path, what)
+    if path.startswith("/"):
+        raise UnsafePath(f"{what} '{path}' is absolute", hint="use a path relative to the job's working folder")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafePath(f"{what} '{path}' reaches outside the job's folder with '..'")
+    return "/".join(parts) or "."
+
+
+def validate_symlink_target(path: str, target: str) -> None:
+    """The target text alone: not empty, not absolute (a saved tree moves), no NUL, UTF-8."""
+    if not target:
+        raise UnsafePath(f"symlink '{path}' has an empty target")
+    check_text(target, f"target of symlink '{path}'")
+    if target.startswith("/"):
+        raise UnsafePath(
+            f"symlink '{path}' points outside the artifact (absolute target '{target}')",
+            hint="artifacts may hold only relative links to their own files; copy the target into the folder",
+        )
+
+
+def check_symlinks(kinds: Mapping[str, str], targets: Mapping[str, str]) -> None:
+    """Raise UnsafePath unless every symlink resolves inside the root.
+
+    `kinds` maps every path of the tree to 'file' | 'dir' | 'symlink', `targets` each symlink to its
+    target. Resolution follows the kernel's: component by component, links expanded where they
+    stand (so `s -> .` then `e -> s/..` escapes, which a lexical check would miss). Components
+    that do not exist are taken lexically, which is stricter than the kernel."""
+    for path, target in targets.items():
+        validate_symlink_target(path, target)
+        base = path.split("/")[:-1]
+        if _escapes(base, target, kinds, targets):
+            raise UnsafePath(
+                f"symlink '{path}' points outside the artifact (target '{target}')",
+                hint="artifacts may hold only links to their own files; copy the target into the folder",
+            )
+
+
+def _escapes(base: list[str], target: str, kinds: Mapping[str, str], targets: Mapping[str, str]) -> bool:
+    stack = list(base)
+    queue = deque(target.split("/"))
+    hops = 0
+    while queue:
+        part = queue.popleft()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                return True
+            stack.pop()
+            continue
+        stack.append(part)
+        here = "/".join(stack)
+        if kinds.get(here) == "symlink":
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS:
+                return False  # ELOOP: the kernel gives up here, nothing is reached
+            stack.pop()
+            link = targets[here]
+            if link.startswith("/"):
+                return True
+            queue.extendleft(reversed(link.split("/")))
+    return False
+
+
+class Entry(BaseModel):
+    """One node of a saved tree. `mode` holds the permission bits (0o777: executable bits kept)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    kind: Literal["file", "dir", "symlink"]
+    mode: int = Field(default=0o644, ge=0, le=0o777)
+    size: int = Field(default=0, ge=0)
+    hash: str | None = None  # BLAKE3 hex of the content, files only
+    target: str | None = None  # symlinks only, relative
+
+    @model_validator(mode="after")
+    def _check(self) -> Entry:
+        validate_relative_path(self.path)
+        if self.kind == "file":
+            if self.hash is None or not _HASH.fullmatch(self.hash):
+                raise ValueError(f"file '{self.path}' needs a BLAKE3 hash (64 lowercase hex digits)")
+            if self.size == 0 and self.hash != EMPTY_HASH:
+                raise ValueError(f"empty file '{self.path}' has the hash of non-empty content")
+        elif self.hash is not None:
+            raise ValueError(f"{self.kind} '{self.path}' cannot have a hash")
+        if self.kind == "symlink":
+            if self.target is None:
+                raise ValueError(f"symlink '{self.path}' needs a target")
+            validate_symlink_target(self.path, self.target)
+        elif self.target is not None:
+            raise ValueError(f"{self.kind} '{self.path}' cannot have a target")
+        if self.kind != "file" and self.size:
+            raise ValueError(f"{self.kind} '{self.path}' cannot have a size")
+        return self
+
+    def canonical(self) -> dict:
+        d: dict = {"path": self.path, "kind": self.kind, "mode": self.mode}
+        if self.kind == "file":
+            d["size"] = self.size
+            d["hash"] = self.hash
+        elif self.kind == "symlink":
+            d["target"] = self.target
+        return d
+
+
+class Manifest(BaseModel):
+    """A saved tree: its entries sorted by path (parents before children). Immutable by convention."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    entries: list[Entry] = Field(default_factory=list)
+
+    _digest: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check(self) -> Manifest:
+        self.entries.sort(key=lambda e: e.path)
+        kinds: dict[str, str] = {}
+        targets: dict[str, str] = {}
+        for e in self.entries:
+            if e.path in kinds:
+                raise UnsafePath(f"manifest lists '{e.path}' twice")
+            parent, sep, _ = e.path.rpartition("/")
+            if sep and kinds.get(parent) != "dir":
+                raise UnsafePath(
+                    f"manifest entry '{e.path}' is not inside a directory of the manifest"
+                    + (" (its parent is a symlink)" if kinds.get(parent) == "symlink" else "")
+                )
+            kinds[e.path] = e.kind
+            if e.kind == "symlink":
+                targets[e.path] = e.target  # type: ignore[assignment]
+        check_symlinks(kinds, targets)
+        return self
+
+    @classmethod
+    def parse(cls, data: bytes | str) -> Manifest:
+        return cls.model_validate_json(data)
+
+    def canonical_json(self) -> bytes:
+        """The bytes that are stored and hashed: compact, keys sorted, UTF-8, no optional nulls."""
+        doc = {"version": self.version, "entries": [e.canonical() for e in self.entries]}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def digest(self) -> str:
+        """BLAKE3 hex of the canonical JSON: the artifact's name in the store."""
+        if self._digest is None:
+            self._digest = blake3(self.canonical_json()).hexdigest()
+        return self._digest
+
+    @property
+    def files(self) -> int:
+        """How many regular files."""
+        return sum(1 for e in self.entries if e.kind == "file")
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the files (apparent size: sparse files count in full)."""
+        return sum(e.size for e in self.entries if e.kind == "file")
+
+    def blobs(self) -> set[str]:
+        """Hashes of the non-empty files: the blobs this manifest needs from the store."""
+        return {e.hash for e in self.entries if e.kind == "file" and e.size}  # type: ignore[misc]
+
+    @classmethod
+    def of(cls, entries: Iterable[Entry]) -> Manifest:
+        return cls(entries=list(entries))
