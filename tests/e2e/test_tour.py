@@ -194,3 +194,30 @@ def test_an_artifact_the_job_never_created_is_reported_in_its_logs(dstack, proje
     r = dstack("run", "lazy", cwd=root, check=True)
     assert "dstack: artifact 'model' was not created by the job" in r.stdout
     assert last_run(dstack, root)["jobs"][0]["artifacts"] == [{"path": "model", "files": 0, "size": 0}]
+
+
+def test_reproduce_reruns_with_the_same_inputs_and_lineage_is_recorded(dstack, project):
+    root = project(HOST_TOUR, VARIABLES)
+    dstack("run", "prepare", "--rows", "7", "-t", "latest", cwd=root, check=True)
+    first = last_run(dstack, root)["run_name"]
+    dstack("run", "train", cwd=root, check=True)
+    train = last_run(dstack, root)["run_name"]
+    dstack("run", "prepare", "--rows", "8", "-t", "latest", cwd=root, check=True)  # the tag moves on
+
+    r = dstack("run", "--reproduce", train, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "rows=7" in r.stdout  # the same prepare run as then, not what `latest` is now
+    again = dstack.run_info(root, last_run(dstack, root)["run_name"])
+    assert again["reproduces"] == train and again["variables"] == dstack.run_info(root, train)["variables"]
+    assert again["dependencies"][0]["run_name"] == first
+    assert again["code"] == dstack.run_info(root, train)["code"]
+
+    used = dstack.run_info(root, first)
+    assert used["used_by"] == sorted([train, again["run_name"]])
+    detail = dstack("status", first, cwd=root, check=True).stdout
+    assert "Used by" in detail and train in detail
+    detail = dstack("status", train, cwd=root, check=True).stdout
+    assert f"prepare:latest -> {first}" in detail and "runner" in detail and "CPU" in detail
+
+    r = dstack("run", "train", "--reproduce", train, cwd=root)
+    assert r.returncode == 2 and "takes no workflow" in r.stderr

@@ -46,6 +46,10 @@ class Client:
         params = {"repo_id": repo_id} if repo_id else {}
         return Run.model_validate(self._call("GET", f"/api/runs/{name}", params=params).json())
 
+    def reproduce(self, repo_id: str | None, name: str) -> Run:
+        params = {"repo_id": repo_id} if repo_id else {}
+        return Run.model_validate(self._call("POST", f"/api/runs/{name}/reproduce", params=params).json())
+
     def stop(self, repo_id: str | None, ref: str, abort: bool = False) -> Run:
         params = {"abort": abort, **({"repo_id": repo_id} if repo_id else {})}
         return Run.model_validate(self._call("POST", f"/api/runs/{ref}/stop", params=params).json())

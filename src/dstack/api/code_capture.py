@@ -1,7 +1,9 @@
 """Code capture: what `dstack run` records of the project's code so that the runner recreates that
-exact tree. A git repo whose HEAD is on a remote is recorded as (remote, branch, commit) plus the binary
-diff of its staged and unstaged changes and a tar of its untracked files; anything else (no git, no
-commits, no remote, a commit not pushed) as a tar of the folder. Both honour .gitignore and .dstackignore.
+exact tree. In a git repo whose HEAD is on a remote: (remote, branch, commit), the binary diff of the
+staged and unstaged changes, and a tar of the untracked files (and of changed files too large for a
+diff). Anything else (no git, no commits, no remote, a commit not pushed): a tar of the files. In a git
+work tree the whole work tree is captured, and `subdir` says where the project lies in it. .gitignore
+and .dstackignore are honoured (.dstackignore only leaves out files that git does not track).
 
 The blobs (diff, tars) are returned by their sha256 for the caller to upload; the snapshot refers to
 them by hash."""
@@ -44,19 +46,26 @@ def _git_env() -> dict[str, str]:
 def capture(project: Path) -> tuple[CodeSnapshot, dict[str, bytes]]:
     """The snapshot of `project`'s code and the blobs it refers to, by hash."""
     project = Path(project).resolve()
-    repo = _read_repo(project)
-    if repo is not None and repo.commit and repo.remote_url:
-        return _capture_git(repo)
-    if repo is not None:
-        files = repo.files_under_project()
-        ignore = _dstackignore(project, files)
-        files = [f for f in files if not ignore.excluded(f)]
-    else:
-        files = _walk(project)
-    data, entries, size = _tar(project, files)
+    try:
+        repo = _read_repo(project)
+        if repo is not None and repo.subdir != "." and not any(
+                f.startswith(repo.prefix) for f in (*repo.tracked, *repo.untracked)):
+            repo = None  # the project's folder is ignored by git: it is a folder of its own
+        if repo is None:
+            root, subdir, files = project, ".", _walk(project)
+        elif repo.commit and repo.remote_url:
+            return _capture_git(repo)
+        else:
+            root, subdir = repo.top, repo.subdir
+            files = sorted(set(repo.tracked + repo.untracked))
+            ignore = _dstackignore(root, files, also=repo.subdir)
+            files = [f for f in files if not ignore.excluded(f)]
+        data, entries, size = _tar(root, files)
+    except OSError as e:
+        raise CodeError(f"cannot read the project's code: {e}") from None
     digest = blob_hash(data)
-    snap = CodeSnapshot(mode="archive", archive_hash=digest, tree_hash=tree_digest(entries), files=len(entries),
-                        size=size)
+    snap = CodeSnapshot(mode="archive", subdir=subdir, archive_hash=digest, tree_hash=tree_digest(entries),
+                        files=len(entries), size=size)
     if repo is not None:  # informative: the code's version as git sees it
         snap.repo_url, snap.branch, snap.commit, snap.dirty = repo.any_remote_url, repo.branch, repo.commit, repo.dirty
     return snap, {digest: data}
@@ -71,7 +80,7 @@ def _capture_git(repo: _Repo) -> tuple[CodeSnapshot, dict[str, bytes]]:
         diff_args = (*_DIFF, ".", *(f":(exclude,literal){p}" for p in heavy))
         diff = _start_git(repo.top, *diff_args)
     try:
-        ignore = _dstackignore(repo.top, repo.tracked + repo.untracked, also=repo.prefix.rstrip("/"))
+        ignore = _dstackignore(repo.top, repo.tracked + repo.untracked, also=repo.subdir)
         whole = [f for f in repo.untracked if not ignore.excluded(f)] + heavy
         entries: list[Entry] = []
         size = 0
@@ -97,7 +106,7 @@ def _capture_git(repo: _Repo) -> tuple[CodeSnapshot, dict[str, bytes]]:
             diff_hash = blob_hash(data)
             blobs[diff_hash] = data
     snap = CodeSnapshot(mode="git", repo_url=repo.remote_url, branch=repo.branch, commit=repo.commit, dirty=repo.dirty,
-                        subdir=repo.prefix.rstrip("/") or ".", diff_hash=diff_hash, files_hash=files_hash,
+                        subdir=repo.subdir, diff_hash=diff_hash, files_hash=files_hash,
                         tree_hash=tree_digest(entries), files=len(entries), size=size)
     return snap, blobs
 
@@ -112,9 +121,9 @@ def _size(path: Path) -> int:
 
 
 # staged and unstaged changes against HEAD, as `git apply` reads them whatever the user's diff settings
-_DIFF = ("-c", "core.compression=1", "-c", "diff.noprefix=false", "-c", "diff.mnemonicPrefix=false", "-c", "diff.relative=false",
-         "diff", "--binary", "--no-ext-diff", "--no-textconv", "--no-color", "--ignore-submodules=all",
-         "--src-prefix=a/", "--dst-prefix=b/", "HEAD", "--")
+_DIFF = ("-c", "core.compression=1", "-c", "diff.noprefix=false", "-c", "diff.mnemonicPrefix=false",
+         "-c", "diff.relative=false", "diff", "--binary", "--no-ext-diff", "--no-textconv", "--no-color",
+         "--ignore-submodules=all", "--src-prefix=a/", "--dst-prefix=b/", "HEAD", "--")
 HEAVY = 1 << 20
 
 
@@ -155,12 +164,9 @@ class _Repo:
     remote_url: str | None = None  # of a remote that has HEAD; None: the runner could not fetch it
     any_remote_url: str | None = None
 
-    def files_under_project(self) -> list[str]:
-        """Tracked and untracked files of the project's folder, relative to it."""
-        if not self.prefix:
-            return sorted(set(self.tracked + self.untracked))
-        n = len(self.prefix)
-        return sorted({f[n:] for f in self.tracked + self.untracked if f.startswith(self.prefix)})
+    @property
+    def subdir(self) -> str:
+        return self.prefix.rstrip("/") or "."
 
 
 def _read_repo(project: Path) -> _Repo | None:
@@ -193,7 +199,7 @@ def _read_repo(project: Path) -> _Repo | None:
         out[k] = out[k] if p.returncode == 0 else None
     if out["top"] is None or out["status"] is None or out["tracked"] is None:
         return None  # not in a work tree (or inside .git)
-    top, prefix = (out["top"].decode(errors="surrogateescape").split("\n") + [""])[:2]
+    top, prefix = (os.fsdecode(out["top"]).split("\n") + [""])[:2]
     repo = _Repo(project=project, top=Path(top), prefix=prefix)
     repo.tracked = sorted({os.fsdecode(f) for f in out["tracked"].split(b"\0") if f})
     upstream, ahead = _parse_status(out["status"], repo)
@@ -356,16 +362,17 @@ def _translate(pat: str) -> str:
     while i < n:
         c = pat[i]
         if c == "*":
-            if pat.startswith("**", i) and (i == 0 or pat[i - 1] == "/"):
-                if i + 2 == n:  # trailing "/**": everything inside
-                    out.append(".*")
-                    break
-                if pat[i + 2] == "/":  # "**/": zero or more folders
-                    out.append("(?:.*/)?")
-                    i += 3
-                    continue
+            start = i
             while i < n and pat[i] == "*":
                 i += 1
+            if i - start > 1 and (start == 0 or pat[start - 1] == "/"):  # "**" as a whole segment
+                if i == n:  # trailing "/**": everything inside
+                    out.append(".*")
+                    break
+                if pat[i] == "/":  # "**/": zero or more folders
+                    out.append("(?:.*/)?")
+                    i += 1
+                    continue
             out.append("[^/]*")
             continue
         if c == "?":
@@ -433,9 +440,6 @@ class Ignore:
             self._rules.setdefault(folder, []).extend(rules)
             self._dirs.clear()
 
-    def __bool__(self) -> bool:
-        return bool(self._rules)
-
     def matches(self, rel: str, is_dir: bool) -> bool:
         """Whether the rules ignore `rel` itself (its folders are not looked at)."""
         ignored = False
@@ -476,7 +480,8 @@ def _read_text(path: Path) -> str | None:
 def _dstackignore(root: Path, files: list[str], also: str = "") -> Ignore:
     """The .dstackignore files among these files, and the root's and `also`'s even if git ignores them."""
     ignore = Ignore()
-    folders = {"", also} | {f.rpartition("/")[0] for f in files if f.rpartition("/")[2] == IGNORE_FILE}
+    folders = {"", "" if also == "." else also}
+    folders |= {f.rpartition("/")[0] for f in files if f.rpartition("/")[2] == IGNORE_FILE}
     for folder in sorted(folders):
         text = _read_text(root / folder / IGNORE_FILE)
         if text:

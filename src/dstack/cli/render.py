@@ -50,8 +50,12 @@ def print_run_detail(run: Run) -> None:
                 f"{' (with uncommitted changes)' if code.dirty else ''}")
     elif code.archive_hash:
         c.print(f"[bold]Code[/]         folder archive {code.archive_hash[:12]}")
+    if run.reproduces:
+        c.print(f"[bold]Reproduces[/]   {run.reproduces}")
     for d in run.dependencies:
-        c.print(f"[bold]Dependency[/]   {d.ref} -> {d.run_name} ({d.job_id}): {', '.join(d.artifacts)}")
+        c.print(f"[bold]Input[/]        {d.ref} -> {d.run_name} ({d.job_id}): {', '.join(d.artifacts)}")
+    if run.used_by:
+        c.print(f"[bold]Used by[/]      {', '.join(run.used_by)}")
     for job in run.jobs:
         c.print(f"[bold]Job {job.job_id}[/]")
         spec = job.spec
@@ -59,7 +63,8 @@ def print_run_detail(run: Run) -> None:
             c.print(f"  image        {spec.image}{' @ ' + job.image_digest if job.image_digest else ''}")
         c.print(f"  resources    {spec.requirements.describe()}")
         if job.runner:
-            c.print(f"  runner       {job.runner}")
+            res = f" ({job.runner_resources.describe()})" if job.runner_resources else ""
+            c.print(f"  runner       {job.runner}{res}")
         if job.started_at:
             c.print(f"  started      {job.started_at:%Y-%m-%d %H:%M:%S} UTC")
         if job.finished_at:

@@ -11,12 +11,15 @@ from dstack.core.errors import ConfigError, DstackError, NotFound
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                  "help_option_names": ["-h", "--help"]})
-@click.argument("workflow")
+@click.argument("workflow", required=False)
 @click.option("-d", "--detach", is_flag=True, help="Submit and return; don't stream logs.")
+@click.option("--reproduce", "reproduce", metavar="RUN", default=None,
+              help="Re-run RUN exactly: its code, variables, image digest and dependency artifacts.")
 @click.option("-t", "--tag", default=None, help="Tag the run as TAG once it is DONE (moves an existing tag).")
 @click.option("--json", "as_json", is_flag=True, help="Print the submitted run as JSON (implies --detach).")
 @click.pass_context
-def run(ctx: click.Context, workflow: str, detach: bool, tag: str | None, as_json: bool) -> None:
+def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str | None, tag: str | None,
+        as_json: bool) -> None:
     """Run WORKFLOW of .dstack/workflows.yaml.
 
     Variables of .dstack/variables.yaml are overridden as --NAME VALUE (e.g. `dstack run prepare --gpu 4`).
@@ -30,6 +33,14 @@ def run(ctx: click.Context, workflow: str, detach: bool, tag: str | None, as_jso
     from dstack.core.models import RunSubmission
 
     project = find_project()
+    if reproduce:
+        if workflow or ctx.args:
+            raise click.UsageError("--reproduce RUN takes no workflow and no variables: it re-runs RUN as it was")
+        client = connect()
+        submitted = client.reproduce(repo_id(project), reproduce)
+        return _attach(client, submitted, f"reproduces {reproduce}", detach, as_json)
+    if not workflow:
+        raise click.UsageError("which workflow? `dstack run WORKFLOW` (the workflows are in .dstack/workflows.yaml)")
     overrides = parse_cli_args(ctx.args)
     resolve_workflow(project, workflow, overrides, "run-name")  # bad input fails before any server starts
     client = connect()
@@ -44,11 +55,15 @@ def run(ctx: click.Context, workflow: str, detach: bool, tag: str | None, as_jso
         submitted = client.submit(sub)
     except (NotFound, DstackError) as e:
         raise _located(e, resolved.dependency_errors) from None
+    _attach(client, submitted, workflow, detach, as_json)
+
+
+def _attach(client, submitted, what: str, detach: bool, as_json: bool) -> None:
     if as_json:
         click.echo(submitted.model_dump_json(indent=2))
         return
     err = click.get_text_stream("stderr")
-    err.write(f"Run {submitted.run_name} ({workflow}) submitted\n")
+    err.write(f"Run {submitted.run_name} ({what}) submitted\n")
     if detach:
         err.write(f"Follow it with `dstack logs {submitted.run_name} -f`\n")
         return

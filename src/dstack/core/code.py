@@ -72,10 +72,17 @@ def file_entry(root: Path, rel: str) -> tuple[Entry, int] | None:
         return (rel, SYMLINK, os.readlink(path)), 0
     if not stat.S_ISREG(st.st_mode):
         return None
-    with open(path, "rb") as f:
-        if st.st_size <= _SMALL:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        else:
+    if st.st_size <= _SMALL:  # most files: one read, no file object
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            h = hashlib.sha256(os.read(fd, st.st_size + 1))
+            while chunk := os.read(fd, _SMALL):  # it grew meanwhile
+                h.update(chunk)
+        finally:
+            os.close(fd)
+        digest = h.hexdigest()
+    else:
+        with open(path, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
     return (rel, EXECUTABLE if st.st_mode & stat.S_IXUSR else FILE, digest), st.st_size
 

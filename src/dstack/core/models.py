@@ -133,6 +133,7 @@ class Job(BaseModel):
     artifacts: list[dict] = []  # saved artifacts: {path, files, size}
     ports: list[int] = []
     hostname: str | None = None  # of the runner, where `ports` can be reached
+    runner_resources: RunnerResources | None = None  # what the runner that ran it had
 
 
 class Run(BaseModel):
@@ -148,6 +149,8 @@ class Run(BaseModel):
     jobs: list[Job] = []
     code: CodeRef = CodeRef()
     dependencies: list[DependencyRef] = []
+    used_by: list[str] = []  # runs that consumed this run's artifacts
+    reproduces: str | None = None  # the run this one re-ran (`dstack run --reproduce`)
 
 
 class Tag(BaseModel):

@@ -33,23 +33,24 @@ def recreate(snapshot: CodeSnapshot, fetch: Callable[[str], bytes], dest: Path) 
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise CodeError(f"cannot recreate the code in {dest}: the folder is not empty")
+    blobs = {h: _blob(fetch, h) for h in snapshot.blob_hashes()}  # all of them before a long clone
     if snapshot.mode == "git":
         _clone(snapshot, dest)
         if snapshot.diff_hash:
-            _git(dest, "apply", "--binary", "--whitespace=nowarn", "-",
-                 stdin=_blob(fetch, snapshot.diff_hash), what="apply the uncommitted changes")
+            _git(dest, "apply", "--binary", "--whitespace=nowarn", "-", stdin=blobs[snapshot.diff_hash],
+                 what="apply the uncommitted changes")
         if snapshot.files_hash:
-            extract(_blob(fetch, snapshot.files_hash), dest, replace=True)
+            extract(blobs[snapshot.files_hash], dest, replace=True)
     else:
         if not snapshot.archive_hash:
             raise CodeError("the code's snapshot names no archive")
-        extract(_blob(fetch, snapshot.archive_hash), dest)
+        extract(blobs[snapshot.archive_hash], dest)
     files = walk_tree(dest)
     actual = tree_hash(dest, files)
     if actual != snapshot.tree_hash:
         raise CodeError(
-            "the recreated code differs from what was captured: "
-            f"{len(files)} files with tree hash {actual[:12]}, captured {snapshot.files} files with {snapshot.tree_hash[:12]}",
+            f"the recreated code differs from what was captured: {len(files)} files with tree hash "
+            f"{actual[:12]}, captured {snapshot.files} files with tree hash {snapshot.tree_hash[:12]}",
             hint="a .gitattributes filter (e.g. git-lfs), end-of-line conversion or a file changed while "
                  "`dstack run` read it can cause this; commit or stash such changes and run again")
     root = _inside(dest, snapshot.subdir)

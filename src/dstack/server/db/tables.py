@@ -26,6 +26,7 @@ class RunRow(Base):
     dependencies: Mapped[list] = mapped_column(JSON, default=list)
     code: Mapped[dict] = mapped_column(JSON, default=dict)
     tag_when_done: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reproduces: Mapped[str | None] = mapped_column(String(100), nullable=True)
 
     jobs: Mapped[list[JobRow]] = relationship(back_populates="run", order_by="JobRow.submitted_at")
     tags: Mapped[list[TagRow]] = relationship(back_populates="run")
@@ -51,8 +52,21 @@ class JobRow(Base):
     spec: Mapped[dict] = mapped_column(JSON)
     saved_artifacts: Mapped[list] = mapped_column(JSON, default=list)
     ports: Mapped[list] = mapped_column(JSON, default=list)
+    runner_resources: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     run: Mapped[RunRow] = relationship(back_populates="jobs")
+
+
+class InputRow(Base):
+    """Run `run_name` consumed the artifacts of job `job_id` of run `input_run` (its lineage)."""
+
+    __tablename__ = "inputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_name: Mapped[str] = mapped_column(ForeignKey("runs.name", ondelete="CASCADE"), index=True)
+    input_run: Mapped[str] = mapped_column(String(100), index=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    ref: Mapped[str] = mapped_column(String(300))
 
 
 class TagRow(Base):

@@ -31,6 +31,11 @@ async def get_run(name: str, repo_id: str | None = None, ctx: Context = Depends(
     return await runs.get_run(ctx, repo_id, name)
 
 
+@router.post("/runs/{name}/reproduce")
+async def reproduce(name: str, repo_id: str | None = None, ctx: Context = Depends(get_ctx)) -> Run:
+    return await runs.reproduce(ctx, repo_id, name)
+
+
 @router.post("/runs/{name}/stop")
 async def stop(name: str, repo_id: str | None = None, abort: bool = False, ctx: Context = Depends(get_ctx)) -> Run:
     return await runs.stop(ctx, repo_id, name, abort)

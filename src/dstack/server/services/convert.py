@@ -24,6 +24,7 @@ def job_model(row: JobRow) -> Job:
         image_digest=row.image_digest,
         artifacts=row.saved_artifacts or [],
         ports=row.ports or [],
+        runner_resources=row.runner_resources,
     )
 
 
@@ -41,6 +42,7 @@ def run_model(row: RunRow, with_jobs: bool = True) -> Run:
         jobs=[job_model(j) for j in row.jobs] if with_jobs else [],
         code=CodeRef.model_validate(row.code or {}),
         dependencies=row.dependencies or [],
+        reproduces=row.reproduces,
     )
 
 

@@ -6,10 +6,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from dstack.core.errors import Conflict, NotFound
-from dstack.core.models import FINISHED, Job, JobStatus, Run, RunSubmission
+from dstack.core.models import FINISHED, DependencyRef, Job, JobStatus, Run, RunSubmission
+from dstack.core.names import job_id as new_job_id
 from dstack.core.names import random_base
 from dstack.server.context import Context
-from dstack.server.db.tables import JobRow, RunnerRow, RunRow
+from dstack.server.db.tables import InputRow, JobRow, RunnerRow, RunRow
 from dstack.server.services import dependencies, scheduler, tags
 from dstack.server.services.convert import job_model, run_model
 from dstack.server.services.run_state import now, refresh_run_status
@@ -29,27 +30,61 @@ async def submit(ctx: Context, sub: RunSubmission) -> Run:
     for job in sub.jobs:
         await scheduler.check_satisfiable(ctx, job)
     async with ctx.sessions() as s:
-        if await s.get(RunRow, sub.run_name):
-            raise Conflict(f"a run named '{sub.run_name}' exists already", hint="submit again for a new name")
         resolved = await dependencies.resolve(s, sub.repo_id, sub.dependencies)
-        submitted = now()
-        run = RunRow(
-            name=sub.run_name, repo_id=sub.repo_id, workflow=sub.workflow, provider=sub.provider,
-            status=JobStatus.SUBMITTED.value, submitted_at=submitted, variables=sub.variables,
-            overrides=sub.overrides, dependencies=[d.model_dump() for d in resolved],
-            code=sub.code.model_dump(), tag_when_done=sub.tag,
-        )
-        s.add(run)
-        for job in sub.jobs:
-            job.dependencies = resolved
-            job.code = sub.code
-            s.add(JobRow(
-                job_id=job.job_id, run_name=sub.run_name, workflow=sub.workflow,
-                status=JobStatus.SUBMITTED.value, submitted_at=submitted, spec=job.model_dump(mode="json"),
-            ))
+        await _insert(s, sub, resolved)
         await s.commit()
     ctx.signals.notify("jobs")
     return await get_run(ctx, sub.repo_id, sub.run_name)
+
+
+async def reproduce(ctx: Context, repo_id: str | None, name: str) -> Run:
+    """A new run of a past run's exact inputs: its code, variables, image digest and dependencies (the
+    same jobs' artifacts, not what their tags point at now)."""
+    old = await get_run(ctx, repo_id, name)
+    new_name = await reserve_name(ctx)
+    jobs = []
+    for job in old.jobs:
+        spec = job.spec.model_copy(deep=True)
+        spec.job_id, spec.run_name = new_job_id(), new_name
+        spec.env = {**spec.env, "RUN_NAME": new_name, "JOB_ID": spec.job_id}
+        if spec.image and job.image_digest:
+            spec.image = job.image_digest
+        jobs.append(spec)
+    sub = RunSubmission(run_name=new_name, repo_id=old.repo_id, workflow=old.workflow, provider=old.provider,
+                        variables=old.variables, overrides=old.overrides, jobs=jobs, code=old.code)
+    for job in jobs:
+        await scheduler.check_satisfiable(ctx, job)
+    async with ctx.sessions() as s:
+        for dep in old.dependencies:
+            if await s.get(JobRow, dep.job_id) is None:
+                raise Conflict(f"cannot reproduce {old.run_name}: its input {dep.run_name} ({dep.ref}) is gone",
+                               hint="runs that others depend on are kept by `dstack prune` only while tagged")
+        await _insert(s, sub, old.dependencies, reproduces=old.run_name)
+        await s.commit()
+    ctx.signals.notify("jobs")
+    return await get_run(ctx, repo_id, new_name)
+
+
+async def _insert(s, sub: RunSubmission, resolved: list[DependencyRef], reproduces: str | None = None) -> None:
+    if await s.get(RunRow, sub.run_name):
+        raise Conflict(f"a run named '{sub.run_name}' exists already", hint="submit again for a new name")
+    submitted = now()
+    s.add(RunRow(
+        name=sub.run_name, repo_id=sub.repo_id, workflow=sub.workflow, provider=sub.provider,
+        status=JobStatus.SUBMITTED.value, submitted_at=submitted, variables=sub.variables,
+        overrides=sub.overrides, dependencies=[d.model_dump() for d in resolved],
+        code=sub.code.model_dump(), tag_when_done=sub.tag, reproduces=reproduces,
+    ))
+    await s.flush()
+    for dep in resolved:
+        s.add(InputRow(run_name=sub.run_name, input_run=dep.run_name, job_id=dep.job_id, ref=dep.ref))
+    for job in sub.jobs:
+        job.dependencies = resolved
+        job.code = sub.code
+        s.add(JobRow(
+            job_id=job.job_id, run_name=sub.run_name, workflow=sub.workflow,
+            status=JobStatus.SUBMITTED.value, submitted_at=submitted, spec=job.model_dump(mode="json"),
+        ))
 
 
 def _runs_query(repo_id: str | None):
@@ -77,7 +112,10 @@ async def get_run(ctx: Context, repo_id: str | None, name: str) -> Run:
                 row = await s.scalar(_runs_query(repo_id).where(RunRow.name == job.run_name))
         if row is None:
             raise NotFound(f"no run or job named '{name}'", hint="`dstack status` lists runs and their jobs")
-        return run_model(row)
+        run = run_model(row)
+        run.used_by = sorted(set((await s.scalars(select(InputRow.run_name).where(
+            InputRow.input_run == row.name))).all()))
+        return run
 
 
 async def get_job(ctx: Context, job_id: str) -> Job:

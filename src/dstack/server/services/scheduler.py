@@ -76,7 +76,8 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
                 update(JobRow)
                 .where(JobRow.job_id == row.job_id, JobRow.runner_name.is_(None),
                        JobRow.status == JobStatus.SUBMITTED.value)
-                .values(runner_name=runner_name, status=JobStatus.PROVISIONING.value, started_at=now())
+                .values(runner_name=runner_name, status=JobStatus.PROVISIONING.value, started_at=now(),
+                        runner_resources=runner.resources)
             )
             if taken.rowcount != 1:
                 continue

@@ -41,6 +41,7 @@ def upgrade() -> None:
     sa.Column('dependencies', sa.JSON(), nullable=False),
     sa.Column('code', sa.JSON(), nullable=False),
     sa.Column('tag_when_done', sa.String(length=200), nullable=True),
+    sa.Column('reproduces', sa.String(length=100), nullable=True),
     sa.PrimaryKeyConstraint('name')
     )
     with op.batch_alter_table('runs', schema=None) as batch_op:
@@ -62,12 +63,26 @@ def upgrade() -> None:
     sa.Column('spec', sa.JSON(), nullable=False),
     sa.Column('saved_artifacts', sa.JSON(), nullable=False),
     sa.Column('ports', sa.JSON(), nullable=False),
+    sa.Column('runner_resources', sa.JSON(), nullable=True),
     sa.ForeignKeyConstraint(['run_name'], ['runs.name'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('job_id')
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_run_name'), ['run_name'], unique=False)
         batch_op.create_index(batch_op.f('ix_jobs_status'), ['status'], unique=False)
+
+    op.create_table('inputs',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('run_name', sa.String(length=100), nullable=False),
+    sa.Column('input_run', sa.String(length=100), nullable=False),
+    sa.Column('job_id', sa.String(length=32), nullable=False),
+    sa.Column('ref', sa.String(length=300), nullable=False),
+    sa.ForeignKeyConstraint(['run_name'], ['runs.name'], ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id')
+    )
+    with op.batch_alter_table('inputs', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_inputs_run_name'), ['run_name'], unique=False)
+        batch_op.create_index(batch_op.f('ix_inputs_input_run'), ['input_run'], unique=False)
 
     op.create_table('tags',
     sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
@@ -92,6 +107,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_tags_run_name'))
 
     op.drop_table('tags')
+    op.drop_table('inputs')
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_jobs_status'))
         batch_op.drop_index(batch_op.f('ix_jobs_run_name'))
