@@ -19,7 +19,6 @@ import stat
 import subprocess
 import tarfile
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dstack.core.code import (
@@ -31,6 +30,7 @@ from dstack.core.code import (
     Entry,
     blob_hash,
     file_entry,
+    machine_id,
     tree_digest,
 )
 
@@ -52,7 +52,7 @@ def capture(project: Path) -> tuple[CodeSnapshot, dict[str, bytes]]:
                 f.startswith(repo.prefix) for f in (*repo.tracked, *repo.untracked)):
             repo = None  # the project's folder is ignored by git: it is a folder of its own
         if repo is None:
-            root, subdir, files = project, ".", _walk(project)
+            root, subdir, files = project, ".", walk_folder(project)
         elif repo.commit and repo.remote_url:
             return _capture_git(repo)
         else:
@@ -107,7 +107,8 @@ def _capture_git(repo: _Repo) -> tuple[CodeSnapshot, dict[str, bytes]]:
             blobs[diff_hash] = data
     snap = CodeSnapshot(mode="git", repo_url=repo.remote_url, branch=repo.branch, commit=repo.commit, dirty=repo.dirty,
                         subdir=repo.subdir, diff_hash=diff_hash, files_hash=files_hash,
-                        tree_hash=tree_digest(entries), files=len(entries), size=size)
+                        tree_hash=tree_digest(entries), files=len(entries), size=size,
+                        local_repo=str(repo.top), machine_id=machine_id())
     return snap, blobs
 
 
@@ -150,19 +151,20 @@ def _git(cwd: Path, *args: str) -> bytes:
     return _finish_git(_start_git(cwd, *args), args)
 
 
-@dataclass
 class _Repo:
-    project: Path
-    top: Path  # the work tree's root
-    prefix: str  # the project's folder in the work tree: "" or "sub/dir/"
-    commit: str | None = None
-    branch: str | None = None
-    dirty: bool = False
-    changed: list[str] = field(default_factory=list)  # tracked files that differ from HEAD (staged or not)
-    tracked: list[str] = field(default_factory=list)  # in the index, relative to top
-    untracked: list[str] = field(default_factory=list)  # not ignored, relative to top
-    remote_url: str | None = None  # of a remote that has HEAD; None: the runner could not fetch it
-    any_remote_url: str | None = None
+    """What git says of the project's repo (a plain class: a dataclass costs milliseconds to import)."""
+
+    def __init__(self, top: Path, prefix: str) -> None:
+        self.top = top  # the work tree's root
+        self.prefix = prefix  # the project's folder in the work tree: "" or "sub/dir/"
+        self.commit: str | None = None
+        self.branch: str | None = None
+        self.dirty = False
+        self.changed: list[str] = []  # tracked files that differ from HEAD (staged or not), relative to top
+        self.tracked: list[str] = []  # in the index
+        self.untracked: list[str] = []  # not ignored
+        self.remote_url: str | None = None  # of a remote that has HEAD; None: the runner could not fetch it
+        self.any_remote_url: str | None = None
 
     @property
     def subdir(self) -> str:
@@ -200,7 +202,7 @@ def _read_repo(project: Path) -> _Repo | None:
     if out["top"] is None or out["status"] is None or out["tracked"] is None:
         return None  # not in a work tree (or inside .git)
     top, prefix = (os.fsdecode(out["top"]).split("\n") + [""])[:2]
-    repo = _Repo(project=project, top=Path(top), prefix=prefix)
+    repo = _Repo(Path(top), prefix)
     repo.tracked = sorted({os.fsdecode(f) for f in out["tracked"].split(b"\0") if f})
     upstream, ahead = _parse_status(out["status"], repo)
     if repo.commit is None:
@@ -349,11 +351,11 @@ def _maybe_gzip(data: bytes, sample: int = 1 << 16, samples: int = 8) -> bytes:
 # --- ignore files ------------------------------------------------------------------------------------
 
 
-@dataclass
 class _Rule:
-    regex: re.Pattern
-    negate: bool
-    dir_only: bool
+    __slots__ = ("regex", "negate", "dir_only")
+
+    def __init__(self, regex: re.Pattern, negate: bool, dir_only: bool) -> None:
+        self.regex, self.negate, self.dir_only = regex, negate, dir_only
 
 
 def _translate(pat: str) -> str:
@@ -489,7 +491,7 @@ def _dstackignore(root: Path, files: list[str], also: str = "") -> Ignore:
     return ignore
 
 
-def _walk(project: Path) -> list[str]:
+def walk_folder(project: Path) -> list[str]:
     """The folder's files and symlinks, without git: .gitignore and .dstackignore files are honoured
     (a path is left out if either ignores it) and `.git` is always left out."""
     gitignore, dstackignore = Ignore(), Ignore()

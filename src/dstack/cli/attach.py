@@ -36,6 +36,7 @@ def follow_run(client: Client, run: Run) -> int:
     finished: set[str] = set()
     stopping: str | None = None
     announced: set[str] = set()
+    with_ports = {j.job_id: j.spec.ports if j.spec else 0 for j in run.jobs}
     while len(finished) < len(offsets):
         try:
             for job_id in offsets:
@@ -47,7 +48,8 @@ def follow_run(client: Client, run: Run) -> int:
                     out.flush()
                 if status == JobStatus.RUNNING and job_id not in announced:
                     announced.add(job_id)
-                    _announce_ports(client.job(job_id))
+                    if with_ports.get(job_id):
+                        _announce_ports(client.job(job_id))
                 if status.finished:
                     finished.add(job_id)
         except KeyboardInterrupt:

@@ -73,22 +73,37 @@ def cli() -> None:
 def main() -> None:
     from dstack.core.errors import DstackError
 
+    code = 0
     try:
         cli.main(standalone_mode=False, prog_name="dstack")
     except DstackError as e:
         from dstack.cli.output import print_error
 
         print_error(e)
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except click.Abort:
-        sys.exit(130)
+        code = 130
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit now: flushing is all that is left to do, and a normal interpreter shutdown (GC of every module)
+    costs ~0.1 s on each command."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # `dstack status | head`
+        pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -41,16 +41,6 @@ STATUS_STYLE = {
 }
 
 
-def console():
-    import shutil
-
-    from rich.console import Console
-
-    # piped: wide enough never to cut a cell; a terminal: its own width
-    width = None if sys.stdout.isatty() else max(shutil.get_terminal_size((200, 24)).columns, 200)
-    return Console(highlight=False, soft_wrap=False, width=width)
-
-
 def format_overrides(overrides: dict) -> str:
     def text(v) -> str:
         return str(v).lower() if isinstance(v, bool) else str(v)

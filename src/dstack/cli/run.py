@@ -26,8 +26,9 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
     Attached by default: logs are streamed and the exit code is the job's. Ctrl-C asks whether to
     stop the run or detach from it.
     """
+    from dstack.api.code_capture import capture
     from dstack.api.embedded import connect
-    from dstack.api.repo import find_project, pack_code, repo_id
+    from dstack.api.repo import find_project, repo_id
     from dstack.config.variables import parse_cli_args
     from dstack.config.workflows import resolve_workflow
     from dstack.core.models import RunSubmission
@@ -46,8 +47,9 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
     client = connect()
     run_name = client.reserve_name()
     resolved = resolve_workflow(project, workflow, overrides, run_name)
-    digest, archive, code = pack_code(project)
-    client.upload_code(digest, archive)
+    code, blobs = capture(project)
+    for digest, data in blobs.items():
+        client.upload_code(digest, data)
     sub = RunSubmission(run_name=run_name, repo_id=repo_id(project), workflow=workflow, provider=resolved.provider,
                         variables=resolved.variables, overrides=overrides, dependencies=resolved.dependencies,
                         jobs=resolved.jobs, code=code, tag=tag)

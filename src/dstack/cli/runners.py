@@ -22,14 +22,9 @@ def runners(show_all: bool, as_json: bool) -> None:
         click.echo("No runners. The local backend starts one when a job waits; "
                    "`dstack-runner start --server URL --token TOKEN` adds your own.")
         return
-    from rich.table import Table
+    from dstack.cli.output import ago
+    from dstack.cli.table import print_table
 
-    from dstack.cli.output import ago, console
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for c in ("RUNNER", "HOST", "BACKEND", "RESOURCES", "STATUS", "JOB", "UPDATED"):
-        table.add_column(c, no_wrap=True)
-    for r in found:
-        table.add_row(r.name, r.hostname, r.backend or "self-hosted", r.resources.describe(), r.status.value,
-                      r.job_id or "", ago(r.last_seen_at))
-    console().print(table)
+    print_table(("RUNNER", "HOST", "BACKEND", "RESOURCES", "STATUS", "JOB", "UPDATED"),
+                [(r.name, r.hostname, r.backend or "self-hosted", r.resources.describe(), r.status.value,
+                  r.job_id or "", ago(r.last_seen_at)) for r in found])

@@ -46,16 +46,11 @@ def tags(as_json: bool) -> None:
 
         click.echo(json.dumps([t.model_dump(mode="json") for t in found], indent=2))
         return
-    from rich.table import Table
-
-    from dstack.cli.output import ago, console
+    from dstack.cli.output import ago
+    from dstack.cli.table import print_table
 
     if not found:
         click.echo("No tags. Tag a DONE run with `dstack tag RUN TAG`.")
         return
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for c in ("TAG", "WORKFLOW", "RUN", "CREATED"):
-        table.add_column(c, no_wrap=True)
-    for t in found:
-        table.add_row(t.name, t.workflow, t.run_name, ago(t.created_at))
-    console().print(table)
+    print_table(("TAG", "WORKFLOW", "RUN", "CREATED"),
+                [(t.name, t.workflow, t.run_name, ago(t.created_at)) for t in found])

@@ -10,8 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
-
+from dstack.core.base import Model
 from dstack.core.errors import DstackError
 
 
@@ -19,16 +18,17 @@ class CodeError(DstackError):
     """The code could not be captured or recreated as recorded."""
 
 
-class CodeSnapshot(BaseModel):
+class CodeSnapshot(Model):
     """What a run records about its code.
 
     `git` mode: the runner clones `repo_url`, checks out `commit`, applies the binary diff
     (`diff_hash`: staged and unstaged changes against `commit`) and extracts over it the files that
     travel whole (`files_hash`: a tar of the untracked, not ignored files, and of the changed files too
-    large for a diff, which it leaves out). `archive` mode: the runner extracts
-    the folder's tar (`archive_hash`); `repo_url`/`branch`/`commit` are then informative only.
-    Blobs are stored by their sha256. `tree_hash` is `tree_hash()` of the resulting tree (the whole git
-    work tree in git mode); `subdir` is where the project lies in it (the job's root)."""
+    large for a diff, which it leaves out). `archive` mode: the runner extracts the tar of the files
+    (`archive_hash`); `repo_url`/`branch`/`commit` are then informative only. Blobs are stored by their
+    sha256. The tree is the whole git work tree when the project lies in one, else the project's folder;
+    `subdir` is where the project lies in it (the job's root). `tree_hash` is `tree_hash()` of that tree,
+    `files` and `size` its number of files and symlinks and its bytes."""
 
     mode: Literal["git", "archive"]
     repo_url: str | None = None
@@ -41,7 +41,11 @@ class CodeSnapshot(BaseModel):
     archive_hash: str | None = None
     tree_hash: str
     files: int = 0
-    size: int = 0  # bytes of regular files in the tree
+    size: int = 0
+    # where the repository lies on the machine that captured it: a runner on that same machine clones
+    # from there (fast, and no network or credentials needed) instead of from `repo_url`
+    local_repo: str | None = None
+    machine_id: str | None = None
 
     def blob_hashes(self) -> list[str]:
         """The blobs the runner needs, by hash."""
@@ -124,3 +128,15 @@ def walk_tree(root: Path) -> list[str]:
         dirs[:] = keep
         out.extend(prefix + n for n in names if n != ".git")
     return sorted(out)
+
+
+def machine_id() -> str | None:
+    """This machine's identity (systemd's machine-id, else the boot id), to tell "the same machine"."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return None

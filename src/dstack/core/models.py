@@ -6,8 +6,8 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
-
+from dstack.core.base import Model
+from dstack.core.code import CodeSnapshot
 from dstack.core.resources import Requirements, RunnerResources
 
 
@@ -54,17 +54,7 @@ def run_status(job_statuses: list[JobStatus]) -> JobStatus:
     return min(job_statuses, key=_RUN_ORDER.index)
 
 
-class CodeRef(BaseModel):
-    """Where the job's code comes from: an archive in the artifact store, by hash."""
-
-    archive_hash: str | None = None
-    repo_url: str | None = None
-    branch: str | None = None
-    commit: str | None = None
-    dirty: bool = False
-
-
-class DependencySpec(BaseModel):
+class DependencySpec(Model):
     """A dependency as written: `workflow:tag`, `workflow` (its latest DONE run) or a run name,
     optionally narrowed to some of its artifacts."""
 
@@ -72,7 +62,7 @@ class DependencySpec(BaseModel):
     artifacts: list[str] | None = None
 
 
-class DependencyRef(BaseModel):
+class DependencyRef(Model):
     """A resolved dependency: a finished job's saved artifacts."""
 
     ref: str  # as written: prepare:latest, prepare, lazy-bobcat-1
@@ -81,7 +71,7 @@ class DependencyRef(BaseModel):
     artifacts: list[str]
 
 
-class JobSpec(BaseModel):
+class JobSpec(Model):
     """Everything a runner needs to execute one job. Produced by a provider, completed by the server."""
 
     job_id: str = ""
@@ -96,11 +86,11 @@ class JobSpec(BaseModel):
     ports: int = 0
     requirements: Requirements = Requirements()
     dependencies: list[DependencyRef] = []
-    code: CodeRef = CodeRef()
+    code: CodeSnapshot | None = None
     master: bool = True
 
 
-class RunSubmission(BaseModel):
+class RunSubmission(Model):
     """POST /api/runs: a workflow resolved by the CLI (variables substituted, jobs made by its
     provider), to be checked, linked to its dependencies and queued by the server."""
 
@@ -112,11 +102,11 @@ class RunSubmission(BaseModel):
     overrides: dict[str, Any] = {}
     dependencies: list[DependencySpec] = []
     jobs: list[JobSpec]
-    code: CodeRef = CodeRef()
+    code: CodeSnapshot | None = None
     tag: str | None = None  # tag the run with this once it is DONE
 
 
-class Job(BaseModel):
+class Job(Model):
     job_id: str
     run_name: str
     workflow: str
@@ -127,7 +117,7 @@ class Job(BaseModel):
     runner: str | None = None
     exit_code: int | None = None
     reason: str | None = None
-    spec: JobSpec
+    spec: JobSpec | None = None  # left out of listings
     stop_requested: str | None = None  # "stop" | "abort"
     image_digest: str | None = None
     artifacts: list[dict] = []  # saved artifacts: {path, files, size}
@@ -136,7 +126,7 @@ class Job(BaseModel):
     runner_resources: RunnerResources | None = None  # what the runner that ran it had
 
 
-class Run(BaseModel):
+class Run(Model):
     run_name: str
     repo_id: str
     workflow: str
@@ -147,13 +137,13 @@ class Run(BaseModel):
     overrides: dict[str, Any] = {}
     tags: list[str] = []
     jobs: list[Job] = []
-    code: CodeRef = CodeRef()
+    code: CodeSnapshot | None = None
     dependencies: list[DependencyRef] = []
     used_by: list[str] = []  # runs that consumed this run's artifacts
     reproduces: str | None = None  # the run this one re-ran (`dstack run --reproduce`)
 
 
-class Tag(BaseModel):
+class Tag(Model):
     name: str
     repo_id: str
     run_name: str
@@ -168,7 +158,7 @@ class RunnerStatus(enum.StrEnum):
     TERMINATED = "TERMINATED"
 
 
-class RunnerInfo(BaseModel):
+class RunnerInfo(Model):
     name: str
     hostname: str
     backend: str | None = None
@@ -179,23 +169,23 @@ class RunnerInfo(BaseModel):
     job_id: str | None = None
 
 
-class RunnerRegistration(BaseModel):
+class RunnerRegistration(Model):
     hostname: str
     resources: RunnerResources
     backend: str | None = None
     name: str | None = None
 
 
-class Heartbeat(BaseModel):
+class Heartbeat(Model):
     job_id: str | None = None
 
 
-class HeartbeatReply(BaseModel):
+class HeartbeatReply(Model):
     stop: str | None = None  # "stop" | "abort" for the current job
     terminate: bool = False
 
 
-class JobUpdate(BaseModel):
+class JobUpdate(Model):
     status: JobStatus
     exit_code: int | None = None
     reason: str | None = None
@@ -204,7 +194,7 @@ class JobUpdate(BaseModel):
     ports: list[int] | None = None  # with RUNNING: the ports the runner picked (PORT_0, ...)
 
 
-class StoreConfig(BaseModel):
+class StoreConfig(Model):
     """Where a runner saves and reads artifacts."""
 
     type: str = "local"

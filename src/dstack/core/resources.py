@@ -6,7 +6,9 @@ import math
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from dstack.core.base import Model
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|[KMGT])?\s*$", re.IGNORECASE)
 _UNIT_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
@@ -37,12 +39,12 @@ def format_mib(mib: int) -> str:
     return f"{mib}MB"
 
 
-class Gpu(BaseModel):
+class Gpu(Model):
     name: str
     memory_mib: int = 0
 
 
-class GpuRequirement(BaseModel):
+class GpuRequirement(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     count: int = Field(1, ge=0)
@@ -55,7 +57,7 @@ class GpuRequirement(BaseModel):
         return None if v is None else parse_size_mib(v)
 
 
-class Requirements(BaseModel):
+class Requirements(Model):
     """The `resources:` of a workflow, normalised. Accepts the short form `<name>/gpu: N`."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -112,7 +114,7 @@ class Requirements(BaseModel):
         return ", ".join(parts) or "no specific resources"
 
 
-class RunnerResources(BaseModel):
+class RunnerResources(Model):
     cpus: int
     memory_mib: int
     gpus: list[Gpu] = []

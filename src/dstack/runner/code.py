@@ -1,6 +1,6 @@
 """Recreating a run's code on the runner, byte for byte, from its snapshot: a git clone at the recorded
-commit with the diff applied and the untracked files added, or the folder's tar; then the tree hash
-proves that the copy is the one captured."""
+commit with the diff applied and the files that travel whole (untracked, or too large for the diff)
+laid over it, or the tar of the files; then the tree hash proves that the copy is the one captured."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from dstack.core.code import CodeError, CodeSnapshot, blob_hash, tree_hash, walk_tree
+from dstack.core.code import CodeError, CodeSnapshot, blob_hash, machine_id, tree_hash, walk_tree
 
 GIT_TIMEOUT = 600  # a clone may be large
 
@@ -92,8 +92,13 @@ def _git(cwd: Path, *args: str, what: str, stdin: bytes | None = None) -> None:
 def _clone(snapshot: CodeSnapshot, dest: Path) -> None:
     if not (snapshot.repo_url and snapshot.commit):
         raise CodeError("the code's snapshot names no repository or commit")
-    _git(dest, "clone", "--no-checkout", "--quiet", "--", snapshot.repo_url, ".",
-         what=f"clone {snapshot.repo_url}")
+    source = snapshot.repo_url
+    if (snapshot.local_repo and snapshot.machine_id and snapshot.machine_id == machine_id()
+            and (Path(snapshot.local_repo) / ".git").exists()):
+        source = snapshot.local_repo  # the same machine: a local clone (hard links), no network
+    _git(dest, "clone", "--no-checkout", "--quiet", "--", source, ".", what=f"clone {source}")
+    if source != snapshot.repo_url:
+        _git(dest, "remote", "set-url", "origin", snapshot.repo_url, what="set the remote's URL")
     try:
         _git(dest, "checkout", "--quiet", "--detach", snapshot.commit, what=f"check out {snapshot.commit}")
     except CodeError:  # not on a branch any more (e.g. force-pushed away): ask for it by id
@@ -158,9 +163,9 @@ def extract(blob: bytes, dest: Path, replace: bool = False) -> None:
                     if replace:
                         _unlink(dest / rel)
                     fd = os.open(dest / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                    os.fchmod(fd, 0o755 if m.mode & 0o100 else 0o644)  # whatever the umask
                     with os.fdopen(fd, "wb") as f:
                         shutil.copyfileobj(src, f, 1 << 20)
-                    os.chmod(dest / rel, 0o755 if m.mode & 0o100 else 0o644)
                 elif m.issym():
                     links.append((rel, m.linkname))
                 else:

@@ -16,6 +16,7 @@ from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
 from dstack.core.resources import RunnerResources
 from dstack.runner import workspace
 from dstack.runner.client import ServerClient
+from dstack.runner.code import recreate
 from dstack.runner.logs import LogShipper
 from dstack.storage.local import open_store
 
@@ -25,14 +26,6 @@ TAKE_WAIT = 10.0
 STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
 
 
-def executor_for(job: JobSpec):
-    if job.image:
-        from dstack.runner.executors.docker import DockerExecutor
-
-        return DockerExecutor()
-    from dstack.runner.executors.host import HostExecutor
-
-    return HostExecutor()
 
 
 class Runner:
@@ -50,6 +43,28 @@ class Runner:
         self.stop_requested: str | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._executors: dict[bool, object] = {}
+        self._store = None
+
+    def executor_for(self, job: JobSpec):
+        """One executor of each kind per runner (a Docker client is worth keeping)."""
+        kind = bool(job.image)
+        if kind not in self._executors:
+            if kind:
+                from dstack.runner.executors.docker import DockerExecutor
+
+                self._executors[kind] = DockerExecutor()
+            else:
+                from dstack.runner.executors.host import HostExecutor
+
+                self._executors[kind] = HostExecutor()
+        return self._executors[kind]
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = open_store(self.client.store_config())
+        return self._store
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -143,10 +158,10 @@ class Runner:
         from dstack.runner.executors.base import ExecutorError
 
         self.current, self.stop_requested = job, None
-        root = self.workdir / "jobs" / job.job_id
+        folder = self.workdir / "jobs" / job.job_id
         shipper = LogShipper(lambda data: self.client.logs(self.name, job.job_id, data))
         try:
-            self._run(job, root, shipper)
+            self._run(job, folder, shipper)
         except (ExecutorError, workspace.WorkspaceError, DstackError, OSError) as e:
             shipper.close()
             self._finish(job, JobStatus.FAILED, reason=str(e))
@@ -159,7 +174,7 @@ class Runner:
             with self._lock:
                 self.execution = None
             self.current = None
-            workspace.remove(root)
+            workspace.remove(folder)
 
     def _finish(self, job: JobSpec, status: JobStatus, **kw) -> None:
         try:
@@ -167,14 +182,16 @@ class Runner:
         except (httpx.HTTPError, DstackError) as e:
             log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
 
-    def _run(self, job: JobSpec, root: Path, shipper: LogShipper) -> None:
-        store = open_store(self.client.store_config())
-        root.mkdir(parents=True, exist_ok=True)
-        if job.code.archive_hash:
-            workspace.unpack_code(self.client.code(job.code.archive_hash), root)
+    def _run(self, job: JobSpec, folder: Path, shipper: LogShipper) -> None:
+        store = self.store
+        if job.code is not None:
+            root = recreate(job.code, self.client.code, folder / "code")
+        else:
+            root = folder / "code"
+            root.mkdir(parents=True, exist_ok=True)
         (root / job.working_dir).mkdir(parents=True, exist_ok=True)
         mounts = workspace.dependency_mounts(job, store)
-        executor = executor_for(job)
+        executor = self.executor_for(job)
         if self.stop_requested:
             self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,
                          reason="stopped before it started")

@@ -17,6 +17,7 @@ class LogShipper:
         self._buf = bytearray()
         self._cond = threading.Condition()
         self._closed = False
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -38,7 +39,7 @@ class LogShipper:
                 if not self._buf and self._closed:
                     return
             if not self._closed:
-                threading.Event().wait(BATCH_DELAY)
+                self._closing.wait(BATCH_DELAY)  # gather a batch, unless the job just ended
             with self._cond:
                 data = self._take()
             self._deliver(data)
@@ -57,6 +58,7 @@ class LogShipper:
         """Deliver everything written so far, then stop. Safe to call twice."""
         with self._cond:
             self._closed = True
+            self._closing.set()
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join()

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import stat
-import tarfile
 from pathlib import Path
 
 from dstack.core.models import JobSpec
@@ -16,12 +14,6 @@ from dstack.storage.local import LocalStore
 
 class WorkspaceError(Exception):
     pass
-
-
-def unpack_code(archive: bytes, root: Path) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:*") as tar:
-        tar.extractall(root, filter="tar")
 
 
 def job_path(job: JobSpec, path: str) -> str:

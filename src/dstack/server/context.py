@@ -54,10 +54,15 @@ class Signals:
         if ev:
             ev.set()
 
-    async def wait(self, key: str, timeout: float) -> bool:
-        ev = self._events[key]
+    def listen(self, key: str) -> asyncio.Event:
+        """The event the next `notify(key)` sets. Take it BEFORE looking at the state it guards, so that
+        a change between the look and the wait is not missed."""
+        return self._events[key]
+
+    @staticmethod
+    async def wait(event: asyncio.Event, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
+            await asyncio.wait_for(event.wait(), max(timeout, 0))
             return True
         except TimeoutError:
             return False

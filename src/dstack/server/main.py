@@ -39,7 +39,9 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
     sdir.mkdir(parents=True, exist_ok=True)
     token = os.environ.get("DSTACK_SERVER_TOKEN") or load_or_create_token(home)
     db_url = db_url or os.environ.get("DSTACK_DATABASE_URL") or f"sqlite+aiosqlite:///{sdir / 'dstack.db'}"
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only then; without it every response after the
+    # first on a connection waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]

@@ -72,4 +72,4 @@ async def run_loops(ctx: Context, interval: float = 0.5) -> None:
             raise
         except Exception:  # keep the loop alive; the next pass retries
             log.exception("background pass failed")
-        await ctx.signals.wait("jobs", interval)
+        await ctx.signals.wait(ctx.signals.listen("jobs"), interval)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dstack.core.models import CodeRef, Job, JobSpec, JobStatus, Run, RunnerInfo, Tag
+from dstack.core.code import CodeSnapshot
+from dstack.core.models import Job, JobSpec, JobStatus, Run, RunnerInfo, Tag
 from dstack.core.resources import RunnerResources
 from dstack.server.db.tables import JobRow, RunnerRow, RunRow, TagRow
 
 
-def job_model(row: JobRow) -> Job:
+def job_model(row: JobRow, with_spec: bool = True) -> Job:
     return Job(
         job_id=row.job_id,
         run_name=row.run_name,
@@ -19,7 +20,7 @@ def job_model(row: JobRow) -> Job:
         runner=row.runner_name,
         exit_code=row.exit_code,
         reason=row.reason,
-        spec=JobSpec.model_validate(row.spec),
+        spec=JobSpec.model_validate(row.spec) if with_spec else None,
         stop_requested=row.stop_requested,
         image_digest=row.image_digest,
         artifacts=row.saved_artifacts or [],
@@ -28,7 +29,7 @@ def job_model(row: JobRow) -> Job:
     )
 
 
-def run_model(row: RunRow, with_jobs: bool = True) -> Run:
+def run_model(row: RunRow, with_specs: bool = True) -> Run:
     return Run(
         run_name=row.name,
         repo_id=row.repo_id,
@@ -39,8 +40,8 @@ def run_model(row: RunRow, with_jobs: bool = True) -> Run:
         variables=row.variables or {},
         overrides=row.overrides or {},
         tags=sorted(t.name for t in row.tags),
-        jobs=[job_model(j) for j in row.jobs] if with_jobs else [],
-        code=CodeRef.model_validate(row.code or {}),
+        jobs=[job_model(j, with_specs) for j in row.jobs],
+        code=CodeSnapshot.model_validate(row.code) if row.code else None,
         dependencies=row.dependencies or [],
         reproduces=row.reproduces,
     )

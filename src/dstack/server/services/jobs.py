@@ -74,13 +74,14 @@ async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float) -> tupl
     """New log bytes from `offset`; waits up to `wait` s for some, or for the job to finish."""
     deadline = time.monotonic() + wait
     while True:
+        changed = ctx.signals.listen(f"job:{job_id}")
         data = read_logs(ctx, job_id, offset)
         job = await _job(ctx, job_id)
         if data or job.status in FINISHED or time.monotonic() >= deadline:
             if job.status in FINISHED and not data:
                 data = read_logs(ctx, job_id, offset)
             return data, job
-        await ctx.signals.wait(f"job:{job_id}", deadline - time.monotonic())
+        await ctx.signals.wait(changed, deadline - time.monotonic())
 
 
 async def _job(ctx: Context, job_id: str) -> Job:

@@ -73,7 +73,7 @@ async def _insert(s, sub: RunSubmission, resolved: list[DependencyRef], reproduc
         name=sub.run_name, repo_id=sub.repo_id, workflow=sub.workflow, provider=sub.provider,
         status=JobStatus.SUBMITTED.value, submitted_at=submitted, variables=sub.variables,
         overrides=sub.overrides, dependencies=[d.model_dump() for d in resolved],
-        code=sub.code.model_dump(), tag_when_done=sub.tag, reproduces=reproduces,
+        code=sub.code.model_dump() if sub.code else None, tag_when_done=sub.tag, reproduces=reproduces,
     ))
     await s.flush()
     for dep in resolved:
@@ -87,20 +87,23 @@ async def _insert(s, sub: RunSubmission, resolved: list[DependencyRef], reproduc
         ))
 
 
-def _runs_query(repo_id: str | None):
-    q = select(RunRow).options(selectinload(RunRow.jobs), selectinload(RunRow.tags))
+def _runs_query(repo_id: str | None, with_specs: bool = True):
+    jobs = selectinload(RunRow.jobs)
+    if not with_specs:
+        jobs = jobs.defer(JobRow.spec)
+    q = select(RunRow).options(jobs, selectinload(RunRow.tags))
     return q.where(RunRow.repo_id == repo_id) if repo_id else q
 
 
 async def list_runs(ctx: Context, repo_id: str | None, limit: int | None, workflow: str | None = None) -> list[Run]:
-    q = _runs_query(repo_id).order_by(RunRow.submitted_at.desc())
+    q = _runs_query(repo_id, with_specs=False).order_by(RunRow.submitted_at.desc())
     if workflow:
         q = q.where(RunRow.workflow == workflow)
     if limit:
         q = q.limit(limit)
     async with ctx.sessions() as s:
         rows = (await s.scalars(q)).all()
-    return [run_model(r) for r in rows]
+    return [run_model(r, with_specs=False) for r in rows]
 
 
 async def get_run(ctx: Context, repo_id: str | None, name: str) -> Run:

@@ -52,10 +52,11 @@ async def take_job(ctx: Context, runner_name: str, wait: float) -> JobSpec | Non
     """The oldest queued job this runner can run, assigned to it; waits up to `wait` s for one."""
     deadline = time.monotonic() + wait
     while True:
+        queued = ctx.signals.listen("jobs")
         job = await _try_take(ctx, runner_name)
         if job is not None or time.monotonic() >= deadline:
             return job
-        await ctx.signals.wait("jobs", deadline - time.monotonic())
+        await ctx.signals.wait(queued, deadline - time.monotonic())
 
 
 async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
