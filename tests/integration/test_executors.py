@@ -285,6 +285,9 @@ def test_container_uses_host_networking_and_is_removed_after_wait(docker, docker
     assert execution.image_digest == docker_client.images.get(docker.image).id
     execution.stop(grace=1)
     execution.wait()
+    deadline = time.monotonic() + 10  # removed right after the exit code is reported
+    while docker_client.containers.list(all=True, filters={"id": container.id}) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert not docker_client.containers.list(all=True, filters={"id": container.id})
 
 

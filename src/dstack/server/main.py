@@ -44,6 +44,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # clients that come before the server serves wait in the backlog, never refused
     port = sock.getsockname()[1]
     settings = Settings(home=home, db_url=db_url, token=token, host=host, port=port)
     info = sdir / "server.json"

@@ -87,7 +87,8 @@ class DockerExecution:
             self._reader.join(DRAIN_TIMEOUT)
             if self._reader.is_alive():
                 self._output.close()
-            self._remove()
+            # the exit code is known: report it now, remove the container meanwhile
+            threading.Thread(target=self._remove, daemon=True).start()
             self._exit_code = int(status.get("StatusCode", 1))
             return self._exit_code
 
@@ -180,10 +181,8 @@ class DockerExecutor:
             except DOCKER_ERRORS:
                 container.remove(force=True)
                 raise
-            try:  # best effort, as `docker run -t` does: Engine 20.10 starts a tty at 0x0
-                container.resize(height=TERMINAL_ROWS, width=TERMINAL_COLUMNS)
-            except DOCKER_ERRORS:
-                pass
+            # best effort, as `docker run -t` does (Engine 20.10 starts a tty at 0x0); off the critical path
+            threading.Thread(target=_resize, args=(container,), daemon=True).start()
         except DOCKER_ERRORS as e:
             raise ExecutorError(
                 f"could not start the container of job {job.job_id} ({job.image}): {e}"
@@ -266,3 +265,10 @@ def _pid_alive(pid: int) -> bool:
             return f.read().split(") ")[-1][:1] != "Z"
     except OSError:
         return False
+
+
+def _resize(container: Container) -> None:
+    try:
+        container.resize(height=TERMINAL_ROWS, width=TERMINAL_COLUMNS)
+    except DOCKER_ERRORS:
+        pass
