@@ -79,6 +79,28 @@ class Client:
         r = self._call("GET", "/api/runners", params={"all": include_gone})
         return [RunnerInfo.model_validate(x) for x in r.json()]
 
+    # artifacts
+    def artifacts(self, repo_id: str | None, ref: str) -> list[dict]:
+        params = {"repo_id": repo_id} if repo_id else {}
+        return self._call("GET", f"/api/runs/{ref}/artifacts", params=params).json()
+
+    def manifest(self, digest: str):
+        from dstack.core.manifest import Manifest
+
+        return Manifest.parse(self._call("GET", f"/api/manifests/{digest}").content)
+
+    def download_blob(self, digest: str, out, offset: int = 0, on_bytes=None) -> None:
+        try:
+            status = self.http.download(f"/api/blobs/{digest}", out, offset, on_bytes)
+        except TransportError as e:
+            raise DstackError(f"download of blob {digest[:16]} broke: {e}", hint="run the same command again: "
+                              "it resumes where it stopped") from None
+        if status >= 300:
+            raise DstackError(f"the server answered {status} for blob {digest[:16]}")
+
+    def prune(self, repo_id: str, dry_run: bool) -> dict:
+        return self._call("POST", "/api/prune", params={"repo_id": repo_id, "dry_run": dry_run}).json()
+
     # code
     def upload_code(self, digest: str, data: bytes) -> None:
         try:

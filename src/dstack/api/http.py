@@ -110,6 +110,39 @@ class HttpClient:
             self.close()
         return Response(status, resp_headers, data)
 
+    def download(self, path: str, out, offset: int = 0, on_bytes=None, timeout: float | None = None) -> int:
+        """GET `path` into the binary file `out`, from byte `offset` (a Range request, for resuming),
+        in chunks; returns the HTTP status. Plain http only (https: one request, in memory)."""
+        headers = dict(self._headers)
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        if self._https:
+            r = self._send_https("GET", self._prefix + path, headers, None, timeout or self._timeout)
+            if r.status_code < 300:
+                out.write(r.content)
+                if on_bytes:
+                    on_bytes(len(r.content))
+            return r.status_code
+        self.close()  # a fresh connection: the body is read as it comes, then the connection is dropped
+        try:
+            sock = socket.create_connection((self._host, self._port), timeout=timeout or self._timeout)
+            with sock, sock.makefile("rb") as reader:
+                lines = [f"GET {self._prefix + path} HTTP/1.1", f"Host: {self._host}:{self._port}",
+                         "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+                sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+                status = int(reader.readline(65537).decode("latin-1").split(" ", 2)[1])
+                while reader.readline(65537) not in (b"\r\n", b"\n", b""):
+                    pass
+                if status >= 300:
+                    return status
+                while chunk := reader.read(1 << 20):
+                    out.write(chunk)
+                    if on_bytes:
+                        on_bytes(len(chunk))
+                return status
+        except (OSError, ValueError, IndexError) as e:
+            raise TransportError(str(e) or type(e).__name__) from None
+
     def _send_https(self, method: str, url: str, headers: dict, body: bytes | None, timeout: float) -> Response:
         import http.client
 

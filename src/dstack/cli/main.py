@@ -23,6 +23,8 @@ COMMANDS = {
     "tag": ("dstack.cli.tags:tag", "Name a DONE run, e.g. `dstack tag lazy-bobcat-1 latest`."),
     "untag": ("dstack.cli.tags:untag", "Remove a tag (by TAG, WORKFLOW:TAG or RUN)."),
     "tags": ("dstack.cli.tags:tags", "List tags."),
+    "artifacts": ("dstack.cli.artifacts:artifacts", "List, download and compare the artifacts of runs."),
+    "prune": ("dstack.cli.prune:prune", "Delete untagged runs nothing tagged depends on, and unused data."),
     "runners": ("dstack.cli.runners:runners", "List runners: the machines that execute jobs."),
     "server": ("dstack.cli.server:server", "Run the dstack server in the foreground; `server stop` stops it."),
 }

@@ -69,6 +69,7 @@ class DependencyRef(Model):
     run_name: str
     job_id: str
     artifacts: list[str]
+    manifests: dict[str, str] = {}  # artifact path -> manifest digest: exactly what was consumed
 
 
 class JobSpec(Model):

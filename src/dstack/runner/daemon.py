@@ -18,7 +18,8 @@ from dstack.runner import workspace
 from dstack.runner.client import ServerClient
 from dstack.runner.code import recreate
 from dstack.runner.logs import LogShipper
-from dstack.storage.local import open_store
+from dstack.storage.blobstore import LocalBlobStore, open_store
+from dstack.storage.tree import artifact_source, save_tree
 
 log = logging.getLogger("dstack.runner")
 HEARTBEAT_INTERVAL = 1.0
@@ -190,7 +191,11 @@ class Runner:
             root = folder / "code"
             root.mkdir(parents=True, exist_ok=True)
         (root / job.working_dir).mkdir(parents=True, exist_ok=True)
-        mounts = workspace.dependency_mounts(job, store)
+        # dependency trees: next to the store's blobs when it is on this disk (shared by the runners of
+        # this machine, hard links), else in this runner's folder with the blobs it fetched
+        local = isinstance(store, LocalBlobStore)
+        trees = store.root / "trees" if local else self.workdir / "trees"
+        mounts = workspace.dependency_mounts(job, store, trees, self.workdir / "blobs")
         executor = self.executor_for(job)
         if self.stop_requested:
             self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,
@@ -211,12 +216,15 @@ class Runner:
         if job.artifacts:
             self._status(job, JobStatus.UPLOADING, exit_code=code)
             for path in job.artifacts:
-                src = root / workspace.job_path(job, path)
+                src = artifact_source(root / job.working_dir, path)
                 if not src.is_dir():
                     what = "is not a folder" if src.exists() else "was not created by the job"
                     shipper.write(f"dstack: artifact '{path}' {what}; saved as an empty folder\r\n".encode())
-                info = store.save_artifact(job.job_id, path, src)
-                artifacts.append(info.model_dump())
+                    src = folder / "empty"
+                    src.mkdir(exist_ok=True)
+                manifest = save_tree(store, src)
+                artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
+                                  "size": manifest.size})
         shipper.close()  # every line of output is on the server before the final status
         if self.stop_requested:
             status, reason = JobStatus.STOPPED, "stopped by the user"

@@ -7,9 +7,11 @@ import shutil
 import stat
 from pathlib import Path
 
+from dstack.core.errors import NotFound
 from dstack.core.models import JobSpec
 from dstack.runner.executors.base import Mount
-from dstack.storage.local import LocalStore
+from dstack.storage.blobstore import BlobStore
+from dstack.storage.tree import tree_cache
 
 
 class WorkspaceError(Exception):
@@ -21,13 +23,20 @@ def job_path(job: JobSpec, path: str) -> str:
     return os.path.normpath(os.path.join(job.working_dir, path))
 
 
-def dependency_mounts(job: JobSpec, store: LocalStore) -> list[Mount]:
+def dependency_mounts(job: JobSpec, store: BlobStore, trees: Path, cache: Path) -> list[Mount]:
+    """Each dependency artifact as a read-only folder to mount at its path: built once per manifest
+    (hard links to the store's blobs when it is on this disk, else to blobs fetched into `cache`)."""
     mounts = []
     for dep in job.dependencies:
         for path in dep.artifacts:
-            src = store.artifact_dir(dep.job_id, path)
-            if src is None:
-                raise WorkspaceError(f"artifact '{path}' of {dep.run_name} ({dep.ref}) is missing from the store")
+            digest = dep.manifests.get(path)
+            if digest is None:
+                raise WorkspaceError(f"artifact '{path}' of {dep.run_name} ({dep.ref}) has no manifest")
+            try:
+                src = tree_cache(store, digest, trees, cache)
+            except NotFound:
+                raise WorkspaceError(f"artifact '{path}' of {dep.run_name} ({dep.ref}) is missing from the "
+                                     "store (pruned?)") from None
             mounts.append(Mount(source=src, target=job_path(job, path), read_only=True))
     return mounts
 

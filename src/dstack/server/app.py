@@ -16,10 +16,11 @@ from dstack.core.errors import DstackError
 from dstack.server.background.loops import run_loops
 from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
-from dstack.server.routers import code, runners, runs, tags
+from dstack.server.routers import artifacts, code, runners, runs, tags
 from dstack.server.routers.deps import authorized
+from dstack.server.services.code import CodeBlobs
 from dstack.server.services.jobs import ensure_dirs
-from dstack.storage.local import LocalStore
+from dstack.storage.blobstore import open_store
 
 
 def create_app(settings: Settings, on_ready=None) -> FastAPI:
@@ -28,8 +29,8 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
         await asyncio.to_thread(migrate, settings.db_url)
         engine = make_engine(settings.db_url)
         local = LocalBackend(settings.runners_dir, settings.max_local_runners)
-        ctx = Context(settings=settings, sessions=make_sessionmaker(engine),
-                      store=LocalStore(settings.store_dir), backends=[local])
+        ctx = Context(settings=settings, sessions=make_sessionmaker(engine), store=open_store(settings.store_config),
+                      code=CodeBlobs(settings.home / "server" / "code"), backends=[local])
         ensure_dirs(ctx)
         app.state.ctx = ctx
         loops = asyncio.create_task(run_loops(ctx))
@@ -44,7 +45,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
 
     app = FastAPI(title="dstack", version=__version__, lifespan=lifespan, dependencies=[Depends(authorized)],
                   docs_url=None, redoc_url=None, openapi_url=None)
-    for r in (runs.router, runners.router, tags.router, code.router):
+    for r in (runs.router, runners.router, tags.router, code.router, artifacts.router):
         app.include_router(r)
 
     @app.get("/api/healthz", tags=["server"])

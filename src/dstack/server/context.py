@@ -10,7 +10,8 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from dstack.storage.local import LocalStore
+from dstack.server.services.code import CodeBlobs
+from dstack.storage.blobstore import BlobStore
 
 
 @dataclass
@@ -25,6 +26,24 @@ class Settings:
     # local runners exit after this long without a job
     runner_idle_timeout: float = float(os.environ.get("DSTACK_RUNNER_IDLE_TIMEOUT", "300"))
     max_local_runners: int = int(os.environ.get("DSTACK_MAX_LOCAL_RUNNERS", "4"))
+    # while a job runs, prune keeps unreferenced stored data younger than this (it may be a save in flight)
+    gc_grace: float = float(os.environ.get("DSTACK_GC_GRACE", "3600"))
+    # the artifact store: DSTACK_STORE_URL=s3://bucket/prefix?region=...&endpoint_url=..., else a folder
+    store_url: str | None = os.environ.get("DSTACK_STORE_URL")
+
+    @property
+    def store_config(self) -> dict:
+        if not self.store_url:
+            return {"type": "local", "path": str(self.store_dir)}
+        from urllib.parse import parse_qs, urlsplit
+
+        u = urlsplit(self.store_url)
+        if u.scheme != "s3" or not u.netloc:
+            raise ValueError(f"DSTACK_STORE_URL={self.store_url!r}: expected s3://BUCKET[/PREFIX][?region=R"
+                             "&endpoint_url=URL]")
+        q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        return {"type": "s3", "bucket": u.netloc, "prefix": u.path.strip("/"), "region": q.get("region"),
+                "endpoint_url": q.get("endpoint_url")}
 
     @property
     def url(self) -> str:
@@ -72,6 +91,7 @@ class Signals:
 class Context:
     settings: Settings
     sessions: async_sessionmaker[AsyncSession]
-    store: LocalStore
+    store: BlobStore
+    code: CodeBlobs
     signals: Signals = field(default_factory=Signals)
     backends: list = field(default_factory=list)

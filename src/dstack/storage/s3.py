@@ -3,7 +3,8 @@
 Layout under `prefix`: blobs/<h>, manifests/<digest>.json. A PUT (or a completed multipart upload)
 is atomic, so a reader sees a whole object or none; uploads that never complete are aborted by gc.
 Large files go up and down in parts, several at once (boto3's transfer manager); every download is
-verified against its hash before it is renamed into place."""
+verified against its hash before it is renamed into place. Credentials: boto3's usual chain
+(environment, ~/.aws, instance profile)."""
 
 from __future__ import annotations
 
@@ -11,32 +12,35 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from dstack.core.errors import DstackError, NotFound
+from dstack.core.manifest import Manifest
 from dstack.storage.blobstore import (
+    TOUCH_AFTER,
     BlobInfo,
     IntegrityError,
     check_hash,
     hash_bytes,
     hash_fd,
+    ingest_fd,
     parse_manifest,
     write_verified,
 )
-from dstack.storage.manifest import Manifest
 
 MiB = 1 << 20
-TOUCH_AFTER = 600.0  # seconds: `has(touch=True)` rewrites the metadata of blobs older than this
-_MISSING = ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 
 
-def _missing(e: ClientError) -> bool:
-    return str(e.response.get("Error", {}).get("Code")) in _MISSING
+class _Missing(Exception):
+    pass
 
 
 class S3BlobStore:
@@ -46,6 +50,7 @@ class S3BlobStore:
         self.bucket = bucket
         self.prefix = "/".join(p for p in prefix.split("/") if p)
         self._base = f"{self.prefix}/" if self.prefix else ""
+        self.concurrency = 16  # requests in flight for many small objects (each waits on the network)
         self.client = boto3.session.Session().client(
             "s3",
             region_name=region,
@@ -53,7 +58,7 @@ class S3BlobStore:
             config=Config(max_pool_connections=max(32, 4 * max_concurrency),
                           retries={"max_attempts": 5, "mode": "standard"}),
         )
-        self.transfer = TransferConfig(
+        self.transfer = TransferConfig(  # parts of 8 MiB, 8 at once (boto3 grows parts past 10,000)
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
             max_concurrency=max_concurrency,
@@ -69,18 +74,23 @@ class S3BlobStore:
     def _manifest(self, digest: str) -> str:
         return f"{self._base}manifests/{check_hash(digest)}.json"
 
-    def _call(self, what: str, fn: Callable, **kw):
+    @contextmanager
+    def _s3(self, what: str):
+        """S3's errors as ours: _Missing for absent keys, DstackError for everything else."""
         try:
-            return fn(Bucket=self.bucket, **kw)
+            yield
         except ClientError as e:
-            if _missing(e):
-                raise
-            raise DstackError(f"S3 store s3://{self.bucket}/{self.prefix}: {what} failed: {e}") from e
+            if str(e.response.get("Error", {}).get("Code")) in _MISSING:
+                raise _Missing() from None
+            raise DstackError(f"artifact store s3://{self.bucket}/{self.prefix}: {what} failed: {e}") from e
+        except (BotoCoreError, Boto3Error) as e:
+            raise DstackError(f"artifact store s3://{self.bucket}/{self.prefix}: {what} failed: {e}") from e
 
     def _head(self, key: str) -> dict | None:
         try:
-            return self._call("HEAD", self.client.head_object, Key=key)
-        except ClientError:  # only "missing" gets here
+            with self._s3(f"HEAD {key}"):
+                return self.client.head_object(Bucket=self.bucket, Key=key)
+        except _Missing:
             return None
 
     def has(self, h: str, *, touch: bool = False) -> bool:
@@ -90,21 +100,24 @@ class S3BlobStore:
             return False
         if touch and time.time() - head["LastModified"].timestamp() > TOUCH_AFTER:
             # a copy onto itself renews LastModified, which gc's grace period goes by
-            self.client.copy(
-                {"Bucket": self.bucket, "Key": key}, self.bucket, key,
-                ExtraArgs={"MetadataDirective": "REPLACE", "Metadata": {"touched": str(int(time.time()))}},
-                Config=self.transfer,
-            )
+            with self._s3(f"touch {key}"):
+                self.client.copy({"Bucket": self.bucket, "Key": key}, self.bucket, key, Config=self.transfer,
+                                 ExtraArgs={"MetadataDirective": "REPLACE",
+                                            "Metadata": {"touched": str(int(time.time()))}})
         return True
+
+    def ingest(self, fd: int, size: int, check: Callable[[], None] | None = None) -> str:
+        return ingest_fd(self, fd, size, check)  # hash first: an upload costs more than a read
 
     def put_file(self, fd: int, h: str, size: int, check: Callable[[], None] | None = None) -> None:
         key = self._blob(h)
         proc = f"/proc/self/fd/{fd}"
-        if os.path.exists(proc):  # by name, so that parts are read in parallel; same open file
-            self.client.upload_file(proc, self.bucket, key, Config=self.transfer)
-        else:
-            with os.fdopen(os.dup(fd), "rb") as f:
-                self.client.upload_fileobj(f, self.bucket, key, Config=self.transfer)
+        with self._s3(f"upload of {key}"):
+            if os.path.exists(proc):  # by name, so that parts are read in parallel; same open file
+                self.client.upload_file(proc, self.bucket, key, Config=self.transfer)
+            else:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    self.client.upload_fileobj(f, self.bucket, key, Config=self.transfer)
         if check is not None:
             try:
                 check()
@@ -112,10 +125,11 @@ class S3BlobStore:
                 self.client.delete_object(Bucket=self.bucket, Key=key)
                 raise
 
-    def put_bytes(self, data: bytes, h: str) -> None:
-        if hash_bytes(data) != check_hash(h):
+    def put_bytes(self, data: bytes, h: str, *, trusted: bool = False) -> None:
+        if not trusted and hash_bytes(data) != check_hash(h):
             raise IntegrityError(f"data given as blob {h} has another hash")
-        self._call("PUT", self.client.put_object, Key=self._blob(h), Body=data)
+        with self._s3(f"upload of blob {h}"):
+            self.client.put_object(Bucket=self.bucket, Key=self._blob(h), Body=data)
 
     def fetch(self, h: str, dest: Path) -> None:
         key = self._blob(h)
@@ -123,11 +137,10 @@ class S3BlobStore:
         def download(out: int) -> str:
             with os.fdopen(os.dup(out), "wb") as f:
                 try:
-                    self.client.download_fileobj(self.bucket, key, f, Config=self.transfer)
-                except ClientError as e:
-                    if _missing(e):
-                        raise NotFound(f"blob {h} is not in the store {self!r}") from None
-                    raise
+                    with self._s3(f"download of {key}"):
+                        self.client.download_fileobj(self.bucket, key, f, Config=self.transfer)
+                except _Missing:
+                    raise NotFound(f"blob {h} is not in the store {self!r}") from None
             return hash_fd(out, os.fstat(out).st_size)
 
         write_verified(Path(dest), h, download)
@@ -137,77 +150,85 @@ class S3BlobStore:
 
     def put_manifest(self, m: Manifest) -> str:
         digest = m.digest()
-        self._call("PUT", self.client.put_object, Key=self._manifest(digest), Body=m.canonical_json(),
-                   ContentType="application/json")
+        with self._s3(f"upload of manifest {digest}"):  # again if it exists: renews its time for gc
+            self.client.put_object(Bucket=self.bucket, Key=self._manifest(digest), Body=m.canonical_json(),
+                                   ContentType="application/json")
         return digest
 
     def get_manifest(self, digest: str) -> Manifest:
         try:
-            obj = self._call("GET", self.client.get_object, Key=self._manifest(digest))
-        except ClientError:
+            with self._s3(f"download of manifest {digest}"):
+                data = self.client.get_object(Bucket=self.bucket, Key=self._manifest(digest))["Body"].read()
+        except _Missing:
             raise NotFound(f"artifact manifest {digest} is not in the store {self!r}") from None
-        return parse_manifest(obj["Body"].read(), digest)
+        return parse_manifest(data, digest)
 
     def has_manifest(self, digest: str) -> bool:
         return self._head(self._manifest(digest)) is not None
 
-    def _list(self, sub: str) -> Iterator[dict]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._base + sub)
-        for page in pages:
-            yield from page.get("Contents", [])
+    def _list(self, sub: str) -> Iterator[tuple[str, float, int]]:
+        with self._s3(f"listing of {sub}"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                         Prefix=self._base + sub)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"].rsplit("/", 1)[1], obj["LastModified"].timestamp(), obj["Size"]
 
     def iter_blobs(self) -> Iterator[BlobInfo]:
-        for obj in self._list("blobs/"):
-            yield BlobInfo(obj["Key"].rsplit("/", 1)[1], obj["LastModified"].timestamp(), obj["Size"])
+        for name, mtime, size in self._list("blobs/"):
+            yield BlobInfo(name, mtime, size)
 
     def delete_blobs(self, hashes: Iterable[str], *, older_than: float | None = None) -> list[str]:
         hashes = list(hashes)
-        if older_than is not None:  # look again just before deleting: a writer may have touched it
+        if older_than is not None:
+            # look again just before deleting: a save may have touched it since it was listed
             def old(h: str) -> bool:
                 head = self._head(self._blob(h))
                 return head is not None and head["LastModified"].timestamp() < older_than
 
-            with ThreadPoolExecutor(16) as pool:
+            with ThreadPoolExecutor(self.concurrency) as pool:
                 hashes = [h for h, ok in zip(hashes, pool.map(old, hashes), strict=True) if ok]
         for i in range(0, len(hashes), 1000):
             batch = hashes[i:i + 1000]
-            resp = self._call("DELETE", self.client.delete_objects,
-                              Delete={"Objects": [{"Key": self._blob(h)} for h in batch], "Quiet": True})
+            with self._s3("delete of blobs"):
+                resp = self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": self._blob(h)} for h in batch], "Quiet": True})
             if resp.get("Errors"):
-                raise DstackError(f"S3 store {self!r}: could not delete {len(resp['Errors'])} blobs: "
+                raise DstackError(f"artifact store {self!r}: could not delete {len(resp['Errors'])} blobs: "
                                   f"{resp['Errors'][0]}")
         return hashes
 
     def iter_manifests(self) -> Iterator[BlobInfo]:
-        for obj in self._list("manifests/"):
-            name = obj["Key"].rsplit("/", 1)[1]
+        for name, mtime, size in self._list("manifests/"):
             if name.endswith(".json"):
-                yield BlobInfo(name[: -len(".json")], obj["LastModified"].timestamp(), obj["Size"])
+                yield BlobInfo(name[: -len(".json")], mtime, size)
 
     def delete_manifest(self, digest: str) -> None:
-        self._call("DELETE", self.client.delete_object, Key=self._manifest(digest))
+        with self._s3(f"delete of manifest {digest}"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._manifest(digest))
 
     def iter_stale_uploads(self, older_than: float) -> Iterator[BlobInfo]:
-        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._base)
-        for page in pages:
-            for up in page.get("Uploads", []):
-                if up["Initiated"].timestamp() >= older_than:
-                    continue
-                size = 0
-                try:
+        """Multipart uploads under the prefix that never completed (a save killed halfway)."""
+        with self._s3("listing of multipart uploads"):
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                Prefix=self._base)
+            uploads = [up for page in pages for up in page.get("Uploads", [])
+                       if up["Initiated"].timestamp() < older_than]
+        for up in uploads:
+            size = 0
+            try:
+                with self._s3("listing of parts"):
                     for parts in self.client.get_paginator("list_parts").paginate(
                             Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"]):
                         size += sum(p["Size"] for p in parts.get("Parts", []))
-                except ClientError as e:
-                    if not _missing(e):
-                        raise
-                    continue
-                yield BlobInfo(f"{up['UploadId']} {up['Key']}", up["Initiated"].timestamp(), size)
+            except _Missing:
+                continue  # completed or aborted meanwhile
+            yield BlobInfo(f"{up['UploadId']} {up['Key']}", up["Initiated"].timestamp(), size)
 
     def delete_stale_upload(self, name: str) -> None:
         upload_id, _, key = name.partition(" ")
         try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except ClientError as e:
-            if not _missing(e):
-                raise
+            with self._s3(f"abort of the upload of {key}"):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except _Missing:
+            pass

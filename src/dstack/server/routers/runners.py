@@ -60,4 +60,5 @@ async def job_logs(name: str, job_id: str, request: Request, ctx: Context = Depe
 
 @router.get("/store")
 async def store(ctx: Context = Depends(get_ctx)) -> dict:
-    return {"type": "local", "path": str(ctx.store.root)}
+    """Where runners save and read artifacts (S3 credentials come from the runner's own environment)."""
+    return ctx.settings.store_config

@@ -50,11 +50,13 @@ async def resolve(s: AsyncSession, repo_id: str, deps: list[DependencySpec]) -> 
             raise Conflict(f"dependency '{dep.ref}' is run {run.name}, which is {run.status}, not DONE")
         jobs = (await s.scalars(select(JobRow).where(JobRow.run_name == run.name))).all()
         for job in jobs:
-            saved = [a["path"] for a in (job.saved_artifacts or [])]
+            by_path = {a["path"]: a.get("manifest") for a in (job.saved_artifacts or [])}
+            saved = list(by_path)
             wanted = saved if dep.artifacts is None else dep.artifacts
             missing = [a for a in wanted if a not in saved]
             if missing:
                 raise NotFound(f"dependency '{dep.ref}': run {run.name} saved no artifact '{missing[0]}'",
                                hint=f"it saved: {', '.join(saved) or 'nothing'}")
-            out.append(DependencyRef(ref=dep.ref, run_name=run.name, job_id=job.job_id, artifacts=wanted))
+            out.append(DependencyRef(ref=dep.ref, run_name=run.name, job_id=job.job_id, artifacts=wanted,
+                                     manifests={a: by_path[a] for a in wanted if by_path.get(a)}))
     return out

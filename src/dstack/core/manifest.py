@@ -8,7 +8,6 @@ file is ever written through a symlink); and every symlink resolves inside the r
 
 from __future__ import annotations
 
-import json
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -160,15 +159,6 @@ class Entry(BaseModel):
             raise ValueError(f"{self.kind} '{self.path}' cannot have a size")
         return self
 
-    def canonical(self) -> dict:
-        d: dict = {"path": self.path, "kind": self.kind, "mode": self.mode}
-        if self.kind == "file":
-            d["size"] = self.size
-            d["hash"] = self.hash
-        elif self.kind == "symlink":
-            d["target"] = self.target
-        return d
-
 
 class Manifest(BaseModel):
     """A saved tree: its entries sorted by path (parents before children). Immutable by convention."""
@@ -178,10 +168,21 @@ class Manifest(BaseModel):
     version: Literal[1] = 1
     entries: list[Entry] = Field(default_factory=list)
 
-    _digest: str | None = PrivateAttr(default=None)
+    _json: bytes | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> Manifest:
+        self._check_structure()
+        return self
+
+    @classmethod
+    def build(cls, entries: Iterable[Entry]) -> Manifest:
+        """A manifest of entries that are validated already (pydantic would check each one again)."""
+        m = cls.model_construct(version=1, entries=list(entries))
+        m._check_structure()
+        return m
+
+    def _check_structure(self) -> None:
         self.entries.sort(key=lambda e: e.path)
         kinds: dict[str, str] = {}
         targets: dict[str, str] = {}
@@ -198,22 +199,21 @@ class Manifest(BaseModel):
             if e.kind == "symlink":
                 targets[e.path] = e.target  # type: ignore[assignment]
         check_symlinks(kinds, targets)
-        return self
 
     @classmethod
     def parse(cls, data: bytes | str) -> Manifest:
         return cls.model_validate_json(data)
 
     def canonical_json(self) -> bytes:
-        """The bytes that are stored and hashed: compact, keys sorted, UTF-8, no optional nulls."""
-        doc = {"version": self.version, "entries": [e.canonical() for e in self.entries]}
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        """The bytes that are stored and hashed: compact UTF-8 JSON, fields in declaration order,
+        no nulls. (Digests only need to be stable for stored bytes, which are hashed as they are.)"""
+        if self._json is None:
+            self._json = self.model_dump_json(exclude_none=True).encode()
+        return self._json
 
     def digest(self) -> str:
         """BLAKE3 hex of the canonical JSON: the artifact's name in the store."""
-        if self._digest is None:
-            self._digest = blake3(self.canonical_json()).hexdigest()
-        return self._digest
+        return blake3(self.canonical_json()).hexdigest()
 
     @property
     def files(self) -> int:
@@ -229,6 +229,3 @@ class Manifest(BaseModel):
         """Hashes of the non-empty files: the blobs this manifest needs from the store."""
         return {e.hash for e in self.entries if e.kind == "file" and e.size}  # type: ignore[misc]
 
-    @classmethod
-    def of(cls, entries: Iterable[Entry]) -> Manifest:
-        return cls(entries=list(entries))

@@ -1,0 +1,116 @@
+"""`dstack artifacts list|download|diff`: the saved outputs of runs."""
+
+from __future__ import annotations
+
+import click
+
+CTX = {"help_option_names": ["-h", "--help"]}
+
+
+def _client_and_repo():
+    from dstack.api.embedded import connect
+    from dstack.api.repo import find_project, repo_id
+
+    return connect(), repo_id(find_project())
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.group(context_settings=CTX)
+def artifacts() -> None:
+    """The saved outputs (artifacts) of runs: list, download, compare."""
+
+
+@artifacts.command("list", context_settings=CTX)
+@click.argument("run_or_job")
+@click.option("--files", "show_files", is_flag=True, help="List every file of every artifact.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(run_or_job: str, show_files: bool, as_json: bool) -> None:
+    """The artifacts of a run (or of one job): path, files, size, manifest hash."""
+    client, rid = _client_and_repo()
+    found = client.artifacts(rid, run_or_job)
+    if as_json:
+        import json
+
+        if show_files:
+            found = [{**a, "entries": client.manifest(a["manifest"]).model_dump()["entries"]} for a in found]
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo(f"{run_or_job} saved no artifacts.")
+        return
+    from dstack.cli.table import print_table
+
+    print_table(("JOB", "ARTIFACT", "FILES", "SIZE", "HASH"),
+                [(a["job_id"], a["path"], str(a["files"]), _human(a["size"]), a["manifest"][:16]) for a in found])
+    if show_files:
+        for a in found:
+            click.echo(f"\n{a['path']}/")
+            for e in client.manifest(a["manifest"]).entries:
+                if e.kind == "dir":
+                    continue
+                extra = f"-> {e.target}" if e.kind == "symlink" else f"{_human(e.size):>10}  {oct(e.mode)[2:]}"
+                click.echo(f"  {e.path}  {extra}")
+
+
+@artifacts.command(context_settings=CTX)
+@click.argument("run_or_job")
+@click.argument("path", required=False)
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Folder to download into; each artifact lands at OUTPUT/<its path>.")
+def download(run_or_job: str, path: str | None, output: str) -> None:
+    """Download the artifacts of a run or job (or only PATH, an artifact or a file/folder in one).
+
+    Files already there with the right content are skipped, and an interrupted download resumes."""
+    from pathlib import Path
+
+    from dstack.cli.download import download_artifacts
+
+    client, rid = _client_and_repo()
+    found = client.artifacts(rid, run_or_job)
+    if not found:
+        raise click.ClickException(f"{run_or_job} saved no artifacts")
+    download_artifacts(client, found, Path(output), path)
+
+
+@artifacts.command(context_settings=CTX)
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def diff(run_a: str, run_b: str, as_json: bool) -> None:
+    """What changed between the artifacts of RUN_A and RUN_B: files added, removed, changed."""
+    client, rid = _client_and_repo()
+
+    def files(run: str) -> dict[str, tuple]:
+        out = {}
+        for a in client.artifacts(rid, run):
+            for e in client.manifest(a["manifest"]).entries:
+                if e.kind != "dir":
+                    out[f"{a['path']}/{e.path}"] = (e.kind, e.hash or e.target, e.size, e.mode)
+        return out
+
+    a, b = files(run_a), files(run_b)
+    added = sorted(set(b) - set(a))
+    removed = sorted(set(a) - set(b))
+    changed = sorted(p for p in set(a) & set(b) if a[p] != b[p])
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"added": added, "removed": removed, "changed": changed,
+                               "unchanged": len(set(a) & set(b)) - len(changed)}, indent=2))
+        return
+    for p in added:
+        click.echo(f"+ {p}  ({_human(b[p][2])})")
+    for p in removed:
+        click.echo(f"- {p}  ({_human(a[p][2])})")
+    for p in changed:
+        what = "mode" if a[p][:3] == b[p][:3] else f"{_human(a[p][2])} -> {_human(b[p][2])}"
+        click.echo(f"M {p}  ({what})")
+    same = len(set(a) & set(b)) - len(changed)
+    click.echo(f"{len(added)} added, {len(removed)} removed, {len(changed)} changed, {same} unchanged")

@@ -1,0 +1,95 @@
+"""Downloading artifacts: files verified by their hash, skipped when already right, resumed when cut."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from blake3 import blake3
+
+from dstack.api.client import Client
+from dstack.core.errors import DstackError
+from dstack.core.manifest import Entry, validate_relative_path
+
+
+def _hash(path: Path) -> str:
+    h = blake3(max_threads=blake3.AUTO)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _selected(artifact: str, entries: list[Entry], only: str | None) -> list[Entry]:
+    if only is None:
+        return entries
+    only = only.strip("/")
+    if only == artifact:
+        return entries
+    if not only.startswith(artifact + "/"):
+        return []
+    inner = only[len(artifact) + 1:]
+    return [e for e in entries if e.path == inner or e.path.startswith(inner + "/")]
+
+
+def download_artifacts(client: Client, artifacts: list[dict], output: Path, only: str | None) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    plan: list[tuple[Path, Entry]] = []
+    links: list[tuple[Path, Entry]] = []
+    dirs: list[Path] = []
+    for a in artifacts:
+        base = output / validate_relative_path(a["path"], "artifact path") if a["path"] != "." else output
+        for e in _selected(a["path"], client.manifest(a["manifest"]).entries, only):
+            dest = base / e.path
+            if e.kind == "dir":
+                dirs.append(dest)
+            elif e.kind == "symlink":
+                links.append((dest, e))
+            else:
+                plan.append((dest, e))
+    if only is not None and not (plan or links or dirs):
+        names = ", ".join(a["path"] for a in artifacts)
+        raise DstackError(f"nothing at '{only}' in these artifacts", hint=f"artifacts: {names}")
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for dest, e in plan:
+        if dest.exists() and dest.stat().st_size == e.size and _hash(dest) == e.hash:
+            continue  # already there
+        todo.append((dest, e))
+    total = sum(e.size for _, e in todo)
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), transient=False, disable=not todo) as progress:
+        task = progress.add_task(f"{len(todo)} files", total=total)
+        for dest, e in todo:
+            _fetch(client, dest, e, lambda n: progress.advance(task, n))
+    for dest, e in links:
+        if dest.is_symlink() and os.readlink(dest) == e.target:
+            continue
+        if dest.is_symlink() or dest.exists():
+            dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(e.target, dest)
+    skipped = len(plan) - len(todo)
+    print(f"{len(plan)} files in {output}" + (f" ({skipped} already there)" if skipped else ""))
+
+
+def _fetch(client: Client, dest: Path, e: Entry, advance) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".dstack-part")
+    offset = part.stat().st_size if part.exists() else 0
+    if offset > e.size:
+        part.unlink()
+        offset = 0
+    advance(offset)
+    if e.size:
+        with open(part, "ab") as f:
+            client.download_blob(e.hash, f, offset, advance)
+    else:
+        part.touch()
+    if _hash(part) != e.hash:
+        part.unlink()
+        raise DstackError(f"{dest}: the downloaded content does not match its hash", hint="download again")
+    os.chmod(part, e.mode)
+    os.replace(part, dest)

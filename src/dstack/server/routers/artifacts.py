@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import FileResponse
+
+from dstack.server.context import Context
+from dstack.server.routers.deps import get_ctx
+from dstack.server.services import artifacts
+
+router = APIRouter(prefix="/api", tags=["artifacts"])
+
+
+@router.get("/runs/{ref}/artifacts")
+async def list_artifacts(ref: str, repo_id: str | None = None, ctx: Context = Depends(get_ctx)) -> list[dict]:
+    return await artifacts.list_artifacts(ctx, repo_id, ref)
+
+
+@router.get("/manifests/{digest}")
+async def manifest(digest: str, ctx: Context = Depends(get_ctx)) -> Response:
+    return Response(content=await artifacts.manifest_json(ctx, digest), media_type="application/json")
+
+
+@router.get("/blobs/{digest}")
+async def blob(digest: str, ctx: Context = Depends(get_ctx)) -> FileResponse:
+    """A blob's bytes; Range requests resume a download."""
+    return FileResponse(await artifacts.blob_file(ctx, digest), media_type="application/octet-stream")
+
+
+@router.post("/prune")
+async def prune(repo_id: str, dry_run: bool = False, ctx: Context = Depends(get_ctx)) -> dict:
+    return await artifacts.prune(ctx, repo_id, dry_run)

@@ -1,0 +1,164 @@
+"""Artifacts end to end: list, download (resumed), diff, prune; dependencies mounted without copies;
+the S3 store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import boto3
+import pytest
+
+from tests.e2e.conftest import Dstack, last_run
+from tests.integration.s3_server import moto_s3, s3_config  # noqa: F401  (fixtures)
+
+WORKFLOWS = """\
+workflows:
+  - name: make
+    commands:
+      - mkdir -p out/sub empty-dir-holder
+      - head -c 300000 /dev/urandom > out/big.bin
+      - echo "$NOTE" > out/sub/note.txt
+      - printf '#!/bin/sh\\necho run me\\n' > out/tool.sh && chmod +x out/tool.sh
+      - ln -s sub/note.txt out/link
+    artifacts: [out]
+  - name: use
+    {image}
+    dependencies: [make:latest]
+    commands:
+      - ls -i out/big.bin | cut -d' ' -f1
+      - ./out/tool.sh
+      - cat out/link
+"""
+VARIABLES = "variables:\n  make:\n    note: first\n"
+
+
+def _runs(dstack, root):
+    return [r["run_name"] for r in dstack.runs(root)]
+
+
+def test_list_download_resume_and_diff(dstack, project, tmp_path):
+    root = project(WORKFLOWS.format(image=""), VARIABLES)
+    dstack("run", "make", cwd=root, check=True)
+    first = last_run(dstack, root)["run_name"]
+    dstack("run", "make", "--note", "second", cwd=root, check=True)
+    second = last_run(dstack, root)["run_name"]
+
+    listed = json.loads(dstack("artifacts", "list", first, "--json", cwd=root, check=True).stdout)
+    assert [(a["path"], a["files"]) for a in listed] == [("out", 3)]
+    assert len(listed[0]["manifest"]) == 64
+    table = dstack("artifacts", "list", first, "--files", cwd=root, check=True).stdout
+    assert "big.bin" in table and "link  -> sub/note.txt" in table and "755" in table
+
+    out = tmp_path / "dl"
+    r = dstack("artifacts", "download", first, "-o", str(out), cwd=root, check=True)
+    assert "3 files" in r.stdout
+    assert (out / "out" / "sub" / "note.txt").read_text() == "first\n"
+    assert os.readlink(out / "out" / "link") == "sub/note.txt"
+    assert os.access(out / "out" / "tool.sh", os.X_OK)  # executable bits survive
+    big = (out / "out" / "big.bin").read_bytes()
+
+    # resume: a cut download (a partial file) is completed, not restarted; a complete file is skipped
+    (out / "out" / "big.bin").unlink()
+    (out / "out" / "big.bin.dstack-part").write_bytes(big[:100000])
+    r = dstack("artifacts", "download", first, "-o", str(out), cwd=root, check=True)
+    assert "(2 already there)" in r.stdout
+    assert (out / "out" / "big.bin").read_bytes() == big
+    assert not (out / "out" / "big.bin.dstack-part").exists()
+    # a corrupt partial file is detected by its hash, never kept
+    (out / "out" / "big.bin").unlink()
+    (out / "out" / "big.bin.dstack-part").write_bytes(b"x" * 1000)
+    r = dstack("artifacts", "download", first, "-o", str(out), cwd=root)
+    assert r.returncode == 1 and "does not match its hash" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "out" / "big.bin").exists()
+    dstack("artifacts", "download", first, "-o", str(out), cwd=root, check=True)
+    assert (out / "out" / "big.bin").read_bytes() == big
+
+    one = tmp_path / "one"
+    dstack("artifacts", "download", first, "out/sub", "-o", str(one), cwd=root, check=True)
+    assert sorted(p.name for p in one.rglob("*") if p.is_file()) == ["note.txt"]
+    r = dstack("artifacts", "download", first, "nope", "-o", str(one), cwd=root)
+    assert r.returncode == 1 and "nothing at 'nope'" in r.stderr
+
+    diff = json.loads(dstack("artifacts", "diff", first, second, "--json", cwd=root, check=True).stdout)
+    assert diff["changed"] == ["out/big.bin", "out/sub/note.txt"] and diff["added"] == diff["removed"] == []
+    assert diff["unchanged"] == 2  # tool.sh and the link
+    assert "2 changed" in dstack("artifacts", "diff", first, second, cwd=root, check=True).stdout
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_a_dependency_is_mounted_without_copying(dstack, project, busybox_image, image):
+    root = project(WORKFLOWS.format(image=f"image: {busybox_image}" if image else ""), VARIABLES)
+    dstack("run", "make", "-t", "latest", cwd=root, check=True)
+    made = last_run(dstack, root)
+    r = dstack("run", "use", cwd=root)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.replace("\r\n", "\n").splitlines()
+    assert "run me" in lines and "first" in lines
+    # the job's file is the store's blob itself (a hard link), not a copy
+    manifest = json.loads(dstack("artifacts", "list", made["run_name"], "--files", "--json", cwd=root,
+                                 check=True).stdout)[0]
+    blob_hash = next(e["hash"] for e in manifest["entries"] if e["path"] == "big.bin")
+    blob = dstack.home / "storage" / "blobs" / blob_hash[:2] / blob_hash
+    assert int(lines[0]) == os.stat(blob).st_ino
+
+
+def test_prune_keeps_tagged_runs_and_what_they_consumed(dstack, project):
+    root = project(WORKFLOWS.format(image=""), VARIABLES)
+    dstack("run", "make", "-t", "latest", cwd=root, check=True)
+    consumed = last_run(dstack, root)["run_name"]
+    dstack("run", "use", "-t", "keep", cwd=root, check=True)
+    kept = last_run(dstack, root)["run_name"]
+    dstack("untag", "make:latest", cwd=root, check=True)  # `consumed` is kept only as kept's input
+    dstack("run", "make", "--note", "junk", cwd=root, check=True)
+    junk = last_run(dstack, root)["run_name"]
+    blobs_before = sum(1 for _ in (dstack.home / "storage" / "blobs").rglob("*") if _.is_file())
+
+    dry = json.loads(dstack("prune", "--dry-run", "--json", cwd=root, check=True).stdout)
+    assert dry["runs"] == [junk] and dry["manifests"] == 1 and dry["blobs"] == 2
+    assert set(_runs(dstack, root)) == {consumed, kept, junk}  # nothing went
+
+    r = dstack("prune", cwd=root, check=True)
+    assert f"deleted 1 run: {junk}" in r.stdout
+    assert set(_runs(dstack, root)) == {consumed, kept}
+    blobs_after = sum(1 for _ in (dstack.home / "storage" / "blobs").rglob("*") if _.is_file())
+    assert blobs_after == blobs_before - 2  # its random file and its note; the tool script is shared
+    # what remains is whole: the kept run's input can still be reproduced
+    assert dstack("run", "--reproduce", kept, cwd=root).returncode == 0
+
+
+def test_the_tour_with_an_s3_store(tmp_path, project, s3_config):  # noqa: F811
+    env = {"DSTACK_STORE_URL": f"s3://{s3_config['bucket']}/{s3_config['prefix']}?region=us-east-1"
+                               f"&endpoint_url={s3_config['endpoint_url']}",
+           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    d = Dstack(tmp_path / "home", env=env)
+    try:
+        root = project(WORKFLOWS.format(image=""), VARIABLES)
+        d("run", "make", "-t", "latest", cwd=root, check=True)
+        r = d("run", "use", cwd=root)
+        assert r.returncode == 0, r.stderr
+        assert "run me" in r.stdout and "first" in r.stdout
+        s3 = boto3.client("s3", endpoint_url=s3_config["endpoint_url"], region_name="us-east-1")
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_config["bucket"])["Contents"]]
+        assert any("/blobs/" in k for k in keys) and any("/manifests/" in k for k in keys)
+        assert not (d.home / "storage" / "blobs").exists()  # nothing went to the local folder
+        out = tmp_path / "dl"
+        d("artifacts", "download", last_run(d, root)["dependencies"][0]["run_name"], "-o", str(out), cwd=root,
+          check=True)
+        assert (out / "out" / "sub" / "note.txt").read_text() == "first\n"
+    finally:
+        d.stop_server()
+
+
+def test_an_artifact_that_escapes_its_folder_fails_the_job(dstack, project):
+    root = project("""\
+    workflows:
+      - name: sneaky
+        commands:
+          - mkdir -p out && ln -s /etc/passwd out/passwd
+        artifacts: [out]
+    """)
+    r = dstack("run", "sneaky", cwd=root)
+    assert r.returncode == 1
+    assert "points outside the artifact" in r.stderr
+    assert last_run(dstack, root)["jobs"][0]["artifacts"] == []
