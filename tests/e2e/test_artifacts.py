@@ -162,3 +162,14 @@ def test_an_artifact_that_escapes_its_folder_fails_the_job(dstack, project):
     assert r.returncode == 1
     assert "points outside the artifact" in r.stderr
     assert last_run(dstack, root)["jobs"][0]["artifacts"] == []
+
+
+def test_a_dependency_is_never_mounted_through_a_symlink_of_the_code(dstack, project, tmp_path):
+    root = project(WORKFLOWS.format(image=""), VARIABLES)
+    dstack("run", "make", "-t", "latest", cwd=root, check=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "out").symlink_to(outside)  # the code's `out` leads outside the job's folder
+    r = dstack("run", "use", cwd=root)
+    assert r.returncode == 1 and "leads outside the job's folder" in r.stderr
+    assert list(outside.iterdir()) == []

@@ -19,7 +19,8 @@ import pytest
 from dstack.core.errors import NotFound
 from dstack.core.manifest import EMPTY_HASH, Entry, Manifest, UnsafePath
 from dstack.storage import gc
-from dstack.storage.blobstore import IntegrityError, LocalBlobStore, hash_file, open_store
+from dstack.storage.blobstore import LocalBlobStore, open_store
+from dstack.storage.hashing import IntegrityError, hash_file
 from dstack.storage.tree import (
     BlobCache,
     artifact_source,

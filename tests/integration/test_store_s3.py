@@ -16,7 +16,8 @@ from test_store_local import assert_same_tree, blob_count, kill_save_halfway, ma
 from dstack.core.errors import NotFound
 from dstack.core.manifest import UnsafePath
 from dstack.storage import gc
-from dstack.storage.blobstore import IntegrityError, hash_file, open_store
+from dstack.storage.blobstore import open_store
+from dstack.storage.hashing import IntegrityError, hash_file
 from dstack.storage.s3 import S3BlobStore
 from dstack.storage.tree import BlobCache, materialise, save_tree, tree_cache, verify_tree
 

@@ -195,7 +195,7 @@ class Runner:
         # this machine, hard links), else in this runner's folder with the blobs it fetched
         local = isinstance(store, LocalBlobStore)
         trees = store.root / "trees" if local else self.workdir / "trees"
-        mounts = workspace.dependency_mounts(job, store, trees, self.workdir / "blobs")
+        mounts = workspace.dependency_mounts(job, root, store, trees, self.workdir / "blobs")
         executor = self.executor_for(job)
         if self.stop_requested:
             self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,

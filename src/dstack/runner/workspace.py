@@ -11,7 +11,7 @@ from dstack.core.errors import NotFound
 from dstack.core.models import JobSpec
 from dstack.runner.executors.base import Mount
 from dstack.storage.blobstore import BlobStore
-from dstack.storage.tree import tree_cache
+from dstack.storage.tree import artifact_source, tree_cache
 
 
 class WorkspaceError(Exception):
@@ -23,12 +23,14 @@ def job_path(job: JobSpec, path: str) -> str:
     return os.path.normpath(os.path.join(job.working_dir, path))
 
 
-def dependency_mounts(job: JobSpec, store: BlobStore, trees: Path, cache: Path) -> list[Mount]:
+def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, cache: Path) -> list[Mount]:
     """Each dependency artifact as a read-only folder to mount at its path: built once per manifest
-    (hard links to the store's blobs when it is on this disk, else to blobs fetched into `cache`)."""
+    (hard links to the store's blobs when it is on this disk, else to blobs fetched into `cache`).
+    A path that leads outside the job's folder through a symlink of the code is refused."""
     mounts = []
     for dep in job.dependencies:
         for path in dep.artifacts:
+            artifact_source(root, job_path(job, path))  # raises UnsafePath when it escapes
             digest = dep.manifests.get(path)
             if digest is None:
                 raise WorkspaceError(f"artifact '{path}' of {dep.run_name} ({dep.ref}) has no manifest")

@@ -5,7 +5,8 @@ The caller (the server) says which manifests are live. Everything else must also
 the grace period before it goes, because a save in flight writes blobs first and its manifest last,
 and reports the manifest to the server after that. A save that reuses a stored blob touches it
 (`has(touch=True)`), so the grace period protects reused blobs too. The grace period must be
-longer than the longest save (from its first blob to its report to the server)."""
+longer than the longest save (from its first blob to its report to the server), and well above
+TOUCH_AFTER; a grace of 0 is for stores that nothing writes to meanwhile (tests, maintenance)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from dstack.storage.blobstore import BlobStore
+from dstack.storage.blobstore import TOUCH_AFTER, BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ def collect(store: BlobStore, live_manifest_digests: Iterable[str], grace_second
     """Delete manifests not in `live_manifest_digests`, blobs no remaining manifest references, and
     leftovers of killed uploads, each only once older than `grace_seconds`. `dry_run`: delete
     nothing, return what would go."""
+    if 0 < grace_seconds < 2 * TOUCH_AFTER:
+        log.warning("gc grace period %ss is short: a blob reused by a save in flight is touched only when "
+                    "older than %ss, so it may be deleted under that save", grace_seconds, TOUCH_AFTER)
     cutoff = time.time() - grace_seconds
     live = set(live_manifest_digests)
     manifests = list(store.iter_manifests())

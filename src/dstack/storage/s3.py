@@ -23,17 +23,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dstack.core.errors import DstackError, NotFound
 from dstack.core.manifest import Manifest
-from dstack.storage.blobstore import (
-    TOUCH_AFTER,
-    BlobInfo,
-    IntegrityError,
-    check_hash,
-    hash_bytes,
-    hash_fd,
-    ingest_fd,
-    parse_manifest,
-    write_verified,
-)
+from dstack.storage.blobstore import TOUCH_AFTER, BlobInfo, ingest_fd, parse_manifest, write_verified
+from dstack.storage.hashing import IntegrityError, check_hash, hash_bytes, hash_fd
 
 MiB = 1 << 20
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}

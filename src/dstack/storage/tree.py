@@ -29,16 +29,8 @@ from dstack.core.manifest import (
     check_text,
     normalize_relative_path,
 )
-from dstack.storage.blobstore import (
-    SMALL_FILE,
-    BlobStore,
-    IntegrityError,
-    copy_fd,
-    file_identity,
-    hash_bytes,
-    hash_fd,
-    read_exactly,
-)
+from dstack.storage.blobstore import BlobStore, file_identity
+from dstack.storage.hashing import SMALL_FILE, IntegrityError, copy_fd, hash_bytes, hash_fd, read_exactly
 
 log = logging.getLogger(__name__)
 
