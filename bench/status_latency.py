@@ -70,13 +70,14 @@ def populate(home: Path, project: Path, n: int) -> dict:
     """n runs (one job each) into the server's database, as `submit` and a runner would leave them."""
     from sqlalchemy import create_engine, insert
 
-    from dstack.api.repo import pack_code, repo_id
+    from dstack.api.code_capture import capture
+    from dstack.api.repo import repo_id
     from dstack.config.workflows import resolve_workflow
     from dstack.core.names import ADJECTIVES, ANIMALS
     from dstack.server.db.tables import JobRow, RunRow
 
     rid = repo_id(project)
-    _, _, code = pack_code(project)
+    code, _ = capture(project)
     rng = random.Random(42)
     counters: dict[str, int] = {}
     start = datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=n + 5)
@@ -103,7 +104,8 @@ def populate(home: Path, project: Path, n: int) -> dict:
                 reason="exited with code 1" if failed else None, stop_requested=None,
                 image_digest=f"sha256:{rng.getrandbits(256):064x}" if job.image else None,
                 spec=job.model_dump(mode="json"),
-                saved_artifacts=[] if failed else [{"path": a, "files": 3, "size": 123456} for a in job.artifacts],
+                saved_artifacts=[] if failed else [{"path": a, "manifest": f"{rng.getrandbits(256):064x}", "files": 3,
+                                                    "size": 123456} for a in job.artifacts],
             ))
     engine = create_engine(f"sqlite:///{home / 'server' / 'dstack.db'}")
     t0 = time.perf_counter()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dstack.api.http import HttpClient, Response, TransportError
 from dstack.core.errors import DstackError, error_from_dict
-from dstack.core.models import Job, JobStatus, Run, RunnerInfo, RunSubmission, Tag
+from dstack.core.status import JobStatus
+
+if TYPE_CHECKING:
+    from dstack.core.models import Job, Run, RunnerInfo, RunSubmission, Tag
 
 
 class Client:
@@ -36,25 +39,37 @@ class Client:
         return self._call("POST", "/api/runs/names").json()["run_name"]
 
     def submit(self, sub: RunSubmission) -> Run:
+        from dstack.core.models import Run
+
         return Run.model_validate(self._call("POST", "/api/runs", json=sub.model_dump(mode="json")).json())
 
-    def runs(self, repo_id: str | None, limit: int | None = None, workflow: str | None = None) -> list[Run]:
+    def runs(self, repo_id: str | None, limit: int | None = None, workflow: str | None = None) -> list[dict]:
+        """Runs as the API gives them (JSON objects of `Run`, without job specs): a listing is printed,
+        not computed on, and skipping the models keeps `dstack status` quick."""
         params = {k: v for k, v in {"repo_id": repo_id, "limit": limit, "workflow": workflow}.items() if v}
-        return [Run.model_validate(x) for x in self._call("GET", "/api/runs", params=params).json()]
+        return self._call("GET", "/api/runs", params=params).json()
 
     def run(self, repo_id: str | None, name: str) -> Run:
+        from dstack.core.models import Run
+
         params = {"repo_id": repo_id} if repo_id else {}
         return Run.model_validate(self._call("GET", f"/api/runs/{name}", params=params).json())
 
     def reproduce(self, repo_id: str | None, name: str) -> Run:
+        from dstack.core.models import Run
+
         params = {"repo_id": repo_id} if repo_id else {}
         return Run.model_validate(self._call("POST", f"/api/runs/{name}/reproduce", params=params).json())
 
     def stop(self, repo_id: str | None, ref: str, abort: bool = False) -> Run:
+        from dstack.core.models import Run
+
         params = {"abort": abort, **({"repo_id": repo_id} if repo_id else {})}
         return Run.model_validate(self._call("POST", f"/api/runs/{ref}/stop", params=params).json())
 
     def job(self, job_id: str) -> Job:
+        from dstack.core.models import Job
+
         return Job.model_validate(self._call("GET", f"/api/jobs/{job_id}").json())
 
     def logs(self, job_id: str, offset: int = 0, wait: float = 0) -> tuple[bytes, int, JobStatus]:
@@ -64,18 +79,26 @@ class Client:
 
     # tags
     def tag(self, repo_id: str, run_name: str, tag: str) -> tuple[Tag, str | None]:
+        from dstack.core.models import Tag
+
         d = self._call("POST", "/api/tags", json={"repo_id": repo_id, "run_name": run_name, "tag": tag}).json()
         return Tag.model_validate(d["tag"]), d["moved_from"]
 
     def untag(self, repo_id: str, ref: str) -> list[Tag]:
+        from dstack.core.models import Tag
+
         r = self._call("DELETE", "/api/tags", params={"repo_id": repo_id, "ref": ref})
         return [Tag.model_validate(x) for x in r.json()]
 
     def tags(self, repo_id: str) -> list[Tag]:
+        from dstack.core.models import Tag
+
         return [Tag.model_validate(x) for x in self._call("GET", "/api/tags", params={"repo_id": repo_id}).json()]
 
     # runners
     def runners(self, include_gone: bool = False) -> list[RunnerInfo]:
+        from dstack.core.models import RunnerInfo
+
         r = self._call("GET", "/api/runners", params={"all": include_gone})
         return [RunnerInfo.model_validate(x) for x in r.json()]
 

@@ -3,44 +3,49 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from dstack.cli.output import STATUS_STYLE, ago, format_overrides
 from dstack.cli.table import paint, print_table
-from dstack.core.models import Job, JobStatus, Run
+from dstack.core.status import JobStatus
+
+if TYPE_CHECKING:
+    from dstack.core.models import Run
 
 COLUMNS = ["RUN", "TAG", "JOB", "WORKFLOW", "VARIABLES", "SUBMITTED", "RUNNER", "STATUS"]
 
 
-def _status(status: JobStatus, job: Job | None = None) -> str:
-    text = status.value
-    if job is not None and status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.ABORTED):
-        if job.exit_code not in (None, 0):
-            text += f" (exit {job.exit_code})"
-    return text
+def _status(status: str, exit_code: int | None = None) -> str:
+    if status in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.ABORTED) and exit_code not in (None, 0):
+        return f"{status} (exit {exit_code})"
+    return status
 
 
 def _color(column: int, cell: str) -> str | None:
     return STATUS_STYLE.get(cell.split(" ")[0]) if column == len(COLUMNS) - 1 else None
 
 
-def print_runs(runs: list[Run]) -> None:
+def print_runs(runs: list[dict]) -> None:
+    """Runs as the API gives them (JSON objects)."""
     if not runs:
         print("No runs yet. Start one with `dstack run WORKFLOW`.")
         return
     rows = []
     for run in runs:
-        runners = sorted({j.runner for j in run.jobs if j.runner})
-        variables = format_overrides(run.overrides)
-        rows.append([run.run_name, ", ".join(run.tags) or "<none>", "", run.workflow, variables,
-                     ago(run.submitted_at), ", ".join(runners), _status(run.status)])
-        for job in run.jobs:
-            rows.append(["", "", job.job_id, job.workflow, variables, ago(job.submitted_at), job.runner or "",
-                         _status(job.status, job)])
+        jobs = run["jobs"]
+        runners = sorted({j["runner"] for j in jobs if j.get("runner")})
+        variables = format_overrides(run.get("overrides") or {})
+        rows.append([run["run_name"], ", ".join(run.get("tags") or []) or "<none>", "", run["workflow"], variables,
+                     ago(datetime.fromisoformat(run["submitted_at"])), ", ".join(runners), _status(run["status"])])
+        for job in jobs:
+            rows.append(["", "", job["job_id"], job["workflow"], variables, ago(datetime.fromisoformat(job["submitted_at"])),
+                         job.get("runner") or "", _status(job["status"], job.get("exit_code"))])
     print_table(COLUMNS, rows, _color)
 
 
 def print_run_detail(run: Run) -> None:
-    print_runs([run])
+    print_runs([run.model_dump(mode="json")])
     tty = sys.stdout.isatty()
 
     def line(label: str, value: str, indent: str = "") -> None:

@@ -30,7 +30,7 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
     if as_json:
         import json
 
-        click.echo(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+        click.echo(json.dumps(runs, indent=2))
         return
     from dstack.cli.render import print_runs
 

@@ -1,0 +1,564 @@
+"""Artifacts (issue 3): saving a folder into the local blob store and mounting a saved one, against
+`cp` on the same disk, and the same steps with DVC.
+
+Data sets (full run; `--quick` uses 64 MiB, 1,000 files and 256 MiB):
+  big     one file of 1 GiB of random bytes
+  small   10,000 files of 4 KiB of random bytes in 100 folders
+  sparse  one 4 GiB sparse file (1 MiB of data at each end, holes between): mount only
+
+Per round, for `big` and `small` (one untimed warm-up round first for `big`):
+  cp          `cp FILE` / `cp -r DIR` to the same disk (the floor of saving)
+  save        `save_tree(store, src)` into a fresh LocalBlobStore (in-process, as the runner calls it)
+  save2       `save_tree` again, same store, same unchanged tree (dedup)
+  mount       `tree_cache(store, digest, trees, cache)` for the manifest saved before: first build
+  mount2      the same call again (reuse)
+  cp-al       `cp -al DIR` (a tree of hard links: the floor of building a tree of links)
+  bind        what the host executor runs for the mount as root: `unshare -m sh -c <its bind-mount
+              script>`, next to `unshare -m sh -c true` (information only)
+  dvc-*       (the first --dvc-rounds rounds) the same steps with DVC, through its Python API in a
+              worker process of its own venv, so that neither side pays a CLI start: `Repo.add`
+              twice (fresh cache, then unchanged), then with the data moved aside `Repo.checkout`
+              with the default cache.type (reflink,copy: copy on ext4), again (reuse), and with
+              cache.type hardlink (first, reuse). `dvc version` (CLI start) is timed for information.
+Before every timed step that writes, `sync` runs (untimed) so that no step pays for the previous
+one's writeback; `sync` right after a save or a copy is timed too and reported as information.
+
+The ext4 root of these machines has no journal; ext4 then skips inodes freed in the last ~30 s when
+it allocates one (fs/ext4/ialloc.c: find_inode_bit -> recently_deleted), and each create after a
+mass delete scans past them (measured here: 12 us per create on tmpfs, 450-900 us on this disk after
+deletes). So nothing with many files is deleted until the end of the run, and hard-link trees
+(tree_cache, cp -al), which free no inode when removed, are the only many-file trees removed
+between rounds. Other sessions' deletes on the same disk still add noise: see the cp -r spread.
+
+Targets: save < 1.5x cp (big), < 2x cp -r (small); save2 < 0.3x save; mount < 0.1 s for every size
+(first build and reuse).
+
+Usage: .venv/bin/python bench/artifacts.py [--quick] [--rounds N] [--dvc-rounds N] [--no-dvc]
+       [--dvc-venv /tmp/dstack-bench-dvc-venv]   (created with `pip install dvc` if missing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import fcntl
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, print_table, stats, write_results  # noqa: E402
+
+from dstack.storage.blobstore import LocalBlobStore  # noqa: E402
+from dstack.storage.tree import remove_tree, save_tree, tree_cache  # noqa: E402
+
+GiB = 1 << 30
+MiB = 1 << 20
+FICLONE = 0x40049409
+DVC_VENV = Path("/tmp/dstack-bench-dvc-venv")
+MARK = "@@dvcbench "
+
+# The DVC side: one long-lived process in DVC's own venv; one JSON request per line on stdin, one
+# reply line (prefixed by MARK, as DVC prints to stdout too) per request.
+DVC_WORKER = r'''
+import json, os, sys, time
+from dvc.repo import Repo
+MARK = "@@dvcbench "
+
+def reply(obj):
+    sys.__stdout__.write(MARK + json.dumps(obj) + "\n")
+    sys.__stdout__.flush()
+
+for line in sys.stdin:
+    req = json.loads(line)
+    op, root = req["op"], req.get("repo")
+    try:
+        out = {}
+        if op == "init":
+            os.makedirs(root, exist_ok=True)
+            Repo.init(root, no_scm=True)
+        elif op == "cache_type":
+            with Repo(root) as r:
+                with r.config.edit("local") as conf:
+                    conf["cache"]["type"] = req["type"]
+        elif op in ("add", "checkout"):
+            os.chdir(root)
+            t0 = time.perf_counter()
+            with Repo(root) as r:
+                if op == "add":
+                    r.add(req["target"])
+                else:
+                    r.checkout(targets=[req["target"] + ".dvc"])
+            out["t"] = time.perf_counter() - t0
+        elif op == "version":
+            import dvc
+            out["version"] = dvc.__version__
+        reply(out)
+    except Exception as e:
+        reply({"error": f"{type(e).__name__}: {e}"})
+'''
+
+
+# ---- helpers ----
+
+
+def sync() -> float:
+    t0 = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - t0
+
+
+def sh(cmd: list[str], **kw) -> float:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, **kw)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {p.returncode}: {p.stderr.decode(errors='replace')[-2000:]}")
+    return dt
+
+
+def timed(fn, *args, **kw):
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - t0, out
+
+
+def rm(path: Path) -> None:
+    """Delete a tree, read-only folders (trees, DVC's cache) included."""
+    if not os.path.lexists(path):
+        return
+    subprocess.run(["chmod", "-R", "u+rwX", str(path)], capture_output=True)
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+def fincore(paths: list[Path]) -> str:
+    """Page-cache residency (util-linux fincore), summed: '<resident> of <size>'."""
+    if not shutil.which("fincore") or not paths:
+        return "unknown (no fincore)"
+    p = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", *map(str, paths)], capture_output=True, text=True)
+    res = size = 0
+    for line in p.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            res += int(parts[0])
+            size += int(parts[1])
+    return f"{res / MiB:.0f} MiB of {size / MiB:.0f} MiB resident"
+
+
+def reflink_support(folder: Path) -> str:
+    a, b = folder / ".reflink-a", folder / ".reflink-b"
+    a.write_bytes(b"x" * 4096)
+    fa = os.open(a, os.O_RDONLY)
+    fb = os.open(b, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.ioctl(fb, FICLONE, fa)
+        return "yes"
+    except OSError as e:
+        return f"no ({errno.errorcode.get(e.errno, e.errno)})"
+    finally:
+        os.close(fa)
+        os.close(fb)
+        a.unlink()
+        b.unlink()
+
+
+def make_big(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 64 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def make_small(root: Path, count: int, size: int = 4096) -> None:
+    per = 100
+    for d in range((count + per - 1) // per):
+        folder = root / f"d{d:03d}"
+        folder.mkdir(parents=True)
+        for i in range(min(per, count - d * per)):
+            (folder / f"f{i:03d}.bin").write_bytes(os.urandom(size))
+
+
+def make_sparse(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(os.urandom(MiB))
+        f.seek(size - MiB)
+        f.write(os.urandom(MiB))
+
+
+def count_files(root: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(root))
+
+
+def bind_script(tree: Path, job_root: Path) -> str | None:
+    """The host executor's own bind-mount lines for one read-only mount (None: not root / no unshare)."""
+    try:
+        from dstack.runner.executors.base import Mount
+        from dstack.runner.executors.host import _bind_mounts_script, _can_bind_mount
+    except ImportError:
+        return None
+    if not _can_bind_mount():
+        return None
+    return _bind_mounts_script(job_root, [Mount(source=tree, target="dep", read_only=True)])
+
+
+class Dvc:
+    """DVC through its Python API in its own venv (one process, so no CLI start per step)."""
+
+    def __init__(self, venv: Path, site_cache: Path, log: Path):
+        self.venv = venv
+        self.env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(site_cache)}
+        self.log = open(log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([str(venv / "bin" / "python"), "-c", DVC_WORKER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, env=self.env, text=True, bufsize=1)
+
+    def call(self, **req) -> dict:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the DVC worker died; see {self.log.name}")
+            if line.startswith(MARK):
+                out = json.loads(line[len(MARK):])
+                if "error" in out:
+                    raise RuntimeError(f"DVC {req}: {out['error']}")
+                return out
+
+    def cli_start(self, n: int = 3) -> list[float]:
+        return [sh([str(self.venv / "bin" / "dvc"), "version"], env=self.env) for _ in range(n)]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def ensure_dvc(venv: Path) -> bool:
+    if (venv / "bin" / "dvc").exists():
+        return True
+    print(f"creating {venv} and installing DVC from PyPI (one-off, not timed)...", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "dvc"], check=True)
+    except (subprocess.CalledProcessError, OSError) as e:
+        print(f"  DVC could not be installed ({e}); skipping DVC", flush=True)
+        return False
+    return True
+
+
+# ---- the rounds ----
+
+
+def run_set(name: str, src: Path, work: Path, rounds: int, dvc_rounds: int, dvc: Dvc | None,
+            keep_files: bool, warmup: bool) -> dict[str, list]:
+    """All steps for one data set; returns step -> per-round values. `keep_files`: nothing with many
+    files is deleted before the end of the run (see the module's note on ext4)."""
+    big = src.is_file()
+    src_dir = src.parent if big else src  # what save_tree and cp -al take
+    t: dict[str, list] = {k: [] for k in (
+        "cp", "cp_sync", "store_create", "save", "save_sync", "save2", "mount", "mount2", "cp_al", "bind",
+        "bind_floor", "dvc_add", "dvc_add_sync", "dvc_add2", "dvc_checkout", "dvc_checkout2",
+        "dvc_checkout_hl", "dvc_checkout_hl2")}
+    info: dict = {}
+    root = work / name
+    root.mkdir()
+    job_root = root / "job"
+    job_root.mkdir()
+    if warmup:  # the first write of fresh memory costs ~2.7 s/GiB on these VMs: pay it untimed
+        sync()
+        sh(["cp", str(src), str(root / "warm.bin")])
+        store = LocalBlobStore(root / "warm-store")
+        save_tree(store, src_dir)
+        rm(root / "warm.bin")
+        rm(root / "warm-store")
+    for i in range(rounds):
+        print(f"  {name} round {i + 1}/{rounds}", flush=True)
+        # A: cp to the same disk
+        dst = root / f"cp-{i}"
+        sync()
+        t["cp"].append(sh(["cp", str(src), str(dst)] if big else ["cp", "-r", str(src), str(dst)]))
+        t["cp_sync"].append(sync())
+        if big:
+            rm(dst)
+        # B: save into a fresh store, then again
+        dt, store = timed(LocalBlobStore, root / f"store-{i}")
+        t["store_create"].append(dt)
+        sync()
+        dt, m = timed(save_tree, store, src_dir)
+        t["save"].append(dt)
+        t["save_sync"].append(sync())
+        dt, m2 = timed(save_tree, store, src_dir)
+        t["save2"].append(dt)
+        digest = m.digest()
+        assert m2.digest() == digest, "the second save gave another manifest"
+        info.update(files=m.files, bytes=m.size, digest=digest)
+        # C: mount: first build, reuse; a tree of hard links as the floor; the bind mount
+        trees, cache = root / f"trees-{i}", root / f"blobcache-{i}"
+        dt, tree = timed(tree_cache, store, digest, trees, cache)
+        t["mount"].append(dt)
+        dt, again = timed(tree_cache, store, digest, trees, cache)
+        t["mount2"].append(dt)
+        assert again == tree and count_files(tree) == m.files
+        info["tree_nlink"] = os.stat(next(p for p in tree.rglob("*") if p.is_file())).st_nlink
+        script = bind_script(tree, job_root)
+        if script is not None:
+            unshare = ["unshare", "-m", "--propagation", "private", "sh", "-c"]
+            t["bind"].append(sh([*unshare, script]))
+            t["bind_floor"].append(sh([*unshare, "true"]))
+        t["cp_al"].append(sh(["cp", "-al", str(src_dir), str(root / f"al-{i}")]))
+        remove_tree(trees)  # hard links only: frees no inode
+        rm(root / f"al-{i}")
+        if big or not keep_files:
+            rm(root / f"store-{i}")
+            rm(cache)
+        # D: DVC
+        if dvc is not None and i < dvc_rounds:
+            dvc_round(dvc, src, root / f"dvc-{i}", t, info, big, keep_files)
+    return {"times": t, "info": info}
+
+
+def dvc_round(dvc: Dvc, src: Path, repo: Path, t: dict[str, list], info: dict, big: bool, keep_files: bool) -> None:
+    dvc.call(op="init", repo=str(repo))
+    data = repo / "data"
+    if big:
+        data.mkdir()
+        sh(["cp", str(src), str(data / src.name)])
+    else:
+        sh(["cp", "-r", str(src), str(data)])
+    sync()
+    t["dvc_add"].append(dvc.call(op="add", repo=str(repo), target="data")["t"])
+    t["dvc_add_sync"].append(sync())
+    t["dvc_add2"].append(dvc.call(op="add", repo=str(repo), target="data")["t"])
+    # "mount": the data moved aside (not deleted: see ext4 above), then checked out from the cache
+    os.rename(data, repo / "data.added")
+    sync()
+    t["dvc_checkout"].append(dvc.call(op="checkout", repo=str(repo), target="data")["t"])
+    t["dvc_checkout2"].append(dvc.call(op="checkout", repo=str(repo), target="data")["t"])
+    info["dvc_default_link"] = link_kind(repo, data)
+    os.rename(data, repo / "data.copied")
+    dvc.call(op="cache_type", repo=str(repo), type="hardlink")
+    t["dvc_checkout_hl"].append(dvc.call(op="checkout", repo=str(repo), target="data")["t"])
+    t["dvc_checkout_hl2"].append(dvc.call(op="checkout", repo=str(repo), target="data")["t"])
+    info["dvc_hardlink_link"] = link_kind(repo, data)
+    if big or not keep_files:
+        rm(repo)
+
+
+def link_kind(repo: Path, data: Path) -> str:
+    """How DVC's checkout made a workspace file: a hard link to its cache file, or a separate file."""
+    f = next(p for p in data.rglob("*") if p.is_file())
+    st = os.stat(f)
+    cached = {(c.stat().st_dev, c.stat().st_ino) for c in (repo / ".dvc" / "cache").rglob("*") if c.is_file()}
+    if (st.st_dev, st.st_ino) in cached:
+        return f"hardlink (nlink {st.st_nlink})"
+    return "copy (separate inode; ext4 has no reflink)"
+
+
+def run_sparse(src: Path, work: Path, rounds: int) -> dict:
+    root = work / "sparse"
+    root.mkdir()
+    store = LocalBlobStore(root / "store")
+    sync()
+    save_s, m = timed(save_tree, store, src.parent)
+    digest = m.digest()
+    t: dict[str, list] = {"mount": [], "mount2": [], "cp_al": []}
+    for i in range(rounds):
+        trees = root / f"trees-{i}"
+        dt, tree = timed(tree_cache, store, digest, trees, root / "blobcache")
+        t["mount"].append(dt)
+        t["mount2"].append(timed(tree_cache, store, digest, trees, root / "blobcache")[0])
+        assert count_files(tree) == 1
+        t["cp_al"].append(sh(["cp", "-al", str(src.parent), str(root / f"al-{i}")]))
+        remove_tree(trees)
+        rm(root / f"al-{i}")
+    blob = store.local_path(next(iter(m.blobs())))
+    return {"times": t, "info": {"bytes": m.size, "save_s": save_s,
+                                 "blob_allocated_bytes": os.stat(blob).st_blocks * 512 if blob else None}}
+
+
+# ---- report ----
+
+
+def med(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a: list[float], b: list[float]) -> float | None:
+    """Median of the per-round ratios a/b (rounds where both ran)."""
+    rs = [x / y for x, y in zip(a, b, strict=False) if y > 0]
+    return statistics.median(rs) if rs else None
+
+
+def rx(r: float | None, what: str) -> str:
+    return "-" if r is None else f"{r:.2f}x {what}"
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x < 0.001:
+        return f"{x * 1000:.2f} ms"
+    return f"{x * 1000:.1f} ms" if x < 0.1 else f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def size_label(n: int) -> str:
+    return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="64 MiB, 1,000 files, 256 MiB sparse, 3 rounds")
+    ap.add_argument("--rounds", type=int, help="rounds per data set (default 5, quick 3)")
+    ap.add_argument("--dvc-rounds", type=int, help="rounds with DVC (default 3 big / 2 small, quick 2)")
+    ap.add_argument("--no-dvc", action="store_true")
+    ap.add_argument("--dvc-venv", type=Path, default=DVC_VENV)
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                    help="where the data goes (default /tmp; must be the disk to measure)")
+    a = ap.parse_args()
+    big_size, small_count, sparse_size = (64 * MiB, 1000, 256 * MiB) if a.quick else (GiB, 10_000, 4 * GiB)
+    rounds = a.rounds or (3 if a.quick else 5)
+    dvc_big = a.dvc_rounds if a.dvc_rounds is not None else 2 if a.quick else 3
+    dvc_small = a.dvc_rounds if a.dvc_rounds is not None else 2
+    t_start = time.perf_counter()
+
+    work = Path(tempfile.mkdtemp(prefix="dstack-bench-artifacts-", dir=a.workdir))
+    same_disk = os.stat(work).st_dev == os.stat(REPO).st_dev
+    free_start = shutil.disk_usage(work).free
+    print(f"work folder {work} (same filesystem as {REPO}: {same_disk}); load {os.getloadavg()[0]:.2f}", flush=True)
+    dvc = None
+    dvc_version = None
+    dvc_cli: list[float] = []
+    if not a.no_dvc and ensure_dvc(a.dvc_venv):
+        dvc = Dvc(a.dvc_venv, work / "dvc-site-cache", work / "dvc.log")
+        dvc_version = dvc.call(op="version")["version"]
+        dvc_cli = dvc.cli_start(3)
+    try:
+        print("making the data...", flush=True)
+        data = work / "data"
+        big = data / "big" / "blob.bin"
+        small = data / "small"
+        sparse = data / "sparse" / "sparse.bin"
+        make_big(big, big_size)
+        make_small(small, small_count)
+        make_sparse(sparse, sparse_size)
+        sync()
+        env = {"reflink": reflink_support(work), "fincore_big_before": fincore([big]),
+               "fincore_small_before": fincore(sorted(small.rglob("*.bin"))[:200])}
+        print(f"  reflink on this disk: {env['reflink']}; page cache: big {env['fincore_big_before']}, "
+              f"small (200-file sample) {env['fincore_small_before']}", flush=True)
+        res_big = run_set("big", big, work, rounds, dvc_big, dvc, keep_files=True, warmup=True)
+        free_min = shutil.disk_usage(work).free
+        res_small = run_set("small", small, work, rounds, dvc_small, dvc, keep_files=True, warmup=False)
+        free_min = min(free_min, shutil.disk_usage(work).free)
+        print("  sparse", flush=True)
+        res_sparse = run_sparse(sparse, work, rounds)
+        env["fincore_big_after"] = fincore([big])
+        free_min = min(free_min, shutil.disk_usage(work).free)
+    finally:
+        if dvc is not None:
+            dvc.close()
+        bench_s = time.perf_counter() - t_start
+        print("deleting the work folder...", flush=True)
+        cleanup_s = timed(rm, work)[0]
+    print(f"  {cleanup_s:.1f} s", flush=True)
+
+    tb, ts, tp = res_big["times"], res_small["times"], res_sparse["times"]
+    B, S = size_label(big_size), f"{small_count:,} x 4 KiB"
+    P = size_label(sparse_size)
+    rows, checks = [], {}
+
+    def row(key: str, measure: str, value: list[float], base_name: str, base: list[float] | None,
+            target: str, limit: float, by_ratio: bool) -> None:
+        v = med(value)
+        r = ratio(value, base) if base else None
+        got = r if by_ratio else v
+        ok = got is not None and got < limit
+        rows.append({"measure": measure, "value": fmt(v),
+                     "baseline": f"{base_name} {fmt(med(base))}" if base else base_name,
+                     "ratio": f"{r:.2f}x" if r is not None else "-", "target": target,
+                     "result": "PASS" if ok else "FAIL"})
+        checks[key] = {"value_s": v, "baseline": base_name, "baseline_s": med(base) if base else None,
+                       "ratio": r, "target": target, "pass": ok}
+
+    row("save_big", f"save_tree {B} (fresh store)", tb["save"], "cp", tb["cp"], "< 1.5x cp", 1.5, True)
+    row("save_small", f"save_tree {S} (fresh store)", ts["save"], "cp -r", ts["cp"], "< 2x cp -r", 2.0, True)
+    row("save2_big", f"second save {B} (unchanged)", tb["save2"], "first save", tb["save"], "< 0.3x", 0.3, True)
+    row("save2_small", f"second save {S} (unchanged)", ts["save2"], "first save", ts["save"], "< 0.3x", 0.3, True)
+    for key, label, tt in (("big", B, tb), ("sparse", f"{P} sparse", tp), ("small", S, ts)):
+        row(f"mount_{key}", f"tree_cache {label}: first build", tt["mount"], "cp -al", tt["cp_al"],
+            "< 0.1 s", 0.1, False)
+        row(f"mount2_{key}", f"tree_cache {label}: reuse", tt["mount2"], "-", None, "< 0.1 s", 0.1, False)
+
+    informative = {
+        "cp_plus_sync_big": [x + y for x, y in zip(tb["cp"], tb["cp_sync"], strict=True)],
+        "save_plus_sync_big": [x + y for x, y in zip(tb["save"], tb["save_sync"], strict=True)],
+        "cp_plus_sync_small": [x + y for x, y in zip(ts["cp"], ts["cp_sync"], strict=True)],
+        "save_plus_sync_small": [x + y for x, y in zip(ts["save"], ts["save_sync"], strict=True)],
+        "store_create": tb["store_create"] + ts["store_create"],
+        "bind_mount_script": tb["bind"] + ts["bind"],
+        "bind_floor_unshare_true": tb["bind_floor"] + ts["bind_floor"],
+    }
+
+    dvc_rows = []
+    if dvc is not None:
+        for label, tt in ((B, tb), (S, ts)):
+            base = "cp" if tt is tb else "cp -r"
+            n = len(tt["dvc_add"])
+            dvc_rows += [
+                {"step": f"save {label}", "dstack": f"{fmt(med(tt['save'][:n]))} ({rx(ratio(tt['save'][:n], tt['cp']), base)})",
+                 "DVC": f"Repo.add {fmt(med(tt['dvc_add']))} ({rx(ratio(tt['dvc_add'], tt['cp']), base)})"},
+                {"step": f"save again, unchanged {label}",
+                 "dstack": f"{fmt(med(tt['save2'][:n]))} ({rx(ratio(tt['save2'][:n], tt['save']), 'first')})",
+                 "DVC": f"Repo.add {fmt(med(tt['dvc_add2']))} ({rx(ratio(tt['dvc_add2'], tt['dvc_add']), 'first')})"},
+                {"step": f"mount / checkout {label}", "dstack": f"tree_cache {fmt(med(tt['mount'][:n]))} (links)",
+                 "DVC": f"checkout {fmt(med(tt['dvc_checkout']))} (default: copy); hardlink {fmt(med(tt['dvc_checkout_hl']))}"},
+                {"step": f"mount again / checkout unchanged {label}", "dstack": f"tree_cache {fmt(med(tt['mount2'][:n]))}",
+                 "DVC": f"checkout {fmt(med(tt['dvc_checkout2']))} (copy); {fmt(med(tt['dvc_checkout_hl2']))} (hardlink)"},
+            ]
+
+    print(f"\n{rounds} rounds per data set, medians; load at end {os.getloadavg()[0]:.2f}; "
+          f"data in page cache ({env['fincore_big_before']} for {B}); cannot drop caches here\n")
+    print_table(rows, ["measure", "value", "baseline", "ratio", "target", "result"])
+    print("\ninformation (medians):")
+    for k, v in informative.items():
+        print(f"  {k:26s} {fmt(med(v))}")
+    print(f"  save of {P} sparse (once)   {fmt(res_sparse['info']['save_s'])}")
+    if dvc is not None:
+        print(f"\nDVC {dvc_version} (Python API in one process; `dvc version` CLI start alone: "
+              f"{fmt(med(dvc_cli))}); default link: {res_big['info'].get('dvc_default_link')}; "
+              f"hardlink: {res_big['info'].get('dvc_hardlink_link')}\n")
+        print_table(dvc_rows, ["step", "dstack", "DVC"])
+    print(f"\nwall time {bench_s:.0f} s (+ {cleanup_s:.0f} s cleanup); peak disk use about "
+          f"{(free_start - free_min) / GiB:.1f} GiB (free-space drop, other sessions included)")
+
+    write_results("artifacts", {
+        "quick": a.quick, "rounds": rounds, "dvc_rounds": {"big": dvc_big, "small": dvc_small},
+        "sizes": {"big_bytes": big_size, "small_files": small_count, "small_file_bytes": 4096,
+                  "sparse_bytes": sparse_size},
+        "disk": {"workdir": str(work), "same_filesystem_as_repo": same_disk, **env,
+                 "page_cache": "data written just before and resident (RAM >> data); drop_caches not possible"},
+        "checks": checks, "table": rows,
+        "steps": {"big": {k: stats(v) for k, v in tb.items() if v}, "small": {k: stats(v) for k, v in ts.items() if v},
+                  "sparse": {k: stats(v) for k, v in tp.items() if v}},
+        "set_info": {"big": res_big["info"], "small": res_small["info"], "sparse": res_sparse["info"]},
+        "informative": {k: stats(v) for k, v in informative.items() if v},
+        "dvc": None if dvc is None else {"version": dvc_version, "venv": str(a.dvc_venv), "cli_start": stats(dvc_cli),
+                                         "table": dvc_rows},
+        "wall_s": bench_s, "cleanup_s": cleanup_s, "peak_disk_use_bytes_approx": free_start - free_min,
+    })
+
+
+if __name__ == "__main__":
+    main()
