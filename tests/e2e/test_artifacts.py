@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import boto3
 import pytest
@@ -110,12 +111,18 @@ def test_prune_keeps_tagged_runs_and_what_they_consumed(dstack, project):
     dstack("run", "use", "-t", "keep", cwd=root, check=True)
     kept = last_run(dstack, root)["run_name"]
     dstack("untag", "make:latest", cwd=root, check=True)  # `consumed` is kept only as kept's input
+    (root / "changed.txt").write_text("the junk run's code differs\n")
     dstack("run", "make", "--note", "junk", cwd=root, check=True)
     junk = last_run(dstack, root)["run_name"]
     blobs_before = sum(1 for _ in (dstack.home / "storage" / "blobs").rglob("*") if _.is_file())
 
     dry = json.loads(dstack("prune", "--dry-run", "--json", cwd=root, check=True).stdout)
     assert dry["runs"] == [junk] and dry["manifests"] == 1 and dry["blobs"] == 2
+    assert dry["code_blobs"] == 0  # a code snapshot younger than 5 minutes is spared (it may be in flight)
+    for blob in (dstack.home / "server" / "code").iterdir():  # ... so let them all be an hour old
+        os.utime(blob, (time.time() - 3600, time.time() - 3600))
+    dry = json.loads(dstack("prune", "--dry-run", "--json", cwd=root, check=True).stdout)
+    assert dry["code_blobs"] == 1  # the junk run's code, which no other run of any project shares
     assert set(_runs(dstack, root)) == {consumed, kept, junk}  # nothing went
 
     r = dstack("prune", cwd=root, check=True)
@@ -150,18 +157,36 @@ def test_the_tour_with_an_s3_store(tmp_path, project, s3_config):  # noqa: F811
         d.stop_server()
 
 
-def test_an_artifact_that_escapes_its_folder_fails_the_job(dstack, project):
+def test_a_symlink_out_of_an_artifact_is_left_out_and_reported(dstack, project):
     root = project("""\
     workflows:
       - name: sneaky
         commands:
-          - mkdir -p out && ln -s /etc/passwd out/passwd
+          - mkdir -p out && ln -s /etc/passwd out/passwd && echo kept > out/file
         artifacts: [out]
     """)
     r = dstack("run", "sneaky", cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "not saved: symlink 'passwd' points outside the artifact (to '/etc/passwd')" in r.stdout
+    run = last_run(dstack, root)
+    files = json.loads(dstack("artifacts", "list", run["run_name"], "--files", "--json", cwd=root,
+                              check=True).stdout)[0]["entries"]
+    assert [e["path"] for e in files] == ["file"]
+
+
+def test_a_file_declared_as_an_artifact_fails_the_job_loudly(dstack, project):
+    root = project("""\
+    workflows:
+      - name: filer
+        commands: [mkdir -p out, echo weights > model.pt, echo x > out/x]
+        artifacts: [model.pt, out]
+    """)
+    r = dstack("run", "filer", cwd=root)
     assert r.returncode == 1
-    assert "points outside the artifact" in r.stderr
-    assert last_run(dstack, root)["jobs"][0]["artifacts"] == []
+    assert "artifact 'model.pt' is a file, not a folder" in r.stdout
+    assert "artifacts are folders" in r.stderr
+    job = last_run(dstack, root)["jobs"][0]
+    assert job["status"] == "FAILED" and [a["path"] for a in job["artifacts"]] == ["out"]
 
 
 def test_a_dependency_is_never_mounted_through_a_symlink_of_the_code(dstack, project, tmp_path):

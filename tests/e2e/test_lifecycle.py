@@ -189,7 +189,8 @@ def test_run_with_tag_tags_the_run_once_it_is_done(dstack, project):
     assert "Tagged a:best" in r.stderr
     done = last_run(dstack, root)
     assert done["tags"] == ["best"]
-    assert dstack("run", "b", "--tag", "best", cwd=root).returncode == 1
+    r = dstack("run", "b", "--tag", "best", cwd=root)
+    assert r.returncode == 1 and "Not tagged b:best: the run is FAILED" in r.stderr
     assert last_run(dstack, root)["tags"] == []  # a failed run is not tagged
     name = _submit(dstack, root, "a", "-t", "best")  # detached: the server tags it when it ends
     assert dstack.wait_status(root, name, {"DONE"})["tags"] == ["best"]
@@ -201,3 +202,32 @@ def test_run_with_tag_tags_the_run_once_it_is_done(dstack, project):
 def _kill_runner(name: str) -> None:
     pid = int(subprocess.check_output(["pgrep", "-f", f"dstack.runner.main start .*--name {name}"]).split()[0])
     os.kill(pid, signal.SIGKILL)
+
+
+def test_a_job_can_be_named_by_a_unique_prefix_of_its_id(dstack, project):
+    root = project("workflows:\n  - name: a\n    commands: [echo prefixed]\n")
+    dstack("run", "a", cwd=root, check=True)
+    job_id = last_run(dstack, root)["jobs"][0]["job_id"]
+    assert "prefixed" in dstack("logs", job_id[:6], cwd=root, check=True).stdout
+
+
+def test_run_without_a_workflow_lists_them(dstack, project):
+    root = project("workflows:\n  - name: alpha\n    help: the first one\n    commands: [x]\n"
+                   "  - name: beta\n    commands: [y]\n")
+    r = dstack("run", cwd=root)
+    assert r.returncode == 2 and "alpha" in r.stderr and "the first one" in r.stderr and "beta" in r.stderr
+
+
+def test_logs_follow_ctrl_c_leaves_the_run_running(dstack, project):
+    root = project(SLEEPY.format(image="", sleep="sleep 300"))
+    name = _submit(dstack, root, "sleepy")
+    dstack.wait_status(root, name, {"RUNNING"})
+    p = dstack.popen("logs", name, "-f", cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+    out = b""
+    while b"started" not in out:
+        out += p.stdout.read1(100)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=20) == 130
+    assert dstack.run_info(root, name)["status"] == "RUNNING"
+    dstack("stop", name, "--abort", cwd=root, check=True)

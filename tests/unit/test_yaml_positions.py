@@ -118,3 +118,15 @@ def test_missing_and_non_utf8_files_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not UTF-8") as info:
         load_file(bad, display=".dstack/bad.yaml")
     assert info.value.file == ".dstack/bad.yaml"
+
+
+def test_a_key_without_its_colon_is_pointed_at_where_it_starts():
+    with pytest.raises(ConfigError) as info:
+        load_text("workflows:\n  - name: a\n    commands\n      - echo\n", "w.yaml")
+    assert info.value.location == "w.yaml:3:5" and "needs a ':'" in info.value.hint
+
+
+def test_unquoted_braces_in_a_flow_list_get_a_hint_about_quotes():
+    with pytest.raises(ConfigError) as info:
+        load_text("workflows:\n  - name: a\n    commands: [echo ${{ x }}]\n", "w.yaml")
+    assert "needs quotes" in info.value.hint

@@ -40,6 +40,10 @@ def configured() -> tuple[str, str] | None:
     url, token = os.environ.get("DSTACK_SERVER_URL"), os.environ.get("DSTACK_TOKEN")
     if url and token:
         return url, token
+    if url or token:
+        missing = "DSTACK_TOKEN" if url else "DSTACK_SERVER_URL"
+        raise DstackError(f"{'DSTACK_SERVER_URL' if url else 'DSTACK_TOKEN'} is set but {missing} is not",
+                          hint="set both to use another server, or neither to use the local one")
     cfg = dstack_home() / "config.yml"
     if cfg.exists():
         import yaml

@@ -29,8 +29,9 @@ def _ask(run_name: str) -> str:
     return {"": "stop", "s": "stop", "a": "abort", "d": "detach", "c": "continue"}.get(answer[:1], "stop")
 
 
-def follow_run(client: Client, run: Run) -> int:
-    """Stream the logs of `run`'s jobs until all have ended; return the exit code to exit with."""
+def follow_run(client: Client, run: Run, interrupt_asks: bool = True) -> int:
+    """Stream the logs of `run`'s jobs until all have ended; return the exit code to exit with.
+    Ctrl-C asks whether to stop the run (`interrupt_asks`), else just stops following it."""
     out = sys.stdout.buffer
     offsets = {j.job_id: 0 for j in run.jobs}
     finished: set[str] = set()
@@ -53,6 +54,10 @@ def follow_run(client: Client, run: Run) -> int:
                 if status.finished:
                     finished.add(job_id)
         except KeyboardInterrupt:
+            if not interrupt_asks:
+                sys.stderr.write(f"\nStopped following {run.run_name}; it goes on (`dstack stop {run.run_name}` "
+                                 "stops it).\n")
+                return 130
             if stopping:  # a second Ctrl-C while stopping: abort
                 if stopping == "stop":
                     stopping = "abort"
@@ -73,6 +78,8 @@ def follow_run(client: Client, run: Run) -> int:
     _summary(final.run_name, jobs)
     if final.tags:
         sys.stderr.write(f"Tagged {', '.join(f'{final.workflow}:{t}' for t in final.tags)}\n")
+    elif final.tag_when_done and final.status != JobStatus.DONE:
+        sys.stderr.write(f"Not tagged {final.workflow}:{final.tag_when_done}: the run is {final.status.value}\n")
     return next((c for c in (exit_code_of(j) for j in jobs) if c), 0)
 
 

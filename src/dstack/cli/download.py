@@ -61,7 +61,7 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
     total = sum(e.size for _, e in todo)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), transient=False, disable=not todo) as progress:
-        task = progress.add_task(f"{len(todo)} files", total=total)
+        task = progress.add_task(f"{len(todo)} file{'' if len(todo) == 1 else 's'}", total=total)
         for dest, e in todo:
             _fetch(client, dest, e, lambda n: progress.advance(task, n))
     for dest, e in links:
@@ -72,7 +72,8 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(e.target, dest)
     skipped = len(plan) - len(todo)
-    print(f"{len(plan)} files in {output}" + (f" ({skipped} already there)" if skipped else ""))
+    print(f"{len(plan)} file{'' if len(plan) == 1 else 's'} in {output}" +
+          (f" ({skipped} already there)" if skipped else ""))
 
 
 def _fetch(client: Client, dest: Path, e: Entry, advance) -> None:

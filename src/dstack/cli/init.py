@@ -56,6 +56,4 @@ def init(force: bool) -> None:
             continue
         path.write_text(text)
         click.echo(f"wrote {path.relative_to(Path.cwd())}")
-    click.echo("Next: dstack run prepare && dstack tag $(dstack status --json | "
-               "python3 -c 'import json,sys;print(json.load(sys.stdin)[0][\"run_name\"])') latest "
-               "&& dstack run train")
+    click.echo("Next: dstack run prepare -t latest && dstack run train")

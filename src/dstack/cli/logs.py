@@ -9,7 +9,8 @@ import click
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_or_job")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the run ends.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing new output until the run ends (Ctrl-C stops following, not the run).")
 def logs(run_or_job: str, follow: bool) -> None:
     """Print the output of a run (all its jobs) or of one job."""
     from dstack.api.embedded import connect
@@ -22,7 +23,7 @@ def logs(run_or_job: str, follow: bool) -> None:
         from dstack.cli.attach import follow_run
 
         run.jobs = jobs
-        sys.exit(follow_run(client, run))
+        sys.exit(follow_run(client, run, interrupt_asks=False))
     out = sys.stdout.buffer
     for job in jobs:
         offset = 0

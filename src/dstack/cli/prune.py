@@ -23,5 +23,17 @@ def prune(dry_run: bool, as_json: bool) -> None:
     verb = "would delete" if dry_run else "deleted"
     runs = result["runs"]
     click.echo(f"{verb} {len(runs)} run{'s' if len(runs) != 1 else ''}" + (f": {', '.join(runs)}" if runs else ""))
-    click.echo(f"{verb} {result['manifests']} artifacts and {result['blobs']} blobs nothing else uses "
-               f"({result['bytes'] / 1024 / 1024:.1f} MB)")
+    click.echo(f"{verb} {_n(result['manifests'], 'artifact')}, {_n(result['blobs'], 'file blob')} and "
+               f"{_n(result['code_blobs'], 'code snapshot')} nothing else uses ({_size(result['bytes'])})")
+
+
+def _n(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -24,7 +24,8 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
 
     Variables of .dstack/variables.yaml are overridden as --NAME VALUE (e.g. `dstack run prepare --gpu 4`).
     Attached by default: logs are streamed and the exit code is the job's. Ctrl-C asks whether to
-    stop the run or detach from it.
+    stop the run (the default), abort it (no artifacts saved), detach from it, or continue; Ctrl-C at
+    that prompt stops it, and once more while it stops aborts it.
     """
     from dstack.api.code_capture import capture
     from dstack.api.embedded import connect
@@ -41,13 +42,21 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         submitted = client.reproduce(repo_id(project), reproduce)
         return _attach(client, submitted, f"reproduces {reproduce}", detach, as_json)
     if not workflow:
-        raise click.UsageError("which workflow? `dstack run WORKFLOW` (the workflows are in .dstack/workflows.yaml)")
+        from dstack.config.workflows import load_workflows
+
+        entries = load_workflows(project)
+        listing = "\n".join(f"  {e.name:<20} {e.raw.get('help') or ''}".rstrip() for e in entries)
+        raise click.UsageError(f"which workflow? `dstack run WORKFLOW`; the workflows of {project}:\n{listing}")
     overrides = parse_cli_args(ctx.args)
     resolve_workflow(project, workflow, overrides, "run-name")  # bad input fails before any server starts
     client = connect()
     run_name = client.reserve_name()
     resolved = resolve_workflow(project, workflow, overrides, run_name)
     code, blobs = capture(project)
+    total = sum(len(b) for b in blobs.values())
+    if total > 20 * 1024 * 1024:
+        click.echo(f"Uploading the code: {total / 1024 / 1024:.0f} MB ({code.files} files). Large data belongs in "
+                   "artifacts; list it in .dstackignore (or .gitignore) to leave it out.", err=True)
     for digest, data in blobs.items():
         client.upload_code(digest, data)
     sub = RunSubmission(run_name=run_name, repo_id=repo_id(project), workflow=workflow, provider=resolved.provider,

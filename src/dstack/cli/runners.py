@@ -6,7 +6,7 @@ import click
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-a", "--all", "show_all", is_flag=True, help="Include runners that have exited.")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Include runners that exited or were lost.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def runners(show_all: bool, as_json: bool) -> None:
     """List the runners that execute jobs: on-demand (local backend) and self-hosted."""

@@ -86,6 +86,15 @@ def load_text(text: str, file: str) -> Located:
         hint = None
         if "found character '\\t'" in problem or "\t" in problem:
             hint = "indent with spaces, not tabs"
+        elif "could not find expected ':'" in problem and e.context_mark:
+            mark = e.context_mark  # where the key without its ':' starts, not where the parser gave up
+            hint = "a key needs a ':' after it, e.g. `commands:`"
+        elif "mapping values are not allowed" in problem:
+            hint = ("a ':' where no mapping can start: a key above may lack its ':' (`name a` instead of "
+                    "`name: a`), or a value holds ': ' and needs quotes")
+        elif e.context and "flow" in e.context:
+            hint = ("inside [ ] or { }, a value with ',', ':', '{' or '}' needs quotes, e.g. \"${{ x }}\"; "
+                    "or write the list one '- item' per line")
         elif e.context:
             hint = e.context
         raise ConfigError(

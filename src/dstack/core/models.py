@@ -100,6 +100,7 @@ class Run(Model):
     dependencies: list[DependencyRef] = []
     used_by: list[str] = []  # runs that consumed this run's artifacts
     reproduces: str | None = None  # the run this one re-ran (`dstack run --reproduce`)
+    tag_when_done: str | None = None  # `dstack run -t TAG`: the tag it gets once DONE
 
 
 class Tag(Model):

@@ -146,11 +146,15 @@ def providers() -> dict[str, type[Provider]]:
     return found  # loaded lazily by get_provider
 
 
+LEGACY = {"python", "torchrun", "notebook", "lab", "code", "tensorboard", "streamlit", "gradio", "fastapi", "curl"}
+
+
 def get_provider(name: str) -> Provider:
     eps = providers()
     if name not in eps:
-        raise ConfigError(
-            f"unknown provider '{name}'",
-            hint=did_you_mean(name, eps) or f"known providers: {', '.join(sorted(eps))}",
-        )
+        hint = did_you_mean(name, eps) or f"known providers: {', '.join(sorted(eps))}"
+        if name in LEGACY:
+            hint = (f"the 2022 provider '{name}' is not built in: use `provider: bash` (or an `image:`) with "
+                    f"`commands:` that run it, e.g. `python3 train.py`; {hint}")
+        raise ConfigError(f"unknown provider '{name}'", hint=hint)
     return eps[name].load()()

@@ -212,20 +212,34 @@ class Runner:
             shipper.close()
             self._finish(job, JobStatus.ABORTED, exit_code=code, reason="aborted: artifacts were not saved")
             return
-        artifacts = []
+        artifacts, not_folders = [], []
         if job.artifacts:
             self._status(job, JobStatus.UPLOADING, exit_code=code)
             for path in job.artifacts:
                 src = artifact_source(root / job.working_dir, path)
-                if not src.is_dir():
-                    what = "is not a folder" if src.exists() else "was not created by the job"
-                    shipper.write(f"dstack: artifact '{path}' {what}; saved as an empty folder\r\n".encode())
+                if src.exists() and not src.is_dir():
+                    not_folders.append(path)
+                    shipper.write(f"dstack: artifact '{path}' is a file, not a folder: not saved\r\n".encode())
+                    continue
+                if not src.exists():
+                    shipper.write(f"dstack: artifact '{path}' was not created by the job; saved as an empty "
+                                  f"folder\r\n".encode())
                     src = folder / "empty"
                     src.mkdir(exist_ok=True)
-                manifest = save_tree(store, src)
+
+                def warn(message: str, path: str = path) -> None:
+                    shipper.write(f"dstack: artifact '{path}': {message}\r\n".encode())
+
+                manifest = save_tree(store, src, warn=warn)
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})
         shipper.close()  # every line of output is on the server before the final status
+        if job.artifacts and not_folders and not self.stop_requested:
+            names = ", ".join(f"'{p}'" for p in not_folders)
+            self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts,
+                         reason=f"artifact {names} is a file; artifacts are folders (write the file into a "
+                                f"folder and declare that folder)")
+            return
         if self.stop_requested:
             status, reason = JobStatus.STOPPED, "stopped by the user"
         elif code == 0:

@@ -48,6 +48,7 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
     from dstack.runner.resources import detect_resources
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     resources = detect_resources()
     if no_docker:
         resources.docker = False
@@ -62,7 +63,16 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     os.makedirs(runner.workdir, exist_ok=True)
-    runner.serve()
+    import httpx
+
+    from dstack.core.errors import DstackError
+
+    try:
+        runner.serve()
+    except DstackError as e:
+        raise click.ClickException(f"{e.message}" + (f" ({e.hint})" if e.hint else "")) from None
+    except httpx.TransportError as e:
+        raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,12 +53,14 @@ def artifact_source(job_root: Path, path: str) -> Path:
 # ---- save ----
 
 
-def save_tree(store: BlobStore, src: Path, *, workers: int | None = None) -> Manifest:
+def save_tree(store: BlobStore, src: Path, *, workers: int | None = None,
+              warn: Callable[[str], None] | None = None) -> Manifest:
     """Save the folder `src` into `store`; return its manifest (already stored: the artifact exists).
     `workers`: threads for the files (default: what the store says pays off).
 
     Files the store has already are not stored again. Symlinks are saved as links and must resolve
-    inside `src`; FIFOs, sockets and devices are skipped with a warning."""
+    inside `src` (with `warn`, those that do not are left out and reported to it; else UnsafePath);
+    FIFOs, sockets and devices are skipped with a warning."""
     src = Path(src)
     try:
         st = os.lstat(src)
@@ -67,7 +69,13 @@ def save_tree(store: BlobStore, src: Path, *, workers: int | None = None) -> Man
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafePath(f"{src} is not a folder" + (" (it is a symlink)" if stat.S_ISLNK(st.st_mode) else ""))
     entries, files, kinds, targets = _scan(src)
-    check_symlinks(kinds, targets)
+    if warn is None:
+        check_symlinks(kinds, targets)
+    else:  # leave out the symlinks that lead outside, say so, and save the rest
+        for rel in _escaping_symlinks(kinds, targets):
+            warn(f"not saved: symlink '{rel}' points outside the artifact (to '{targets[rel]}')")
+            del kinds[rel], targets[rel]
+            entries = [e for e in entries if e.path != rel]
     workers = workers or store.concurrency
     batches = [files[i:i + _BATCH] for i in range(0, len(files), _BATCH)]
     saved: list[tuple[str, int, int, str]] = []
@@ -89,6 +97,23 @@ def save_tree(store: BlobStore, src: Path, *, workers: int | None = None) -> Man
     manifest = Manifest.build(entries)
     store.put_manifest(manifest)  # last: from here on the artifact exists
     return manifest
+
+
+def _escaping_symlinks(kinds: dict[str, str], targets: dict[str, str]) -> list[str]:
+    """The symlinks that resolve outside the root (until none is left: links may lead through links)."""
+    kinds, targets, out = dict(kinds), dict(targets), []
+    while True:
+        bad = []
+        for rel, target in targets.items():
+            try:
+                check_symlinks(kinds, {rel: target})
+            except UnsafePath:
+                bad.append(rel)
+        if not bad:
+            return out
+        for rel in bad:
+            del kinds[rel], targets[rel]
+        out += bad
 
 
 def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str]], dict[str, str], dict[str, str]]:
@@ -113,7 +138,10 @@ def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str]], dict[str, str]
                 check_text(target, f"target of symlink '{rel}'")
                 targets[rel] = target
                 kinds[rel] = "symlink"
-                entries.append(Entry(path=rel, kind="symlink", mode=0o777, target=target))
+                try:
+                    entries.append(Entry(path=rel, kind="symlink", mode=0o777, target=target))
+                except UnsafePath:
+                    pass  # an absolute target: check_symlinks below refuses it (or leaves it out)
             elif e.is_dir(follow_symlinks=False):
                 mode = e.stat(follow_symlinks=False).st_mode & 0o777
                 kinds[rel] = "dir"

@@ -67,13 +67,18 @@ async def prune(ctx: Context, repo_id: str, dry_run: bool) -> dict:
             live |= {a["manifest"] for a in saved or [] if a.get("manifest")}
         active = await s.scalar(select(JobRow.job_id).where(
             JobRow.status.in_([JobStatus.RUNNING.value, JobStatus.UPLOADING.value])).limit(1))
+        live_code = set()
+        for code in (await s.scalars(select(RunRow.code).where(RunRow.name.notin_(doomed)))).all():
+            live_code |= {h for h in ((code or {}).get(k) for k in ("diff_hash", "files_hash", "archive_hash")) if h}
     # a job saving right now has blobs (and maybe a manifest) the database does not know yet: while any
     # job runs, only data older than the grace period goes
     grace = ctx.settings.gc_grace if active else 0
     result = await asyncio.to_thread(collect, ctx.store, live, grace_seconds=grace, dry_run=dry_run)
+    # code blobs: uploaded just before a run is submitted, so always spare the young ones
+    code_count, code_bytes = await asyncio.to_thread(ctx.code.collect, live_code, max(grace, 300), dry_run)
     if not dry_run:
         trees = ctx.settings.store_dir / "trees"
         for digest in result.deleted_manifests:
             await asyncio.to_thread(remove_tree, trees / digest)
     return {"runs": doomed, "manifests": len(result.deleted_manifests), "blobs": len(result.deleted_blobs),
-            "bytes": result.bytes_freed, "dry_run": dry_run}
+            "code_blobs": code_count, "bytes": result.bytes_freed + code_bytes, "dry_run": dry_run}

@@ -33,6 +33,23 @@ class CodeBlobs:
         tmp.write_bytes(data)
         os.replace(tmp, final)
 
+    def collect(self, live: set[str], grace: float, dry_run: bool) -> tuple[int, int]:
+        """Delete the blobs not in `live` (older than `grace` seconds); (count, bytes)."""
+        import time
+
+        cutoff = time.time() - grace
+        count = size = 0
+        for p in self.root.iterdir():
+            if p.name in live:
+                continue
+            st = p.stat()
+            if st.st_mtime >= cutoff:
+                continue
+            count, size = count + 1, size + st.st_size
+            if not dry_run:
+                p.unlink(missing_ok=True)
+        return count, size
+
     def get(self, digest: str) -> bytes:
         try:
             return self._path(digest).read_bytes()

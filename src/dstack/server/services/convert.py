@@ -44,6 +44,7 @@ def run_model(row: RunRow, with_specs: bool = True) -> Run:
         code=CodeSnapshot.model_validate(row.code) if row.code else None,
         dependencies=row.dependencies or [],
         reproduces=row.reproduces,
+        tag_when_done=row.tag_when_done,
     )
 
 

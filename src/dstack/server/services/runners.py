@@ -99,7 +99,7 @@ async def _fail_jobs_of(s, runner_name: str, reason: str) -> list[str]:
 async def list_runners(ctx: Context, include_gone: bool = False) -> list[RunnerInfo]:
     q = select(RunnerRow).order_by(RunnerRow.registered_at.desc())
     if not include_gone:
-        q = q.where(RunnerRow.status != RunnerStatus.TERMINATED.value)
+        q = q.where(RunnerRow.status.in_((RunnerStatus.READY.value, RunnerStatus.BUSY.value)))
     async with ctx.sessions() as s:
         return [runner_model(r) for r in (await s.scalars(q)).all()]
 

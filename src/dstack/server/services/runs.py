@@ -111,6 +111,11 @@ async def get_run(ctx: Context, repo_id: str | None, name: str) -> Run:
         row = await s.scalar(_runs_query(repo_id).where(RunRow.name == name))
         if row is None:
             job = await s.get(JobRow, name)
+            if job is None and len(name) >= 4 and all(c in "0123456789abcdef" for c in name):
+                jobs = (await s.scalars(select(JobRow).where(JobRow.job_id.like(f"{name}%")).limit(2))).all()
+                if len(jobs) > 1:
+                    raise Conflict(f"'{name}' is the start of several job ids", hint="type more of it")
+                job = jobs[0] if jobs else None
             if job is not None:
                 row = await s.scalar(_runs_query(repo_id).where(RunRow.name == job.run_name))
         if row is None:

@@ -44,7 +44,8 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> None:
     raise Unsatisfiable(
         f"no runner and no backend can provide what '{job.workflow}' needs ({job.requirements.describe()})"
         f": {detail}",
-        hint="lower the workflow's resources (e.g. --gpu 0) or add a runner that has them",
+        hint="ask for less in the workflow's `resources` (or in the variables they use), or add a runner "
+             "that has it: `dstack-runner start --server URL --token TOKEN` on such a machine",
     )
 
 

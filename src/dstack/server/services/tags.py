@@ -20,8 +20,9 @@ async def add_tag(ctx: Context, repo_id: str, run_name: str, tag: str) -> tuple[
         if run is None or run.repo_id != repo_id:
             raise NotFound(f"no run named '{run_name}'", hint="`dstack status` lists runs")
         if run.status != JobStatus.DONE.value:
+            finished = JobStatus(run.status).finished
             raise Conflict(f"run {run_name} is {run.status}; only DONE runs can be tagged",
-                           hint="wait for it to finish, or tag another run")
+                           hint="tag a run that succeeded" if finished else "wait for it to finish")
         row, moved_from = await set_tag(s, run, tag)
         await s.commit()
         return tag_model(row), moved_from
