@@ -52,7 +52,8 @@ class Dstack:
             time.sleep(0.2)
 
     def stop_server(self) -> None:
-        subprocess.run([str(BIN / "dstack"), "server", "stop"], env=self.env, capture_output=True, timeout=60)
+        subprocess.run([str(BIN / "dstack"), "server", "stop", "--force"], env=self.env, capture_output=True,
+                       timeout=60)
 
 
 @pytest.fixture(scope="session")

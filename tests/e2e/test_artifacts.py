@@ -198,3 +198,34 @@ def test_a_dependency_is_never_mounted_through_a_symlink_of_the_code(dstack, pro
     r = dstack("run", "use", cwd=root)
     assert r.returncode == 1 and "leads outside the job's folder" in r.stderr
     assert list(outside.iterdir()) == []
+
+
+def test_dependency_forms_and_a_subset_of_artifacts(dstack, project):
+    root = project("""\
+    workflows:
+      - name: two
+        commands: [mkdir -p a b, echo A > a/f, echo B > b/f]
+        artifacts: [a, b]
+      - name: by-workflow
+        dependencies: [two]
+        commands: [cat a/f b/f]
+      - name: subset
+        dependencies:
+          - ref: two
+            artifacts: [b]
+        commands: [cat b/f, test ! -e a && echo "no a"]
+      - name: by-run
+        dependencies: [RUN]
+        commands: [cat a/f]
+    """)
+    dstack("run", "two", cwd=root, check=True)
+    two = last_run(dstack, root)["run_name"]
+    r = dstack("run", "by-workflow", cwd=root, check=True)  # `two` = its latest DONE run, no tag needed
+    assert "A" in r.stdout and "B" in r.stdout
+    r = dstack("run", "subset", cwd=root, check=True)
+    assert "B" in r.stdout and "no a" in r.stdout
+    deps = last_run(dstack, root)["dependencies"]
+    assert deps[0]["artifacts"] == ["b"] and list(deps[0]["manifests"]) == ["b"]
+    (root / ".dstack" / "workflows.yaml").write_text((root / ".dstack" / "workflows.yaml").read_text()
+                                                     .replace("RUN", two))
+    assert "A" in dstack("run", "by-run", cwd=root, check=True).stdout

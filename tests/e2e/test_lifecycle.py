@@ -231,3 +231,13 @@ def test_logs_follow_ctrl_c_leaves_the_run_running(dstack, project):
     assert p.wait(timeout=20) == 130
     assert dstack.run_info(root, name)["status"] == "RUNNING"
     dstack("stop", name, "--abort", cwd=root, check=True)
+
+
+def test_server_stop_refuses_while_runs_are_unfinished(dstack, project):
+    root = project(SLEEPY.format(image="", sleep="sleep 300"))
+    name = _submit(dstack, root, "sleepy")
+    dstack.wait_status(root, name, {"RUNNING"})
+    r = dstack("server", "stop", cwd=root)
+    assert r.returncode == 1 and name in r.stderr and "--force" in r.stderr
+    assert dstack.run_info(root, name)["status"] == "RUNNING"  # the server still runs
+    dstack("stop", name, "--abort", cwd=root, check=True)

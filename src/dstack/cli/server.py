@@ -35,8 +35,18 @@ def server(ctx: click.Context, host: str, port: int, log_level: str) -> None:
 
 
 @server.command()
-def stop() -> None:
+@click.option("--force", is_flag=True, help="Stop it even while jobs run (they are lost).")
+def stop(force: bool) -> None:
     """Stop the local server started in the background (and its runners)."""
-    from dstack.api.embedded import stop_local_server
+    from dstack.api.client import Client
+    from dstack.api.embedded import local_server, stop_local_server
 
+    running = local_server()
+    if running and not force:
+        busy = [r["run_name"] for r in Client(*running).runs(None, limit=1000)
+                if r["status"] in ("SUBMITTED", "PROVISIONING", "RUNNING", "UPLOADING")]
+        if busy:
+            raise click.ClickException(f"{len(busy)} run(s) not finished: {', '.join(busy[:5])}; stopping the "
+                                       "server now would lose them. Stop them first (`dstack stop RUN`), "
+                                       "or use --force")
     click.echo("stopped" if stop_local_server() else "no local server is running")
