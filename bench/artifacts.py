@@ -35,6 +35,8 @@ Targets: save < 1.5x cp (big), < 2x cp -r (small); save2 < 0.3x save; mount < 0.
 
 Usage: .venv/bin/python bench/artifacts.py [--quick] [--rounds N] [--dvc-rounds N] [--no-dvc]
        [--dvc-venv /tmp/dstack-bench-dvc-venv]   (created with `pip install dvc` if missing)
+       .venv/bin/python bench/artifacts.py --profile [--quick]   (the parts of a save and of a mount,
+       each timed alone, plus cProfile tops; bench/results/artifacts_profile.json)
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def fincore(paths: list[Path]) -> str:
     """Page-cache residency (util-linux fincore), summed: '<resident> of <size>'."""
     if not shutil.which("fincore") or not paths:
         return "unknown (no fincore)"
-    p = subprocess.run(["fincore", "-b", "-n", "-o", "RES,SIZE", *map(str, paths)], capture_output=True, text=True)
+    cmd = ["fincore", "-b", "-n", "-o", "RES,SIZE", *map(str, paths)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
     res = size = 0
     for line in p.stdout.splitlines():
         parts = line.split()
@@ -195,6 +198,16 @@ def make_sparse(path: Path, size: int) -> None:
         f.write(os.urandom(MiB))
 
 
+def create_probe(folder: Path, n: int = 500) -> float:
+    """Microseconds per file create (open O_CREAT + close) on this disk now: shows the ext4 slowdown
+    after deletes (see the module's note). The files stay until the end of the run."""
+    folder.mkdir()
+    t0 = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(folder / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def count_files(root: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(root))
 
@@ -218,8 +231,9 @@ class Dvc:
         self.venv = venv
         self.env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(site_cache)}
         self.log = open(log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([str(venv / "bin" / "python"), "-c", DVC_WORKER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, env=self.env, text=True, bufsize=1)
+        self.proc = subprocess.Popen([str(venv / "bin" / "python"), "-c", DVC_WORKER],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     env=self.env, text=True, bufsize=1)
 
     def call(self, **req) -> dict:
         assert self.proc.stdin and self.proc.stdout
@@ -329,7 +343,8 @@ def run_set(name: str, src: Path, work: Path, rounds: int, dvc_rounds: int, dvc:
     return {"times": t, "info": info}
 
 
-def dvc_round(dvc: Dvc, src: Path, repo: Path, t: dict[str, list], info: dict, big: bool, keep_files: bool) -> None:
+def dvc_round(dvc: Dvc, src: Path, repo: Path, t: dict[str, list], info: dict, big: bool,
+              keep_files: bool) -> None:
     dvc.call(op="init", repo=str(repo))
     data = repo / "data"
     if big:
@@ -388,6 +403,158 @@ def run_sparse(src: Path, work: Path, rounds: int) -> dict:
                                  "blob_allocated_bytes": os.stat(blob).st_blocks * 512 if blob else None}}
 
 
+# ---- --profile: where the time goes ----
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _top(fn, n: int = 10) -> tuple[float, str]:
+    """Wall time of fn() under cProfile, and its top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    fn()
+    pr.disable()
+    dt = time.perf_counter() - t0
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(n)
+    lines = [x for x in out.getvalue().splitlines() if x.strip()]
+    start = next(i for i, x in enumerate(lines) if x.lstrip().startswith("ncalls"))
+    return dt, "\n".join(lines[start:])
+
+
+def profile(work: Path, quick: bool, rounds: int) -> dict:
+    """The parts of a save and of a first mount, each timed alone (same rounds, interleaved)."""
+    try:
+        from dstack.storage.hashing import copy_and_hash, copy_fd, hash_fd
+    except ImportError:  # before storage/hashing.py
+        from dstack.storage.blobstore import copy_and_hash, copy_fd, hash_fd  # type: ignore[no-redef]
+    import threading
+
+    from dstack.core.manifest import Entry, Manifest
+
+    size = 64 * MiB if quick else GiB
+    count = 1000 if quick else 10_000
+    big, small = work / "big" / "blob.bin", work / "small"
+    make_big(big, size)
+    make_small(small, count)
+    sync()
+    t: dict[str, list] = {k: [] for k in (
+        "cp", "cp_cpu", "save", "save_cpu", "pread_only", "hash_1thread", "copy_fd",
+        "hash_and_copy_fd_threads", "copy_and_hash_1pass", "small_entries_validated",
+        "small_entries_construct", "small_manifest_build", "small_save", "small_save2", "get_manifest",
+        "materialise", "link_floor_python", "cp_al")}
+    buf = bytearray(4 * MiB)
+
+    def tmpfile() -> int:
+        return os.open(work, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o444)
+
+    for i in range(rounds):
+        print(f"  profile round {i + 1}/{rounds}", flush=True)
+        sync()
+        c0 = _cpu()
+        t["cp"].append(sh(["cp", str(big), str(work / "cp.bin")]))
+        t["cp_cpu"].append(_cpu() - c0)
+        rm(work / "cp.bin")
+        store = LocalBlobStore(work / f"store-{i}")
+        sync()
+        c0 = _cpu()
+        t["save"].append(timed(save_tree, store, big.parent)[0])
+        t["save_cpu"].append(_cpu() - c0)
+        rm(work / f"store-{i}")
+        fd = os.open(big, os.O_RDONLY)
+        try:
+            t0 = time.perf_counter()
+            for off in range(0, size, len(buf)):
+                os.preadv(fd, [buf], off)
+            t["pread_only"].append(time.perf_counter() - t0)
+            t["hash_1thread"].append(timed(hash_fd, fd, size, 1)[0])
+            for key in ("copy_fd", "hash_and_copy_fd_threads", "copy_and_hash_1pass"):
+                out = tmpfile()
+                sync()
+                t0 = time.perf_counter()
+                if key == "copy_fd":
+                    copy_fd(fd, out, size)
+                elif key == "copy_and_hash_1pass":
+                    copy_and_hash(fd, out, size)
+                else:  # what LocalBlobStore._ingest_copying does: copy in a thread while hashing
+                    th = threading.Thread(target=copy_fd, args=(fd, out, size, threading.Event()))
+                    th.start()
+                    hash_fd(fd, size, 1)
+                    th.join()
+                t[key].append(time.perf_counter() - t0)
+                os.close(out)
+        finally:
+            os.close(fd)
+        # many small files: the manifest's share
+        h = "0" * 64
+        rows = [(str(p.relative_to(small)), 0o644, 4096, h) for p in small.rglob("*.bin")]
+        def make(rows=rows, new=Entry):
+            return [new(path=r, kind="file", mode=m, size=z, hash=x) for r, m, z, x in rows]
+
+        t["small_entries_validated"].append(timed(make)[0])
+        dt, entries = timed(make, new=Entry.model_construct)
+        t["small_entries_construct"].append(dt)
+        dirs = [Entry(path=d.name, kind="dir", mode=0o755) for d in small.iterdir()]
+        t["small_manifest_build"].append(timed(Manifest.build, dirs + entries)[0])
+        store = LocalBlobStore(work / f"sstore-{i}")
+        sync()
+        dt, m = timed(save_tree, store, small)
+        t["small_save"].append(dt)
+        t["small_save2"].append(timed(save_tree, store, small)[0])
+        digest = m.digest()
+        dt, manifest = timed(store.get_manifest, digest)
+        t["get_manifest"].append(dt)
+        from dstack.storage.tree import materialise
+
+        t["materialise"].append(timed(materialise, store, manifest, work / f"tree-{i}", work / "bcache")[0])
+        remove_tree(work / f"tree-{i}")
+        # the floor of the same links from Python: mkdir + os.link with str paths, no validation
+        dest = str(work / f"links-{i}")
+        blobs = str(store.blobs)
+        t0 = time.perf_counter()
+        os.mkdir(dest)
+        for e in manifest.entries:
+            if e.kind == "dir":
+                os.mkdir(f"{dest}/{e.path}")
+            else:
+                os.link(f"{blobs}/{e.hash[:2]}/{e.hash}", f"{dest}/{e.path}")
+        t["link_floor_python"].append(time.perf_counter() - t0)
+        t["cp_al"].append(sh(["cp", "-al", str(small), str(work / f"al-{i}")]))
+        rm(Path(dest))
+        rm(work / f"al-{i}")
+    # cProfile of one more of each (slower under the profiler; the shares are what count)
+    store = LocalBlobStore(work / "sstore-prof")
+    sync()
+    profiles = {}
+    profiles["save_small_first"] = _top(lambda: save_tree(store, small))
+    profiles["save_small_second"] = _top(lambda: save_tree(store, small))
+    digest = save_tree(store, small).digest()
+    profiles["tree_cache_small_first"] = _top(lambda: tree_cache(store, digest, work / "trees-prof",
+                                                                  work / "bc"))
+    return {"size": size, "count": count, "times": t, "profiles": profiles}
+
+
+def report_profile(res: dict, quick: bool) -> None:
+    t = res["times"]
+    print(f"\nwhere the time goes ({size_label(res['size'])}; {res['count']:,} x 4 KiB), medians:")
+    for k, v in t.items():
+        print(f"  {k:28s} {fmt(med(v))}")
+    for k, (dt, text) in res["profiles"].items():
+        print(f"\n== cProfile {k}: {fmt(dt)} under the profiler\n{text}")
+    write_results("artifacts_profile_quick" if quick else "artifacts_profile", {
+        "quick": quick, "size": res["size"], "count": res["count"],
+        "steps": {k: stats(v) for k, v in t.items() if v},
+        "cprofile": {k: {"wall_s": dt, "top": text} for k, (dt, text) in res["profiles"].items()}})
+
+
 # ---- report ----
 
 
@@ -419,24 +586,37 @@ def size_label(n: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="64 MiB, 1,000 files, 256 MiB sparse, 3 rounds")
-    ap.add_argument("--rounds", type=int, help="rounds per data set (default 5, quick 3)")
+    ap.add_argument("--quick", action="store_true",
+                    help="64 MiB, 1,000 files, 256 MiB sparse, 3 rounds (results: artifacts_quick.json)")
+    ap.add_argument("--rounds", type=int, help="rounds per data set (default 7, quick 3)")
     ap.add_argument("--dvc-rounds", type=int, help="rounds with DVC (default 3 big / 2 small, quick 2)")
     ap.add_argument("--no-dvc", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: time the parts of a save and of a first mount (bench/results/"
+                         "artifacts_profile.json)")
     ap.add_argument("--dvc-venv", type=Path, default=DVC_VENV)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
                     help="where the data goes (default /tmp; must be the disk to measure)")
     a = ap.parse_args()
     big_size, small_count, sparse_size = (64 * MiB, 1000, 256 * MiB) if a.quick else (GiB, 10_000, 4 * GiB)
-    rounds = a.rounds or (3 if a.quick else 5)
+    rounds = a.rounds or (3 if a.quick else 7)
     dvc_big = a.dvc_rounds if a.dvc_rounds is not None else 2 if a.quick else 3
     dvc_small = a.dvc_rounds if a.dvc_rounds is not None else 2
     t_start = time.perf_counter()
+    if a.profile:
+        work = Path(tempfile.mkdtemp(prefix="dstack-bench-artifacts-profile-", dir=a.workdir))
+        try:
+            res = profile(work, a.quick, a.rounds or 5)
+        finally:
+            rm(work)
+        report_profile(res, a.quick)
+        return
 
     work = Path(tempfile.mkdtemp(prefix="dstack-bench-artifacts-", dir=a.workdir))
     same_disk = os.stat(work).st_dev == os.stat(REPO).st_dev
     free_start = shutil.disk_usage(work).free
-    print(f"work folder {work} (same filesystem as {REPO}: {same_disk}); load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"work folder {work} (same filesystem as {REPO}: {same_disk}); "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
     dvc = None
     dvc_version = None
     dvc_cli: list[float] = []
@@ -454,13 +634,16 @@ def main() -> None:
         make_small(small, small_count)
         make_sparse(sparse, sparse_size)
         sync()
-        env = {"reflink": reflink_support(work), "fincore_big_before": fincore([big]),
+        env = {"create_us_start": create_probe(work / "probe-start"), "reflink": reflink_support(work),
+               "fincore_big_before": fincore([big]),
                "fincore_small_before": fincore(sorted(small.rglob("*.bin"))[:200])}
-        print(f"  reflink on this disk: {env['reflink']}; page cache: big {env['fincore_big_before']}, "
-              f"small (200-file sample) {env['fincore_small_before']}", flush=True)
+        print(f"  file create: {env['create_us_start']:.0f} us; reflink on this disk: {env['reflink']}; "
+              f"page cache: big {env['fincore_big_before']}, small (200-file sample) "
+              f"{env['fincore_small_before']}", flush=True)
         res_big = run_set("big", big, work, rounds, dvc_big, dvc, keep_files=True, warmup=True)
         free_min = shutil.disk_usage(work).free
         res_small = run_set("small", small, work, rounds, dvc_small, dvc, keep_files=True, warmup=False)
+        env["create_us_after_small"] = create_probe(work / "probe-after-small")
         free_min = min(free_min, shutil.disk_usage(work).free)
         print("  sparse", flush=True)
         res_sparse = run_sparse(sparse, work, rounds)
@@ -494,8 +677,9 @@ def main() -> None:
 
     row("save_big", f"save_tree {B} (fresh store)", tb["save"], "cp", tb["cp"], "< 1.5x cp", 1.5, True)
     row("save_small", f"save_tree {S} (fresh store)", ts["save"], "cp -r", ts["cp"], "< 2x cp -r", 2.0, True)
-    row("save2_big", f"second save {B} (unchanged)", tb["save2"], "first save", tb["save"], "< 0.3x", 0.3, True)
-    row("save2_small", f"second save {S} (unchanged)", ts["save2"], "first save", ts["save"], "< 0.3x", 0.3, True)
+    for key, label, tt in (("save2_big", B, tb), ("save2_small", S, ts)):
+        row(key, f"second save {label} (unchanged)", tt["save2"], "first save", tt["save"], "< 0.3x", 0.3,
+            True)
     for key, label, tt in (("big", B, tb), ("sparse", f"{P} sparse", tp), ("small", S, ts)):
         row(f"mount_{key}", f"tree_cache {label}: first build", tt["mount"], "cp -al", tt["cp_al"],
             "< 0.1 s", 0.1, False)
@@ -516,20 +700,31 @@ def main() -> None:
         for label, tt in ((B, tb), (S, ts)):
             base = "cp" if tt is tb else "cp -r"
             n = len(tt["dvc_add"])
+            ours = {k: tt[k][:n] for k in ("save", "save2", "mount", "mount2", "cp")}  # the rounds DVC ran in
             dvc_rows += [
-                {"step": f"save {label}", "dstack": f"{fmt(med(tt['save'][:n]))} ({rx(ratio(tt['save'][:n], tt['cp']), base)})",
-                 "DVC": f"Repo.add {fmt(med(tt['dvc_add']))} ({rx(ratio(tt['dvc_add'], tt['cp']), base)})"},
+                {"step": f"save {label}",
+                 "dstack": f"save_tree {fmt(med(ours['save']))} "
+                           f"({rx(ratio(ours['save'], ours['cp']), base)})",
+                 "DVC": f"Repo.add {fmt(med(tt['dvc_add']))} ({rx(ratio(tt['dvc_add'], ours['cp']), base)})"},
                 {"step": f"save again, unchanged {label}",
-                 "dstack": f"{fmt(med(tt['save2'][:n]))} ({rx(ratio(tt['save2'][:n], tt['save']), 'first')})",
-                 "DVC": f"Repo.add {fmt(med(tt['dvc_add2']))} ({rx(ratio(tt['dvc_add2'], tt['dvc_add']), 'first')})"},
-                {"step": f"mount / checkout {label}", "dstack": f"tree_cache {fmt(med(tt['mount'][:n]))} (links)",
-                 "DVC": f"checkout {fmt(med(tt['dvc_checkout']))} (default: copy); hardlink {fmt(med(tt['dvc_checkout_hl']))}"},
-                {"step": f"mount again / checkout unchanged {label}", "dstack": f"tree_cache {fmt(med(tt['mount2'][:n]))}",
-                 "DVC": f"checkout {fmt(med(tt['dvc_checkout2']))} (copy); {fmt(med(tt['dvc_checkout_hl2']))} (hardlink)"},
+                 "dstack": f"save_tree {fmt(med(ours['save2']))} "
+                           f"({rx(ratio(ours['save2'], ours['save']), 'first')})",
+                 "DVC": f"Repo.add {fmt(med(tt['dvc_add2']))} "
+                        f"({rx(ratio(tt['dvc_add2'], tt['dvc_add']), 'first')})"},
+                {"step": f"mount / checkout {label}",
+                 "dstack": f"tree_cache {fmt(med(ours['mount']))} (links)",
+                 "DVC": f"checkout {fmt(med(tt['dvc_checkout']))} (default: copy); "
+                        f"hardlink {fmt(med(tt['dvc_checkout_hl']))}"},
+                {"step": f"mount again / checkout unchanged {label}",
+                 "dstack": f"tree_cache {fmt(med(ours['mount2']))}",
+                 "DVC": f"checkout {fmt(med(tt['dvc_checkout2']))} (copy); "
+                        f"{fmt(med(tt['dvc_checkout_hl2']))} (hardlink)"},
             ]
 
     print(f"\n{rounds} rounds per data set, medians; load at end {os.getloadavg()[0]:.2f}; "
-          f"data in page cache ({env['fincore_big_before']} for {B}); cannot drop caches here\n")
+          f"data in page cache ({env['fincore_big_before']} for {B}); cannot drop caches here; file create "
+          f"{env['create_us_start']:.0f} us at start, {env['create_us_after_small']:.0f} us after the "
+          "small set\n")
     print_table(rows, ["measure", "value", "baseline", "ratio", "target", "result"])
     print("\ninformation (medians):")
     for k, v in informative.items():
@@ -543,19 +738,20 @@ def main() -> None:
     print(f"\nwall time {bench_s:.0f} s (+ {cleanup_s:.0f} s cleanup); peak disk use about "
           f"{(free_start - free_min) / GiB:.1f} GiB (free-space drop, other sessions included)")
 
-    write_results("artifacts", {
+    write_results("artifacts_quick" if a.quick else "artifacts", {
         "quick": a.quick, "rounds": rounds, "dvc_rounds": {"big": dvc_big, "small": dvc_small},
         "sizes": {"big_bytes": big_size, "small_files": small_count, "small_file_bytes": 4096,
                   "sparse_bytes": sparse_size},
         "disk": {"workdir": str(work), "same_filesystem_as_repo": same_disk, **env,
-                 "page_cache": "data written just before and resident (RAM >> data); drop_caches not possible"},
+                 "page_cache": "data written just before and resident (RAM >> data); "
+                               "drop_caches not possible"},
         "checks": checks, "table": rows,
-        "steps": {"big": {k: stats(v) for k, v in tb.items() if v}, "small": {k: stats(v) for k, v in ts.items() if v},
-                  "sparse": {k: stats(v) for k, v in tp.items() if v}},
+        "steps": {name: {k: stats(v) for k, v in tt.items() if v}
+                  for name, tt in (("big", tb), ("small", ts), ("sparse", tp))},
         "set_info": {"big": res_big["info"], "small": res_small["info"], "sparse": res_sparse["info"]},
         "informative": {k: stats(v) for k, v in informative.items() if v},
-        "dvc": None if dvc is None else {"version": dvc_version, "venv": str(a.dvc_venv), "cli_start": stats(dvc_cli),
-                                         "table": dvc_rows},
+        "dvc": None if dvc is None else {"version": dvc_version, "venv": str(a.dvc_venv),
+                                         "cli_start": stats(dvc_cli), "table": dvc_rows},
         "wall_s": bench_s, "cleanup_s": cleanup_s, "peak_disk_use_bytes_approx": free_start - free_min,
     })
 
