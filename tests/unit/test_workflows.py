@@ -461,3 +461,34 @@ def test_each_resolution_gets_a_new_job_id(project):
     first, second = project.resolve("a").jobs[0], project.resolve("a").jobs[0]
     assert first.job_id != second.job_id
     assert first.commands == [f"echo {first.job_id}"]
+
+
+def test_numbers_in_env_keep_the_text_as_written(project):
+    project.workflows("""\
+        workflows:
+          - name: a
+            commands: [x]
+            env:
+              C: 1.50
+              V: 11.10
+              N: 7
+    """)
+    env = project.resolve("a").jobs[0].env
+    assert (env["C"], env["V"], env["N"]) == ("1.50", "11.10", "7")
+
+
+def test_yaml_anchors_and_merge_keys_share_blocks_between_workflows(project):
+    project.workflows("""\
+        x-defaults: &defaults
+          commands: [echo shared]
+          resources: {cpu: 2}
+        workflows:
+          - name: a
+            <<: *defaults
+          - name: b
+            <<: *defaults
+            commands: [echo own]
+    """)
+    a, b = project.resolve("a").jobs[0], project.resolve("b").jobs[0]
+    assert a.commands == ["echo shared"] and a.requirements.cpu == 2
+    assert b.commands == ["echo own"] and b.requirements.cpu == 2

@@ -83,7 +83,6 @@ def test_duplicate_key_is_rejected_at_the_second_one():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("base: &b {x: 1}\nother:\n  <<: *b\n", "merge keys"),
         ("? [1, 2]\n: 3\n", "a key must be a plain value"),
         ("a: !!python/object:os.system x\n", "malformed YAML"),
         ("a: &x [1, *x]\n", "refers to a value that contains it"),
@@ -130,3 +129,13 @@ def test_unquoted_braces_in_a_flow_list_get_a_hint_about_quotes():
     with pytest.raises(ConfigError) as info:
         load_text("workflows:\n  - name: a\n    commands: [echo ${{ x }}]\n", "w.yaml")
     assert "needs quotes" in info.value.hint
+
+
+def test_merge_keys_merge_and_keys_written_win():
+    located = load_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n", "w.yaml")
+    assert located.data["other"] == {"x": 1, "y": 3}
+
+
+def test_merging_a_scalar_is_an_error():
+    with pytest.raises(ConfigError, match="merges mappings only"):
+        load_text("a: &s 1\nb:\n  <<: *s\n", "w.yaml")

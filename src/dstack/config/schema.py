@@ -428,6 +428,8 @@ def workflows_schema(specs: dict[str, tuple[type[BaseModel], str | None]] | None
         "type": "object",
         "required": ["workflows"],
         "additionalProperties": False,
+        # blocks to share with YAML anchors: `x-defaults: &defaults`, then `<<: *defaults` in a workflow
+        "patternProperties": {"^x-": {}},
         "properties": {
             "workflows": {
                 "type": ["array", "null"],

@@ -75,10 +75,12 @@ def load_workflows(project: Path) -> list[WorkflowEntry]:
                 (key,) if key is not None else (), "the file must have the key 'workflows' (a list)",
                 hint=did_you_mean(str(key), ["workflows"]) if key else "start it with 'workflows:'", key=True,
             )
-        extra = [k for k in data if k != "workflows"]
+        extra = [k for k in data if k != "workflows" and not str(k).startswith("x-")]
         if extra:
             raise located.error((extra[0],), f"unknown key '{extra[0]}'",
-                                hint="the file has one key, 'workflows'", key=True)
+                                hint="the file has one key, 'workflows' (and any keys starting with 'x-', e.g. "
+                                     "`x-defaults: &defaults` for blocks that workflows merge with `<<: *defaults`)",
+                                key=True)
         items = data["workflows"] or []
         if not isinstance(items, list):
             raise located.error(("workflows",), "'workflows' must be a list; start each workflow with '- name:'")
@@ -227,6 +229,11 @@ def resolve_workflow(project: Path, name: str, overrides: dict[str, Any], run_na
                                   " key; keep one", key=True)
     if "deps" in raw:
         raw = {k if k != "deps" else "depends-on": v for k, v in raw.items()}
+    for key in ("environment", "env"):  # `C: 1.50` is the text 1.50, not the number 1.5
+        if isinstance(raw.get(key), dict):
+            texts = entry.located.number_texts
+            raw[key] = {k: texts.get(entry.path + (key, k), v) if isinstance(v, int | float) else v
+                        for k, v in raw[key].items()}
     pname = provider_name(raw)
     try:
         provider = get_provider(pname)

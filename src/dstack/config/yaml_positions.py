@@ -21,6 +21,7 @@ class Located:
     data: Any
     positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     key_positions: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    number_texts: dict[Path_, str] = field(default_factory=dict)
 
     def where(self, path: Path_, key: bool = False) -> tuple[int | None, int | None]:
         """The position of `path`, or of its closest written ancestor."""
@@ -54,9 +55,16 @@ def _build(node: yaml.Node, path: Path_, out: Located, loader: yaml.SafeLoader, 
     if isinstance(node, yaml.MappingNode):
         open_.add(id(node))
         result: dict = {}
+        merged: dict = {}  # `<<: *anchor` (or a list of them): keys written here win over merged ones
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise fail("YAML merge keys (<<) are not supported", key_node.start_mark)
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for source in sources:
+                    if not isinstance(source, yaml.MappingNode):
+                        raise fail("`<<` merges mappings only, e.g. `<<: *defaults`", source.start_mark)
+                    for k, v in _build(source, path, out, loader, open_).items():
+                        merged.setdefault(k, v)
+                continue
             if not isinstance(key_node, yaml.ScalarNode):
                 raise fail("a key must be a plain value", key_node.start_mark)
             key = loader.construct_object(key_node)
@@ -67,13 +75,16 @@ def _build(node: yaml.Node, path: Path_, out: Located, loader: yaml.SafeLoader, 
             out.key_positions[path + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             result[key] = _build(value_node, path + (key,), out, loader, open_)
         open_.discard(id(node))
-        return result
+        return {**{k: v for k, v in merged.items() if k not in result}, **result}
     if isinstance(node, yaml.SequenceNode):
         open_.add(id(node))
         items = [_build(item, path + (i,), out, loader, open_) for i, item in enumerate(node.value)]
         open_.discard(id(node))
         return items
-    return loader.construct_object(node)
+    value = loader.construct_object(node)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        out.number_texts[path] = node.value  # `1.50` as written, for values that end up as text
+    return value
 
 
 def load_text(text: str, file: str) -> Located:
