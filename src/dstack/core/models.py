@@ -152,10 +152,3 @@ class JobUpdate(Model):
     image_digest: str | None = None
     artifacts: list[dict] | None = None  # with the final status: what was saved
     ports: list[int] | None = None  # with RUNNING: the ports the runner picked (PORT_0, ...)
-
-
-class StoreConfig(Model):
-    """Where a runner saves and reads artifacts."""
-
-    type: str = "local"
-    path: str | None = None
