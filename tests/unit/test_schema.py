@@ -25,6 +25,7 @@ from dstack.config.variables import _REF
 from dstack.config.workflows import provider_name
 from dstack.core.errors import ConfigError
 from dstack.core.resources import parse_size_mib
+from tests.unit.test_workflows import PREPARE_AND_TRAIN as DESIGNS_EXAMPLE  # DESIGN.md's example
 
 
 @pytest.fixture(scope="module")
@@ -52,28 +53,6 @@ def test_schema_is_a_valid_draft7_schema_whose_references_resolve(validator):
         assert ref in validator.schema["$defs"], ref
 
 
-DESIGNS_EXAMPLE = """
-workflows:
-  - name: prepare
-    image: tensorflow/tensorflow:latest-gpu
-    commands:
-      - python3 prepare.py
-    artifacts:
-      - data
-    resources:
-      v100/gpu: $gpu
-
-  - name: train
-    image: tensorflow/tensorflow:latest-gpu
-    commands:
-      - python3 train.py
-    artifacts:
-      - checkpoint
-    dependencies:
-      - prepare:latest
-    resources:
-      v100/gpu: $gpu
-"""
 
 WITH_DEPENDS_ON_AND_GPU_MAPPING = """
 workflows:

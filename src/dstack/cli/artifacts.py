@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from dstack.cli.output import human_size
+
 CTX = {"help_option_names": ["-h", "--help"]}
 
 
@@ -12,14 +14,6 @@ def _client_and_repo():
     from dstack.api.repo import find_project, repo_id
 
     return connect(), repo_id(find_project())
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @click.group(context_settings=CTX)
@@ -48,14 +42,14 @@ def list_(run_or_job: str, show_files: bool, as_json: bool) -> None:
     from dstack.cli.table import print_table
 
     print_table(("JOB", "ARTIFACT", "FILES", "SIZE", "HASH"),
-                [(a["job_id"], a["path"], str(a["files"]), _human(a["size"]), a["manifest"][:16]) for a in found])
+                [(a["job_id"], a["path"], str(a["files"]), human_size(a["size"]), a["manifest"][:16]) for a in found])
     if show_files:
         for a in found:
             click.echo(f"\n{a['path']}/")
             for e in client.manifest(a["manifest"]).entries:
                 if e.kind == "dir":
                     continue
-                extra = f"-> {e.target}" if e.kind == "symlink" else f"{_human(e.size):>10}  {oct(e.mode)[2:]}"
+                extra = f"-> {e.target}" if e.kind == "symlink" else f"{human_size(e.size):>10}  {oct(e.mode)[2:]}"
                 click.echo(f"  {e.path}  {extra}")
 
 
@@ -106,11 +100,11 @@ def diff(run_a: str, run_b: str, as_json: bool) -> None:
                                "unchanged": len(set(a) & set(b)) - len(changed)}, indent=2))
         return
     for p in added:
-        click.echo(f"+ {p}  ({_human(b[p][2])})")
+        click.echo(f"+ {p}  ({human_size(b[p][2])})")
     for p in removed:
-        click.echo(f"- {p}  ({_human(a[p][2])})")
+        click.echo(f"- {p}  ({human_size(a[p][2])})")
     for p in changed:
-        what = "mode" if a[p][:3] == b[p][:3] else f"{_human(a[p][2])} -> {_human(b[p][2])}"
+        what = "mode" if a[p][:3] == b[p][:3] else f"{human_size(a[p][2])} -> {human_size(b[p][2])}"
         click.echo(f"M {p}  ({what})")
     same = len(set(a) & set(b)) - len(changed)
     click.echo(f"{len(added)} added, {len(removed)} removed, {len(changed)} changed, {same} unchanged")

@@ -8,6 +8,7 @@ from pathlib import Path
 from blake3 import blake3
 
 from dstack.api.client import Client
+from dstack.cli.output import plural
 from dstack.core.errors import DstackError
 from dstack.core.manifest import Entry, validate_relative_path
 
@@ -61,7 +62,7 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
     total = sum(e.size for _, e in todo)
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), transient=False, disable=not todo) as progress:
-        task = progress.add_task(f"{len(todo)} file{'' if len(todo) == 1 else 's'}", total=total)
+        task = progress.add_task(plural(len(todo), "file"), total=total)
         for dest, e in todo:
             _fetch(client, dest, e, lambda n: progress.advance(task, n))
     for dest, e in links:
@@ -72,8 +73,7 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(e.target, dest)
     skipped = len(plan) - len(todo)
-    print(f"{len(plan)} file{'' if len(plan) == 1 else 's'} in {output}" +
-          (f" ({skipped} already there)" if skipped else ""))
+    print(f"{plural(len(plan), 'file')} in {output}" + (f" ({skipped} already there)" if skipped else ""))
 
 
 def _fetch(client: Client, dest: Path, e: Entry, advance) -> None:

@@ -13,6 +13,7 @@ def prune(dry_run: bool, as_json: bool) -> None:
     (directly or through other runs), with their logs; then delete the stored data nothing references."""
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
+    from dstack.cli.output import human_size, plural
 
     result = connect().prune(repo_id(find_project()), dry_run)
     if as_json:
@@ -22,18 +23,6 @@ def prune(dry_run: bool, as_json: bool) -> None:
         return
     verb = "would delete" if dry_run else "deleted"
     runs = result["runs"]
-    click.echo(f"{verb} {len(runs)} run{'s' if len(runs) != 1 else ''}" + (f": {', '.join(runs)}" if runs else ""))
-    click.echo(f"{verb} {_n(result['manifests'], 'artifact')}, {_n(result['blobs'], 'file blob')} and "
-               f"{_n(result['code_blobs'], 'code snapshot')} nothing else uses ({_size(result['bytes'])})")
-
-
-def _n(n: int, what: str) -> str:
-    return f"{n} {what}{'' if n == 1 else 's'}"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    click.echo(f"{verb} {plural(len(runs), 'run')}" + (f": {', '.join(runs)}" if runs else ""))
+    click.echo(f"{verb} {plural(result['manifests'], 'artifact')}, {plural(result['blobs'], 'file blob')} and "
+               f"{plural(result['code_blobs'], 'code snapshot')} nothing else uses ({human_size(result['bytes'])})")

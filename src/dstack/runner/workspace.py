@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import shutil
-import stat
 from pathlib import Path
 
 from dstack.core.errors import NotFound
 from dstack.core.models import JobSpec
 from dstack.runner.executors.base import Mount
 from dstack.storage.blobstore import BlobStore
-from dstack.storage.tree import artifact_source, tree_cache
+from dstack.storage.tree import artifact_source, remove_tree, tree_cache
+
+log = logging.getLogger("dstack.runner")
 
 
 class WorkspaceError(Exception):
@@ -43,16 +44,9 @@ def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, c
     return mounts
 
 
-def _make_writable(path: Path) -> None:
-    for dirpath, _dirs, files in os.walk(path):
-        os.chmod(dirpath, os.stat(dirpath).st_mode | stat.S_IWUSR)
-        for n in files:
-            p = os.path.join(dirpath, n)
-            if not os.path.islink(p):
-                os.chmod(p, os.lstat(p).st_mode | stat.S_IWUSR)
-
-
 def remove(root: Path) -> None:
-    if root.exists():
-        _make_writable(root)
-        shutil.rmtree(root, ignore_errors=True)
+    """Delete a job's folder (read-only dependency copies included); a failure is logged, never raised."""
+    try:
+        remove_tree(root)
+    except OSError as e:
+        log.warning("could not remove %s: %s", root, e)

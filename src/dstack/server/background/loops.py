@@ -31,7 +31,6 @@ async def autoscale(ctx: Context) -> None:
             .order_by(JobRow.submitted_at))).all()
         if not queued:
             return
-        name = await runners.new_name(s)
     idle = [RunnerResources.model_validate(r.resources) for r in live if not r.job_id]
     registered = {r.name for r in live}
     for backend in ctx.backends:
@@ -53,12 +52,13 @@ async def autoscale(ctx: Context) -> None:
             offer = next((o for o in backend.offers() if not fits(job, o)), None)
             if offer is None:
                 continue
-            backend.create(offer, Bootstrap(server_url=ctx.settings.url, token=ctx.settings.token,
-                                            runner_name=name, idle_timeout=ctx.settings.runner_idle_timeout))
+            async with ctx.sessions() as s:
+                name = await runners.new_name(s, exclude={i.runner_name for i in instances})
+            instances.append(backend.create(offer, Bootstrap(
+                server_url=ctx.settings.url, token=ctx.settings.token, runner_name=name,
+                idle_timeout=ctx.settings.runner_idle_timeout)))
             log.info("started %s runner %s for job %s", backend.name, name, row.job_id)
             alive += 1
-            async with ctx.sessions() as s:
-                name = await runners.new_name(s, exclude={i.runner_name for i in backend.list()})
 
 
 async def run_loops(ctx: Context, interval: float = 0.5) -> None:
