@@ -1,4 +1,4 @@
-"""Artifacts (issue 3): saving a folder into the local blob store and mounting a saved one, against
+"""Artifacts (issue 3): saving a finished job's folder into the local blob store and mounting a saved one, against
 `cp` on the same disk, and the same steps with DVC.
 
 Data sets (full run; `--quick` uses 64 MiB, 1,000 files and 256 MiB):
@@ -7,10 +7,19 @@ Data sets (full run; `--quick` uses 64 MiB, 1,000 files and 256 MiB):
   sparse  one 4 GiB sparse file (1 MiB of data at each end, holes between): mount only
 
 Per round, for `big` and `small` (one untimed warm-up round first for `big`):
-  cp          `cp FILE` / `cp -r DIR` to the same disk (the floor of saving)
-  save        `save_tree(store, src)` into a fresh LocalBlobStore (in-process, as the runner calls it)
-  save2       `save_tree` again, same store, same unchanged tree (dedup)
-  mount       `tree_cache(store, digest, trees, cache)` for the manifest saved before: first build
+  cp          `cp FILE` / `cp -r DIR` to the same disk (the floor of saving). The copy is also the
+              finished job's folder that `save` saves, as the runner would find it.
+  save        what the runner does when a job ends, in-process: `save_tree(store, job, adopt=True,
+              trees=..., cache=...)` into a fresh LocalBlobStore on the same disk. The job's files
+              become the blobs (hard links) and its folder moves to trees/<digest>.
+  save2       the same files saved again (the planted tree: blob inodes with their hash remembered)
+  same-bytes  (information) the same bytes in new files (`cp -r`, untimed, then a timed save): a job
+              that wrote identical output again; everything is read and hashed, nothing stored
+  copying     (information) `save_tree` of the source into a fresh store, no adoption: what a save
+              costs where the store is on another disk (or S3, minus the network)
+  mount       `tree_cache(store, digest, trees, cache)` right after the save: the planted tree
+  mount-cold  the same into an empty trees folder: built from the manifest (what a runner does where
+              nothing was planted: nested artifacts, another machine)
   mount2      the same call again (reuse)
   cp-al       `cp -al DIR` (a tree of hard links: the floor of building a tree of links)
   bind        what the host executor runs for the mount as root: `unshare -m sh -c <its bind-mount
@@ -31,7 +40,7 @@ deletes). So nothing with many files is deleted until the end of the run, and ha
 between rounds. Other sessions' deletes on the same disk still add noise: see the cp -r spread.
 
 Targets: save < 1.5x cp (big), < 2x cp -r (small); save2 < 0.3x save; mount < 0.1 s for every size
-(first build and reuse).
+(first mount and reuse).
 
 Usage: .venv/bin/python bench/artifacts.py [--quick] [--rounds N] [--dvc-rounds N] [--no-dvc]
        [--dvc-venv /tmp/dstack-bench-dvc-venv]   (created with `pip install dvc` if missing)
@@ -58,7 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, print_table, stats, write_results  # noqa: E402
 
 from dstack.storage.blobstore import LocalBlobStore  # noqa: E402
-from dstack.storage.tree import remove_tree, save_tree, tree_cache  # noqa: E402
+from dstack.storage.save import save_tree  # noqa: E402
+from dstack.storage.tree import remove_tree, tree_cache  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -282,7 +292,8 @@ def run_set(name: str, src: Path, work: Path, rounds: int, dvc_rounds: int, dvc:
     big = src.is_file()
     src_dir = src.parent if big else src  # what save_tree and cp -al take
     t: dict[str, list] = {k: [] for k in (
-        "cp", "cp_sync", "store_create", "save", "save_sync", "save2", "mount", "mount2", "cp_al", "bind",
+        "cp", "cp_sync", "store_create", "save", "save_sync", "save2", "save_same_bytes", "save_copying",
+        "mount", "mount_cold", "mount2", "cp_al", "bind",
         "bind_floor", "dvc_add", "dvc_add_sync", "dvc_add2", "dvc_checkout", "dvc_checkout2",
         "dvc_checkout_hl", "dvc_checkout_hl2")}
     info: dict = {}
@@ -294,37 +305,56 @@ def run_set(name: str, src: Path, work: Path, rounds: int, dvc_rounds: int, dvc:
         sync()
         sh(["cp", str(src), str(root / "warm.bin")])
         store = LocalBlobStore(root / "warm-store")
-        save_tree(store, src_dir)
+        save_tree(store, src_dir)  # copies: the source stays
         rm(root / "warm.bin")
         rm(root / "warm-store")
     for i in range(rounds):
         print(f"  {name} round {i + 1}/{rounds}", flush=True)
-        # A: cp to the same disk
-        dst = root / f"cp-{i}"
-        sync()
-        t["cp"].append(sh(["cp", str(src), str(dst)] if big else ["cp", "-r", str(src), str(dst)]))
-        t["cp_sync"].append(sync())
+        # A: cp to the same disk; the copy is also the finished job's folder that B saves
+        job = root / f"job-{i}"
         if big:
-            rm(dst)
-        # B: save into a fresh store, then again
+            job.mkdir()
+        sync()
+        t["cp"].append(sh(["cp", str(src), str(job / src.name)] if big else ["cp", "-r", str(src), str(job)]))
+        t["cp_sync"].append(sync())
+        # B: what the runner does when a job ends: save its folder into the store on this disk (files
+        # adopted as blobs, the folder planted as the dependency tree), then the same files again
         dt, store = timed(LocalBlobStore, root / f"store-{i}")
         t["store_create"].append(dt)
+        trees, cache = root / f"trees-{i}", root / f"blobcache-{i}"
         sync()
-        dt, m = timed(save_tree, store, src_dir)
+        dt, m = timed(save_tree, store, job, adopt=True, trees=trees, cache=cache)
         t["save"].append(dt)
         t["save_sync"].append(sync())
-        dt, m2 = timed(save_tree, store, src_dir)
-        t["save2"].append(dt)
         digest = m.digest()
-        assert m2.digest() == digest, "the second save gave another manifest"
+        assert not job.exists() and (trees / digest).is_dir(), "the job's folder was not planted"
+        dt, m2 = timed(save_tree, store, trees / digest, adopt=True)
+        t["save2"].append(dt)
+        assert [e.hash for e in m2.entries] == [e.hash for e in m.entries], "the second save differs"
         info.update(files=m.files, bytes=m.size, digest=digest)
-        # C: mount: first build, reuse; a tree of hard links as the floor; the bind mount
-        trees, cache = root / f"trees-{i}", root / f"blobcache-{i}"
+        # information: the same bytes in new files (a job that wrote the same output again: read and
+        # hashed, nothing stored), and a save that must copy (the store on another disk, or S3)
+        again = root / f"again-{i}"
+        sh(["cp", "-r", str(src_dir), str(again)])
+        sync()
+        t["save_same_bytes"].append(timed(save_tree, store, again, adopt=True, trees=trees, cache=cache)[0])
+        copy_store = LocalBlobStore(root / f"copy-store-{i}")
+        sync()
+        t["save_copying"].append(timed(save_tree, copy_store, src_dir)[0])
+        if big or not keep_files:
+            rm(again)
+            rm(root / f"copy-store-{i}")
+        # C: mount: the planted tree (what a dependent job on this runner gets), a tree built from
+        # the manifest where none was planted (nested artifacts, a runner elsewhere), reuse; a tree of
+        # hard links (cp -al) as the floor; the bind mount
         dt, tree = timed(tree_cache, store, digest, trees, cache)
         t["mount"].append(dt)
-        dt, again = timed(tree_cache, store, digest, trees, cache)
-        t["mount2"].append(dt)
-        assert again == tree and count_files(tree) == m.files
+        assert tree == trees / digest and count_files(tree) == m.files
+        cold = root / f"trees-cold-{i}"
+        dt, built = timed(tree_cache, store, digest, cold, cache)
+        t["mount_cold"].append(dt)
+        t["mount2"].append(timed(tree_cache, store, digest, cold, cache)[0])
+        assert count_files(built) == m.files
         info["tree_nlink"] = os.stat(next(p for p in tree.rglob("*") if p.is_file())).st_nlink
         script = bind_script(tree, job_root)
         if script is not None:
@@ -332,9 +362,10 @@ def run_set(name: str, src: Path, work: Path, rounds: int, dvc_rounds: int, dvc:
             t["bind"].append(sh([*unshare, script]))
             t["bind_floor"].append(sh([*unshare, "true"]))
         t["cp_al"].append(sh(["cp", "-al", str(src_dir), str(root / f"al-{i}")]))
-        remove_tree(trees)  # hard links only: frees no inode
+        remove_tree(cold)  # hard links only: frees no inode
         rm(root / f"al-{i}")
         if big or not keep_files:
+            remove_tree(trees)
             rm(root / f"store-{i}")
             rm(cache)
         # D: DVC
@@ -675,15 +706,20 @@ def main() -> None:
         checks[key] = {"value_s": v, "baseline": base_name, "baseline_s": med(base) if base else None,
                        "ratio": r, "target": target, "pass": ok}
 
-    row("save_big", f"save_tree {B} (fresh store)", tb["save"], "cp", tb["cp"], "< 1.5x cp", 1.5, True)
-    row("save_small", f"save_tree {S} (fresh store)", ts["save"], "cp -r", ts["cp"], "< 2x cp -r", 2.0, True)
+    row("save_big", f"save {B}: a finished job's folder", tb["save"], "cp", tb["cp"], "< 1.5x cp", 1.5, True)
+    row("save_small", f"save {S}: a finished job's folder", ts["save"], "cp -r", ts["cp"], "< 2x cp -r", 2.0,
+        True)
     for key, label, tt in (("save2_big", B, tb), ("save2_small", S, ts)):
-        row(key, f"second save {label} (unchanged)", tt["save2"], "first save", tt["save"], "< 0.3x", 0.3,
+        row(key, f"save {label} again (the same files)", tt["save2"], "first save", tt["save"], "< 0.3x", 0.3,
             True)
-    for key, label, tt in (("big", B, tb), ("sparse", f"{P} sparse", tp), ("small", S, ts)):
-        row(f"mount_{key}", f"tree_cache {label}: first build", tt["mount"], "cp -al", tt["cp_al"],
-            "< 0.1 s", 0.1, False)
-        row(f"mount2_{key}", f"tree_cache {label}: reuse", tt["mount2"], "-", None, "< 0.1 s", 0.1, False)
+    for key, label, tt in (("big", B, tb), ("small", S, ts)):
+        row(f"mount_{key}", f"mount {label}: first (the tree the save planted)", tt["mount"], "cp -al",
+            tt["cp_al"], "< 0.1 s", 0.1, False)
+        row(f"mount2_{key}", f"mount {label}: again", tt["mount2"], "-", None, "< 0.1 s", 0.1, False)
+    row("mount_sparse", f"mount {P} sparse: first (built from the manifest)", tp["mount"], "cp -al", tp["cp_al"],
+        "< 0.1 s", 0.1, False)
+    row("mount_cold_big", f"mount {B}: first, built from the manifest (nothing planted)", tb["mount_cold"],
+        "cp -al", tb["cp_al"], "< 0.1 s", 0.1, False)
 
     informative = {
         "cp_plus_sync_big": [x + y for x, y in zip(tb["cp"], tb["cp_sync"], strict=True)],
@@ -691,6 +727,7 @@ def main() -> None:
         "cp_plus_sync_small": [x + y for x, y in zip(ts["cp"], ts["cp_sync"], strict=True)],
         "save_plus_sync_small": [x + y for x, y in zip(ts["save"], ts["save_sync"], strict=True)],
         "store_create": tb["store_create"] + ts["store_create"],
+        "mount_cold_small (no planted tree)": ts["mount_cold"],
         "bind_mount_script": tb["bind"] + ts["bind"],
         "bind_floor_unshare_true": tb["bind_floor"] + ts["bind_floor"],
     }
@@ -730,6 +767,10 @@ def main() -> None:
     for k, v in informative.items():
         print(f"  {k:26s} {fmt(med(v))}")
     print(f"  save of {P} sparse (once)   {fmt(res_sparse['info']['save_s'])}")
+    for label, tt, base in ((B, tb, "cp"), (S, ts, "cp -r")):
+        print(f"  {label}: the same bytes in new files {fmt(med(tt['save_same_bytes']))} "
+              f"({rx(ratio(tt['save_same_bytes'], tt['save']), 'first save')}); a save that copies "
+              f"(store on another disk) {fmt(med(tt['save_copying']))} ({rx(ratio(tt['save_copying'], tt['cp']), base)})")
     if dvc is not None:
         print(f"\nDVC {dvc_version} (Python API in one process; `dvc version` CLI start alone: "
               f"{fmt(med(dvc_cli))}); default link: {res_big['info'].get('dvc_default_link')}; "

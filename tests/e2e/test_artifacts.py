@@ -229,3 +229,39 @@ def test_dependency_forms_and_a_subset_of_artifacts(dstack, project):
     (root / ".dstack" / "workflows.yaml").write_text((root / ".dstack" / "workflows.yaml").read_text()
                                                      .replace("RUN", two))
     assert "A" in dstack("run", "by-run", cwd=root, check=True).stdout
+
+
+def planted_manifest(listed: list[dict], path: str) -> str:
+    return next(a["manifest"] for a in listed if a["path"] == path)
+
+
+def test_saved_outputs_become_blobs_and_trees_without_copies_nested_artifacts_too(dstack, project):
+    """A finished job's files become the store's blobs (hard links) and its artifact folder becomes
+    the tree that dependents mount; artifacts that nest (or repeat) are saved whole all the same."""
+    root = project("""\
+    workflows:
+      - name: nest
+        commands:
+          - mkdir -p out/sub solo
+          - head -c 200000 /dev/urandom > out/top.bin
+          - echo inner > out/sub/inner.txt
+          - echo solo > solo/s.txt
+        artifacts: [out, out/sub, ./solo, solo]
+      - name: read
+        dependencies: [nest]
+        commands: [cat out/sub/inner.txt solo/s.txt, ls out]
+    """)
+    dstack("run", "nest", cwd=root, check=True)
+    made = last_run(dstack, root)["run_name"]
+    listed = json.loads(dstack("artifacts", "list", made, "--files", "--json", cwd=root, check=True).stdout)
+    files = {a["path"]: sorted(e["path"] for e in a["entries"] if e["kind"] == "file") for a in listed}
+    assert files == {"out": ["sub/inner.txt", "top.bin"], "out/sub": ["inner.txt"], "solo": ["s.txt"]}
+    trees = dstack.home / "storage" / "trees"
+    planted = {a["path"]: (trees / a["manifest"]).is_dir() for a in listed}
+    assert planted == {"out": False, "out/sub": False, "solo": True}  # nested ones are built when mounted
+    tree_file = trees / planted_manifest(listed, "solo") / "s.txt"
+    h = next(e["hash"] for e in listed[2]["entries"] if e["path"] == "s.txt")
+    assert os.stat(tree_file).st_ino == os.stat(dstack.home / "storage" / "blobs" / h[:2] / h).st_ino
+    r = dstack("run", "read", cwd=root, check=True)
+    out = r.stdout.replace("\r\n", "\n")
+    assert "inner\nsolo\n" in out and "top.bin" in out

@@ -21,12 +21,12 @@ from dstack.core.manifest import EMPTY_HASH, Entry, Manifest, UnsafePath
 from dstack.storage import gc
 from dstack.storage.blobstore import LocalBlobStore, open_store
 from dstack.storage.hashing import IntegrityError, hash_file
+from dstack.storage.save import save_tree
 from dstack.storage.tree import (
     BlobCache,
     artifact_source,
     materialise,
     remove_tree,
-    save_tree,
     tree_cache,
     verify_tree,
 )
@@ -105,7 +105,7 @@ KILLED_SAVE = r"""
 import json, sys, time
 from pathlib import Path
 from dstack.storage.blobstore import open_store
-from dstack.storage.tree import save_tree
+from dstack.storage.save import save_tree
 
 config, src, marker = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 store = open_store(config)

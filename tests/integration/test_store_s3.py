@@ -19,7 +19,8 @@ from dstack.storage import gc
 from dstack.storage.blobstore import open_store
 from dstack.storage.hashing import IntegrityError, hash_file
 from dstack.storage.s3 import S3BlobStore
-from dstack.storage.tree import BlobCache, materialise, save_tree, tree_cache, verify_tree
+from dstack.storage.save import save_tree
+from dstack.storage.tree import BlobCache, materialise, tree_cache, verify_tree
 
 MiB = 1 << 20
 

@@ -170,3 +170,13 @@ def test_without_symlinks_containment_is_the_lexical_one(parts, absolute):
         assert not escapes
     except UnsafePath:
         assert escapes
+
+
+def test_a_saved_file_entry_is_the_same_as_a_validated_one():
+    h = "ab" * 32
+    fast = Entry.saved_file("a/b.txt", 0o644, 12, h)
+    slow = Entry(path="a/b.txt", kind="file", mode=0o644, size=12, hash=h)
+    assert fast == slow
+    assert fast.model_dump_json(exclude_none=True) == slow.model_dump_json(exclude_none=True)
+    assert Manifest.build([Entry(path="a", kind="dir", mode=0o755), fast]).digest() == \
+        Manifest.build([Entry(path="a", kind="dir", mode=0o755), slow]).digest()

@@ -159,6 +159,22 @@ class Entry(BaseModel):
             raise ValueError(f"{self.kind} '{self.path}' cannot have a size")
         return self
 
+    @classmethod
+    def saved_file(cls, path: str, mode: int, size: int, h: str) -> Entry:
+        """A file entry whose fields the caller has made itself and knows are valid (a path built from
+        names read from a folder, a hash it computed): no validation, ~10x cheaper than
+        model_construct, which matters at 10,000s of files."""
+        e = cls.__new__(cls)
+        _set = object.__setattr__
+        _set(e, "__dict__", {"path": path, "kind": "file", "mode": mode, "size": size, "hash": h, "target": None})
+        _set(e, "__pydantic_fields_set__", _FILE_FIELDS)
+        _set(e, "__pydantic_extra__", None)
+        _set(e, "__pydantic_private__", None)
+        return e
+
+
+_FILE_FIELDS = frozenset({"path", "kind", "mode", "size", "hash"})
+
 
 class Manifest(BaseModel):
     """A saved tree: its entries sorted by path (parents before children). Immutable by convention."""

@@ -95,7 +95,7 @@ class CommandsSpec(WorkflowSpec):
         for item in v:
             path = item.get("path") if isinstance(item, dict) else item
             out.append(relative_path(path, "artifact"))
-        return out
+        return list(dict.fromkeys(out))  # `data` and `./data` are one artifact
 
     @field_validator("working_dir", mode="before")
     @classmethod

@@ -19,7 +19,8 @@ from dstack.runner.client import ServerClient
 from dstack.runner.code import recreate
 from dstack.runner.logs import LogShipper
 from dstack.storage.blobstore import LocalBlobStore, open_store
-from dstack.storage.tree import artifact_source, save_tree
+from dstack.storage.save import save_tree
+from dstack.storage.tree import artifact_source
 
 log = logging.getLogger("dstack.runner")
 HEARTBEAT_INTERVAL = 1.0
@@ -215,8 +216,9 @@ class Runner:
         artifacts, not_folders = [], []
         if job.artifacts:
             self._status(job, JobStatus.UPLOADING, exit_code=code)
+            sources = {path: artifact_source(root / job.working_dir, path) for path in job.artifacts}
             for path in job.artifacts:
-                src = artifact_source(root / job.working_dir, path)
+                src = sources[path]
                 if src.exists() and not src.is_dir():
                     not_folders.append(path)
                     shipper.write(f"dstack: artifact '{path}' is a file, not a folder: not saved\r\n".encode())
@@ -230,7 +232,11 @@ class Runner:
                 def warn(message: str, path: str = path) -> None:
                     shipper.write(f"dstack: artifact '{path}': {message}\r\n".encode())
 
-                manifest = save_tree(store, src, warn=warn)
+                # the job is over and its folder goes next: its files may become the blobs themselves,
+                # and the folder the dependency tree (unless another artifact lies inside it or around it)
+                nested = any(p != path and (o.is_relative_to(src) or src.is_relative_to(o)) for p, o in sources.items())
+                manifest = save_tree(store, src, adopt=local, trees=None if nested else trees,
+                                     cache=self.workdir / "blobs", warn=warn)
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})
         shipper.close()  # every line of output is on the server before the final status

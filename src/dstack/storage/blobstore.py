@@ -143,16 +143,43 @@ class LocalBlobStore:
         return f"{self.tmp}/{uuid.uuid4().hex}"
 
     def has(self, h: str, *, touch: bool = False) -> bool:
+        try:
+            return self.stat_blob(h, touch=touch) is not None
+        except PermissionError:  # another user's store: it is there, but we may not touch it
+            return True
+
+    def stat_blob(self, h: str, *, touch: bool = False) -> os.stat_result | None:
+        """The blob's file status (None: not stored); `touch` as for has()."""
         path = self._blob(check_hash(h))
         try:
             st = os.stat(path)
-            if touch and time.time() - st.st_mtime > TOUCH_AFTER:
-                os.utime(path)  # only now and then: a touch is a metadata write
-            return True
         except FileNotFoundError:
-            return False
-        except PermissionError:  # another user's store: it is there, but we may not touch it
+            return None
+        if touch and time.time() - st.st_mtime > TOUCH_AFTER:
+            try:
+                os.utime(path)  # only now and then: a touch is a metadata write
+            except FileNotFoundError:  # gc took it just now
+                return None
+            except PermissionError:  # another user's store: it is there, but we may not touch it
+                pass
+        return st
+
+    def adopt(self, fd: int, h: str) -> bool:
+        """Make the open regular file `fd` blob `h` itself: read-only (0444), then hard-linked into
+        place, no copy. Only for a file that nobody else can reach or write any more (the caller
+        has made sure), whose content hashes to `h`. FileExistsError when the store has `h` already;
+        False when the kernel refuses the link (another disk, protected_hardlinks). Nothing is
+        stored then."""
+        os.fchmod(fd, 0o444)
+        try:
+            os.link(f"/proc/self/fd/{fd}", self._blob(check_hash(h)), src_dir_fd=_root_fd())
             return True
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOENT):
+                return False
+            raise
 
     def ingest(self, fd: int, size: int, check: Callable[[], None] | None = None) -> str:
         """Large files whose content the store has probably not seen (no hint) are copied while they

@@ -200,5 +200,3 @@ def check_hash(h: str) -> str:
         raise IntegrityError(f"'{h}' is not a BLAKE3 hash")
     return h
 
-
-# ---- the local folder ----

@@ -1,41 +1,22 @@
-"""Folders in and out of the store: save a job's folder as blobs plus a manifest, and build a saved
-tree again on a runner (hard links where the blobs are on the same disk, a runner-side cache of
-fetched blobs elsewhere).
-
-Saving never follows a symlink, keeps at most `workers` files open, reads each file's data once
-more than needed only for large files (hash, then an in-kernel copy when the store lacks the blob),
-and puts the manifest last: a save that dies on the way leaves no artifact, only blobs and
-temporary files that gc removes once they are past its grace period."""
+"""Saved trees on a runner: build the tree of a manifest again (hard links where the blobs are on the
+same disk, a runner-side cache of fetched blobs elsewhere), keep built trees for reuse, remove and
+verify them. Saving is in dstack.storage.save."""
 
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dstack.core.errors import DstackError, NotFound
-from dstack.core.manifest import (
-    EMPTY_HASH,
-    Entry,
-    Manifest,
-    UnsafePath,
-    check_symlinks,
-    check_text,
-    normalize_relative_path,
-)
-from dstack.storage.blobstore import BlobStore, file_identity
-from dstack.storage.hashing import SMALL_FILE, IntegrityError, copy_fd, hash_bytes, hash_fd, read_exactly
-
-log = logging.getLogger(__name__)
-
-_BATCH = 64  # files per task of the thread pool (one task per file costs more than a small file)
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs us
+from dstack.core.errors import DstackError
+from dstack.core.manifest import Entry, Manifest, UnsafePath, normalize_relative_path
+from dstack.storage.blobstore import BlobStore
+from dstack.storage.hashing import copy_fd, hash_fd
 
 
 def artifact_source(job_root: Path, path: str) -> Path:
@@ -48,151 +29,6 @@ def artifact_source(job_root: Path, path: str) -> Path:
         raise UnsafePath(f"artifact '{path}' leads outside the job's folder (to {real})",
                          hint="artifacts must be folders inside the job's working folder")
     return real
-
-
-# ---- save ----
-
-
-def save_tree(store: BlobStore, src: Path, *, workers: int | None = None,
-              warn: Callable[[str], None] | None = None) -> Manifest:
-    """Save the folder `src` into `store`; return its manifest (already stored: the artifact exists).
-    `workers`: threads for the files (default: what the store says pays off).
-
-    Files the store has already are not stored again. Symlinks are saved as links and must resolve
-    inside `src` (with `warn`, those that do not are left out and reported to it; else UnsafePath);
-    FIFOs, sockets and devices are skipped with a warning."""
-    src = Path(src)
-    try:
-        st = os.lstat(src)
-    except FileNotFoundError:
-        raise NotFound(f"folder {src} does not exist") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafePath(f"{src} is not a folder" + (" (it is a symlink)" if stat.S_ISLNK(st.st_mode) else ""))
-    entries, files, kinds, targets = _scan(src)
-    if warn is None:
-        check_symlinks(kinds, targets)
-    else:  # leave out the symlinks that lead outside, say so, and save the rest
-        for rel in _escaping_symlinks(kinds, targets):
-            warn(f"not saved: symlink '{rel}' points outside the artifact (to '{targets[rel]}')")
-            del kinds[rel], targets[rel]
-            entries = [e for e in entries if e.path != rel]
-    workers = workers or store.concurrency
-    batches = [files[i:i + _BATCH] for i in range(0, len(files), _BATCH)]
-    saved: list[tuple[str, int, int, str]] = []
-    if workers <= 1 or len(batches) <= 1:
-        for batch in batches:
-            saved.extend(_save_files(store, batch))
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dstack-save") as pool:
-            futures = [pool.submit(_save_files, store, batch) for batch in batches]
-            try:
-                for f in futures:
-                    saved.extend(f.result())
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-    # entries are made here, in one tight loop, not between file operations: that is ~2x faster
-    entries.extend(Entry(path=rel, kind="file", mode=mode, size=size, hash=h) for rel, mode, size, h in saved)
-    manifest = Manifest.build(entries)
-    store.put_manifest(manifest)  # last: from here on the artifact exists
-    return manifest
-
-
-def _escaping_symlinks(kinds: dict[str, str], targets: dict[str, str]) -> list[str]:
-    """The symlinks that resolve outside the root (until none is left: links may lead through links)."""
-    kinds, targets, out = dict(kinds), dict(targets), []
-    while True:
-        bad = []
-        for rel, target in targets.items():
-            try:
-                check_symlinks(kinds, {rel: target})
-            except UnsafePath:
-                bad.append(rel)
-        if not bad:
-            return out
-        for rel in bad:
-            del kinds[rel], targets[rel]
-        out += bad
-
-
-def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str]], dict[str, str], dict[str, str]]:
-    """Directories and symlinks as entries, files as (relative, absolute) paths, one open folder at a time."""
-    entries: list[Entry] = []
-    files: list[tuple[str, str]] = []
-    kinds: dict[str, str] = {}
-    targets: dict[str, str] = {}
-    stack = [("", str(src))]
-    while stack:
-        base, folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                listing = list(it)
-        except OSError as e:
-            raise DstackError(f"cannot read folder '{base or '.'}' of {src}: {e.strerror}") from None
-        for e in listing:
-            check_text(e.name, f"file name in '{base or '.'}'")
-            rel = f"{base}/{e.name}" if base else e.name
-            if e.is_symlink():
-                target = os.readlink(e.path)
-                check_text(target, f"target of symlink '{rel}'")
-                targets[rel] = target
-                kinds[rel] = "symlink"
-                try:
-                    entries.append(Entry(path=rel, kind="symlink", mode=0o777, target=target))
-                except UnsafePath:
-                    pass  # an absolute target: check_symlinks below refuses it (or leaves it out)
-            elif e.is_dir(follow_symlinks=False):
-                mode = e.stat(follow_symlinks=False).st_mode & 0o777
-                kinds[rel] = "dir"
-                entries.append(Entry(path=rel, kind="dir", mode=mode))
-                stack.append((rel, e.path))
-            elif e.is_file(follow_symlinks=False):
-                kinds[rel] = "file"
-                files.append((rel, e.path))
-            else:
-                log.warning("not saving '%s' of %s: not a file, folder or symlink", rel, src)
-    return entries, files, kinds, targets
-
-
-def _save_files(store: BlobStore, batch: list[tuple[str, str]]) -> list[tuple[str, int, int, str]]:
-    return [_save_file(store, rel, path) for rel, path in batch]
-
-
-def _save_file(store: BlobStore, rel: str, path: str) -> tuple[str, int, int, str]:
-    """Store one file's content; (path, mode, size, hash) for its manifest entry."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise IntegrityError(f"'{rel}' became a symlink while it was being saved") from None
-        raise DstackError(f"cannot read '{rel}': {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"'{rel}' stopped being a regular file while it was being saved")
-        size = st.st_size
-        if size == 0:
-            h = EMPTY_HASH
-        elif size <= SMALL_FILE:  # read once: the blob is what was hashed, whatever the file does now
-            data = read_exactly(fd, size)
-            h = hash_bytes(data)
-            if not store.has(h, touch=True):
-                store.put_bytes(data, h, trusted=True)
-        else:
-            before = file_identity(st)
-
-            def unchanged() -> None:
-                if file_identity(os.fstat(fd)) != before:
-                    raise IntegrityError(
-                        f"'{rel}' changed while it was being saved",
-                        hint="make sure no process of the job still writes to its artifacts when it ends",
-                    )
-
-            h = store.ingest(fd, size, unchanged)
-        return rel, st.st_mode & 0o777, size, h
-    finally:
-        os.close(fd)
 
 
 # ---- build ----
@@ -245,13 +81,15 @@ def materialise(store: BlobStore, manifest: Manifest, dest: Path, cache: BlobCac
     except FileExistsError:
         raise DstackError(f"cannot build the artifact at {dest}: it exists already") from None
     try:
-        _Builder(store, manifest, dest, cache, read_only, workers or store.concurrency).build()
+        TreeBuilder(store, manifest, dest, cache, read_only, workers or store.concurrency).build()
     except BaseException:
         remove_tree(dest)
         raise
 
 
-class _Builder:
+class TreeBuilder:
+    """Builds (parts of) the tree of a manifest at `dest`, read-only or as plain copies."""
+
     def __init__(self, store: BlobStore, manifest: Manifest, dest: Path, cache: BlobCache | None,
                  read_only: bool, workers: int):
         self.store, self.manifest, self.dest, self.cache = store, manifest, dest, cache
@@ -277,20 +115,21 @@ class _Builder:
                 fd = os.open(dest / e.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                              0o600)
                 os.close(fd)
-                os.chmod(dest / e.path, self._mode(e))
-        if self.fill_cache:
-            self._parallel(lambda h: self.cache.ensure(self.store, h), sorted(self.manifest.blobs()))
-        if self.read_only:
-            todo = [e for e in self.files if not self._try_link(e)]
-        else:
-            todo = self.files
-        self._parallel(self._copy, todo)
+                os.chmod(dest / e.path, self.mode(e))
+        self.fill(self.files)
         for e in reversed(self.manifest.entries):  # children before parents: a 0555 folder is final
             if e.kind == "dir":
-                os.chmod(dest / e.path, self._mode(e))
+                os.chmod(dest / e.path, self.mode(e))
         os.chmod(dest, 0o555 if self.read_only else 0o755)
 
-    def _mode(self, e: Entry) -> int:
+    def fill(self, files: list[Entry]) -> None:
+        """Create the (non-empty) files `files` in their folders, which exist."""
+        if self.fill_cache:
+            self._parallel(lambda h: self.cache.ensure(self.store, h), sorted({e.hash for e in files}))
+        todo = [e for e in files if not self._try_link(e)] if self.read_only else files
+        self._parallel(self._copy, todo)
+
+    def mode(self, e: Entry) -> int:
         if not self.read_only:
             return e.mode
         if e.kind == "dir":
@@ -334,10 +173,10 @@ class _Builder:
         assert h is not None
         target = self.dest / e.path
         if self.cache is not None and self.cache.path(h).exists():
-            _copy_file(self.cache.path(h), target, self._mode(e))
+            _copy_file(self.cache.path(h), target, self.mode(e))
         else:
             self.store.fetch(h, target)  # verified
-            os.chmod(target, self._mode(e))
+            os.chmod(target, self.mode(e))
 
 
 def _device(path: Path) -> int:
