@@ -39,6 +39,9 @@ CASES = {
                             "undefined variable 'gpu'"),
     "missing_tag": (GOOD, VARS, ["train"], ".dstack/workflows.yaml:11:9:", "nightly"),
     "unsatisfiable_gpu": (GOOD, VARS, ["prepare", "--gpu", "1"], "", "1 v100 GPU"),
+    "bad_variable_value": (GOOD, VARS, ["prepare", "--gpu", "lots"], ".dstack/workflows.yaml:6:",
+                           "--gpu lots: 'resources.gpu.count' in workflow 'prepare' takes its value from $gpu, "
+                           "and it must be a whole number"),
     "variables_for_unknown_workflow": (GOOD, VARS + "  trian:\n    x: 1\n", ["prepare"],
                                        ".dstack/variables.yaml:4:3:", "did you mean 'train'"),
     "no_workflows_file": (None, None, ["prepare"], "", "dstack init"),

@@ -125,6 +125,10 @@ def test_a_remembered_hash_is_used_only_for_the_blobs_own_unchanged_inode(store,
     def saved_hash(folder: Path) -> str:
         return {e.path: e.hash for e in save_tree(store, folder).entries}["data.bin"]
 
+    # the blob's mtime moved (gc's touch): read once, then remembered with the new stamp
+    os.utime(f, ns=(1, 10**18))
+    assert saved_hash(job) == h
+    assert os.getxattr(f, HASH_XATTR)[32:] == struct.pack("<QQ", 5000, f.stat().st_mtime_ns)
     # the same inode, same size and mtime: the remembered hash stands, the file is not read
     # (shown here by changing its bytes behind the store's back, which nothing else would do)
     rewrite(f, b"Z" * 5000, keep_mtime=True)

@@ -239,14 +239,15 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys(project):
 def test_wrong_type_is_an_error_at_the_value(project, written, field, location):
     project.write("workflows.yaml", f"workflows:\n  - name: train\n    commands: [echo]\n    {written}\n")
     err = _error(project, "train")
-    assert err.message.startswith(f"{field} in workflow 'train': ")
+    assert err.message.startswith((f"{field} in workflow 'train': ", f"{field} in workflow 'train' must be "))
+    assert "Input should" not in err.message  # pydantic's wording is replaced
     assert err.location == f".dstack/workflows.yaml:{location}"
 
 
 def test_commands_must_be_a_list_of_text(project):
     project.write("workflows.yaml", "workflows:\n  - name: train\n    commands: {a: b}\n")
     err = _error(project, "train")
-    assert err.message.startswith("'commands' in workflow 'train': ")
+    assert err.message == "'commands' in workflow 'train' must be a list"
     assert err.location == ".dstack/workflows.yaml:3:15"
 
 
@@ -266,6 +267,23 @@ def test_unknown_workflow_is_an_error_with_a_suggestion(project):
     assert err.message == "no workflow named 'trian'"
     assert err.hint == "did you mean 'train'?"
     assert _error(project, "zzz").hint == "workflows: prepare, train"
+
+
+def test_a_bad_value_from_the_command_line_is_blamed_on_the_option(project):
+    project.workflows(PREPARE_AND_TRAIN).variables(VARIABLES)
+    err = _error(project, "train", {"gpu": "lots"})
+    assert err.message == ("--gpu lots: 'resources.gpu.count' in workflow 'train' takes its value from $gpu, "
+                           "and it must be a whole number")
+    assert err.hint == "pass another --gpu"
+    assert err.location.startswith(".dstack/workflows.yaml:")  # where the variable is used
+
+
+def test_a_bad_value_from_variables_yaml_names_the_variable(project):
+    project.workflows(PREPARE_AND_TRAIN).variables(VARIABLES.replace("gpu: 1", "gpu: lots"))
+    err = _error(project, "train")
+    assert err.message == ("'resources.gpu.count' in workflow 'train' takes its value from the variable 'gpu', "
+                           "and it must be a whole number")
+    assert "got 'lots'" in err.hint and "--gpu" in err.hint
 
 
 def test_undeclared_override_lists_the_declared_variables(project):

@@ -18,9 +18,12 @@ def print_error(e: DstackError) -> None:
 
 
 def ago(t: datetime | None) -> str:
+    """`5 mins ago`; a week on, the local date and time. `t` without a zone is UTC."""
     if t is None:
         return ""
-    secs = (datetime.now(UTC).replace(tzinfo=None) - t).total_seconds()
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    secs = (datetime.now(UTC) - t).total_seconds()
     if secs < 60:
         return "now" if secs < 5 else f"{int(secs)} secs ago"
     if secs < 3600:
@@ -32,7 +35,14 @@ def ago(t: datetime | None) -> str:
     if secs < 7 * 86400:
         n = int(secs // 86400)
         return f"{n} day{'s' if n > 1 else ''} ago"
-    return t.strftime("%Y-%m-%d %H:%M")
+    return t.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def local_time(t: datetime) -> str:
+    """A point in time as the local date, time and zone (`2026-11-25 11:42:07 CET`)."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 STATUS_STYLE = {

@@ -6,7 +6,7 @@ import sys
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from dstack.cli.output import STATUS_STYLE, ago, format_overrides
+from dstack.cli.output import STATUS_STYLE, ago, format_overrides, local_time
 from dstack.cli.table import paint, print_table
 from dstack.core.status import JobStatus
 
@@ -78,9 +78,9 @@ def print_run_detail(run: Run) -> None:
             res = f" ({job.runner_resources.describe()})" if job.runner_resources else ""
             line("runner", f"{job.runner}{res}", "  ")
         if job.started_at:
-            line("started", f"{job.started_at:%Y-%m-%d %H:%M:%S} UTC", "  ")
+            line("started", local_time(job.started_at), "  ")
         if job.finished_at:
-            line("finished", f"{job.finished_at:%Y-%m-%d %H:%M:%S} UTC", "  ")
+            line("finished", local_time(job.finished_at), "  ")
         if job.exit_code is not None:
             line("exit code", str(job.exit_code), "  ")
         if job.reason:

@@ -120,16 +120,18 @@ def variables_as_args(variables: dict) -> str:
     return " ".join(f"--{k} {shlex.quote(as_env_value(v))}" for k, v in variables.items())
 
 
-def substitute(value: Any, variables: dict, located: Located, path: tuple, shell: bool = False) -> Any:
+def substitute(value: Any, variables: dict, located: Located, path: tuple, shell: bool = False,
+               used: dict[tuple, str] | None = None) -> Any:
     """Replace references in every string of `value`. A string that is exactly one reference takes the
-    variable's own YAML type (`gpu: $gpu` with 4 gives 4)."""
+    variable's own YAML type (`gpu: $gpu` with 4 gives 4). `used` collects path -> variable name for
+    the values that came from a variable (for error messages)."""
     if isinstance(value, dict):
         return {
-            k: substitute(v, variables, located, path + (k,), shell or (len(path) == 2 and k in SHELL_FIELDS))
+            k: substitute(v, variables, located, path + (k,), shell or (len(path) == 2 and k in SHELL_FIELDS), used)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [substitute(v, variables, located, path + (i,), shell) for i, v in enumerate(value)]
+        return [substitute(v, variables, located, path + (i,), shell, used) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
         return value
 
@@ -153,5 +155,10 @@ def substitute(value: Any, variables: dict, located: Located, path: tuple, shell
     whole = _REF.fullmatch(value.strip())
     if whole and whole.group(0) != "$$":
         found, v = lookup(whole)
+        if found and used is not None:
+            used[path] = _ALIASES.get(whole.group(1) or whole.group(2), whole.group(1) or whole.group(2))
         return v if found else value
+    refs = [m.group(1) or m.group(2) for m in _REF.finditer(value) if m.group(0) != "$$"]
+    if used is not None and len(refs) == 1 and refs[0]:
+        used[path] = _ALIASES.get(refs[0], refs[0])
     return _REF.sub(lambda m: as_env_value(lookup(m)[1]), value)

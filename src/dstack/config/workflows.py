@@ -120,7 +120,11 @@ def provider_name(raw: dict) -> str:
     return "docker" if raw.get("image") else "bash"
 
 
-def _validation_error(e: ValidationError, entry: WorkflowEntry, model: type) -> ConfigError:
+def _validation_error(e: ValidationError, entry: WorkflowEntry, model: type, used: dict[tuple, str] | None = None,
+                      overrides: dict | None = None) -> ConfigError:
+    """The first error of a workflow's validation, at its place in the file; when the value came from a
+    variable (`gpu: $gpu`), that variable is named, and an override from the command line too."""
+    used, overrides = used or {}, overrides or {}
     errors = e.errors()
     # an unknown key first: it often causes the others (`comands` leaves `commands` empty)
     err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
@@ -136,10 +140,50 @@ def _validation_error(e: ValidationError, entry: WorkflowEntry, model: type) -> 
         )
     if err["type"] == "missing":
         return entry.located.error(entry.path, f"workflow '{entry.name}' is missing '{field_name}'")
+    phrase = _plain(err)  # "must be a whole number"; None: our own validators' sentences
     msg = err["msg"].removeprefix("Value error, ")
-    return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}': {msg}",
-                               hint=f"got {err.get('input')!r}" if "input" in err and err["type"] != "value_error"
-                               else None)
+    what = phrase or f"is wrong ({msg})"
+    got = f"got {err.get('input')!r}" if "input" in err and err["type"] != "value_error" else None
+    # `v100/gpu: $gpu` is validated as resources.gpu
+    used = {tuple("gpu" if isinstance(k, str) and k.endswith("/gpu") else k for k in p): v for p, v in used.items()}
+    variable = next((used[path[:n]] for n in range(len(path), len(entry.path), -1) if path[:n] in used), None)
+    if variable is not None and variable in overrides:  # the value came from the command line
+        return entry.located.error(
+            path, f"--{variable} {as_env_value(overrides[variable])}: '{field_name}' in workflow '{entry.name}' "
+                  f"takes its value from ${variable}, and it {what}",
+            hint=f"pass another --{variable}")
+    if variable is not None:
+        return entry.located.error(
+            path, f"'{field_name}' in workflow '{entry.name}' takes its value from the variable '{variable}', "
+                  f"and it {what}",
+            hint=f"{got}; set '{variable}' in .dstack/variables.yaml or pass --{variable} VALUE" if got else None)
+    if phrase:
+        return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}' {phrase}", hint=got)
+    return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}': {msg}", hint=got)
+
+
+_PLAIN = {
+    "int_parsing": "must be a whole number", "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number", "float_parsing": "must be a number",
+    "float_type": "must be a number", "finite_number": "must be a finite number",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be text", "list_type": "must be a list", "dict_type": "must be a mapping (key: value)",
+    "model_type": "must be a mapping (key: value)", "model_attributes_type": "must be a mapping (key: value)",
+}
+
+
+def _plain(err: dict) -> str | None:
+    """pydantic's error as words that follow a field's name (`must be a whole number`), or None."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _PLAIN:
+        return _PLAIN[kind]
+    bounds = {"greater_than_equal": ("at least", "ge"), "greater_than": ("more than", "gt"),
+              "less_than_equal": ("at most", "le"), "less_than": ("less than", "lt")}
+    if kind in bounds and bounds[kind][1] in ctx:
+        return f"must be {bounds[kind][0]} {ctx[bounds[kind][1]]}"
+    if kind == "literal_error" and "expected" in ctx:
+        return f"must be {ctx['expected']}"
+    return None
 
 
 def _known_keys(model: type, loc: tuple) -> list[str]:
@@ -222,7 +266,8 @@ def resolve_workflow(project: Path, name: str, overrides: dict[str, Any], run_na
     variables = apply_overrides(declared, overrides, name)
     job_id = new_job_id()
     system = {"run_name": run_name, "job_id": job_id, "variables_as_args": variables_as_args(variables)}
-    raw = substitute(entry.raw, {**variables, **system}, entry.located, entry.path)
+    used: dict[tuple, str] = {}
+    raw = substitute(entry.raw, {**variables, **system}, entry.located, entry.path, used=used)
     spelled = [k for k in ("dependencies", "depends-on", "deps") if k in raw]
     if len(spelled) > 1:
         raise entry.located.error(entry.path + (spelled[1],), f"'{spelled[0]}' and '{spelled[1]}' are the same"
@@ -242,7 +287,7 @@ def resolve_workflow(project: Path, name: str, overrides: dict[str, Any], run_na
     try:
         spec = provider.Spec.model_validate(raw)
     except ValidationError as e:
-        raise _validation_error(e, entry, provider.Spec) from None
+        raise _validation_error(e, entry, provider.Spec, used, overrides) from None
     deps, where = _dependencies(spec.dependencies, entry)
     env = {_env_name(k): as_env_value(v) for k, v in variables.items() if _env_name(k) not in PROTECTED_ENV}
     env.update({"RUN_NAME": run_name, "JOB_ID": job_id})

@@ -8,6 +8,7 @@ file is ever written through a symlink); and every symlink resolves inside the r
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -174,6 +175,7 @@ class Entry(BaseModel):
 
 
 _FILE_FIELDS = frozenset({"path", "kind", "mode", "size", "hash"})
+_path_of = operator.attrgetter("path")
 
 
 class Manifest(BaseModel):
@@ -199,22 +201,24 @@ class Manifest(BaseModel):
         return m
 
     def _check_structure(self) -> None:
-        self.entries.sort(key=lambda e: e.path)
+        self.entries.sort(key=_path_of)
         kinds: dict[str, str] = {}
         targets: dict[str, str] = {}
         for e in self.entries:
-            if e.path in kinds:
-                raise UnsafePath(f"manifest lists '{e.path}' twice")
-            parent, sep, _ = e.path.rpartition("/")
+            path, kind = e.path, e.kind
+            if path in kinds:
+                raise UnsafePath(f"manifest lists '{path}' twice")
+            parent, sep, _ = path.rpartition("/")
             if sep and kinds.get(parent) != "dir":
                 raise UnsafePath(
-                    f"manifest entry '{e.path}' is not inside a directory of the manifest"
+                    f"manifest entry '{path}' is not inside a directory of the manifest"
                     + (" (its parent is a symlink)" if kinds.get(parent) == "symlink" else "")
                 )
-            kinds[e.path] = e.kind
-            if e.kind == "symlink":
-                targets[e.path] = e.target  # type: ignore[assignment]
-        check_symlinks(kinds, targets)
+            kinds[path] = kind
+            if kind == "symlink":
+                targets[path] = e.target  # type: ignore[assignment]
+        if targets:
+            check_symlinks(kinds, targets)
 
     @classmethod
     def parse(cls, data: bytes | str) -> Manifest:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 from dstack.core.base import Model
 from dstack.core.code import CodeSnapshot
 from dstack.core.resources import Requirements, RunnerResources
 from dstack.core.status import FINISHED, JobStatus, run_status  # noqa: F401  (part of the models' API)
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+# the server keeps UTC without a zone (SQLite); the API says so: "2026-11-25T10:42:00Z"
+UtcTime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class DependencySpec(Model):
@@ -70,9 +80,9 @@ class Job(Model):
     run_name: str
     workflow: str
     status: JobStatus
-    submitted_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    submitted_at: UtcTime
+    started_at: UtcTime | None = None
+    finished_at: UtcTime | None = None
     runner: str | None = None
     exit_code: int | None = None
     reason: str | None = None
@@ -91,7 +101,7 @@ class Run(Model):
     workflow: str
     provider: str
     status: JobStatus
-    submitted_at: datetime
+    submitted_at: UtcTime
     variables: dict[str, Any] = {}
     overrides: dict[str, Any] = {}
     tags: list[str] = []
@@ -108,7 +118,7 @@ class Tag(Model):
     repo_id: str
     run_name: str
     workflow: str
-    created_at: datetime
+    created_at: UtcTime
 
 
 class RunnerStatus(enum.StrEnum):
@@ -124,8 +134,8 @@ class RunnerInfo(Model):
     backend: str | None = None
     status: RunnerStatus
     resources: RunnerResources
-    registered_at: datetime
-    last_seen_at: datetime
+    registered_at: UtcTime
+    last_seen_at: UtcTime
     job_id: str | None = None
 
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 from dstack.core.errors import DstackError, NotFound
 from dstack.core.manifest import EMPTY_HASH, Entry, Manifest, UnsafePath, check_symlinks, check_text
-from dstack.storage.blobstore import BlobStore, LocalBlobStore, file_identity
+from dstack.storage.blobstore import TOUCH_AFTER, BlobStore, LocalBlobStore, file_identity
 from dstack.storage.hashing import SMALL_FILE, IntegrityError, hash_bytes, hash_fd, read_exactly
 from dstack.storage.tree import BlobCache, TreeBuilder, remove_tree
 
@@ -89,6 +89,7 @@ def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path |
             del kinds[rel], targets[rel]
             entries = [e for e in entries if e.path != rel]
     saver = _Saver(store, adopt)
+    saver.same_fs = saver.store_dev is not None and st.st_dev == saver.store_dev
     workers = workers or store.concurrency
     batches = [files[i:i + _BATCH] for i in range(0, len(files), _BATCH)]
     saved: list[SavedFile] = []
@@ -134,15 +135,17 @@ def _escaping_symlinks(kinds: dict[str, str], targets: dict[str, str]) -> list[s
         out += bad
 
 
-def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str]], dict[str, str], dict[str, str]]:
-    """Directories and symlinks as entries, files as (relative, absolute) paths, one open folder at a time."""
+def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str, int | None]], dict[str, str], dict[str, str]]:
+    """Directories and symlinks as entries, files as (relative path, absolute path, inode number: None
+    below a folder on another filesystem than `src`), one open folder at a time."""
     entries: list[Entry] = []
-    files: list[tuple[str, str]] = []
+    files: list[tuple[str, str, int | None]] = []
     kinds: dict[str, str] = {}
     targets: dict[str, str] = {}
-    stack = [("", str(src))]
+    root_dev = os.lstat(src).st_dev
+    stack = [("", str(src), True)]
     while stack:
-        base, folder = stack.pop()
+        base, folder, same_fs = stack.pop()
         try:
             with os.scandir(folder) as it:
                 listing = list(it)
@@ -161,13 +164,13 @@ def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str]], dict[str, str]
                 except UnsafePath:
                     pass  # an absolute target: check_symlinks below refuses it (or leaves it out)
             elif e.is_dir(follow_symlinks=False):
-                mode = e.stat(follow_symlinks=False).st_mode & 0o777
+                st = e.stat(follow_symlinks=False)
                 kinds[rel] = "dir"
-                entries.append(Entry(path=rel, kind="dir", mode=mode))
-                stack.append((rel, e.path))
+                entries.append(Entry(path=rel, kind="dir", mode=st.st_mode & 0o777))
+                stack.append((rel, e.path, same_fs and st.st_dev == root_dev))
             elif e.is_file(follow_symlinks=False):
                 kinds[rel] = "file"
-                files.append((rel, e.path))
+                files.append((rel, e.path, e.inode() if same_fs else None))
             else:
                 log.warning("not saving '%s' of %s: not a file, folder or symlink", rel, src)
     return entries, files, kinds, targets
@@ -179,14 +182,16 @@ class _Saver:
         self.local = store if isinstance(store, LocalBlobStore) else None
         self.store_dev = os.stat(self.local.blobs).st_dev if self.local is not None else None
         self.adopt = adopt and self.local is not None and _leases_enabled()
+        self.same_fs = False  # set by save_tree: the folder is on the store's filesystem
 
-    def save_batch(self, batch: list[tuple[str, str]]) -> list[SavedFile]:
-        return [self.save(rel, path) for rel, path in batch]
+    def save_batch(self, batch: list[tuple[str, str, int | None]]) -> list[SavedFile]:
+        return [self.save(rel, path, ino) for rel, path, ino in batch]
 
-    def save(self, rel: str, path: str) -> SavedFile:
-        """Store one file's content; its manifest entry's fields."""
-        if self.local is not None:
-            saved = self._saved_before(rel, path)
+    def save(self, rel: str, path: str, ino: int | None = None) -> SavedFile:
+        """Store one file's content; its manifest entry's fields. `ino`: its inode number as the folder
+        listed it (None: unknown, or on another filesystem than the folder)."""
+        if ino is not None and self.same_fs:
+            saved = self._saved_before(rel, path, ino)
             if saved is not None:
                 return saved
         try:
@@ -203,45 +208,54 @@ class _Saver:
             if size == 0:
                 return SavedFile(rel, mode, 0, EMPTY_HASH, False)
             if self.adopt and st.st_nlink == 1 and st.st_dev == self.store_dev and _take_lease(fd):
-                try:
-                    return self._adopt(rel, fd, st)
-                finally:
-                    _release_lease(fd)
-            return SavedFile(rel, mode, size, self._store(rel, fd, st), False)
+                return self._adopt(rel, fd, st)  # closing the file releases the lease
+            h = self._store(rel, fd, st)
+            if self.local is not None and st.st_nlink > 1:  # a blob's inode whose remembered hash is stale
+                blob = self.local.stat_blob(h)
+                if blob is not None and (blob.st_dev, blob.st_ino) == (st.st_dev, st.st_ino):
+                    remember_hash(fd, h, blob.st_size, blob.st_mtime_ns)
+                    return SavedFile(rel, mode, size, h, True)
+            return SavedFile(rel, mode, size, h, False)
         finally:
             os.close(fd)
 
-    def _saved_before(self, rel: str, path: str) -> SavedFile | None:
-        """A file that is a blob's own inode (saved before: it has 2 links at least) and carries that
-        blob's hash, unchanged since: saved without reading it. By path, no open: two calls."""
+    def _saved_before(self, rel: str, path: str, ino: int) -> SavedFile | None:
+        """A file that is a blob's own inode (saved before) and carries that blob's hash, unchanged
+        since: saved without reading it. Two calls: the attribute, and the blob's status, which is the
+        file's own when the inode numbers match (same filesystem: the caller knows)."""
         try:
-            st = os.lstat(path)
-            if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode) or not st.st_size:
-                return None
-            h = known_hash(path, st)
+            value = os.getxattr(path, HASH_XATTR, follow_symlinks=False)
         except OSError:
             return None
-        blob = self.local.stat_blob(h, touch=True) if h is not None else None  # type: ignore[union-attr]
-        if blob is None or (blob.st_dev, blob.st_ino) != (st.st_dev, st.st_ino):
+        if len(value) != 48:
             return None
-        return SavedFile(rel, st.st_mode & 0o777, st.st_size, h, True)  # type: ignore[arg-type]
+        h = value[:32].hex()
+        blob = self.local.stat_blob(h, touch=True)  # type: ignore[union-attr]
+        if blob is None or blob.st_ino != ino or value[32:] != _stamp(blob.st_size, blob.st_mtime_ns):
+            return None
+        return SavedFile(rel, blob.st_mode & 0o777, blob.st_size, h, True)
 
     def _adopt(self, rel: str, fd: int, st: os.stat_result) -> SavedFile:
         """The file is ours alone (one link, leased: nobody else has it open): hash it, and make it the
         blob unless the store has that content already. Executables stay files of their own (blobs
         are 0444), and so does anything the kernel will not let us link."""
         mode, size = st.st_mode & 0o777, st.st_size
-        h = hash_fd(fd, size)
-        _check_unchanged(rel, fd, st)
+        if size <= SMALL_FILE:  # the lease keeps writers out while it is read: no need to look again
+            h = hash_bytes(read_exactly(fd, size))
+        else:  # a lease is broken by force after lease-break-time (45 s): look again after long reads
+            h = hash_fd(fd, size)
+            _check_unchanged(rel, fd, st)
         local = self.local
         assert local is not None
         if mode & 0o111:
             if not local.has(h, touch=True):
                 local.put_file(fd, h, size, lambda: _check_unchanged(rel, fd, st))
             return SavedFile(rel, mode, size, h, False)
-        now = time.time_ns()
-        os.utime(fd, ns=(now, now))  # fresh for gc's grace period until the manifest references it
-        remember_hash(fd, h, size, now)
+        mtime = st.st_mtime_ns
+        if time.time() - mtime / 1e9 > TOUCH_AFTER:  # fresh for gc's grace until the manifest refers to it
+            mtime = time.time_ns()
+            os.utime(fd, ns=(mtime, mtime))
+        remember_hash(fd, h, size, mtime)
         try:
             if local.adopt(fd, h):
                 return SavedFile(rel, mode, size, h, True)
@@ -277,16 +291,6 @@ def _stamp(size: int, mtime_ns: int) -> bytes:
     return struct.pack("<QQ", size, mtime_ns)
 
 
-def known_hash(file: int | str, st: os.stat_result) -> str | None:
-    """The hash remembered on this file (an fd, or a path: not followed), if its size and mtime are
-    still those of `st`. Trust it only for a blob's own inode (see _saved_before)."""
-    try:
-        value = os.getxattr(file, HASH_XATTR, follow_symlinks=isinstance(file, int))
-    except OSError:
-        return None
-    return value[:32].hex() if len(value) == 48 and value[32:] == _stamp(st.st_size, st.st_mtime_ns) else None
-
-
 def remember_hash(fd: int, h: str, size: int, mtime_ns: int) -> None:
     """Keep `h` on the file, with its size and mtime now: 48 bytes, which ext4 keeps inside the inode.
     Best effort: a filesystem without user xattrs, or a file we may not write, just keeps nothing."""
@@ -317,13 +321,6 @@ def _take_lease(fd: int) -> bool:
         return True
     except OSError:  # EAGAIN: open elsewhere; EACCES: not ours; EINVAL: no leases on this filesystem
         return False
-
-
-def _release_lease(fd: int) -> None:
-    try:
-        fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
-    except OSError:
-        pass
 
 
 # ---- plant: the saved folder becomes its manifest's tree ----
