@@ -190,10 +190,15 @@ class _Saver:
     def save(self, rel: str, path: str, ino: int | None = None) -> SavedFile:
         """Store one file's content; its manifest entry's fields. `ino`: its inode number as the folder
         listed it (None: unknown, or on another filesystem than the folder)."""
-        if ino is not None and self.same_fs:
-            saved = self._saved_before(rel, path, ino)
-            if saved is not None:
-                return saved
+        if ino is not None and self.same_fs:  # the miss (no attribute) is the common case: kept inline
+            try:
+                value = os.getxattr(path, HASH_XATTR, follow_symlinks=False)
+            except OSError:
+                pass
+            else:
+                saved = self._saved_before(rel, value, ino)
+                if saved is not None:
+                    return saved
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except OSError as e:
@@ -219,14 +224,11 @@ class _Saver:
         finally:
             os.close(fd)
 
-    def _saved_before(self, rel: str, path: str, ino: int) -> SavedFile | None:
-        """A file that is a blob's own inode (saved before) and carries that blob's hash, unchanged
-        since: saved without reading it. Two calls: the attribute, and the blob's status, which is the
-        file's own when the inode numbers match (same filesystem: the caller knows)."""
-        try:
-            value = os.getxattr(path, HASH_XATTR, follow_symlinks=False)
-        except OSError:
-            return None
+    def _saved_before(self, rel: str, value: bytes, ino: int) -> SavedFile | None:
+        """A file that is a blob's own inode (saved before) and carries that blob's hash (`value`, its
+        attribute), unchanged since: saved without reading it. Two calls: the attribute, and the
+        blob's status, which is the file's own when the inode numbers match (same filesystem: the
+        caller knows)."""
         if len(value) != 48:
             return None
         h = value[:32].hex()
@@ -241,7 +243,8 @@ class _Saver:
         are 0444), and so does anything the kernel will not let us link."""
         mode, size = st.st_mode & 0o777, st.st_size
         if size <= SMALL_FILE:  # the lease keeps writers out while it is read: no need to look again
-            h = hash_bytes(read_exactly(fd, size))
+            data = os.read(fd, size)
+            h = hash_bytes(data if len(data) == size else data + read_exactly(fd, size - len(data)))
         else:  # a lease is broken by force after lease-break-time (45 s): look again after long reads
             h = hash_fd(fd, size)
             _check_unchanged(rel, fd, st)
