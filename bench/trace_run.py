@@ -61,6 +61,9 @@ subprocess.run = run
 import dstack.cli.main, dstack.cli.run, dstack.api.embedded, dstack.api.repo, dstack.config.workflows  # noqa
 rec("cli:import", "dstack.cli.run and what it imports", t_imp, time.perf_counter() - t_imp)
 sys.argv = ["dstack", "run", sys.argv[1]]
+def _exit(code):  # the CLI ends with os._exit (no interpreter teardown); here the trace must be written first
+    raise SystemExit(code)
+os._exit = _exit
 t = time.perf_counter()
 code = 0
 try:

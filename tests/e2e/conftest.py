@@ -25,8 +25,8 @@ class Dstack:
         self.env.pop("DSTACK_TOKEN", None)
 
     def __call__(self, *args: str, cwd: Path, check: bool = False, timeout: float = 120,
-                 input: str | None = None, binary: bool = False) -> subprocess.CompletedProcess:
-        p = subprocess.run([str(BIN / "dstack"), *args], cwd=cwd, env=self.env, capture_output=True,
+                 input: str | None = None, binary: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+        p = subprocess.run([str(BIN / "dstack"), *args], cwd=cwd, env={**self.env, **(env or {})}, capture_output=True,
                            text=not binary, timeout=timeout, input=input)
         if check and p.returncode != 0:
             raise AssertionError(f"dstack {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")

@@ -69,6 +69,10 @@ def _tour(dstack, root):
     assert train["workflow"] == "train" and train["status"] == "DONE"
     assert train["dependencies"][0]["run_name"] == prepare["run_name"]
     assert train["jobs"][0]["artifacts"][0]["path"] == "checkpoint"
+    # times say their zone: UTC in the JSON, the local zone for people
+    assert train["submitted_at"].endswith("Z") and train["jobs"][0]["finished_at"].endswith("Z")
+    details = dstack("status", train["run_name"], cwd=root, check=True, env={"TZ": "JST-9"}).stdout
+    assert " JST" in details
 
     table = dstack("status", cwd=root, check=True).stdout.splitlines()
     assert table[0].split() == ["RUN", "TAG", "JOB", "WORKFLOW", "VARIABLES", "SUBMITTED", "RUNNER", "STATUS"]
