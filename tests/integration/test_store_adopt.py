@@ -201,3 +201,99 @@ def test_adopted_blobs_are_fresh_for_gc(store, tmp_path):
     os.utime(job / "old.bin", (time.time() - 10 * 86400,) * 2)
     save_tree(store, job, adopt=True)
     assert time.time() - blob_of(store, job / "old.bin").st_mtime < 60
+
+
+def test_a_job_file_with_a_future_time_gets_a_present_one(store, tmp_path):
+    """Else gc, which deletes only what is older than its grace period, would never take the blob."""
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "future.bin").write_bytes(b"f" * 100)
+    os.utime(job / "future.bin", (4102444800,) * 2)  # 2100-01-01
+    save_tree(store, job, adopt=True)
+    assert blob_of(store, job / "future.bin").st_mtime <= time.time() + 1
+
+
+def test_an_adopted_blob_belongs_to_the_runner_not_to_the_jobs_user(store, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root can hand files to another user")
+    job = tmp_path / "job"
+    (job / "sub").mkdir(parents=True)
+    (job / "sub" / "out.txt").write_text("made by uid 1000\n")
+    for p in (job, job / "sub", job / "sub" / "out.txt"):
+        os.chown(p, 1000, 1000)  # as a container with `USER 1000` leaves them
+    m = save_tree(store, job, adopt=True, trees=store.root / "trees")
+    tree = store.root / "trees" / m.digest()
+    blob = blob_of(store, tree / "sub" / "out.txt")
+    assert same_inode(blob, os.stat(tree / "sub" / "out.txt"))
+    assert (blob.st_uid, stat.S_IMODE(blob.st_mode)) == (0, 0o444)
+    assert {os.stat(p).st_uid for p in (tree, tree / "sub")} == {0}
+
+
+def test_someone_opening_the_file_is_seen_and_the_adoption_taken_back(store, tmp_path):
+    """The primitives the save relies on: a pending open shows as a broken lease, and a blob linked
+    meanwhile is removed again while it is still that file."""
+    from dstack.storage.save import _lease_holds, _seal
+
+    f = tmp_path / "f.txt"
+    f.write_text("x\n")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        assert _seal(fd, st) and _lease_holds(fd)
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o444  # read-only before the lease: no new writer
+        h = hash_bytes(b"x\n")
+        assert store.adopt(fd, h)
+        opener = subprocess.Popen([sys.executable, "-c", f"open({str(f)!r}).read()"])
+        deadline = time.monotonic() + 10
+        while _lease_holds(fd) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not _lease_holds(fd)  # its open waits for us, and we can tell
+        store.unlink_if(h, st)
+        assert not store.has(h)
+    finally:
+        os.close(fd)
+    assert opener.wait(timeout=10) == 0
+
+
+def test_a_file_open_elsewhere_keeps_its_mode(store, tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "held.txt").write_text("held\n")
+    holder = open(job / "held.txt")  # noqa: SIM115
+    try:
+        m = save_tree(store, job, adopt=True)
+    finally:
+        holder.close()
+    assert stat.S_IMODE(os.stat(job / "held.txt").st_mode) == 0o644
+    assert {e.path: e.mode for e in m.entries}["held.txt"] == 0o644
+
+
+def test_a_tree_that_cannot_be_planted_leaves_the_save_whole(store, tmp_path):
+    """Planting is an optimisation: when it fails halfway, the artifact is saved all the same."""
+    import fcntl as _fcntl
+
+    job = tmp_path / "job"
+    (job / "locked").mkdir(parents=True)
+    (job / "locked" / "f.txt").write_text("f\n")
+    FS_IOC_SETFLAGS, FS_IMMUTABLE_FL = 0x40086602, 0x10
+
+    def immutable(path: Path, on: bool) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("l", FS_IMMUTABLE_FL if on else 0))
+        finally:
+            os.close(fd)
+
+    try:
+        immutable(job / "locked", True)
+    except OSError:
+        pytest.skip("cannot make a folder immutable here")
+    trees = store.root / "trees"
+    try:
+        m = save_tree(store, job, adopt=True, trees=trees)  # chmod of 'locked' fails: EPERM
+        assert store.has_manifest(m.digest())
+        assert not (trees / m.digest()).exists()
+    finally:
+        for p in list(trees.glob(".tmp-*/locked")) + [job / "locked"]:
+            if p.exists():
+                immutable(p, False)

@@ -286,6 +286,20 @@ def test_a_bad_value_from_variables_yaml_names_the_variable(project):
     assert "got 'lots'" in err.hint and "--gpu" in err.hint
 
 
+def test_a_bad_value_made_with_a_system_variable_is_not_blamed_on_it(project):
+    project.write("workflows.yaml", "workflows:\n  - name: train\n    commands: [echo]\n"
+                                    "    resources: {memory: lots-$run_name}\n")
+    err = _error(project, "train")
+    assert "run_name" not in err.message and err.message.startswith("'resources.memory' in workflow 'train'")
+
+
+def test_a_bad_gpu_count_names_both_forms(project):
+    project.workflows(PREPARE_AND_TRAIN).variables(VARIABLES)
+    err = _error(project, "train", {"gpu": 1.5})
+    assert err.message.endswith("must be a GPU count or {count, name, memory}") or \
+        err.message.endswith("must be a whole number"), err.message
+
+
 def test_undeclared_override_lists_the_declared_variables(project):
     project.workflows(PREPARE_AND_TRAIN).variables(VARIABLES)
     err = _error(project, "train", {"gpus": 4})

@@ -158,7 +158,4 @@ def substitute(value: Any, variables: dict, located: Located, path: tuple, shell
         if found and used is not None:
             used[path] = _ALIASES.get(whole.group(1) or whole.group(2), whole.group(1) or whole.group(2))
         return v if found else value
-    refs = [m.group(1) or m.group(2) for m in _REF.finditer(value) if m.group(0) != "$$"]
-    if used is not None and len(refs) == 1 and refs[0]:
-        used[path] = _ALIASES.get(refs[0], refs[0])
     return _REF.sub(lambda m: as_env_value(lookup(m)[1]), value)

@@ -141,6 +141,8 @@ def _validation_error(e: ValidationError, entry: WorkflowEntry, model: type, use
     if err["type"] == "missing":
         return entry.located.error(entry.path, f"workflow '{entry.name}' is missing '{field_name}'")
     phrase = _plain(err)  # "must be a whole number"; None: our own validators' sentences
+    if loc[-1:] == ("gpu",) and phrase == _PLAIN["dict_type"]:
+        phrase = "must be a GPU count or {count, name, memory}"
     msg = err["msg"].removeprefix("Value error, ")
     what = phrase or f"is wrong ({msg})"
     got = f"got {err.get('input')!r}" if "input" in err and err["type"] != "value_error" else None
@@ -268,6 +270,7 @@ def resolve_workflow(project: Path, name: str, overrides: dict[str, Any], run_na
     system = {"run_name": run_name, "job_id": job_id, "variables_as_args": variables_as_args(variables)}
     used: dict[tuple, str] = {}
     raw = substitute(entry.raw, {**variables, **system}, entry.located, entry.path, used=used)
+    used = {path: v for path, v in used.items() if v in variables}  # not run_name & co: nobody sets those
     spelled = [k for k in ("dependencies", "depends-on", "deps") if k in raw]
     if len(spelled) > 1:
         raise entry.located.error(entry.path + (spelled[1],), f"'{spelled[0]}' and '{spelled[1]}' are the same"

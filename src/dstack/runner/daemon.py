@@ -235,7 +235,7 @@ class Runner:
                 # the job is over and its folder goes next: its files may become the blobs themselves,
                 # and the folder the dependency tree (unless another artifact lies inside it or around it)
                 nested = any(p != path and (o.is_relative_to(src) or src.is_relative_to(o)) for p, o in sources.items())
-                manifest = save_tree(store, src, adopt=local, trees=None if nested else trees,
+                manifest = save_tree(store, src, adopt=local and not nested, trees=None if nested else trees,
                                      cache=self.workdir / "blobs", warn=warn)
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})

@@ -165,12 +165,11 @@ class LocalBlobStore:
         return st
 
     def adopt(self, fd: int, h: str) -> bool:
-        """Make the open regular file `fd` blob `h` itself: read-only (0444), then hard-linked into
-        place, no copy. Only for a file that nobody else can reach or write any more (the caller
-        has made sure), whose content hashes to `h`. FileExistsError when the store has `h` already;
+        """Make the open regular file `fd` blob `h` itself: hard-linked into place, no copy. Only for a
+        read-only (0444) file that nobody else can reach or write any more (the caller has made
+        sure), whose content hashes to `h`. FileExistsError when the store has `h` already;
         False when the kernel refuses the link (another disk, protected_hardlinks). Nothing is
         stored then."""
-        os.fchmod(fd, 0o444)
         try:
             os.link(f"/proc/self/fd/{fd}", self._blob(check_hash(h)), src_dir_fd=_root_fd())
             return True
@@ -180,6 +179,16 @@ class LocalBlobStore:
             if e.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOENT):
                 return False
             raise
+
+    def unlink_if(self, h: str, st: os.stat_result) -> None:
+        """Remove blob `h` if it is still the file `st` describes (an adoption taken back)."""
+        path = self._blob(check_hash(h))
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            return
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            _unlink_quietly(path)
 
     def ingest(self, fd: int, size: int, check: Callable[[], None] | None = None) -> str:
         """Large files whose content the store has probably not seen (no hint) are copied while they

@@ -49,6 +49,7 @@ _BATCH = 64  # files per task of the thread pool (one task per file costs more t
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs us
 _F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
+_F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 
 
 class SavedFile(NamedTuple):
@@ -57,6 +58,7 @@ class SavedFile(NamedTuple):
     size: int
     hash: str
     is_blob: bool  # the file is the blob's own inode (adopted, or saved before)
+    ino: int = 0  # its inode number, when is_blob
 
 
 def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path | None = None,
@@ -72,7 +74,7 @@ def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path |
     `adopt` (a finished job's folder, which is deleted afterwards): files nothing else reaches become
     blobs by hard link, read-only, where the store is a local folder on the same disk. With `trees`
     as well, `src` is moved to `trees/<digest>` as the manifest's read-only tree (unless one is there
-    already; `cache` as for tree_cache); `src` is gone afterwards either way."""
+    already, or it cannot move; `cache` as for tree_cache): the caller removes what is left."""
     src = Path(src)
     try:
         st = os.lstat(src)
@@ -114,7 +116,7 @@ def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path |
     manifest = Manifest.build(entries)
     store.put_manifest(manifest)  # last: from here on the artifact exists
     if trees is not None and saver.adopt:
-        plant_tree(store, src, manifest, {s.path for s in saved if s.is_blob}, Path(trees), cache)
+        plant_tree(store, src, manifest, {s.path: s.ino for s in saved if s.is_blob}, Path(trees), cache)
     return manifest
 
 
@@ -212,14 +214,16 @@ class _Saver:
             mode, size = st.st_mode & 0o777, st.st_size
             if size == 0:
                 return SavedFile(rel, mode, 0, EMPTY_HASH, False)
-            if self.adopt and st.st_nlink == 1 and st.st_dev == self.store_dev and _take_lease(fd):
+            # executables are copied: blobs are 0444, and a tree links 0555 copies of them
+            if (self.adopt and st.st_nlink == 1 and not mode & 0o111 and st.st_dev == self.store_dev
+                    and _seal(fd, st)):
                 return self._adopt(rel, fd, st)  # closing the file releases the lease
             h = self._store(rel, fd, st)
             if self.local is not None and st.st_nlink > 1:  # a blob's inode whose remembered hash is stale
-                blob = self.local.stat_blob(h)
+                blob = _stat_blob(self.local, h)
                 if blob is not None and (blob.st_dev, blob.st_ino) == (st.st_dev, st.st_ino):
                     remember_hash(fd, h, blob.st_size, blob.st_mtime_ns)
-                    return SavedFile(rel, mode, size, h, True)
+                    return SavedFile(rel, mode, size, h, True, st.st_ino)
             return SavedFile(rel, mode, size, h, False)
         finally:
             os.close(fd)
@@ -232,39 +236,43 @@ class _Saver:
         if len(value) != 48:
             return None
         h = value[:32].hex()
-        blob = self.local.stat_blob(h, touch=True)  # type: ignore[union-attr]
+        blob = _stat_blob(self.local, h, touch=True)  # type: ignore[arg-type]
         if blob is None or blob.st_ino != ino or value[32:] != _stamp(blob.st_size, blob.st_mtime_ns):
             return None
-        return SavedFile(rel, blob.st_mode & 0o777, blob.st_size, h, True)
+        return SavedFile(rel, blob.st_mode & 0o777, blob.st_size, h, True, ino)
 
     def _adopt(self, rel: str, fd: int, st: os.stat_result) -> SavedFile:
-        """The file is ours alone (one link, leased: nobody else has it open): hash it, and make it the
-        blob unless the store has that content already. Executables stay files of their own (blobs
-        are 0444), and so does anything the kernel will not let us link."""
-        mode, size = st.st_mode & 0o777, st.st_size
+        """The file is ours alone and sealed (see _seal): hash it, and make it the blob unless the store
+        has that content already. Anything the kernel will not let us link is copied; the lease must
+        still hold once the blob is linked."""
+        mode, size = st.st_mode & 0o777, st.st_size  # the mode the job gave it, before the seal
+        sealed = os.fstat(fd) if size > SMALL_FILE else st
         if size <= SMALL_FILE:  # the lease keeps writers out while it is read: no need to look again
             data = os.read(fd, size)
             h = hash_bytes(data if len(data) == size else data + read_exactly(fd, size - len(data)))
         else:  # a lease is broken by force after lease-break-time (45 s): look again after long reads
             h = hash_fd(fd, size)
-            _check_unchanged(rel, fd, st)
+            _check_unchanged(rel, fd, sealed)
         local = self.local
         assert local is not None
-        if mode & 0o111:
-            if not local.has(h, touch=True):
-                local.put_file(fd, h, size, lambda: _check_unchanged(rel, fd, st))
-            return SavedFile(rel, mode, size, h, False)
-        mtime = st.st_mtime_ns
-        if time.time() - mtime / 1e9 > TOUCH_AFTER:  # fresh for gc's grace until the manifest refers to it
-            mtime = time.time_ns()
-            os.utime(fd, ns=(mtime, mtime))
-        remember_hash(fd, h, size, mtime)
         try:
-            if local.adopt(fd, h):
-                return SavedFile(rel, mode, size, h, True)
+            mtime = st.st_mtime_ns
+            if not 0 <= time.time() - mtime / 1e9 <= TOUCH_AFTER:  # fresh for gc's grace (a future time too)
+                mtime = time.time_ns()
+                os.utime(fd, ns=(mtime, mtime))
+            remember_hash(fd, h, size, mtime)
+            linked = local.adopt(fd, h)
         except FileExistsError:  # the store has this content: nothing to store
-            local.has(h, touch=True)
-            return SavedFile(rel, mode, size, h, False)
+            if local.has(h, touch=True):
+                return SavedFile(rel, mode, size, h, False)
+            linked = False  # gc took it meanwhile
+        except OSError:
+            linked = False
+        if linked and not _lease_holds(fd):  # someone is opening it: it must not stay the blob
+            local.unlink_if(h, st)
+            linked = False
+        if linked:
+            return SavedFile(rel, mode, size, h, True, st.st_ino)
         local.put_file(fd, h, size)  # the kernel refused the link: copy
         return SavedFile(rel, mode, size, h, False)
 
@@ -314,27 +322,55 @@ def _leases_enabled() -> bool:
         return False
 
 
-def _take_lease(fd: int) -> bool:
-    """A write lease on `fd`: granted only while no other descriptor of the file is open anywhere
-    (a writable mmap included). Someone who opens the file meanwhile waits until it is released.
-    The kernel signals the holder then; SIGURG, ignored by default, instead of SIGIO, which kills."""
+def _seal(fd: int, st: os.stat_result) -> bool:
+    """Make the file read-only and owned by us, then take a write lease on it: granted only while no
+    other descriptor of the file is open anywhere (a writable mmap included). Read-only first, so
+    that nobody opens it for writing between the lease and the link (the permission check comes
+    before the lease's wait); ours, so that the blob is not writable by the job's user. Someone who
+    opens it meanwhile waits for the lease; _lease_holds tells. The kernel signals the holder then:
+    SIGURG, ignored by default, instead of SIGIO, which kills. False (the mode put back): copy."""
+    try:
+        if st.st_uid != os.geteuid():
+            os.fchown(fd, os.geteuid(), os.getegid())
+        os.fchmod(fd, 0o444)
+    except OSError:  # not ours to change: copy it
+        return False
     try:
         fcntl.fcntl(fd, _F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_WRLCK)
         return True
     except OSError:  # EAGAIN: open elsewhere; EACCES: not ours; EINVAL: no leases on this filesystem
+        try:
+            os.fchmod(fd, st.st_mode & 0o7777)
+        except OSError:
+            pass
         return False
+
+
+def _lease_holds(fd: int) -> bool:
+    """Still leased: nobody has started to open the file (a pending break reads as F_UNLCK)."""
+    try:
+        return fcntl.fcntl(fd, _F_GETLEASE) == fcntl.F_WRLCK
+    except OSError:
+        return False
+
+
+def _stat_blob(store: LocalBlobStore, h: str, touch: bool = False) -> os.stat_result | None:
+    try:
+        return store.stat_blob(h, touch=touch)
+    except OSError:  # e.g. another user's store: treat as unknown, the slow path decides
+        return None
 
 
 # ---- plant: the saved folder becomes its manifest's tree ----
 
 
-def plant_tree(store: BlobStore, src: Path, manifest: Manifest, blob_files: set[str], trees: Path,
+def plant_tree(store: BlobStore, src: Path, manifest: Manifest, blob_files: dict[str, int], trees: Path,
                cache: BlobCache | Path | None = None) -> Path | None:
     """Move the saved folder `src` to `trees/<digest>` and make it exactly the read-only tree of
     `manifest` (what tree_cache would build). `blob_files`: files that are their blob's own inode
-    already. Returns the tree, or None where `src` cannot move there (another disk); a failure is
-    logged, never raised: the artifact is saved either way."""
+    already (path -> inode number). Returns the tree, or None where `src` cannot move there
+    (another disk, not ours); a failure is logged, never raised: the artifact is saved either way."""
     digest = manifest.digest()
     final = trees / digest
     if final.is_dir():
@@ -350,6 +386,7 @@ def plant_tree(store: BlobStore, src: Path, manifest: Manifest, blob_files: set[
         if isinstance(cache, (str, Path)):
             cache = BlobCache(Path(cache))
         builder = TreeBuilder(store, manifest, tmp, cache, read_only=True, workers=store.concurrency)
+        _own_folder(tmp)
         builder.fill(_reshape(tmp, manifest, blob_files, builder))
         for e in reversed(manifest.entries):  # children before parents
             if e.kind == "dir":
@@ -357,21 +394,34 @@ def plant_tree(store: BlobStore, src: Path, manifest: Manifest, blob_files: set[
         os.chmod(tmp, 0o555)
         os.rename(tmp, final)
         return final
-    except OSError as e:
-        if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and final.is_dir():
-            remove_tree(tmp)  # another runner planted it first
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.EEXIST, errno.ENOTEMPTY) and final.is_dir():
+            _remove_quietly(tmp)  # another runner planted it first
             return final
-        log.warning("could not plant the tree of %s: %s", src, e)
-    except DstackError as e:
-        log.warning("could not plant the tree of %s: %s", src, e)
+        log.warning("could not plant the tree of %s: %s; it will be built when it is mounted", src, e)
+        _remove_quietly(tmp)
+        return None
     except BaseException:
-        remove_tree(tmp)
+        _remove_quietly(tmp)
         raise
-    remove_tree(tmp)
-    return None
 
 
-def _reshape(root: Path, manifest: Manifest, blob_files: set[str], builder: TreeBuilder) -> list[Entry]:
+def _own_folder(path: Path | str) -> None:
+    """A folder of the tree: ours (the job's user may not change it) and writable by us for now."""
+    st = os.lstat(path)
+    if st.st_uid != os.geteuid():
+        os.lchown(path, os.geteuid(), os.getegid())
+    os.chmod(path, 0o700)
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        remove_tree(path)
+    except OSError as e:
+        log.warning("could not remove %s: %s", path, e)
+
+
+def _reshape(root: Path, manifest: Manifest, blob_files: dict[str, int], builder: TreeBuilder) -> list[Entry]:
     """Make the tree at `root` hold exactly the manifest's entries: remove what it leaves out and the
     files that are not their blob's own inode (someone else may still write those), create what is
     missing (empty files afresh). Returns the non-empty files to link or copy in."""
@@ -390,10 +440,10 @@ def _reshape(root: Path, manifest: Manifest, blob_files: set[str], builder: Tree
             elif d.is_dir(follow_symlinks=False):
                 keep = e is not None and e.kind == "dir"
                 if keep:
-                    os.chmod(d.path, 0o700)
+                    _own_folder(d.path)
                     stack.append((rel, d.path))
-            else:
-                keep = e is not None and e.kind == "file" and rel in blob_files
+            else:  # the very inode that was saved and is the blob (not one put there since)
+                keep = e is not None and e.kind == "file" and blob_files.get(rel) == d.inode()
             if keep:
                 kept.add(rel)
             else:
@@ -410,6 +460,6 @@ def _reshape(root: Path, manifest: Manifest, blob_files: set[str], builder: Tree
         elif e.size:
             missing.append(e)
         else:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             builder.mode(e)))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+            os.chmod(path, builder.mode(e))
     return missing
