@@ -297,3 +297,20 @@ def test_a_tree_that_cannot_be_planted_leaves_the_save_whole(store, tmp_path):
         for p in list(trees.glob(".tmp-*/locked")) + [job / "locked"]:
             if p.exists():
                 immutable(p, False)
+
+
+def test_a_blobs_own_inode_is_known_after_many_fresh_files_too(store, tmp_path):
+    """After 64 files without a remembered hash the save stops asking for one; a blob's own inode
+    that comes later is still recognised (read once) and stays in the planted tree."""
+    store.put_bytes(b"dependency data\n", hash_bytes(b"dependency data\n"))
+    blob = store.local_path(hash_bytes(b"dependency data\n"))
+    job = tmp_path / "job"
+    job.mkdir()
+    for i in range(100):
+        (job / f"f{i:03d}.txt").write_text(f"fresh {i}\n")
+    (job / "z").mkdir()
+    os.link(blob, job / "z" / "dep.txt")  # as `cp -al` of a mounted dependency makes
+    m = save_tree(store, job, adopt=True, trees=store.root / "trees")
+    tree = store.root / "trees" / m.digest()
+    assert verify_tree(m, tree) == []
+    assert same_inode(os.stat(tree / "z" / "dep.txt"), os.stat(blob))

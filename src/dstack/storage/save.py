@@ -6,11 +6,15 @@ they are past its grace period.
 
 On a local store on the same disk, a runner saves a finished job's folder without copying it:
 
-- **adopt**: a file that nothing else can reach (one link, and no process holds it open: a write
-  lease, F_SETLEASE, is granted only then, and blocks anyone who opens it meanwhile) becomes the
-  blob itself, by a hard link, read-only from then on. Saving it costs one read (the hash).
-  Anything else (a file linked elsewhere, still open, owned by someone the runner cannot lease for)
-  is copied as before.
+- **adopt**: a file that nothing else can reach becomes the blob itself, by a hard link, read-only
+  from then on; saving it costs one read (the hash). "Nothing else": one link, not executable, and
+  sealed: made read-only and the runner's (so no new writer gets past the permission check, and
+  the job's user cannot change the blob), then a write lease (F_SETLEASE) is taken, which the kernel
+  grants only while no other descriptor of the file is open anywhere. Someone who starts to open the
+  file afterwards waits for the lease; the lease is checked again once the blob is linked, and the
+  blob is taken back if it broke. Anything else (linked elsewhere, still open, not the runner's to
+  change) is copied as before. Nested artifacts are not adopted (their modes must stay as the job
+  left them for the artifact saved next).
 - **identity**: the hash of an adopted file is kept in an extended attribute with the file's size
   and mtime. Saving it again (a tree saved as part of another artifact) reads nothing
   when the attribute still matches and the file is that blob's own inode. The attribute alone is
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 HASH_XATTR = "user.dstack.b3"  # the BLAKE3 of the content, then size and mtime (ns)
 _BATCH = 64  # files per task of the thread pool (one task per file costs more than a small file)
+_GIVE_UP_AFTER = 64
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs us
 _F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)
@@ -185,6 +190,10 @@ class _Saver:
         self.store_dev = os.stat(self.local.blobs).st_dev if self.local is not None else None
         self.adopt = adopt and self.local is not None and _leases_enabled()
         self.same_fs = False  # set by save_tree: the folder is on the store's filesystem
+        # A job's fresh output has no remembered hashes, a tree saved again has them on every file:
+        # after this many files without one in a row, stop asking (the slow path still recognises a
+        # blob's own inode by its hash, only slower)
+        self.misses = 0
 
     def save_batch(self, batch: list[tuple[str, str, int | None]]) -> list[SavedFile]:
         return [self.save(rel, path, ino) for rel, path, ino in batch]
@@ -192,12 +201,13 @@ class _Saver:
     def save(self, rel: str, path: str, ino: int | None = None) -> SavedFile:
         """Store one file's content; its manifest entry's fields. `ino`: its inode number as the folder
         listed it (None: unknown, or on another filesystem than the folder)."""
-        if ino is not None and self.same_fs:  # the miss (no attribute) is the common case: kept inline
+        if ino is not None and self.same_fs and self.misses < _GIVE_UP_AFTER:
             try:
                 value = os.getxattr(path, HASH_XATTR, follow_symlinks=False)
             except OSError:
-                pass
+                self.misses += 1
             else:
+                self.misses = 0
                 saved = self._saved_before(rel, value, ino)
                 if saved is not None:
                     return saved
