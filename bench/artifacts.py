@@ -51,236 +51,41 @@ Usage: .venv/bin/python bench/artifacts.py [--quick] [--rounds N] [--dvc-rounds 
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
-import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _artifacts_data import (  # noqa: E402
+    GiB,
+    MiB,
+    bind_script,
+    count_files,
+    create_probe,
+    fincore,
+    fmt,
+    make_big,
+    make_small,
+    make_sparse,
+    med,
+    ratio,
+    reflink_support,
+    rm,
+    rx,
+    sh,
+    size_label,
+    sync,
+    timed,
+)
 from _common import REPO, print_table, stats, write_results  # noqa: E402
+from _dvc import DVC_VENV, Dvc, dvc_round, ensure_dvc  # noqa: E402
 
 from dstack.storage.blobstore import LocalBlobStore  # noqa: E402
 from dstack.storage.save import save_tree  # noqa: E402
 from dstack.storage.tree import remove_tree, tree_cache  # noqa: E402
-
-GiB = 1 << 30
-MiB = 1 << 20
-FICLONE = 0x40049409
-DVC_VENV = Path("/tmp/dstack-bench-dvc-venv")
-MARK = "@@dvcbench "
-
-# The DVC side: one long-lived process in DVC's own venv; one JSON request per line on stdin, one
-# reply line (prefixed by MARK, as DVC prints to stdout too) per request.
-DVC_WORKER = r'''
-import json, os, sys, time
-from dvc.repo import Repo
-MARK = "@@dvcbench "
-
-def reply(obj):
-    sys.__stdout__.write(MARK + json.dumps(obj) + "\n")
-    sys.__stdout__.flush()
-
-for line in sys.stdin:
-    req = json.loads(line)
-    op, root = req["op"], req.get("repo")
-    try:
-        out = {}
-        if op == "init":
-            os.makedirs(root, exist_ok=True)
-            Repo.init(root, no_scm=True)
-        elif op == "cache_type":
-            with Repo(root) as r:
-                with r.config.edit("local") as conf:
-                    conf["cache"]["type"] = req["type"]
-        elif op in ("add", "checkout"):
-            os.chdir(root)
-            t0 = time.perf_counter()
-            with Repo(root) as r:
-                if op == "add":
-                    r.add(req["target"])
-                else:
-                    r.checkout(targets=[req["target"] + ".dvc"])
-            out["t"] = time.perf_counter() - t0
-        elif op == "version":
-            import dvc
-            out["version"] = dvc.__version__
-        reply(out)
-    except Exception as e:
-        reply({"error": f"{type(e).__name__}: {e}"})
-'''
-
-
-# ---- helpers ----
-
-
-def sync() -> float:
-    t0 = time.perf_counter()
-    os.sync()
-    return time.perf_counter() - t0
-
-
-def sh(cmd: list[str], **kw) -> float:
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, **kw)
-    dt = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd} exited {p.returncode}: {p.stderr.decode(errors='replace')[-2000:]}")
-    return dt
-
-
-def timed(fn, *args, **kw):
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return time.perf_counter() - t0, out
-
-
-def rm(path: Path) -> None:
-    """Delete a tree, read-only folders (trees, DVC's cache) included."""
-    if not os.path.lexists(path):
-        return
-    subprocess.run(["chmod", "-R", "u+rwX", str(path)], capture_output=True)
-    subprocess.run(["rm", "-rf", str(path)], check=True)
-
-
-def fincore(paths: list[Path]) -> str:
-    """Page-cache residency (util-linux fincore), summed: '<resident> of <size>'."""
-    if not shutil.which("fincore") or not paths:
-        return "unknown (no fincore)"
-    cmd = ["fincore", "-b", "-n", "-o", "RES,SIZE", *map(str, paths)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    res = size = 0
-    for line in p.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            res += int(parts[0])
-            size += int(parts[1])
-    return f"{res / MiB:.0f} MiB of {size / MiB:.0f} MiB resident"
-
-
-def reflink_support(folder: Path) -> str:
-    a, b = folder / ".reflink-a", folder / ".reflink-b"
-    a.write_bytes(b"x" * 4096)
-    fa = os.open(a, os.O_RDONLY)
-    fb = os.open(b, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.ioctl(fb, FICLONE, fa)
-        return "yes"
-    except OSError as e:
-        return f"no ({errno.errorcode.get(e.errno, e.errno)})"
-    finally:
-        os.close(fa)
-        os.close(fb)
-        a.unlink()
-        b.unlink()
-
-
-def make_big(path: Path, size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 64 * MiB)
-            f.write(os.urandom(n))
-            left -= n
-
-
-def make_small(root: Path, count: int, size: int = 4096) -> None:
-    per = 100
-    for d in range((count + per - 1) // per):
-        folder = root / f"d{d:03d}"
-        folder.mkdir(parents=True)
-        for i in range(min(per, count - d * per)):
-            (folder / f"f{i:03d}.bin").write_bytes(os.urandom(size))
-
-
-def make_sparse(path: Path, size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(os.urandom(MiB))
-        f.seek(size - MiB)
-        f.write(os.urandom(MiB))
-
-
-def create_probe(folder: Path, n: int = 500) -> float:
-    """Microseconds per file create (open O_CREAT + close) on this disk now: shows the ext4 slowdown
-    after deletes (see the module's note). The files stay until the end of the run."""
-    folder.mkdir()
-    t0 = time.perf_counter()
-    for i in range(n):
-        os.close(os.open(folder / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    return (time.perf_counter() - t0) / n * 1e6
-
-
-def count_files(root: Path) -> int:
-    return sum(len(files) for _, _, files in os.walk(root))
-
-
-def bind_script(tree: Path, job_root: Path) -> str | None:
-    """The host executor's own bind-mount lines for one read-only mount (None: not root / no unshare)."""
-    try:
-        from dstack.runner.executors.base import Mount
-        from dstack.runner.executors.host import _bind_mounts_script, _can_bind_mount
-    except ImportError:
-        return None
-    if not _can_bind_mount():
-        return None
-    return _bind_mounts_script(job_root, [Mount(source=tree, target="dep", read_only=True)])
-
-
-class Dvc:
-    """DVC through its Python API in its own venv (one process, so no CLI start per step)."""
-
-    def __init__(self, venv: Path, site_cache: Path, log: Path):
-        self.venv = venv
-        self.env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(site_cache)}
-        self.log = open(log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([str(venv / "bin" / "python"), "-c", DVC_WORKER],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     env=self.env, text=True, bufsize=1)
-
-    def call(self, **req) -> dict:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the DVC worker died; see {self.log.name}")
-            if line.startswith(MARK):
-                out = json.loads(line[len(MARK):])
-                if "error" in out:
-                    raise RuntimeError(f"DVC {req}: {out['error']}")
-                return out
-
-    def cli_start(self, n: int = 3) -> list[float]:
-        return [sh([str(self.venv / "bin" / "dvc"), "version"], env=self.env) for _ in range(n)]
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-        self.log.close()
-
-
-def ensure_dvc(venv: Path) -> bool:
-    if (venv / "bin" / "dvc").exists():
-        return True
-    print(f"creating {venv} and installing DVC from PyPI (one-off, not timed)...", flush=True)
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "dvc"], check=True)
-    except (subprocess.CalledProcessError, OSError) as e:
-        print(f"  DVC could not be installed ({e}); skipping DVC", flush=True)
-        return False
-    return True
-
 
 # ---- the rounds ----
 
@@ -373,45 +178,6 @@ def run_set(name: str, src: Path, work: Path, rounds: int, dvc_rounds: int, dvc:
             dvc_round(dvc, src, root / f"dvc-{i}", t, info, big, keep_files)
     return {"times": t, "info": info}
 
-
-def dvc_round(dvc: Dvc, src: Path, repo: Path, t: dict[str, list], info: dict, big: bool,
-              keep_files: bool) -> None:
-    dvc.call(op="init", repo=str(repo))
-    data = repo / "data"
-    if big:
-        data.mkdir()
-        sh(["cp", str(src), str(data / src.name)])
-    else:
-        sh(["cp", "-r", str(src), str(data)])
-    sync()
-    t["dvc_add"].append(dvc.call(op="add", repo=str(repo), target="data")["t"])
-    t["dvc_add_sync"].append(sync())
-    t["dvc_add2"].append(dvc.call(op="add", repo=str(repo), target="data")["t"])
-    # "mount": the data moved aside (not deleted: see ext4 above), then checked out from the cache
-    os.rename(data, repo / "data.added")
-    sync()
-    t["dvc_checkout"].append(dvc.call(op="checkout", repo=str(repo), target="data")["t"])
-    t["dvc_checkout2"].append(dvc.call(op="checkout", repo=str(repo), target="data")["t"])
-    info["dvc_default_link"] = link_kind(repo, data)
-    os.rename(data, repo / "data.copied")
-    dvc.call(op="cache_type", repo=str(repo), type="hardlink")
-    t["dvc_checkout_hl"].append(dvc.call(op="checkout", repo=str(repo), target="data")["t"])
-    t["dvc_checkout_hl2"].append(dvc.call(op="checkout", repo=str(repo), target="data")["t"])
-    info["dvc_hardlink_link"] = link_kind(repo, data)
-    if big or not keep_files:
-        rm(repo)
-
-
-def link_kind(repo: Path, data: Path) -> str:
-    """How DVC's checkout made a workspace file: a hard link to its cache file, or a separate file."""
-    f = next(p for p in data.rglob("*") if p.is_file())
-    st = os.stat(f)
-    cached = {(c.stat().st_dev, c.stat().st_ino) for c in (repo / ".dvc" / "cache").rglob("*") if c.is_file()}
-    if (st.st_dev, st.st_ino) in cached:
-        return f"hardlink (nlink {st.st_nlink})"
-    return "copy (separate inode; ext4 has no reflink)"
-
-
 def run_sparse(src: Path, work: Path, rounds: int) -> dict:
     root = work / "sparse"
     root.mkdir()
@@ -434,187 +200,6 @@ def run_sparse(src: Path, work: Path, rounds: int) -> dict:
                                  "blob_allocated_bytes": os.stat(blob).st_blocks * 512 if blob else None}}
 
 
-# ---- --profile: where the time goes ----
-
-
-def _cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def _top(fn, n: int = 10) -> tuple[float, str]:
-    """Wall time of fn() under cProfile, and its top functions by own time."""
-    import cProfile
-    import io
-    import pstats
-
-    pr = cProfile.Profile()
-    t0 = time.perf_counter()
-    pr.enable()
-    fn()
-    pr.disable()
-    dt = time.perf_counter() - t0
-    out = io.StringIO()
-    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(n)
-    lines = [x for x in out.getvalue().splitlines() if x.strip()]
-    start = next(i for i, x in enumerate(lines) if x.lstrip().startswith("ncalls"))
-    return dt, "\n".join(lines[start:])
-
-
-def profile(work: Path, quick: bool, rounds: int) -> dict:
-    """The parts of a save and of a first mount, each timed alone (same rounds, interleaved)."""
-    try:
-        from dstack.storage.hashing import copy_and_hash, copy_fd, hash_fd
-    except ImportError:  # before storage/hashing.py
-        from dstack.storage.blobstore import copy_and_hash, copy_fd, hash_fd  # type: ignore[no-redef]
-    import threading
-
-    from dstack.core.manifest import Entry, Manifest
-
-    size = 64 * MiB if quick else GiB
-    count = 1000 if quick else 10_000
-    big, small = work / "big" / "blob.bin", work / "small"
-    make_big(big, size)
-    make_small(small, count)
-    sync()
-    t: dict[str, list] = {k: [] for k in (
-        "cp", "cp_cpu", "save", "save_cpu", "pread_only", "hash_1thread", "copy_fd",
-        "hash_and_copy_fd_threads", "copy_and_hash_1pass", "small_entries_validated",
-        "small_entries_construct", "small_manifest_build", "small_save", "small_save2", "get_manifest",
-        "materialise", "link_floor_python", "cp_al")}
-    buf = bytearray(4 * MiB)
-
-    def tmpfile() -> int:
-        return os.open(work, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o444)
-
-    for i in range(rounds):
-        print(f"  profile round {i + 1}/{rounds}", flush=True)
-        sync()
-        c0 = _cpu()
-        t["cp"].append(sh(["cp", str(big), str(work / "cp.bin")]))
-        t["cp_cpu"].append(_cpu() - c0)
-        rm(work / "cp.bin")
-        store = LocalBlobStore(work / f"store-{i}")
-        sync()
-        c0 = _cpu()
-        t["save"].append(timed(save_tree, store, big.parent)[0])
-        t["save_cpu"].append(_cpu() - c0)
-        rm(work / f"store-{i}")
-        fd = os.open(big, os.O_RDONLY)
-        try:
-            t0 = time.perf_counter()
-            for off in range(0, size, len(buf)):
-                os.preadv(fd, [buf], off)
-            t["pread_only"].append(time.perf_counter() - t0)
-            t["hash_1thread"].append(timed(hash_fd, fd, size, 1)[0])
-            for key in ("copy_fd", "hash_and_copy_fd_threads", "copy_and_hash_1pass"):
-                out = tmpfile()
-                sync()
-                t0 = time.perf_counter()
-                if key == "copy_fd":
-                    copy_fd(fd, out, size)
-                elif key == "copy_and_hash_1pass":
-                    copy_and_hash(fd, out, size)
-                else:  # what LocalBlobStore._ingest_copying does: copy in a thread while hashing
-                    th = threading.Thread(target=copy_fd, args=(fd, out, size, threading.Event()))
-                    th.start()
-                    hash_fd(fd, size, 1)
-                    th.join()
-                t[key].append(time.perf_counter() - t0)
-                os.close(out)
-        finally:
-            os.close(fd)
-        # many small files: the manifest's share
-        h = "0" * 64
-        rows = [(str(p.relative_to(small)), 0o644, 4096, h) for p in small.rglob("*.bin")]
-        def make(rows=rows, new=Entry):
-            return [new(path=r, kind="file", mode=m, size=z, hash=x) for r, m, z, x in rows]
-
-        t["small_entries_validated"].append(timed(make)[0])
-        dt, entries = timed(make, new=Entry.model_construct)
-        t["small_entries_construct"].append(dt)
-        dirs = [Entry(path=d.name, kind="dir", mode=0o755) for d in small.iterdir()]
-        t["small_manifest_build"].append(timed(Manifest.build, dirs + entries)[0])
-        store = LocalBlobStore(work / f"sstore-{i}")
-        sync()
-        dt, m = timed(save_tree, store, small)
-        t["small_save"].append(dt)
-        t["small_save2"].append(timed(save_tree, store, small)[0])
-        digest = m.digest()
-        dt, manifest = timed(store.get_manifest, digest)
-        t["get_manifest"].append(dt)
-        from dstack.storage.tree import materialise
-
-        t["materialise"].append(timed(materialise, store, manifest, work / f"tree-{i}", work / "bcache")[0])
-        remove_tree(work / f"tree-{i}")
-        # the floor of the same links from Python: mkdir + os.link with str paths, no validation
-        dest = str(work / f"links-{i}")
-        blobs = str(store.blobs)
-        t0 = time.perf_counter()
-        os.mkdir(dest)
-        for e in manifest.entries:
-            if e.kind == "dir":
-                os.mkdir(f"{dest}/{e.path}")
-            else:
-                os.link(f"{blobs}/{e.hash[:2]}/{e.hash}", f"{dest}/{e.path}")
-        t["link_floor_python"].append(time.perf_counter() - t0)
-        t["cp_al"].append(sh(["cp", "-al", str(small), str(work / f"al-{i}")]))
-        rm(Path(dest))
-        rm(work / f"al-{i}")
-    # cProfile of one more of each (slower under the profiler; the shares are what count)
-    store = LocalBlobStore(work / "sstore-prof")
-    sync()
-    profiles = {}
-    profiles["save_small_first"] = _top(lambda: save_tree(store, small))
-    profiles["save_small_second"] = _top(lambda: save_tree(store, small))
-    digest = save_tree(store, small).digest()
-    profiles["tree_cache_small_first"] = _top(lambda: tree_cache(store, digest, work / "trees-prof",
-                                                                  work / "bc"))
-    return {"size": size, "count": count, "times": t, "profiles": profiles}
-
-
-def report_profile(res: dict, quick: bool) -> None:
-    t = res["times"]
-    print(f"\nwhere the time goes ({size_label(res['size'])}; {res['count']:,} x 4 KiB), medians:")
-    for k, v in t.items():
-        print(f"  {k:28s} {fmt(med(v))}")
-    for k, (dt, text) in res["profiles"].items():
-        print(f"\n== cProfile {k}: {fmt(dt)} under the profiler\n{text}")
-    write_results("artifacts_profile_quick" if quick else "artifacts_profile", {
-        "quick": quick, "size": res["size"], "count": res["count"],
-        "steps": {k: stats(v) for k, v in t.items() if v},
-        "cprofile": {k: {"wall_s": dt, "top": text} for k, (dt, text) in res["profiles"].items()}})
-
-
-# ---- report ----
-
-
-def med(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
-
-
-def ratio(a: list[float], b: list[float]) -> float | None:
-    """Median of the per-round ratios a/b (rounds where both ran)."""
-    rs = [x / y for x, y in zip(a, b, strict=False) if y > 0]
-    return statistics.median(rs) if rs else None
-
-
-def rx(r: float | None, what: str) -> str:
-    return "-" if r is None else f"{r:.2f}x {what}"
-
-
-def fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if x < 0.001:
-        return f"{x * 1000:.2f} ms"
-    return f"{x * 1000:.1f} ms" if x < 0.1 else f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
-
-
-def size_label(n: int) -> str:
-    return f"{n / GiB:g} GiB" if n >= GiB else f"{n / MiB:g} MiB"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -635,6 +220,8 @@ def main() -> None:
     dvc_small = a.dvc_rounds if a.dvc_rounds is not None else 2
     t_start = time.perf_counter()
     if a.profile:
+        from _artifacts_profile import profile, report_profile
+
         work = Path(tempfile.mkdtemp(prefix="dstack-bench-artifacts-profile-", dir=a.workdir))
         try:
             res = profile(work, a.quick, a.rounds or 5)

@@ -21,8 +21,7 @@ def ago(t: datetime | None) -> str:
     """`5 mins ago`; a week on, the local date and time. `t` without a zone is UTC."""
     if t is None:
         return ""
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=UTC)
+    t = _aware(t)
     secs = (datetime.now(UTC) - t).total_seconds()
     if secs < 60:
         return "now" if secs < 5 else f"{int(secs)} secs ago"
@@ -40,9 +39,12 @@ def ago(t: datetime | None) -> str:
 
 def local_time(t: datetime) -> str:
     """A point in time as the local date, time and zone (`2026-11-25 11:42:07 CET`)."""
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=UTC)
-    return t.astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    return _aware(t).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _aware(t: datetime) -> datetime:
+    """`t` with its zone; one without is UTC (as the server keeps times)."""
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
 STATUS_STYLE = {

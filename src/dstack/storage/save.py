@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -95,8 +96,7 @@ def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path |
             warn(f"not saved: symlink '{rel}' points outside the artifact (to '{targets[rel]}')")
             del kinds[rel], targets[rel]
             entries = [e for e in entries if e.path != rel]
-    saver = _Saver(store, adopt)
-    saver.same_fs = saver.store_dev is not None and st.st_dev == saver.store_dev
+    saver = _Saver(store, adopt, st.st_dev)
     workers = workers or store.concurrency
     batches = [files[i:i + _BATCH] for i in range(0, len(files), _BATCH)]
     saved: list[SavedFile] = []
@@ -184,12 +184,12 @@ def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str, int | None]], di
 
 
 class _Saver:
-    def __init__(self, store: BlobStore, adopt: bool):
+    def __init__(self, store: BlobStore, adopt: bool, src_dev: int):
         self.store = store
         self.local = store if isinstance(store, LocalBlobStore) else None
         self.store_dev = os.stat(self.local.blobs).st_dev if self.local is not None else None
         self.adopt = adopt and self.local is not None and _leases_enabled()
-        self.same_fs = False  # set by save_tree: the folder is on the store's filesystem
+        self.same_fs = src_dev == self.store_dev  # the folder is on the store's filesystem
         # A job's fresh output has no remembered hashes, a tree saved again has them on every file:
         # after this many files without one in a row, stop asking (the slow path still recognises a
         # blob's own inode by its hash, only slower)
@@ -256,11 +256,10 @@ class _Saver:
         has that content already. Anything the kernel will not let us link is copied; the lease must
         still hold once the blob is linked."""
         mode, size = st.st_mode & 0o777, st.st_size  # the mode the job gave it, before the seal
-        sealed = os.fstat(fd) if size > SMALL_FILE else st
         if size <= SMALL_FILE:  # the lease keeps writers out while it is read: no need to look again
-            data = os.read(fd, size)
-            h = hash_bytes(data if len(data) == size else data + read_exactly(fd, size - len(data)))
+            h = hash_bytes(read_exactly(fd, size))
         else:  # a lease is broken by force after lease-break-time (45 s): look again after long reads
+            sealed = os.fstat(fd)
             h = hash_fd(fd, size)
             _check_unchanged(rel, fd, sealed)
         local = self.local
@@ -324,6 +323,7 @@ def remember_hash(fd: int, h: str, size: int, mtime_ns: int) -> None:
 # ---- leases: "nobody else has this file open" ----
 
 
+@functools.cache
 def _leases_enabled() -> bool:
     try:
         with open("/proc/sys/fs/leases-enable") as f:
