@@ -40,7 +40,23 @@ def fresh_home(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"dstack-bench-{prefix}-"))
 
 
+_compiled = False
+
+
+def ensure_bytecode() -> None:
+    """Byte-compile dstack once, as `pip install .` does at install time (and as Python does on a first import
+    unless PYTHONDONTWRITEBYTECODE is set, as it is on these machines): otherwise every command measured
+    would compile dstack's modules from source first."""
+    global _compiled
+    if not _compiled:
+        import dstack
+
+        subprocess.run([PYTHON, "-m", "compileall", "-q", str(Path(dstack.__file__).parent)], check=True)
+        _compiled = True
+
+
 def env_for(home: Path) -> dict[str, str]:
+    ensure_bytecode()
     env = {k: v for k, v in os.environ.items()
            if k not in ("DSTACK_SERVER_URL", "DSTACK_TOKEN", "DSTACK_DATABASE_URL")}
     env["DSTACK_HOME"] = str(home)

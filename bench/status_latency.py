@@ -72,11 +72,13 @@ def populate(home: Path, project: Path, n: int) -> dict:
 
     from dstack.api.code_capture import capture
     from dstack.api.repo import repo_id
+    from dstack.config.files import ProjectFiles
     from dstack.config.workflows import resolve_workflow
     from dstack.core.names import ADJECTIVES, ANIMALS
     from dstack.server.db.tables import JobRow, RunRow
 
     rid = repo_id(project)
+    files = ProjectFiles.read(project)
     code, _ = capture(project)
     rng = random.Random(42)
     counters: dict[str, int] = {}
@@ -88,13 +90,13 @@ def populate(home: Path, project: Path, n: int) -> dict:
         name = f"{base}-{counters[base]}"
         workflow = "train" if i % 3 else "prepare"
         overrides = {"epochs": str(rng.randint(1, 50))} if workflow == "train" and i % 2 else {}
-        resolved = resolve_workflow(project, workflow, overrides, name)
+        resolved = resolve_workflow(files, workflow, overrides, name)
         submitted = start + timedelta(minutes=i)
         failed = i % 10 == 0
         status = "FAILED" if failed else "DONE"
         runs.append(dict(name=name, repo_id=rid, workflow=workflow, provider=resolved.provider, status=status,
                          submitted_at=submitted, variables=resolved.variables, overrides=overrides,
-                         dependencies=[], code=code.model_dump()))
+                         dependencies=[], code=code.to_dict()))
         for job in resolved.jobs:
             job.code = code
             jobs.append(dict(

@@ -1,6 +1,6 @@
 """Where the time of the Docker executor goes: one trivial job (`echo hi` in dstack-test/busybox)
-started and waited for through dstack's DockerExecutor in this process (a new one per job, as the
-runner's executor_for makes it), every Docker Engine API
+started and waited for through dstack's DockerExecutor in this process (one kept for all jobs, as
+the runner keeps one), every Docker Engine API
 request it makes timed; next to `docker run --rm` of the same, interleaved. No server, no runner:
 the executor alone. Evidence for the Docker workflow overhead, not a benchmark with a target.
 Usage: python bench/trace_docker.py [--runs 7]
@@ -30,7 +30,7 @@ def main() -> None:
     import requests
 
     from dstack.core.models import JobSpec
-    from dstack.runner.daemon import executor_for
+    from dstack.runner.executors.docker import DockerExecutor
 
     calls: list[tuple[str, float, float]] = []
     orig_send = requests.Session.send
@@ -50,6 +50,7 @@ def main() -> None:
     phases: dict[str, list[float]] = {}
     by_call: dict[str, list[float]] = {}
     walls, cli = [], []
+    executor = DockerExecutor()
     for i in range(a.runs + 1):
         out = bytearray()
         job = JobSpec(job_id=f"bench{i:07d}", run_name="bench-run-1", workflow="dhello", provider="docker",
@@ -57,8 +58,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="dstack-bench-docker-") as root:
             calls.clear()
             t0 = time.perf_counter()
-            ex = executor_for(job)  # as the runner does: a new executor (and Docker client) per job
-            execution = ex.start(job, Path(root), [], {}, out.extend)
+            execution = executor.start(job, Path(root), [], {}, out.extend)
             t1 = time.perf_counter()
             code = execution.wait()
             t2 = time.perf_counter()

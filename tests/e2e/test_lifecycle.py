@@ -168,7 +168,7 @@ def test_every_endpoint_needs_the_token(dstack, tmp_path):
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     assert info["url"].startswith("http://127.0.0.1:")
     for method, path in (("GET", "/api/runs"), ("GET", "/api/healthz"), ("GET", "/api/runners"),
-                         ("POST", "/api/runs/names"), ("GET", "/docs"), ("GET", "/openapi.json")):
+                         ("POST", "/api/runs"), ("GET", "/docs"), ("GET", "/openapi.json")):
         r = httpx.request(method, info["url"] + path)
         assert r.status_code in (401, 404), (path, r.status_code)
         r = httpx.request(method, info["url"] + path, headers={"Authorization": "Bearer wrong"})

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dstack.config.files import ProjectFiles
 from dstack.config.workflows import ResolvedWorkflow, resolve_workflow
 
 
@@ -29,8 +30,11 @@ class Project:
         self.write("variables.yaml", text)
         return self
 
+    def files(self) -> ProjectFiles:
+        return ProjectFiles.read(self.root)
+
     def resolve(self, name: str, overrides: dict | None = None, run_name: str = "lazy-bobcat-1") -> ResolvedWorkflow:
-        return resolve_workflow(self.root, name, overrides or {}, run_name)
+        return resolve_workflow(self.files(), name, overrides or {}, run_name)
 
 
 @pytest.fixture

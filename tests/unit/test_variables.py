@@ -96,12 +96,12 @@ def test_global_variables_are_merged_under_the_workflows_own(project):
           global: {gpu: 1, seed: 7}
           train: {gpu: 2}
     """)
-    assert load_variables(project.root, "train", ["train", "prepare"])[0] == {"gpu": 2, "seed": 7}
-    assert load_variables(project.root, "prepare", ["train", "prepare"])[0] == {"gpu": 1, "seed": 7}
+    assert load_variables(project.files(), "train", ["train", "prepare"])[0] == {"gpu": 2, "seed": 7}
+    assert load_variables(project.files(), "prepare", ["train", "prepare"])[0] == {"gpu": 1, "seed": 7}
 
 
 def test_no_variables_file_means_no_variables(project):
-    assert load_variables(project.root, "train", ["train"]) == ({}, None)
+    assert load_variables(project.files(), "train", ["train"]) == ({}, None)
 
 
 def test_section_for_an_unknown_workflow_is_an_error_with_a_suggestion(project):
@@ -111,7 +111,7 @@ def test_section_for_an_unknown_workflow_is_an_error_with_a_suggestion(project):
             gpu: 1
     """)
     with pytest.raises(ConfigError, match="unknown workflow 'trian'") as info:
-        load_variables(project.root, "prepare", ["train", "prepare"])
+        load_variables(project.files(), "prepare", ["train", "prepare"])
     assert info.value.hint == "did you mean 'train'?"
     assert info.value.location == ".dstack/variables.yaml:2:3"
 
@@ -128,7 +128,7 @@ def test_section_for_an_unknown_workflow_is_an_error_with_a_suggestion(project):
 def test_malformed_variables_file_is_a_config_error(project, text, message):
     project.write("variables.yaml", text)
     with pytest.raises(ConfigError, match=message) as info:
-        load_variables(project.root, "train", ["train"])
+        load_variables(project.files(), "train", ["train"])
     assert info.value.file == ".dstack/variables.yaml"
 
 

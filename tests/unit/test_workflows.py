@@ -457,10 +457,11 @@ def test_variables_section_for_an_unknown_workflow_is_an_error(project):
 
 
 def test_missing_workflows_file_says_how_to_start(tmp_path):
+    from dstack.config.files import ProjectFiles
     from dstack.config.workflows import resolve_workflow
 
     with pytest.raises(ConfigError, match="no workflows") as info:
-        resolve_workflow(tmp_path, "train", {}, "r-1")
+        resolve_workflow(ProjectFiles.read(tmp_path), "train", {}, "r-1")
     assert "dstack init" in info.value.hint
 
 
@@ -524,3 +525,11 @@ def test_yaml_anchors_and_merge_keys_share_blocks_between_workflows(project):
     a, b = project.resolve("a").jobs[0], project.resolve("b").jobs[0]
     assert a.commands == ["echo shared"] and a.requirements.cpu == 2
     assert b.commands == ["echo own"] and b.requirements.cpu == 2
+
+
+def test_a_misspelt_key_is_named_before_the_variables_it_breaks(project):
+    # under the unknown `comands`, $HOME is no shell's: without this it reads "undefined variable 'HOME'"
+    project.workflows("workflows:\n  - name: a\n    comands:\n      - echo $HOME\n")
+    err = _error(project, "a")
+    assert err.message == "unknown key 'comands' in workflow 'a'" and err.location == ".dstack/workflows.yaml:3:5"
+    assert err.hint == "did you mean 'commands'?"

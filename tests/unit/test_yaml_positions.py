@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from dstack.config import yaml_positions
-from dstack.config.yaml_positions import load_file, load_text
+from dstack.config.files import MAX_FILE, ProjectFiles
+from dstack.config.yaml_positions import load_text
 from dstack.core.errors import ConfigError
 
 TEXT = """\
@@ -109,14 +110,32 @@ def test_exponential_alias_expansion_is_refused(monkeypatch):
         load_text("\n".join(lines) + "\n", "f")
 
 
-def test_missing_and_non_utf8_files_are_config_errors(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read"):
-        load_file(tmp_path / "nope.yaml")
-    bad = tmp_path / "bad.yaml"
+def test_unreadable_huge_and_non_utf8_files_are_config_errors(tmp_path):
+    (tmp_path / ".dstack").mkdir()
+    bad = tmp_path / ".dstack" / "workflows.yaml"
     bad.write_bytes(b"a: \xff\xfe\n")
     with pytest.raises(ConfigError, match="not UTF-8") as info:
-        load_file(bad, display=".dstack/bad.yaml")
-    assert info.value.file == ".dstack/bad.yaml"
+        ProjectFiles.read(tmp_path)
+    assert info.value.file == ".dstack/workflows.yaml"
+    bad.write_bytes(b"# x\n" * (MAX_FILE // 4 + 1))
+    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+        ProjectFiles.read(tmp_path)
+    bad.unlink()
+    bad.mkdir()  # a folder where the file should be
+    with pytest.raises(ConfigError, match="cannot read .dstack/workflows.yaml"):
+        ProjectFiles.read(tmp_path)
+
+
+def test_project_files_are_the_yaml_files_of_dstack_in_order(tmp_path):
+    (tmp_path / ".dstack" / "workflows").mkdir(parents=True)
+    for rel in ("workflows.yml", "workflows.yaml", "variables.yaml", "workflows/b.yaml", "workflows/a.yml",
+                "workflows/notes.txt", "other.yaml"):
+        (tmp_path / ".dstack" / rel).write_text(rel)
+    files = ProjectFiles.read(tmp_path)
+    assert files.workflow_files() == [".dstack/workflows.yaml", ".dstack/workflows.yml",
+                                      ".dstack/workflows/a.yml", ".dstack/workflows/b.yaml"]
+    assert files.texts[".dstack/variables.yaml"] == "variables.yaml" and files.root == str(tmp_path)
+    assert ProjectFiles.read(tmp_path / "nowhere").texts == {}
 
 
 def test_a_key_without_its_colon_is_pointed_at_where_it_starts():

@@ -9,7 +9,7 @@ from dstack.core.errors import DstackError, error_from_dict
 from dstack.core.status import JobStatus
 
 if TYPE_CHECKING:
-    from dstack.core.models import Job, Run, RunnerInfo, RunSubmission, Tag
+    from dstack.core.models import RunnerInfo, Tag
 
 
 class Client:
@@ -34,14 +34,11 @@ class Client:
     def healthz(self) -> dict:
         return self._call("GET", "/api/healthz", timeout=5).json()
 
-    # runs
-    def reserve_name(self) -> str:
-        return self._call("POST", "/api/runs/names").json()["run_name"]
-
-    def submit(self, sub: RunSubmission) -> Run:
-        from dstack.core.models import Run
-
-        return Run.model_validate(self._call("POST", "/api/runs", json=sub.model_dump(mode="json")).json())
+    # runs: as the API gives them (JSON objects of `Run` and `Job`); `Run.model_validate` makes models of them.
+    # `dstack run` follows a run on these alone, and so loads no models.
+    def submit(self, request: dict) -> dict:
+        """POST /api/runs with the fields of a `RunRequest`: the server resolves and queues the workflow."""
+        return self._call("POST", "/api/runs", json=request).json()
 
     def runs(self, repo_id: str | None, limit: int | None = None, workflow: str | None = None) -> list[dict]:
         """Runs as the API gives them (JSON objects of `Run`, without job specs): a listing is printed,
@@ -49,28 +46,20 @@ class Client:
         params = {k: v for k, v in {"repo_id": repo_id, "limit": limit, "workflow": workflow}.items() if v}
         return self._call("GET", "/api/runs", params=params).json()
 
-    def run(self, repo_id: str | None, name: str) -> Run:
-        from dstack.core.models import Run
-
+    def run(self, repo_id: str | None, name: str) -> dict:
         params = {"repo_id": repo_id} if repo_id else {}
-        return Run.model_validate(self._call("GET", f"/api/runs/{name}", params=params).json())
+        return self._call("GET", f"/api/runs/{name}", params=params).json()
 
-    def reproduce(self, repo_id: str | None, name: str) -> Run:
-        from dstack.core.models import Run
-
+    def reproduce(self, repo_id: str | None, name: str) -> dict:
         params = {"repo_id": repo_id} if repo_id else {}
-        return Run.model_validate(self._call("POST", f"/api/runs/{name}/reproduce", params=params).json())
+        return self._call("POST", f"/api/runs/{name}/reproduce", params=params).json()
 
-    def stop(self, repo_id: str | None, ref: str, abort: bool = False) -> Run:
-        from dstack.core.models import Run
-
+    def stop(self, repo_id: str | None, ref: str, abort: bool = False) -> dict:
         params = {"abort": abort, **({"repo_id": repo_id} if repo_id else {})}
-        return Run.model_validate(self._call("POST", f"/api/runs/{ref}/stop", params=params).json())
+        return self._call("POST", f"/api/runs/{ref}/stop", params=params).json()
 
-    def job(self, job_id: str) -> Job:
-        from dstack.core.models import Job
-
-        return Job.model_validate(self._call("GET", f"/api/jobs/{job_id}").json())
+    def job(self, job_id: str) -> dict:
+        return self._call("GET", f"/api/jobs/{job_id}").json()
 
     def logs(self, job_id: str, offset: int = 0, wait: float = 0) -> tuple[bytes, int, JobStatus]:
         r = self._call("GET", f"/api/jobs/{job_id}/logs", params={"offset": offset, "wait": wait},

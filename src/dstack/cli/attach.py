@@ -1,19 +1,22 @@
-"""Following a run: its logs as they come, Ctrl-C to stop or detach, its exit code at the end."""
+"""Following a run: its logs as they come, Ctrl-C to stop or detach, its exit code at the end.
+
+Works on the API's JSON (runs and jobs as dicts), so that `dstack run` loads no models."""
 
 from __future__ import annotations
 
 import sys
+from datetime import datetime
 
 from dstack.api.client import Client
-from dstack.core.models import Job, JobStatus, Run
+from dstack.core.status import JobStatus
 
 
-def exit_code_of(job: Job) -> int:
-    if job.status == JobStatus.DONE:
+def exit_code_of(job: dict) -> int:
+    if job["status"] == JobStatus.DONE:
         return 0
-    if job.status in (JobStatus.STOPPED, JobStatus.ABORTED):
+    if job["status"] in (JobStatus.STOPPED, JobStatus.ABORTED):
         return 130  # interrupted by the user, as with Ctrl-C in a shell
-    return job.exit_code if job.exit_code not in (None, 0) else 1
+    return job["exit_code"] if job.get("exit_code") not in (None, 0) else 1
 
 
 def _ask(run_name: str) -> str:
@@ -29,15 +32,16 @@ def _ask(run_name: str) -> str:
     return {"": "stop", "s": "stop", "a": "abort", "d": "detach", "c": "continue"}.get(answer[:1], "stop")
 
 
-def follow_run(client: Client, run: Run, interrupt_asks: bool = True) -> int:
+def follow_run(client: Client, run: dict, interrupt_asks: bool = True) -> int:
     """Stream the logs of `run`'s jobs until all have ended; return the exit code to exit with.
     Ctrl-C asks whether to stop the run (`interrupt_asks`), else just stops following it."""
     out = sys.stdout.buffer
-    offsets = {j.job_id: 0 for j in run.jobs}
+    name = run["run_name"]
+    offsets = {j["job_id"]: 0 for j in run["jobs"]}
     finished: set[str] = set()
     stopping: str | None = None
     announced: set[str] = set()
-    with_ports = {j.job_id: j.spec.ports if j.spec else 0 for j in run.jobs}
+    with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
     while len(finished) < len(offsets):
         try:
             for job_id in offsets:
@@ -55,53 +59,56 @@ def follow_run(client: Client, run: Run, interrupt_asks: bool = True) -> int:
                     finished.add(job_id)
         except KeyboardInterrupt:
             if not interrupt_asks:
-                sys.stderr.write(f"\nStopped following {run.run_name}; it goes on (`dstack stop {run.run_name}` "
+                sys.stderr.write(f"\nStopped following {name}; it goes on (`dstack stop {name}` "
                                  "stops it).\n")
                 return 130
             if stopping:  # a second Ctrl-C while stopping: abort
                 if stopping == "stop":
                     stopping = "abort"
                     sys.stderr.write("\nAborting...\n")
-                    client.stop(None, run.run_name, abort=True)
+                    client.stop(None, name, abort=True)
                 continue
-            choice = _ask(run.run_name)
+            choice = _ask(name)
             if choice == "detach":
-                sys.stderr.write(f"Detached. `dstack logs {run.run_name} -f` follows it again; "
-                                 f"`dstack stop {run.run_name}` stops it.\n")
+                sys.stderr.write(f"Detached. `dstack logs {name} -f` follows it again; "
+                                 f"`dstack stop {name}` stops it.\n")
                 return 0
             if choice in ("stop", "abort"):
                 stopping = choice
                 sys.stderr.write("Stopping (Ctrl-C again to abort)...\n" if choice == "stop" else "Aborting...\n")
-                client.stop(None, run.run_name, abort=choice == "abort")
-    final = client.run(None, run.run_name)
-    jobs = [j for j in final.jobs if j.job_id in offsets]
-    _summary(final.run_name, jobs)
-    if final.tags:
-        sys.stderr.write(f"Tagged {', '.join(f'{final.workflow}:{t}' for t in final.tags)}\n")
-    elif final.tag_when_done and final.status != JobStatus.DONE:
-        sys.stderr.write(f"Not tagged {final.workflow}:{final.tag_when_done}: the run is {final.status.value}\n")
+                client.stop(None, name, abort=choice == "abort")
+    final = client.run(None, name)
+    jobs = [j for j in final["jobs"] if j["job_id"] in offsets]
+    _summary(name, jobs)
+    workflow, tags, tag_when_done = final["workflow"], final.get("tags") or [], final.get("tag_when_done")
+    if tags:
+        sys.stderr.write(f"Tagged {', '.join(f'{workflow}:{t}' for t in tags)}\n")
+    elif tag_when_done and final["status"] != JobStatus.DONE:
+        sys.stderr.write(f"Not tagged {workflow}:{tag_when_done}: the run is {final['status']}\n")
     return next((c for c in (exit_code_of(j) for j in jobs) if c), 0)
 
 
-def _announce_ports(job: Job) -> None:
+def _announce_ports(job: dict) -> None:
     """Where the job's ports (PORT_0, ...) can be reached; apps must bind 0.0.0.0 or the runner's host."""
-    host = job.hostname or "127.0.0.1"
-    for i, port in enumerate(job.ports):
+    host = job.get("hostname") or "127.0.0.1"
+    for i, port in enumerate(job.get("ports") or []):
         sys.stderr.write(f"PORT_{i}: http://{host}:{port}\n")
 
 
-def _summary(run_name: str, jobs: list[Job]) -> None:
+def _summary(run_name: str, jobs: list[dict]) -> None:
     err = sys.stderr
     color = err.isatty()
     for job in jobs:
+        status, reason, exit_code = job["status"], job.get("reason"), job.get("exit_code")
         took = ""
-        if job.started_at and job.finished_at:
-            took = f" in {(job.finished_at - job.started_at).total_seconds():.1f}s"
+        if job.get("started_at") and job.get("finished_at"):
+            seconds = (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"]))
+            took = f" in {seconds.total_seconds():.1f}s"
         detail = ""
-        if job.status != JobStatus.DONE:
-            detail = f": {job.reason}" if job.reason else ""
-            if job.exit_code not in (None, 0) and "code" not in (job.reason or ""):
-                detail += f" (exit code {job.exit_code})"
-        mark = {"DONE": "\033[32m", "FAILED": "\033[31m"}.get(job.status.value, "\033[33m") if color else ""
+        if status != JobStatus.DONE:
+            detail = f": {reason}" if reason else ""
+            if exit_code not in (None, 0) and "code" not in (reason or ""):
+                detail += f" (exit code {exit_code})"
+        mark = {"DONE": "\033[32m", "FAILED": "\033[31m"}.get(status, "\033[33m") if color else ""
         off = "\033[0m" if color else ""
-        err.write(f"{mark}{run_name} {job.status.value}{off}{took}{detail}\n")
+        err.write(f"{mark}{run_name} {status}{off}{took}{detail}\n")

@@ -18,17 +18,16 @@ def logs(run_or_job: str, follow: bool) -> None:
 
     client = connect()
     run = client.run(repo_id(find_project()), run_or_job)
-    jobs = [j for j in run.jobs if j.job_id == run_or_job] or run.jobs
+    jobs = [j for j in run["jobs"] if j["job_id"] == run_or_job] or run["jobs"]
     if follow:
         from dstack.cli.attach import follow_run
 
-        run.jobs = jobs
-        sys.exit(follow_run(client, run, interrupt_asks=False))
+        sys.exit(follow_run(client, {**run, "jobs": jobs}, interrupt_asks=False))
     out = sys.stdout.buffer
     for job in jobs:
         offset = 0
         while True:
-            data, offset, _ = client.logs(job.job_id, offset)
+            data, offset, _ = client.logs(job["job_id"], offset)
             if not data:
                 break
             out.write(data)

@@ -6,8 +6,6 @@ import sys
 
 import click
 
-from dstack.core.errors import ConfigError, DstackError, NotFound
-
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                  "help_option_names": ["-h", "--help"]})
@@ -30,9 +28,7 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
     from dstack.api.code_capture import capture
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
-    from dstack.config.variables import parse_cli_args
-    from dstack.config.workflows import resolve_workflow
-    from dstack.core.models import RunSubmission
+    from dstack.config.files import ProjectFiles
 
     project = find_project()
     if reproduce:
@@ -41,17 +37,15 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         client = connect()
         submitted = client.reproduce(repo_id(project), reproduce)
         return _attach(client, submitted, f"reproduces {reproduce}", detach, as_json)
+    files = ProjectFiles.read(project)
+    files.require_workflows()  # before any server starts
     if not workflow:
         from dstack.config.workflows import load_workflows
 
-        entries = load_workflows(project)
+        entries = load_workflows(files)
         listing = "\n".join(f"  {e.name:<20} {e.raw.get('help') or ''}".rstrip() for e in entries)
         raise click.UsageError(f"which workflow? `dstack run WORKFLOW`; the workflows of {project}:\n{listing}")
-    overrides = parse_cli_args(ctx.args)
-    resolve_workflow(project, workflow, overrides, "run-name")  # bad input fails before any server starts
     client = connect()
-    run_name = client.reserve_name()
-    resolved = resolve_workflow(project, workflow, overrides, run_name)
     code, blobs = capture(project)
     total = sum(len(b) for b in blobs.values())
     if total > 20 * 1024 * 1024:
@@ -59,33 +53,24 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
                    "artifacts; list it in .dstackignore (or .gitignore) to leave it out.", err=True)
     for digest, data in blobs.items():
         client.upload_code(digest, data)
-    sub = RunSubmission(run_name=run_name, repo_id=repo_id(project), workflow=workflow, provider=resolved.provider,
-                        variables=resolved.variables, overrides=overrides, dependencies=resolved.dependencies,
-                        jobs=resolved.jobs, code=code, tag=tag)
-    try:
-        submitted = client.submit(sub)
-    except (NotFound, DstackError) as e:
-        raise _located(e, resolved.dependency_errors) from None
+    # the server resolves the workflow (variables, provider, jobs) and points at the files where it is wrong
+    submitted = client.submit({"repo_id": repo_id(project), "workflow": workflow, "args": ctx.args,
+                               "files": files.texts, "project": str(project), "code": code.to_dict(), "tag": tag})
     _attach(client, submitted, workflow, detach, as_json)
 
 
-def _attach(client, submitted, what: str, detach: bool, as_json: bool) -> None:
+def _attach(client, submitted: dict, what: str, detach: bool, as_json: bool) -> None:
+    name = submitted["run_name"]
     if as_json:
-        click.echo(submitted.model_dump_json(indent=2))
+        import json
+
+        click.echo(json.dumps(submitted, indent=2))
         return
     err = click.get_text_stream("stderr")
-    err.write(f"Run {submitted.run_name} ({what}) submitted\n")
+    err.write(f"Run {name} ({what}) submitted\n")
     if detach:
-        err.write(f"Follow it with `dstack logs {submitted.run_name} -f`\n")
+        err.write(f"Follow it with `dstack logs {name} -f`\n")
         return
     from dstack.cli.attach import follow_run
 
     sys.exit(follow_run(client, submitted))
-
-
-def _located(e: DstackError, where: dict[str, ConfigError]) -> DstackError:
-    """A dependency the server could not resolve, pointed at where the workflow names it."""
-    for ref, loc in where.items():
-        if f"'{ref}'" in e.message:
-            return ConfigError(e.message, hint=e.hint, file=loc.file, line=loc.line, column=loc.column)
-    return e

@@ -20,11 +20,14 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
     if run:
         found = client.run(rid, run)
         if as_json:
-            click.echo(found.model_dump_json(indent=2))
+            import json
+
+            click.echo(json.dumps(found, indent=2))
         else:
             from dstack.cli.render import print_run_detail
+            from dstack.core.models import Run
 
-            print_run_detail(found)
+            print_run_detail(Run.model_validate(found))
         return
     runs = client.runs(rid, limit=None if show_all else (limit or 10))
     if as_json:

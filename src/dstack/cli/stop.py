@@ -16,12 +16,13 @@ def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
 
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
+    from dstack.core.status import JobStatus
 
     client = connect()
     rid = repo_id(find_project())
     run = client.stop(rid, run_or_job, abort=abort)
     deadline = time.monotonic() + 60
-    while not no_wait and not run.status.finished and time.monotonic() < deadline:
+    while not no_wait and not JobStatus(run["status"]).finished and time.monotonic() < deadline:
         time.sleep(0.2)
-        run = client.run(rid, run.run_name)
-    click.echo(f"{run.run_name} {run.status.value}")
+        run = client.run(rid, run["run_name"])
+    click.echo(f"{run['run_name']} {run['status']}")

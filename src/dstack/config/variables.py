@@ -6,12 +6,13 @@ import json
 import math
 import re
 import shlex
-from pathlib import Path
 from typing import Any
 
-from dstack.config.yaml_positions import Located, load_file
+from dstack.config.files import ProjectFiles
+from dstack.config.yaml_positions import Located, load_text
 from dstack.core.errors import ConfigError, did_you_mean
 
+VARIABLES_FILE = ".dstack/variables.yaml"
 SYSTEM_VARIABLES = ("run_name", "job_id", "variables_as_args")
 # fields whose text is given to a shell: an undefined `$NAME` there is the shell's, not ours
 SHELL_FIELDS = {"commands", "before_run", "setup", "environment", "env"}
@@ -20,12 +21,12 @@ _REF = re.compile(r"\$\$|\$\{\{\s*([A-Za-z_][\w.-]*)\s*\}\}|\$\{\{[^}]*\}\}|\$([
 _ALIASES = {"run.name": "run_name", "job.id": "job_id"}
 
 
-def load_variables(project: Path, workflow: str, workflow_names: list[str]) -> tuple[dict, Located | None]:
+def load_variables(files: ProjectFiles, workflow: str, workflow_names: list[str]) -> tuple[dict, Located | None]:
     """The variables declared for `workflow`: `global` merged with its own section."""
-    path = project / ".dstack" / "variables.yaml"
-    if not path.exists():
+    text = files.texts.get(VARIABLES_FILE)
+    if text is None:
         return {}, None
-    located = load_file(path, display=".dstack/variables.yaml")
+    located = load_text(text, VARIABLES_FILE)
     data = located.data
     if data is None:
         return {}, located

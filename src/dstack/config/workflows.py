@@ -4,11 +4,11 @@ variables, validate it with its provider's model, and make its job specs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from dstack.config.files import ProjectFiles
 from dstack.config.variables import (
     apply_overrides,
     as_env_value,
@@ -16,7 +16,7 @@ from dstack.config.variables import (
     substitute,
     variables_as_args,
 )
-from dstack.config.yaml_positions import Located, load_file
+from dstack.config.yaml_positions import Located, load_text
 from dstack.core.errors import ConfigError, did_you_mean
 from dstack.core.models import DependencySpec, JobSpec
 from dstack.core.names import job_id as new_job_id
@@ -44,28 +44,13 @@ class ResolvedWorkflow:
     dependency_errors: dict[str, ConfigError] = field(default_factory=dict)
 
 
-def workflow_files(project: Path) -> list[Path]:
-    root = project / ".dstack"
-    files = [root / "workflows.yaml"] if (root / "workflows.yaml").exists() else []
-    if (root / "workflows.yml").exists():
-        files.append(root / "workflows.yml")
-    folder = root / "workflows"
-    if folder.is_dir():
-        files += sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml"))
-    return files
-
-
-def load_workflows(project: Path) -> list[WorkflowEntry]:
-    files = workflow_files(project)
-    if not files:
-        raise ConfigError(
-            f"no workflows: {project / '.dstack' / 'workflows.yaml'} does not exist",
-            hint="run `dstack init` to write an example, or cd into your project",
-        )
+def load_workflows(files: ProjectFiles) -> list[WorkflowEntry]:
+    files.require_workflows()
+    paths = files.workflow_files()
     entries: list[WorkflowEntry] = []
     seen: dict[str, WorkflowEntry] = {}
-    for f in files:
-        located = load_file(f, display=str(f.relative_to(project)))
+    for rel in paths:
+        located = load_text(files.texts[rel], rel)
         data = located.data
         if data is None:
             continue
@@ -209,6 +194,18 @@ def _known_keys(model: type, loc: tuple) -> list[str]:
     return keys
 
 
+def _raise_unknown_key(entry: WorkflowEntry) -> None:
+    """Raise the error for the first key of the workflow that its provider does not know, if any."""
+    try:
+        provider = get_provider(provider_name(entry.raw))
+        provider.Spec.model_validate(entry.raw)
+    except ValidationError as e:
+        if any(x["type"] == "extra_forbidden" for x in e.errors()):
+            raise _validation_error(e, entry, provider.Spec) from None
+    except ConfigError:
+        pass  # an unknown provider: the caller's error stands
+
+
 DEPENDENCY_KEYS = ["ref", "artifacts", "tag", "workflow"]
 
 
@@ -261,15 +258,19 @@ def _env_name(variable: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in variable).upper()
 
 
-def resolve_workflow(project: Path, name: str, overrides: dict[str, Any], run_name: str) -> ResolvedWorkflow:
-    entries = load_workflows(project)
+def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], run_name: str) -> ResolvedWorkflow:
+    entries = load_workflows(files)
     entry = find_workflow(entries, name)
-    declared, _ = load_variables(project, name, [e.name for e in entries])
+    declared, _ = load_variables(files, name, [e.name for e in entries])
     variables = apply_overrides(declared, overrides, name)
     job_id = new_job_id()
     system = {"run_name": run_name, "job_id": job_id, "variables_as_args": variables_as_args(variables)}
     used: dict[tuple, str] = {}
-    raw = substitute(entry.raw, {**variables, **system}, entry.located, entry.path, used=used)
+    try:
+        raw = substitute(entry.raw, {**variables, **system}, entry.located, entry.path, used=used)
+    except ConfigError:
+        _raise_unknown_key(entry)  # `comands: [echo $HOME]`: the typo, not the "undefined variable" it causes
+        raise
     used = {path: v for path, v in used.items() if v in variables}  # not run_name & co: nobody sets those
     spelled = [k for k in ("dependencies", "depends-on", "deps") if k in raw]
     if len(spelled) > 1:

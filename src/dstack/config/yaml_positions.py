@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -130,14 +129,3 @@ def load_text(text: str, file: str) -> Located:
             column=mark.column + 1 if mark else None,
         ) from None
     return out
-
-
-def load_file(path: Path, display: str | None = None) -> Located:
-    name = display or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{name} is not UTF-8 text", file=name) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {name}: {e.strerror}", file=name) from None
-    return load_text(text, name)

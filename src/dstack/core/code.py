@@ -7,10 +7,10 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from dstack.core.base import Model
 from dstack.core.errors import DstackError
 
 
@@ -18,8 +18,10 @@ class CodeError(DstackError):
     """The code could not be captured or recreated as recorded."""
 
 
-class CodeSnapshot(Model):
-    """What a run records about its code.
+@dataclass(kw_only=True)
+class CodeSnapshot:
+    """What a run records about its code. A dataclass, not a pydantic model, so that capturing the code costs
+    the CLI no pydantic; the models that hold one (a run, a job spec) validate it all the same.
 
     `git` mode: the runner clones `repo_url`, checks out `commit`, applies the binary diff
     (`diff_hash`: staged and unstaged changes against `commit`) and extracts over it the files that
@@ -46,6 +48,9 @@ class CodeSnapshot(Model):
     # from there (fast, and no network or credentials needed) instead of from `repo_url`
     local_repo: str | None = None
     machine_id: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     def blob_hashes(self) -> list[str]:
         """The blobs the runner needs, by hash."""

@@ -59,9 +59,24 @@ class JobSpec(Model):
     master: bool = True
 
 
+class RunRequest(Model):
+    """POST /api/runs: run `workflow` of the project whose `.dstack/*.yaml` texts travel in `files` (by path
+    relative to the project: `.dstack/workflows.yaml`). The server resolves it, so that the CLI needs neither
+    the models nor the providers. `args`: the command line's `--NAME VALUE` overrides as typed;
+    `project`: the project's folder on the user's machine, for messages."""
+
+    repo_id: str
+    workflow: str
+    args: list[str] = []
+    files: dict[str, str] = {}
+    project: str = "."
+    code: CodeSnapshot | None = None
+    tag: str | None = None  # tag the run with this once it is DONE
+
+
 class RunSubmission(Model):
-    """POST /api/runs: a workflow resolved by the CLI (variables substituted, jobs made by its
-    provider), to be checked, linked to its dependencies and queued by the server."""
+    """A resolved workflow (variables substituted, jobs made by its provider), to be checked, linked to its
+    dependencies and queued: what a RunRequest becomes, and what `--reproduce` makes of a past run."""
 
     run_name: str
     repo_id: str

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from dstack.core.models import Job, Run, RunSubmission
+from dstack.core.models import Job, Run, RunRequest
 from dstack.server.context import Context
 from dstack.server.routers.deps import get_ctx
 from dstack.server.services import jobs, runs
@@ -10,14 +10,9 @@ from dstack.server.services import jobs, runs
 router = APIRouter(prefix="/api", tags=["runs"])
 
 
-@router.post("/runs/names")
-async def reserve_name(ctx: Context = Depends(get_ctx)) -> dict:
-    return {"run_name": await runs.reserve_name(ctx)}
-
-
 @router.post("/runs")
-async def submit(sub: RunSubmission, ctx: Context = Depends(get_ctx)) -> Run:
-    return await runs.submit(ctx, sub)
+async def run_workflow(req: RunRequest, ctx: Context = Depends(get_ctx)) -> Run:
+    return await runs.run_workflow(ctx, req)
 
 
 @router.get("/runs")

@@ -5,8 +5,11 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
-from dstack.core.errors import Conflict, NotFound
-from dstack.core.models import FINISHED, DependencyRef, Job, JobStatus, Run, RunSubmission
+from dstack.config.files import ProjectFiles
+from dstack.config.variables import parse_cli_args
+from dstack.config.workflows import resolve_workflow
+from dstack.core.errors import ConfigError, Conflict, DstackError, NotFound
+from dstack.core.models import FINISHED, DependencyRef, Job, JobStatus, Run, RunRequest, RunSubmission
 from dstack.core.names import job_id as new_job_id
 from dstack.core.names import random_base
 from dstack.server.context import Context
@@ -22,6 +25,37 @@ async def reserve_name(ctx: Context) -> str:
     async with ctx.sessions() as s:
         count = await s.scalar(select(func.count()).select_from(RunRow).where(RunRow.name.like(f"{base}-%")))
     return f"{base}-{(count or 0) + 1}"
+
+
+async def run_workflow(ctx: Context, req: RunRequest) -> Run:
+    """Resolve the request's workflow from its files (variables, provider, job specs) and submit it."""
+    files = ProjectFiles(texts=req.files, root=req.project)
+    overrides = parse_cli_args(req.args)
+    for _ in range(5):
+        run_name = await reserve_name(ctx)
+        resolved = resolve_workflow(files, req.workflow, overrides, run_name)
+        sub = RunSubmission(run_name=run_name, repo_id=req.repo_id, workflow=req.workflow,
+                            provider=resolved.provider, variables=resolved.variables, overrides=overrides,
+                            dependencies=resolved.dependencies, jobs=resolved.jobs, code=req.code, tag=req.tag)
+        try:
+            return await submit(ctx, sub)
+        except NameTaken:
+            continue  # another submission took the name meanwhile
+        except DstackError as e:
+            raise _located(e, resolved.dependency_errors) from None
+    raise Conflict("could not find a free run name", hint="submit again")
+
+
+class NameTaken(Conflict):
+    pass
+
+
+def _located(e: DstackError, where: dict[str, ConfigError]) -> DstackError:
+    """A dependency that could not be resolved, pointed at where the workflow names it."""
+    for ref, loc in where.items():
+        if f"'{ref}'" in e.message:
+            return ConfigError(e.message, hint=e.hint, file=loc.file, line=loc.line, column=loc.column)
+    return e
 
 
 async def submit(ctx: Context, sub: RunSubmission) -> Run:
@@ -67,13 +101,13 @@ async def reproduce(ctx: Context, repo_id: str | None, name: str) -> Run:
 
 async def _insert(s, sub: RunSubmission, resolved: list[DependencyRef], reproduces: str | None = None) -> None:
     if await s.get(RunRow, sub.run_name):
-        raise Conflict(f"a run named '{sub.run_name}' exists already", hint="submit again for a new name")
+        raise NameTaken(f"a run named '{sub.run_name}' exists already", hint="submit again for a new name")
     submitted = now()
     s.add(RunRow(
         name=sub.run_name, repo_id=sub.repo_id, workflow=sub.workflow, provider=sub.provider,
         status=JobStatus.SUBMITTED.value, submitted_at=submitted, variables=sub.variables,
         overrides=sub.overrides, dependencies=[d.model_dump() for d in resolved],
-        code=sub.code.model_dump() if sub.code else None, tag_when_done=sub.tag, reproduces=reproduces,
+        code=sub.code.to_dict() if sub.code else None, tag_when_done=sub.tag, reproduces=reproduces,
     ))
     await s.flush()
     for dep in resolved:

@@ -1,0 +1,62 @@
+"""The texts of a project's `.dstack/*.yaml`, read where the user runs the CLI and resolved where the server
+runs: what `dstack run` sends. Standard library only, so that reading them costs the CLI nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dstack.core.errors import ConfigError
+
+MAX_FILE = 1 << 20  # a workflows file of more than 1 MiB is a mistake (data written into .dstack/)
+
+
+@dataclass
+class ProjectFiles:
+    """`texts`: each file by its path relative to the project (`.dstack/workflows.yaml`), as it reads in
+    messages. `root`: the project's folder as the user knows it, for messages only."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    root: str = "."
+
+    @classmethod
+    def read(cls, project: Path) -> ProjectFiles:
+        folder = project / ".dstack"
+        names = ["workflows.yaml", "workflows.yml", "variables.yaml"]
+        texts = {}
+        for path in [folder / n for n in names] + _folder_files(folder / "workflows"):
+            rel = str(path.relative_to(project))
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_FILE + 1)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise ConfigError(f"cannot read {rel}: {e.strerror}", file=rel) from None
+            if len(data) > MAX_FILE:
+                raise ConfigError(f"{rel} is larger than {MAX_FILE >> 20} MiB", file=rel,
+                                  hint="workflows.yaml describes workflows; keep data in artifacts")
+            try:
+                texts[rel] = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError(f"{rel} is not UTF-8 text", file=rel) from None
+        return cls(texts=texts, root=str(project))
+
+    def require_workflows(self) -> None:
+        if not self.workflow_files():
+            raise ConfigError(
+                f"no workflows: {Path(self.root) / '.dstack' / 'workflows.yaml'} does not exist",
+                hint="run `dstack init` to write an example, or cd into your project",
+            )
+
+    def workflow_files(self) -> list[str]:
+        """`.dstack/workflows.yaml`, `.dstack/workflows.yml`, then `.dstack/workflows/*.yaml` by name."""
+        top = [p for p in (".dstack/workflows.yaml", ".dstack/workflows.yml") if p in self.texts]
+        return top + sorted(p for p in self.texts if p.startswith(".dstack/workflows/"))
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    except (FileNotFoundError, NotADirectoryError):
+        return []

@@ -1,0 +1,77 @@
+"""The HTTP API as another client (a script, the web UI) uses it: a run is its workflow's files and a name;
+the server resolves it and says where the files are wrong. And the CLI's own imports stay lean."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+WORKFLOWS = """\
+workflows:
+  - name: hello
+    commands:
+      - echo "hello from $RUN_NAME, $greeting"
+"""
+
+
+def _api(dstack, cwd):
+    dstack("status", cwd=cwd, check=True)  # the local server runs
+    info = json.loads((dstack.home / "server" / "server.json").read_text())
+    token = (dstack.home / "server" / "token").read_text().strip()
+    return httpx.Client(base_url=info["url"], headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+def test_a_run_submitted_over_http_is_resolved_by_the_server(dstack, project):
+    root = project(WORKFLOWS)
+    api = _api(dstack, root)
+    r = api.post("/api/runs", json={
+        "repo_id": str(root), "workflow": "hello", "args": ["--greeting", "hi there"],
+        "files": {".dstack/workflows.yaml": WORKFLOWS, ".dstack/variables.yaml": "variables:\n  hello:\n"
+                  "    greeting: hey\n"}})
+    assert r.status_code == 200, r.text
+    run = r.json()
+    assert run["variables"] == {"greeting": "hi there"} and run["overrides"] == {"greeting": "hi there"}
+    [job] = run["jobs"]
+    assert job["spec"]["env"]["GREETING"] == "hi there"
+    done = dstack.wait_status(root, run["run_name"], {"DONE", "FAILED"})
+    assert done["status"] == "DONE", done
+    out = dstack("logs", run["run_name"], cwd=root, check=True).stdout
+    assert f"hello from {run['run_name']}, hi there" in out
+
+
+def test_bad_files_over_http_are_a_located_config_error(dstack, project):
+    root = project(WORKFLOWS)
+    api = _api(dstack, root)
+    before = len(dstack.runs(root))
+    cases = [
+        ({".dstack/workflows.yaml": WORKFLOWS.replace("commands:", "comands:")}, [],
+         (".dstack/workflows.yaml", 3, 5), "did you mean 'commands'?"),
+        ({".dstack/workflows.yaml": WORKFLOWS}, ["--greting", "x"], (None, None, None), None),
+        ({}, [], (None, None, None), "dstack init"),
+        ({".dstack/workflows.yaml": WORKFLOWS, ".dstack/variables.yaml": "variables: [1]\n"}, [],
+         (".dstack/variables.yaml", 1, 12), None),
+    ]
+    for files, args, (file, line, column), hint in cases:
+        r = api.post("/api/runs", json={"repo_id": str(root), "workflow": "hello", "args": args, "files": files,
+                                        "project": str(root)})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["kind"] == "config" and (err["file"], err["line"], err["column"]) == (file, line, column), err
+        if hint:
+            assert hint in (err["hint"] or ""), err
+    assert len(dstack.runs(root)) == before, "nothing was submitted"
+
+
+def test_run_and_status_import_neither_models_nor_server_libraries(dstack, project):
+    """`dstack run` sends the files and follows the run on the API's JSON: no pydantic, no YAML parser;
+    `dstack status` neither, and neither loads FastAPI, SQLAlchemy, the Docker SDK or boto3."""
+    root = project(WORKFLOWS, "variables:\n  hello:\n    greeting: hey\n")
+    heavy = ("pydantic", "yaml", "fastapi", "sqlalchemy", "docker", "boto3", "httpx", "rich")
+    for args in (["run", "hello", "--greeting", "x"], ["status"], ["--help"]):
+        r = dstack(*args, cwd=root, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        assert r.returncode == 0, r.stderr
+        imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+        assert "dstack.cli.main" in imported, r.stderr[-500:]
+        loaded = sorted(m for m in imported if m.split(".")[0] in heavy)
+        assert not loaded, (args, loaded)
