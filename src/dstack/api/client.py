@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import unquote
 
 from dstack.api.http import HttpClient, Response, TransportError
 from dstack.core.errors import DstackError, error_from_dict
@@ -10,6 +11,16 @@ from dstack.core.status import JobStatus
 
 if TYPE_CHECKING:
     from dstack.core.models import RunnerInfo, Tag
+
+
+class LogChunk(NamedTuple):
+    data: bytes
+    next_offset: int
+    status: JobStatus
+    # once the job has finished:
+    exit_code: int | None = None
+    reason: str | None = None
+    seconds: float | None = None  # from its start to its end
 
 
 class Client:
@@ -61,10 +72,15 @@ class Client:
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/api/jobs/{job_id}").json()
 
-    def logs(self, job_id: str, offset: int = 0, wait: float = 0) -> tuple[bytes, int, JobStatus]:
+    def logs(self, job_id: str, offset: int = 0, wait: float = 0) -> LogChunk:
+        """Output from `offset`; with `wait`, waits up to that many seconds for some, or for the job's end."""
         r = self._call("GET", f"/api/jobs/{job_id}/logs", params={"offset": offset, "wait": wait},
                        timeout=wait + 30)
-        return r.content, int(r.headers["x-next-offset"]), JobStatus(r.headers["x-job-status"])
+        h = r.headers
+        return LogChunk(r.content, int(h["x-next-offset"]), JobStatus(h["x-job-status"]),
+                        int(h["x-job-exit-code"]) if "x-job-exit-code" in h else None,
+                        unquote(h["x-job-reason"]) if "x-job-reason" in h else None,
+                        float(h["x-job-seconds"]) if "x-job-seconds" in h else None)
 
     # tags
     def tag(self, repo_id: str, run_name: str, tag: str) -> tuple[Tag, str | None]:

@@ -5,7 +5,6 @@ Works on the API's JSON (runs and jobs as dicts), so that `dstack run` loads no 
 from __future__ import annotations
 
 import sys
-from datetime import datetime
 
 from dstack.api.client import Client
 from dstack.core.status import JobStatus
@@ -38,7 +37,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True) -> int:
     out = sys.stdout.buffer
     name = run["run_name"]
     offsets = {j["job_id"]: 0 for j in run["jobs"]}
-    finished: set[str] = set()
+    finished: dict[str, dict] = {}  # job id -> its outcome: status, exit_code, reason, seconds
     stopping: str | None = None
     announced: set[str] = set()
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
@@ -47,16 +46,18 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True) -> int:
             for job_id in offsets:
                 if job_id in finished:
                     continue
-                data, offsets[job_id], status = client.logs(job_id, offsets[job_id], wait=1.0)
-                if data:
-                    out.write(data)
+                chunk = client.logs(job_id, offsets[job_id], wait=1.0)
+                offsets[job_id] = chunk.next_offset
+                if chunk.data:
+                    out.write(chunk.data)
                     out.flush()
-                if status == JobStatus.RUNNING and job_id not in announced:
+                if chunk.status == JobStatus.RUNNING and job_id not in announced:
                     announced.add(job_id)
                     if with_ports.get(job_id):
                         _announce_ports(client.job(job_id))
-                if status.finished:
-                    finished.add(job_id)
+                if chunk.status.finished:
+                    finished[job_id] = {"status": chunk.status, "exit_code": chunk.exit_code,
+                                        "reason": chunk.reason, "seconds": chunk.seconds}
         except KeyboardInterrupt:
             if not interrupt_asks:
                 sys.stderr.write(f"\nStopped following {name}; it goes on (`dstack stop {name}` "
@@ -77,14 +78,15 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True) -> int:
                 stopping = choice
                 sys.stderr.write("Stopping (Ctrl-C again to abort)...\n" if choice == "stop" else "Aborting...\n")
                 client.stop(None, name, abort=choice == "abort")
-    final = client.run(None, name)
-    jobs = [j for j in final["jobs"] if j["job_id"] in offsets]
+    jobs = [finished[job_id] for job_id in offsets]
     _summary(name, jobs)
-    workflow, tags, tag_when_done = final["workflow"], final.get("tags") or [], final.get("tag_when_done")
-    if tags:
-        sys.stderr.write(f"Tagged {', '.join(f'{workflow}:{t}' for t in tags)}\n")
-    elif tag_when_done and final["status"] != JobStatus.DONE:
-        sys.stderr.write(f"Not tagged {workflow}:{tag_when_done}: the run is {final['status']}\n")
+    if run.get("tag_when_done"):  # `dstack run -t TAG`: did it get it?
+        final = client.run(None, name)
+        workflow, tags, tag = final["workflow"], final.get("tags") or [], final["tag_when_done"]
+        if tags:
+            sys.stderr.write(f"Tagged {', '.join(f'{workflow}:{t}' for t in tags)}\n")
+        elif final["status"] != JobStatus.DONE:
+            sys.stderr.write(f"Not tagged {workflow}:{tag}: the run is {final['status']}\n")
     return next((c for c in (exit_code_of(j) for j in jobs) if c), 0)
 
 
@@ -96,14 +98,12 @@ def _announce_ports(job: dict) -> None:
 
 
 def _summary(run_name: str, jobs: list[dict]) -> None:
+    """A line per job: `lazy-bobcat-1 DONE in 0.4s`, or FAILED with the reason and exit code."""
     err = sys.stderr
     color = err.isatty()
     for job in jobs:
         status, reason, exit_code = job["status"], job.get("reason"), job.get("exit_code")
-        took = ""
-        if job.get("started_at") and job.get("finished_at"):
-            seconds = (datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"]))
-            took = f" in {seconds.total_seconds():.1f}s"
+        took = f" in {job['seconds']:.1f}s" if job.get("seconds") is not None else ""
         detail = ""
         if status != JobStatus.DONE:
             detail = f": {reason}" if reason else ""

@@ -27,7 +27,7 @@ def logs(run_or_job: str, follow: bool) -> None:
     for job in jobs:
         offset = 0
         while True:
-            data, offset, _ = client.logs(job["job_id"], offset)
+            data, offset = client.logs(job["job_id"], offset)[:2]
             if not data:
                 break
             out.write(data)

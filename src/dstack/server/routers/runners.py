@@ -7,7 +7,6 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from dstack.core.models import (
     Heartbeat,
     HeartbeatReply,
-    Job,
     JobSpec,
     JobUpdate,
     RunnerInfo,
@@ -48,8 +47,8 @@ async def take(name: str, wait: float = Query(0, ge=0, le=60), ctx: Context = De
 
 
 @router.post("/{name}/jobs/{job_id}/status")
-async def job_status(name: str, job_id: str, upd: JobUpdate, ctx: Context = Depends(get_ctx)) -> Job:
-    return await jobs.update_status(ctx, name, job_id, upd)
+async def job_status(name: str, job_id: str, upd: JobUpdate, ctx: Context = Depends(get_ctx)) -> dict:
+    return {"status": await jobs.update_status(ctx, name, job_id, upd)}
 
 
 @router.post("/{name}/jobs/{job_id}/logs")

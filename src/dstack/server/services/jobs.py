@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from urllib.parse import quote
 
 from dstack.core.errors import Conflict, NotFound
 from dstack.core.models import FINISHED, Job, JobStatus, JobUpdate, RunnerStatus
@@ -14,7 +15,8 @@ from dstack.server.services.convert import job_model
 from dstack.server.services.run_state import now, refresh_run_status
 
 
-async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpdate) -> Job:
+async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpdate) -> JobStatus:
+    """Record what the runner says of its job; returns the job's status (a finished job's first word stands)."""
     async with ctx.sessions() as s:
         job = await s.get(JobRow, job_id)
         if job is None:
@@ -22,7 +24,7 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
         if job.runner_name != runner_name:
             raise Conflict(f"job {job_id} is not assigned to runner {runner_name}")
         if JobStatus(job.status) in FINISHED:
-            return job_model(job)  # e.g. failed by the janitor meanwhile: the first word stands
+            return JobStatus(job.status)  # e.g. failed by the janitor meanwhile: the first word stands
         job.status = upd.status.value
         if upd.exit_code is not None:
             job.exit_code = upd.exit_code
@@ -39,15 +41,14 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
             runner = await s.get(RunnerRow, runner_name)
             if runner is not None and runner.job_id == job_id:
                 runner.job_id, runner.status = None, RunnerStatus.READY.value
-        await refresh_run_status(s, job.run_name)
-        run = await s.get(RunRow, job.run_name)
-        await s.refresh(run)
-        if run.status == JobStatus.DONE.value and run.tag_when_done:
-            await tags.set_tag(s, run, run.tag_when_done)
+        run_done = await refresh_run_status(s, job.run_name) == JobStatus.DONE
+        if run_done:
+            run = await s.get(RunRow, job.run_name)
+            if run.tag_when_done:
+                await tags.set_tag(s, run, run.tag_when_done)
         await s.commit()
-        model = job_model(job)
     ctx.signals.notify(f"job:{job_id}")
-    return model
+    return upd.status
 
 
 def log_path(ctx: Context, job_id: str):
@@ -84,12 +85,25 @@ async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float) -> tupl
         await ctx.signals.wait(changed, deadline - time.monotonic())
 
 
+def final_headers(job: Job) -> dict[str, str]:
+    """A finished job's outcome as HTTP headers: X-Job-Exit-Code, X-Job-Seconds (from start to end) and
+    X-Job-Reason (percent-encoded UTF-8)."""
+    headers = {}
+    if job.exit_code is not None:
+        headers["X-Job-Exit-Code"] = str(job.exit_code)
+    if job.started_at and job.finished_at:
+        headers["X-Job-Seconds"] = f"{(job.finished_at - job.started_at).total_seconds():.3f}"
+    if job.reason:
+        headers["X-Job-Reason"] = quote(job.reason)
+    return headers
+
+
 async def _job(ctx: Context, job_id: str) -> Job:
     async with ctx.sessions() as s:
         row = await s.get(JobRow, job_id)
         if row is None:
             raise NotFound(f"no job '{job_id}'")
-        return job_model(row)
+        return job_model(row, with_spec=False)
 
 
 def ensure_dirs(ctx: Context) -> None:

@@ -14,7 +14,9 @@ def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-async def refresh_run_status(s, run_name: str) -> None:
+async def refresh_run_status(s, run_name: str) -> JobStatus:
+    """Set the run's status from its jobs' (in the session `s`) and return it."""
     statuses = (await s.scalars(select(JobRow.status).where(JobRow.run_name == run_name))).all()
-    await s.execute(update(RunRow).where(RunRow.name == run_name)
-                    .values(status=run_status([JobStatus(x) for x in statuses]).value))
+    status = run_status([JobStatus(x) for x in statuses])
+    await s.execute(update(RunRow).where(RunRow.name == run_name).values(status=status.value))
+    return status

@@ -65,10 +65,11 @@ async def submit(ctx: Context, sub: RunSubmission) -> Run:
         await scheduler.check_satisfiable(ctx, job)
     async with ctx.sessions() as s:
         resolved = await dependencies.resolve(s, sub.repo_id, sub.dependencies)
-        await _insert(s, sub, resolved)
+        row = await _insert(s, sub, resolved)
         await s.commit()
+        run = run_model(row)  # as get_run would read it back
     ctx.signals.notify("jobs")
-    return await get_run(ctx, sub.repo_id, sub.run_name)
+    return run
 
 
 async def reproduce(ctx: Context, repo_id: str | None, name: str) -> Run:
@@ -99,26 +100,33 @@ async def reproduce(ctx: Context, repo_id: str | None, name: str) -> Run:
     return await get_run(ctx, repo_id, new_name)
 
 
-async def _insert(s, sub: RunSubmission, resolved: list[DependencyRef], reproduces: str | None = None) -> None:
+async def _insert(s, sub: RunSubmission, resolved: list[DependencyRef], reproduces: str | None = None) -> RunRow:
+    """The run and its jobs, added to the session `s` (not committed); the run's row holds its jobs."""
     if await s.get(RunRow, sub.run_name):
         raise NameTaken(f"a run named '{sub.run_name}' exists already", hint="submit again for a new name")
     submitted = now()
-    s.add(RunRow(
+    rows = []
+    for job in sub.jobs:
+        job.dependencies = resolved
+        job.code = sub.code
+        rows.append(JobRow(
+            job_id=job.job_id, run_name=sub.run_name, workflow=sub.workflow,
+            status=JobStatus.SUBMITTED.value, submitted_at=submitted, spec=job.model_dump(mode="json"),
+            started_at=None, finished_at=None, runner_name=None, exit_code=None, reason=None,
+            stop_requested=None, image_digest=None, saved_artifacts=[], ports=[], runner_resources=None,
+        ))
+    run = RunRow(
         name=sub.run_name, repo_id=sub.repo_id, workflow=sub.workflow, provider=sub.provider,
         status=JobStatus.SUBMITTED.value, submitted_at=submitted, variables=sub.variables,
         overrides=sub.overrides, dependencies=[d.model_dump() for d in resolved],
         code=sub.code.to_dict() if sub.code else None, tag_when_done=sub.tag, reproduces=reproduces,
-    ))
-    await s.flush()
+        jobs=rows, tags=[],
+    )
+    s.add(run)
+    await s.flush()  # the run before the rows that name it
     for dep in resolved:
         s.add(InputRow(run_name=sub.run_name, input_run=dep.run_name, job_id=dep.job_id, ref=dep.ref))
-    for job in sub.jobs:
-        job.dependencies = resolved
-        job.code = sub.code
-        s.add(JobRow(
-            job_id=job.job_id, run_name=sub.run_name, workflow=sub.workflow,
-            status=JobStatus.SUBMITTED.value, submitted_at=submitted, spec=job.model_dump(mode="json"),
-        ))
+    return run
 
 
 def _runs_query(repo_id: str | None, with_specs: bool = True):
