@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Runs the latency benchmarks; results in bench/results/*.json. `--experiments` also runs the
-# what-if A/B of the proposed fixes (fixes_ab.py), a traced `dstack run` (trace_run.py) and the
-# Docker executor alone against `docker run --rm` (trace_docker.py).
+# Runs the latency benchmarks; results in bench/results/*.json. `--experiments` also runs a traced
+# `dstack run` (trace_run.py) and the Docker executor alone against `docker run --rm` (trace_docker.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -13,7 +12,6 @@ echo "== help_latency";   "$PY" bench/help_latency.py
 echo; echo "== run_overhead"; "$PY" bench/run_overhead.py
 echo; echo "== status_latency"; "$PY" bench/status_latency.py
 if [[ "${1:-}" == "--experiments" ]]; then
-  echo; echo "== fixes_ab (what-if)"; "$PY" bench/fixes_ab.py
   echo; echo "== trace_run"; "$PY" bench/trace_run.py --runs 5 | tail -40
   echo; echo "== trace_docker"; "$PY" bench/trace_docker.py
 fi
