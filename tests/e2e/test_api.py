@@ -75,3 +75,21 @@ def test_run_and_status_import_neither_models_nor_server_libraries(dstack, proje
         assert "dstack.cli.main" in imported, r.stderr[-500:]
         loaded = sorted(m for m in imported if m.split(".")[0] in heavy)
         assert not loaded, (args, loaded)
+
+
+def test_run_json_is_the_apis_run_with_units_in_its_keys(dstack, project):
+    root = project("workflows:\n  - name: r\n    commands: [echo]\n    resources: {memory: 1GB, shm_size: 64MB}\n")
+    run = json.loads(dstack("run", "r", "--json", cwd=root, check=True).stdout)
+    assert run["jobs"][0]["spec"]["requirements"]["memory_mib"] == 1024
+    assert run["jobs"][0]["spec"]["requirements"]["shm_size_mib"] == 64
+    assert run["submitted_at"].endswith("Z") and run["status"] == "SUBMITTED"
+
+
+def test_following_a_finished_run_prints_all_of_a_large_output(dstack, project):
+    # more than one log poll's worth (4 MiB), all there before the first poll
+    root = project("workflows:\n  - name: big\n    commands: [\"head -c 6000007 /dev/zero | tr '\\\\0' x\"]\n")
+    name = json.loads(dstack("run", "big", "--json", cwd=root, check=True).stdout)["run_name"]
+    assert dstack.wait_status(root, name, {"DONE", "FAILED"})["status"] == "DONE"
+    r = dstack("logs", name, "-f", cwd=root, binary=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(b"x") == 6000007

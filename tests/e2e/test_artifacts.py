@@ -79,7 +79,7 @@ def test_list_download_resume_and_diff(dstack, project, tmp_path):
     dstack("artifacts", "download", first, "out/sub", "-o", str(one), cwd=root, check=True)
     assert sorted(p.name for p in one.rglob("*") if p.is_file()) == ["note.txt"]
     r = dstack("artifacts", "download", first, "nope", "-o", str(one), cwd=root)
-    assert r.returncode == 1 and "nothing at 'nope'" in r.stderr
+    assert r.returncode == 2 and "nothing at 'nope'" in r.stderr
 
     diff = json.loads(dstack("artifacts", "diff", first, second, "--json", cwd=root, check=True).stdout)
     assert diff["changed"] == ["out/big.bin", "out/sub/note.txt"] and diff["added"] == diff["removed"] == []
@@ -167,7 +167,7 @@ def test_a_symlink_out_of_an_artifact_is_left_out_and_reported(dstack, project):
     """)
     r = dstack("run", "sneaky", cwd=root)
     assert r.returncode == 0, r.stderr
-    assert "not saved: symlink 'passwd' points outside the artifact (to '/etc/passwd')" in r.stdout
+    assert "symlink 'passwd' left out (the rest is saved): it points outside the artifact (to '/etc/passwd')" in r.stdout
     run = last_run(dstack, root)
     files = json.loads(dstack("artifacts", "list", run["run_name"], "--files", "--json", cwd=root,
                               check=True).stdout)[0]["entries"]

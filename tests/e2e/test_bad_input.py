@@ -38,6 +38,9 @@ CASES = {
     "undefined_reference": (GOOD, "variables:\n  train: {}\n", ["prepare"], ".dstack/workflows.yaml:6:17:",
                             "undefined variable 'gpu'"),
     "missing_tag": (GOOD, VARS, ["train"], ".dstack/workflows.yaml:11:9:", "nightly"),
+    "dependency_on_unknown_workflow": (GOOD.replace("prepare:nightly", "prepair"), VARS, ["train"],
+                                       ".dstack/workflows.yaml:11:9:",
+                                       "the project has no workflow 'prepair'; did you mean 'prepare'?"),
     "unsatisfiable_gpu": (GOOD, VARS, ["prepare", "--gpu", "1"], "", "1 v100 GPU"),
     "bad_variable_value": (GOOD, VARS, ["prepare", "--gpu", "lots"], ".dstack/workflows.yaml:6:",
                            "--gpu lots: 'resources.gpu.count' in workflow 'prepare' takes its value from $gpu, "

@@ -243,3 +243,42 @@ def test_server_stop_refuses_while_runs_are_unfinished(dstack, project):
     assert r.returncode == 1 and name in r.stderr and "--force" in r.stderr
     assert dstack.run_info(root, name)["status"] == "RUNNING"  # the server still runs
     dstack("stop", name, "--abort", cwd=root, check=True)
+
+
+def test_server_stop_force_fails_the_jobs_it_loses_and_says_why(dstack, project):
+    root = project(SLEEPY.format(image="", sleep="sleep 300"))
+    name = _submit(dstack, root, "sleepy")
+    dstack.wait_status(root, name, {"RUNNING"})
+    dstack("server", "stop", "--force", cwd=root, check=True)
+    job = dstack.run_info(root, name)["jobs"][0]  # a new server answers
+    assert job["status"] == "FAILED" and job["reason"] == "the local server was stopped while the job ran", job
+
+
+def test_a_local_server_of_another_version_is_replaced_when_idle(dstack, project):
+    root = project("workflows:\n  - name: a\n    commands: [echo a]\n  - name: long\n    commands: [sleep 30]\n")
+    dstack("status", cwd=root, check=True)
+    info_file = dstack.home / "server" / "server.json"
+    old = json.loads(info_file.read_text())
+    info_file.write_text(json.dumps({**old, "version": "0.0.1"}))  # as a server of an older dstack leaves it
+    r = dstack("run", "a", cwd=root)
+    assert r.returncode == 0, r.stderr
+    new = json.loads(info_file.read_text())
+    assert new["pid"] != old["pid"] and not os.path.exists(f"/proc/{old['pid']}/status")
+    # with a run unfinished, it is left running, and the error says what to do
+    dstack("run", "long", "-d", cwd=root, check=True)
+    info_file.write_text(json.dumps({**new, "version": "0.0.1"}))
+    r = dstack("status", cwd=root)
+    assert r.returncode == 1 and "runs dstack 0.0.1" in r.stderr and "unfinished runs" in r.stderr, r.stderr
+    assert os.path.exists(f"/proc/{new['pid']}/status")
+    info_file.write_text(json.dumps(new))
+    dstack("stop", "--abort", last_run(dstack, root)["run_name"], cwd=root, check=True)
+
+
+def test_a_run_is_found_by_name_from_another_project(dstack, project):
+    root = project("workflows:\n  - name: a\n    commands: [echo from-a]\n", name="proj-a")
+    other = project("workflows:\n  - name: b\n    commands: [echo b]\n", name="proj-b")
+    dstack("run", "a", cwd=root, check=True)
+    name = last_run(dstack, root)["run_name"]
+    assert "from-a" in dstack("logs", name, cwd=other, check=True).stdout
+    assert json.loads(dstack("status", name, "--json", cwd=other, check=True).stdout)["run_name"] == name
+    assert name not in dstack("status", cwd=other, check=True).stdout  # the listing is still the project's

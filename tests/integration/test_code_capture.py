@@ -68,7 +68,7 @@ def tree(root: Path) -> dict[str, tuple]:
 def roundtrip(project: Path, dest: Path) -> tuple[CodeSnapshot, Path]:
     snap, blobs = capture(project)
     assert set(blobs) == set(snap.blob_hashes())
-    snap = CodeSnapshot(**json.loads(json.dumps(snap.to_dict())))  # as the server stores it
+    snap = CodeSnapshot.from_dict(json.loads(json.dumps({**snap.to_dict(), "later_key": 1})))  # as stored
     return snap, recreate(snap, blobs.__getitem__, dest)
 
 

@@ -64,7 +64,13 @@ def test_cli_value_is_a_number_only_when_it_reads_back_as_written(text, value):
 )
 def test_malformed_cli_args_are_config_errors(args, message):
     with pytest.raises(ConfigError, match=message):
-        parse_cli_args(args)
+        apply_overrides({"gpu": 1, "a": 1, "b": 1}, parse_cli_args(args), "train")
+
+
+def test_a_flag_without_value_that_is_no_variable_is_named_as_such():
+    # `--unknown` is a mistake of name first: "needs a value" would send the user the wrong way
+    with pytest.raises(ConfigError, match="'train' has no variable 'unknown'"):
+        apply_overrides({"gpu": 1}, parse_cli_args(["--unknown"]), "train")
 
 
 def test_override_of_an_undeclared_variable_lists_the_declared_ones():

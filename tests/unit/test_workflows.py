@@ -445,7 +445,7 @@ def test_workflow_defined_twice_across_files_is_an_error(project):
     project.write("workflows/eval.yaml", "workflows:\n  - name: eval\n    commands: [b]\n")
     err = _error(project, "eval")
     assert "defined twice" in err.message
-    assert err.file == ".dstack/workflows/eval.yaml" and err.hint == "also at .dstack/workflows.yaml"
+    assert err.file == ".dstack/workflows/eval.yaml" and err.hint == "also at .dstack/workflows.yaml:2:11"
 
 
 def test_variables_section_for_an_unknown_workflow_is_an_error(project):
@@ -533,3 +533,10 @@ def test_a_misspelt_key_is_named_before_the_variables_it_breaks(project):
     err = _error(project, "a")
     assert err.message == "unknown key 'comands' in workflow 'a'" and err.location == ".dstack/workflows.yaml:3:5"
     assert err.hint == "did you mean 'commands'?"
+
+
+def test_deps_is_no_unknown_key_when_a_variable_is_undefined(project):
+    project.workflows("workflows:\n  - name: p\n    commands: [x]\n  - name: a\n    deps: [p]\n"
+                      "    commands: [echo]\n    working_dir: ${{ nope }}\n")
+    err = _error(project, "a")
+    assert err.message.startswith("undefined variable 'nope'"), err.message

@@ -17,6 +17,7 @@ class LogChunk(NamedTuple):
     data: bytes
     next_offset: int
     status: JobStatus
+    more: bool  # more output follows this chunk
     # once the job has finished:
     exit_code: int | None = None
     reason: str | None = None
@@ -77,7 +78,7 @@ class Client:
         r = self._call("GET", f"/api/jobs/{job_id}/logs", params={"offset": offset, "wait": wait},
                        timeout=wait + 30)
         h = r.headers
-        return LogChunk(r.content, int(h["x-next-offset"]), JobStatus(h["x-job-status"]),
+        return LogChunk(r.content, int(h["x-next-offset"]), JobStatus(h["x-job-status"]), "x-more-logs" in h,
                         int(h["x-job-exit-code"]) if "x-job-exit-code" in h else None,
                         unquote(h["x-job-reason"]) if "x-job-reason" in h else None,
                         float(h["x-job-seconds"]) if "x-job-seconds" in h else None)
@@ -131,9 +132,4 @@ class Client:
 
     # code
     def upload_code(self, digest: str, data: bytes) -> None:
-        try:
-            if self.http.request("HEAD", f"/api/code/{digest}").status_code == 200:
-                return
-        except TransportError:
-            pass
         self._call("PUT", f"/api/code/{digest}", content=data)

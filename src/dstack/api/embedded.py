@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from dstack import __version__
 from dstack.api.client import Client
 from dstack.core.errors import DstackError
 from dstack.core.home import dstack_home
@@ -70,6 +71,32 @@ def local_server(home: Path | None = None) -> tuple[str, str] | None:
     return None
 
 
+def _current_local_server(home: Path | None = None) -> tuple[str, str] | None:
+    """The running local server, if it runs this version of dstack. One left running by an older (or newer)
+    dstack speaks another API: it is stopped when it has nothing unfinished, so that the caller starts this
+    version's; otherwise that is an error saying what to do."""
+    found = local_server(home)
+    if found is None:
+        return None
+    info = _read_json((home or dstack_home()) / "server" / "server.json") or {}
+    version = info.get("version", "an older version")
+    if version == __version__:
+        return found
+    try:
+        busy = [r["run_name"] for r in Client(*found).runs(None, limit=1000)
+                if r.get("status") in ("SUBMITTED", "PROVISIONING", "RUNNING", "UPLOADING")]
+    except DstackError:
+        busy = []
+    if busy:
+        raise DstackError(
+            f"the local server runs dstack {version}, and this is dstack {__version__}; it has unfinished runs "
+            f"({', '.join(busy[:5])}), so it was left running",
+            hint="let them finish (or `dstack stop RUN`), then run the command again; `dstack server stop "
+                 "--force` stops it now and loses them")
+    stop_local_server(home)
+    return None
+
+
 def start_local_server(home: Path | None = None) -> tuple[str, str]:
     home = home or dstack_home()
     sdir = home / "server"
@@ -113,5 +140,5 @@ def stop_local_server(home: Path | None = None, timeout: float = 20.0) -> bool:
 
 
 def connect() -> Client:
-    found = configured() or local_server() or start_local_server()
+    found = configured() or _current_local_server() or start_local_server()
     return Client(*found)

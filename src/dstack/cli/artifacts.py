@@ -34,7 +34,7 @@ def list_(run_or_job: str, show_files: bool, as_json: bool) -> None:
 
         if show_files:
             found = [{**a, "entries": client.manifest(a["manifest"]).model_dump()["entries"]} for a in found]
-        click.echo(json.dumps(found, indent=2))
+        click.echo(json.dumps(found, indent=2, ensure_ascii=False))
         return
     if not found:
         click.echo(f"{run_or_job} saved no artifacts.")
@@ -97,7 +97,7 @@ def diff(run_a: str, run_b: str, as_json: bool) -> None:
         import json
 
         click.echo(json.dumps({"added": added, "removed": removed, "changed": changed,
-                               "unchanged": len(set(a) & set(b)) - len(changed)}, indent=2))
+                               "unchanged": len(set(a) & set(b)) - len(changed)}, indent=2, ensure_ascii=False))
         return
     for p in added:
         click.echo(f"+ {p}  ({human_size(b[p][2])})")

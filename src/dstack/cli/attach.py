@@ -55,7 +55,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True) -> int:
                     announced.add(job_id)
                     if with_ports.get(job_id):
                         _announce_ports(client.job(job_id))
-                if chunk.status.finished:
+                if chunk.status.finished and not chunk.more:
                     finished[job_id] = {"status": chunk.status, "exit_code": chunk.exit_code,
                                         "reason": chunk.reason, "seconds": chunk.seconds}
         except KeyboardInterrupt:

@@ -9,7 +9,7 @@ from blake3 import blake3
 
 from dstack.api.client import Client
 from dstack.cli.output import plural
-from dstack.core.errors import DstackError
+from dstack.core.errors import DstackError, NotFound
 from dstack.core.manifest import Entry, validate_relative_path
 
 
@@ -51,7 +51,7 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
                 plan.append((dest, e))
     if only is not None and not (plan or links or dirs):
         names = ", ".join(a["path"] for a in artifacts)
-        raise DstackError(f"nothing at '{only}' in these artifacts", hint=f"artifacts: {names}")
+        raise NotFound(f"nothing at '{only}' in these artifacts", hint=f"artifacts: {names}")
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     todo = []

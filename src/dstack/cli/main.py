@@ -48,7 +48,7 @@ class LazyGroup(click.Group):
         except click.UsageError as e:
             import difflib
 
-            close = difflib.get_close_matches(args[0], list(COMMANDS), n=1) if args else []
+            close = difflib.get_close_matches(args[0], list(COMMANDS), n=1, cutoff=0.7) if args else []
             if close:
                 raise click.UsageError(f"no command '{args[0]}'; did you mean '{close[0]}'?", ctx) from None
             raise e

@@ -19,7 +19,7 @@ def prune(dry_run: bool, as_json: bool) -> None:
     if as_json:
         import json
 
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False))
         return
     verb = "would delete" if dry_run else "deleted"
     runs = result["runs"]

@@ -58,7 +58,7 @@ def print_run_detail(run: Run) -> None:
     code = run.code
     if code is not None:
         where = f"{code.repo_url or 'local repo'} {code.branch or ''}@{code.commit[:12]}" if code.commit else "folder"
-        how = "cloned, diff applied" if code.mode == "git" else "archived"
+        how = ("cloned, diff applied" if code.diff_hash else "cloned") if code.mode == "git" else "archived"
         line("Code", f"{where}{' with uncommitted changes' if code.dirty else ''} ({how}; {code.files} files, "
                      f"tree {code.tree_hash[:12]})")
     if run.reproduces:

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from dstack.core.errors import DstackError, MissingCode
+
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                  "help_option_names": ["-h", "--help"]})
@@ -47,15 +49,23 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         raise click.UsageError(f"which workflow? `dstack run WORKFLOW`; the workflows of {project}:\n{listing}")
     client = connect()
     code, blobs = capture(project)
-    total = sum(len(b) for b in blobs.values())
-    if total > 20 * 1024 * 1024:
-        click.echo(f"Uploading the code: {total / 1024 / 1024:.0f} MB ({code.files} files). Large data belongs in "
-                   "artifacts; list it in .dstackignore (or .gitignore) to leave it out.", err=True)
-    for digest, data in blobs.items():
-        client.upload_code(digest, data)
-    # the server resolves the workflow (variables, provider, jobs) and points at the files where it is wrong
-    submitted = client.submit({"repo_id": repo_id(project), "workflow": workflow, "args": ctx.args,
-                               "files": files.texts, "project": str(project), "code": code.to_dict(), "tag": tag})
+    # the server resolves the workflow (variables, provider, jobs) and points at the files where it is wrong;
+    # it asks for the code's blobs it lacks only once the run is otherwise sound
+    request = {"repo_id": repo_id(project), "workflow": workflow, "args": ctx.args, "files": files.texts,
+               "project": str(project), "code": code.to_dict(), "tag": tag}
+    try:
+        submitted = client.submit(request)
+    except MissingCode as e:
+        missing = {h: blobs[h] for h in e.blobs if h in blobs}
+        if len(missing) < len(e.blobs):
+            raise DstackError("the server asks for code this run did not capture", hint="run it again") from None
+        total = sum(len(b) for b in missing.values())
+        if total > 20 * 1024 * 1024:
+            click.echo(f"Uploading the code: {total / 1024 / 1024:.0f} MB ({code.files} files). Large data belongs "
+                       "in artifacts; list it in .dstackignore (or .gitignore) to leave it out.", err=True)
+        for digest, data in missing.items():
+            client.upload_code(digest, data)
+        submitted = client.submit(request)
     _attach(client, submitted, workflow, detach, as_json)
 
 
@@ -64,7 +74,7 @@ def _attach(client, submitted: dict, what: str, detach: bool, as_json: bool) -> 
     if as_json:
         import json
 
-        click.echo(json.dumps(submitted, indent=2))
+        click.echo(json.dumps(submitted, indent=2, ensure_ascii=False))
         return
     err = click.get_text_stream("stderr")
     err.write(f"Run {name} ({what}) submitted\n")

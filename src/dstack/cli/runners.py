@@ -16,7 +16,7 @@ def runners(show_all: bool, as_json: bool) -> None:
     if as_json:
         import json
 
-        click.echo(json.dumps([r.model_dump(mode="json") for r in found], indent=2))
+        click.echo(json.dumps([r.model_dump(mode="json") for r in found], indent=2, ensure_ascii=False))
         return
     if not found:
         click.echo("No runners. The local backend starts one when a job waits; "

@@ -8,7 +8,7 @@ import click
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run", required=False)
 @click.option("-n", "--last", "limit", type=click.IntRange(min=1), default=None, help="Show the last N runs (default 10).")
-@click.option("-a", "--all", "show_all", is_flag=True, help="Show all runs.")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show all runs of this project (default: the last 10).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) -> None:
     """Show runs of this project and their jobs (newest first), or one RUN in detail."""
@@ -22,7 +22,7 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
         if as_json:
             import json
 
-            click.echo(json.dumps(found, indent=2))
+            click.echo(json.dumps(found, indent=2, ensure_ascii=False))
         else:
             from dstack.cli.render import print_run_detail
             from dstack.core.models import Run
@@ -33,7 +33,7 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
     if as_json:
         import json
 
-        click.echo(json.dumps(runs, indent=2))
+        click.echo(json.dumps(runs, indent=2, ensure_ascii=False))
         return
     from dstack.cli.render import print_runs
 

@@ -25,4 +25,5 @@ def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
     while not no_wait and not JobStatus(run["status"]).finished and time.monotonic() < deadline:
         time.sleep(0.2)
         run = client.run(rid, run["run_name"])
-    click.echo(f"{run['run_name']} {run['status']}")
+    finished = JobStatus(run["status"]).finished
+    click.echo(f"{run['run_name']} {run['status'] if finished else ('aborting' if abort else 'stopping')}")

@@ -44,7 +44,7 @@ def tags(as_json: bool) -> None:
     if as_json:
         import json
 
-        click.echo(json.dumps([t.model_dump(mode="json") for t in found], indent=2))
+        click.echo(json.dumps([t.model_dump(mode="json") for t in found], indent=2, ensure_ascii=False))
         return
     from dstack.cli.output import ago
     from dstack.cli.table import print_table

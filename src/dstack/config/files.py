@@ -9,6 +9,7 @@ from pathlib import Path
 from dstack.core.errors import ConfigError
 
 MAX_FILE = 1 << 20  # a workflows file of more than 1 MiB is a mistake (data written into .dstack/)
+MAX_FILES = 256
 
 
 @dataclass
@@ -41,6 +42,17 @@ class ProjectFiles:
             except UnicodeDecodeError:
                 raise ConfigError(f"{rel} is not UTF-8 text", file=rel) from None
         return cls(texts=texts, root=str(project))
+
+    def check(self) -> None:
+        """What a server asks of files that came over the network: `.dstack/` paths, within the limits."""
+        if len(self.texts) > MAX_FILES:
+            raise ConfigError(f"{len(self.texts)} files in .dstack/ is more than {MAX_FILES}")
+        for rel, text in self.texts.items():
+            if not rel.startswith(".dstack/"):
+                raise ConfigError(f"'{rel}' is not a file of .dstack/", file=rel)
+            if len(text) > MAX_FILE:
+                raise ConfigError(f"{rel} is larger than {MAX_FILE >> 20} MiB", file=rel,
+                                  hint="workflows.yaml describes workflows; keep data in artifacts")
 
     def require_workflows(self) -> None:
         if not self.workflow_files():

@@ -72,8 +72,18 @@ def parse_cli_value(text: str) -> Any:
     return text
 
 
+class _NoValue:
+    """`--gpu` without a value: an error once `apply_overrides` knows whether `gpu` is a variable at all."""
+
+    def __repr__(self) -> str:
+        return "NO_VALUE"
+
+
+NO_VALUE: Any = _NoValue()
+
+
 def parse_cli_args(args: list[str]) -> dict[str, Any]:
-    """`--gpu 4 --name=x` -> {'gpu': 4, 'name': 'x'}."""
+    """`--gpu 4 --name=x` -> {'gpu': 4, 'name': 'x'}; `--gpu` alone -> {'gpu': NO_VALUE}."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -86,7 +96,9 @@ def parse_cli_args(args: list[str]) -> dict[str, Any]:
         name, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"--{name} needs a value", hint=f"write it as --{name} VALUE")
+                out[name] = NO_VALUE
+                i += 1
+                continue
             value = args[i + 1]
             i += 1
         out[name] = parse_cli_value(value)
@@ -104,6 +116,8 @@ def apply_overrides(declared: dict, overrides: dict, workflow: str) -> dict:
             suggestion = did_you_mean(name, declared)
             raise ConfigError(f"'{workflow}' has no variable '{name}'",
                               hint=f"{suggestion} {hint}" if suggestion else hint)
+        if value is NO_VALUE:
+            raise ConfigError(f"--{name} needs a value", hint=f"write it as --{name} VALUE")
         merged[key] = value
     return merged
 

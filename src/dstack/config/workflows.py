@@ -42,6 +42,7 @@ class ResolvedWorkflow:
     help: str | None = None
     # where each dependency was written, to point at it when the server cannot resolve it
     dependency_errors: dict[str, ConfigError] = field(default_factory=dict)
+    workflow_names: list[str] = field(default_factory=list)  # all of the project's, for hints
 
 
 def load_workflows(files: ProjectFiles) -> list[WorkflowEntry]:
@@ -78,11 +79,16 @@ def load_workflows(files: ProjectFiles) -> list[WorkflowEntry]:
                 raise located.error(path, "a workflow has no 'name'", hint="add e.g. 'name: train'")
             if name in seen:
                 raise located.error(path + ("name",), f"workflow '{name}' is defined twice",
-                                    hint=f"also at {seen[name].located.file}")
+                                    hint=f"also at {_at(seen[name])}")
             entry = WorkflowEntry(name=name, raw=item, located=located, path=path)
             seen[name] = entry
             entries.append(entry)
     return entries
+
+
+def _at(entry: WorkflowEntry) -> str:
+    line, column = entry.located.where(entry.path + ("name",))
+    return f"{entry.located.file}:{line}:{column}" if line else entry.located.file
 
 
 def find_workflow(entries: list[WorkflowEntry], name: str) -> WorkflowEntry:
@@ -90,6 +96,10 @@ def find_workflow(entries: list[WorkflowEntry], name: str) -> WorkflowEntry:
         if e.name == name:
             return e
     names = [e.name for e in entries]
+    if not names:
+        raise ConfigError(f"no workflow named '{name}': the workflows files define none",
+                          hint="add one under 'workflows:' (e.g. '- name: train' and its 'commands'), or run "
+                               "`dstack init` in an empty folder for an example")
     raise ConfigError(
         f"no workflow named '{name}'",
         hint=did_you_mean(name, names) or f"workflows: {', '.join(names) or 'none'}",
@@ -194,11 +204,20 @@ def _known_keys(model: type, loc: tuple) -> list[str]:
     return keys
 
 
+def _one_dependencies_key(raw: dict, entry: WorkflowEntry) -> dict:
+    """`dependencies`, `depends-on` (the 2022 schema's) and `deps` are one key: at most one may be written."""
+    spelled = [k for k in ("dependencies", "depends-on", "deps") if k in raw]
+    if len(spelled) > 1:
+        raise entry.located.error(entry.path + (spelled[1],), f"'{spelled[0]}' and '{spelled[1]}' are the same"
+                                  " key; keep one", key=True)
+    return {k if k != "deps" else "depends-on": v for k, v in raw.items()}
+
+
 def _raise_unknown_key(entry: WorkflowEntry) -> None:
     """Raise the error for the first key of the workflow that its provider does not know, if any."""
     try:
         provider = get_provider(provider_name(entry.raw))
-        provider.Spec.model_validate(entry.raw)
+        provider.Spec.model_validate(_one_dependencies_key(entry.raw, entry))
     except ValidationError as e:
         if any(x["type"] == "extra_forbidden" for x in e.errors()):
             raise _validation_error(e, entry, provider.Spec) from None
@@ -272,12 +291,7 @@ def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], 
         _raise_unknown_key(entry)  # `comands: [echo $HOME]`: the typo, not the "undefined variable" it causes
         raise
     used = {path: v for path, v in used.items() if v in variables}  # not run_name & co: nobody sets those
-    spelled = [k for k in ("dependencies", "depends-on", "deps") if k in raw]
-    if len(spelled) > 1:
-        raise entry.located.error(entry.path + (spelled[1],), f"'{spelled[0]}' and '{spelled[1]}' are the same"
-                                  " key; keep one", key=True)
-    if "deps" in raw:
-        raw = {k if k != "deps" else "depends-on": v for k, v in raw.items()}
+    raw = _one_dependencies_key(raw, entry)
     for key in ("environment", "env"):  # `C: 1.50` is the text 1.50, not the number 1.5
         if isinstance(raw.get(key), dict):
             texts = entry.located.number_texts
@@ -302,4 +316,5 @@ def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], 
         if i:
             job.env["JOB_ID"] = job.job_id
     return ResolvedWorkflow(name=name, provider=pname, variables=variables, overrides=overrides,
-                            dependencies=deps, jobs=jobs, help=spec.help, dependency_errors=where)
+                            dependencies=deps, jobs=jobs, help=spec.help, dependency_errors=where,
+                            workflow_names=[e.name for e in entries])

@@ -7,7 +7,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +51,12 @@ class CodeSnapshot:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CodeSnapshot:
+        """As `to_dict` gave it; keys this version does not know (a record of another version) are left out."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def blob_hashes(self) -> list[str]:
         """The blobs the runner needs, by hash."""

@@ -77,6 +77,21 @@ class Unsatisfiable(DstackError):
     kind = "unsatisfiable"
 
 
+class MissingCode(DstackError):
+    """A run refers to code blobs the server does not have: the client uploads them and submits again."""
+
+    exit_code = 1
+    http_status = 409
+    kind = "missing_code"
+
+    def __init__(self, message: str, hint: str | None = None, blobs: list[str] | None = None):
+        super().__init__(message, hint)
+        self.blobs = blobs or []
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "blobs": self.blobs}
+
+
 class Unauthorized(DstackError):
     exit_code = 1
     http_status = 401
@@ -84,7 +99,7 @@ class Unauthorized(DstackError):
 
 
 ERROR_KINDS: dict[str, type[DstackError]] = {
-    cls.kind: cls for cls in (DstackError, ConfigError, NotFound, Conflict, Unsatisfiable, Unauthorized)
+    cls.kind: cls for cls in (DstackError, ConfigError, NotFound, Conflict, Unsatisfiable, MissingCode, Unauthorized)
 }
 
 
@@ -93,6 +108,8 @@ def error_from_dict(data: dict) -> DstackError:
     kwargs = {"hint": data.get("hint")}
     if cls is ConfigError:
         kwargs.update(file=data.get("file"), line=data.get("line"), column=data.get("column"))
+    if cls is MissingCode:
+        kwargs.update(blobs=list(data.get("blobs") or []))
     return cls(data.get("message", "unknown error"), **kwargs)
 
 

@@ -49,7 +49,7 @@ class GpuRequirement(Model):
 
     count: int = Field(1, ge=0)
     name: str | None = None
-    memory_mib: int | None = Field(None, alias="memory")
+    memory_mib: int | None = Field(None, alias="memory", serialization_alias="memory_mib")  # API: in MiB
 
     @field_validator("memory_mib", mode="before")
     @classmethod
@@ -63,9 +63,9 @@ class Requirements(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     cpu: int | None = Field(None, ge=1)
-    memory_mib: int | None = Field(None, alias="memory")
+    memory_mib: int | None = Field(None, alias="memory", serialization_alias="memory_mib")  # API: in MiB
     gpu: GpuRequirement | None = None
-    shm_size_mib: int | None = Field(None, alias="shm_size")
+    shm_size_mib: int | None = Field(None, alias="shm_size", serialization_alias="shm_size_mib")
     interruptible: bool = False
     local: bool = False
 

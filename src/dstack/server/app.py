@@ -18,6 +18,7 @@ from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
 from dstack.server.routers import artifacts, code, runners, runs, tags
 from dstack.server.routers.deps import authorized
+from dstack.server.services import runners as runner_service
 from dstack.server.services.code import CodeBlobs
 from dstack.server.services.jobs import ensure_dirs
 from dstack.storage.blobstore import open_store
@@ -40,6 +41,9 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
             yield
         finally:
             loops.cancel()
+            # the local runners stop with the server: their unfinished jobs are lost, and say why
+            await runner_service.fail_jobs_of(ctx, [i.runner_name for i in local.list()],
+                                              "the local server was stopped while the job ran")
             await asyncio.to_thread(local.shutdown)
             await engine.dispose()
 

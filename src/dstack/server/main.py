@@ -1,6 +1,6 @@
 """`python -m dstack.server.main`: the server process (foreground, or started in the background by the CLI).
 
-State: DSTACK_HOME/server/{token (0600), server.json (url, pid), server.log, dstack.db, logs/}."""
+State: DSTACK_HOME/server/{token (0600), server.json (url, pid, version), server.log, dstack.db, logs/}."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import socket
 from pathlib import Path
 
+from dstack import __version__
 from dstack.core.home import dstack_home, write_private
 from dstack.core.names import token as new_token
 
@@ -50,7 +51,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
     info = sdir / "server.json"
 
     def ready() -> None:
-        write_private(info, json.dumps({"url": settings.url, "pid": os.getpid()}))
+        write_private(info, json.dumps({"url": settings.url, "pid": os.getpid(), "version": __version__}))
         logging.getLogger("dstack.server").warning("dstack server listening on %s", settings.url)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

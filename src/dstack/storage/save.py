@@ -93,7 +93,8 @@ def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path |
         check_symlinks(kinds, targets)
     else:  # leave out the symlinks that lead outside, say so, and save the rest
         for rel in _escaping_symlinks(kinds, targets):
-            warn(f"not saved: symlink '{rel}' points outside the artifact (to '{targets[rel]}')")
+            warn(f"symlink '{rel}' left out (the rest is saved): it points outside the artifact "
+                 f"(to '{targets[rel]}')")
             del kinds[rel], targets[rel]
             entries = [e for e in entries if e.path != rel]
     saver = _Saver(store, adopt, st.st_dev)

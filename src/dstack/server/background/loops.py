@@ -18,6 +18,9 @@ from dstack.server.services.scheduler import fits
 
 log = logging.getLogger("dstack.server")
 STARTUP_GRACE = 60.0  # a runner process that has not registered by then is given up
+# after a job is queued, the pass waits this long: an idle runner takes the job meanwhile without the pass's
+# queries competing with its take, and only a job still queued then needs a new runner (which takes seconds)
+AFTER_QUEUED = 0.1
 
 
 async def autoscale(ctx: Context) -> None:
@@ -72,4 +75,5 @@ async def run_loops(ctx: Context, interval: float = 0.5) -> None:
             raise
         except Exception:  # keep the loop alive; the next pass retries
             log.exception("background pass failed")
-        await ctx.signals.wait(ctx.signals.listen("jobs"), interval)
+        if await ctx.signals.wait(ctx.signals.listen("jobs"), interval):
+            await asyncio.sleep(AFTER_QUEUED)

@@ -44,10 +44,13 @@ async def get_job(job_id: str, ctx: Context = Depends(get_ctx)) -> Job:
 @router.get("/jobs/{job_id}/logs")
 async def logs(job_id: str, offset: int = Query(0, ge=0), wait: float = Query(0, ge=0, le=30),
                ctx: Context = Depends(get_ctx)) -> Response:
-    """Raw log bytes from `offset`; the next offset and the job's status come in headers, and once it has
-    finished its exit code, reason and duration too (so that a follower needs no other request)."""
-    data, job = await jobs.wait_logs(ctx, job_id, offset, wait)
+    """Raw log bytes from `offset`; the next offset and the job's status come in headers, `X-More-Logs: 1`
+    when more bytes follow these, and once the job has finished its exit code, reason and duration too (so
+    that a follower needs no other request)."""
+    data, job, more = await jobs.wait_logs(ctx, job_id, offset, wait)
     headers = {"X-Next-Offset": str(offset + len(data)), "X-Job-Status": job.status.value}
+    if more:
+        headers["X-More-Logs"] = "1"
     if job.status.finished:
         headers.update(jobs.final_headers(job))
     return Response(content=data, media_type="application/octet-stream", headers=headers)

@@ -19,7 +19,8 @@ async def _run_for(s: AsyncSession, repo_id: str, ref: str) -> RunRow:
         tags = (await s.scalars(q)).all()
         if not tags:
             hint = f"tag a run of '{workflow}' first: dstack tag RUN {tag}" if workflow else f"dstack tag RUN {tag}"
-            raise NotFound(f"dependency '{ref}': no run of '{workflow or 'any workflow'}' is tagged '{tag}'",
+            whose = f"no run of '{workflow}'" if workflow else "no run"
+            raise NotFound(f"dependency '{ref}': {whose} is tagged '{tag}'",
                            hint=hint)
         if len(tags) > 1:
             names = ", ".join(f"{t.workflow}:{t.name}" for t in tags)

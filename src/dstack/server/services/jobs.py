@@ -62,7 +62,10 @@ def append_logs(ctx: Context, job_id: str, data: bytes) -> None:
     ctx.signals.notify(f"job:{job_id}")
 
 
-def read_logs(ctx: Context, job_id: str, offset: int, limit: int = 4 * 1024 * 1024) -> bytes:
+LOG_CHUNK = 4 * 1024 * 1024
+
+
+def read_logs(ctx: Context, job_id: str, offset: int, limit: int = LOG_CHUNK) -> bytes:
     try:
         with open(log_path(ctx, job_id), "rb") as f:
             f.seek(offset)
@@ -71,18 +74,21 @@ def read_logs(ctx: Context, job_id: str, offset: int, limit: int = 4 * 1024 * 10
         return b""
 
 
-async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float) -> tuple[bytes, Job]:
-    """New log bytes from `offset`; waits up to `wait` s for some, or for the job to finish."""
+async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float) -> tuple[bytes, Job, bool]:
+    """New log bytes from `offset` (at most LOG_CHUNK); waits up to `wait` s for some, or for the job to finish.
+    Also whether more bytes follow these. The job is read before its log: a finished job has shipped all its
+    output, so once it is finished and nothing more follows, a follower has seen everything."""
     deadline = time.monotonic() + wait
     while True:
         changed = ctx.signals.listen(f"job:{job_id}")
-        data = read_logs(ctx, job_id, offset)
         job = await _job(ctx, job_id)
+        data = read_logs(ctx, job_id, offset)
         if data or job.status in FINISHED or time.monotonic() >= deadline:
-            if job.status in FINISHED and not data:
-                data = read_logs(ctx, job_id, offset)
-            return data, job
+            return data, job, len(data) >= LOG_CHUNK
         await ctx.signals.wait(changed, deadline - time.monotonic())
+
+
+MAX_REASON = 1000  # characters: headers over a few KiB are refused by some proxies
 
 
 def final_headers(job: Job) -> dict[str, str]:
@@ -94,7 +100,7 @@ def final_headers(job: Job) -> dict[str, str]:
     if job.started_at and job.finished_at:
         headers["X-Job-Seconds"] = f"{(job.finished_at - job.started_at).total_seconds():.3f}"
     if job.reason:
-        headers["X-Job-Reason"] = quote(job.reason)
+        headers["X-Job-Reason"] = quote(job.reason[:MAX_REASON])
     return headers
 
 

@@ -85,6 +85,14 @@ async def deregister(ctx: Context, name: str) -> None:
     ctx.signals.notify("runners")
 
 
+async def fail_jobs_of(ctx: Context, runner_names: list[str], reason: str) -> None:
+    """The unfinished jobs of these runners FAIL with `reason` (the runners are going away with them)."""
+    async with ctx.sessions() as s:
+        for name in runner_names:
+            await _fail_jobs_of(s, name, reason)
+        await s.commit()
+
+
 async def _fail_jobs_of(s, runner_name: str, reason: str) -> list[str]:
     jobs = (await s.scalars(select(JobRow).where(
         JobRow.runner_name == runner_name, JobRow.status.notin_([x.value for x in FINISHED])))).all()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from dstack.config.files import ProjectFiles
 from dstack.config.variables import parse_cli_args
-from dstack.config.workflows import resolve_workflow
-from dstack.core.errors import ConfigError, Conflict, DstackError, NotFound
+from dstack.config.workflows import ResolvedWorkflow, resolve_workflow
+from dstack.core.errors import ConfigError, Conflict, DstackError, MissingCode, NotFound, did_you_mean
 from dstack.core.models import FINISHED, DependencyRef, Job, JobStatus, Run, RunRequest, RunSubmission
 from dstack.core.names import job_id as new_job_id
 from dstack.core.names import random_base
@@ -30,10 +33,12 @@ async def reserve_name(ctx: Context) -> str:
 async def run_workflow(ctx: Context, req: RunRequest) -> Run:
     """Resolve the request's workflow from its files (variables, provider, job specs) and submit it."""
     files = ProjectFiles(texts=req.files, root=req.project)
+    files.check()
     overrides = parse_cli_args(req.args)
     for _ in range(5):
         run_name = await reserve_name(ctx)
-        resolved = resolve_workflow(files, req.workflow, overrides, run_name)
+        # in a thread: a large file takes a while to parse, and the server goes on answering meanwhile
+        resolved = await asyncio.to_thread(resolve_workflow, files, req.workflow, overrides, run_name)
         sub = RunSubmission(run_name=run_name, repo_id=req.repo_id, workflow=req.workflow,
                             provider=resolved.provider, variables=resolved.variables, overrides=overrides,
                             dependencies=resolved.dependencies, jobs=resolved.jobs, code=req.code, tag=req.tag)
@@ -42,7 +47,7 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
         except NameTaken:
             continue  # another submission took the name meanwhile
         except DstackError as e:
-            raise _located(e, resolved.dependency_errors) from None
+            raise _located(e, resolved) from None
     raise Conflict("could not find a free run name", hint="submit again")
 
 
@@ -50,11 +55,18 @@ class NameTaken(Conflict):
     pass
 
 
-def _located(e: DstackError, where: dict[str, ConfigError]) -> DstackError:
-    """A dependency that could not be resolved, pointed at where the workflow names it."""
-    for ref, loc in where.items():
+def _located(e: DstackError, resolved: ResolvedWorkflow) -> DstackError:
+    """A dependency that could not be resolved, pointed at where the workflow names it; when it names a
+    workflow the project does not have, the hint says so rather than "run it first"."""
+    for ref, loc in resolved.dependency_errors.items():
         if f"'{ref}'" in e.message:
-            return ConfigError(e.message, hint=e.hint, file=loc.file, line=loc.line, column=loc.column)
+            hint = e.hint
+            workflow = ref.split(":")[0]
+            if isinstance(e, NotFound) and workflow and workflow not in resolved.workflow_names:
+                hint = (f"the project has no workflow '{workflow}'"
+                        + (f"; {close}" if (close := did_you_mean(workflow, resolved.workflow_names)) else
+                           f" (workflows: {', '.join(resolved.workflow_names)})"))
+            return ConfigError(e.message, hint=hint, file=loc.file, line=loc.line, column=loc.column)
     return e
 
 
@@ -65,8 +77,19 @@ async def submit(ctx: Context, sub: RunSubmission) -> Run:
         await scheduler.check_satisfiable(ctx, job)
     async with ctx.sessions() as s:
         resolved = await dependencies.resolve(s, sub.repo_id, sub.dependencies)
-        row = await _insert(s, sub, resolved)
-        await s.commit()
+        # last of the checks: a client uploads the code only for a run that is otherwise sound
+        missing = [h for h in (sub.code.blob_hashes() if sub.code else []) if not ctx.code.has(h)]
+        if missing:
+            raise MissingCode(f"the server lacks {len(missing)} blob(s) of the run's code", blobs=missing,
+                              hint="upload them (PUT /api/code/HASH) and submit again")
+        try:
+            row = await _insert(s, sub, resolved)
+            await s.commit()
+        except IntegrityError:  # e.g. two submissions took the same name at once
+            await s.rollback()
+            if await s.get(RunRow, sub.run_name) is None:
+                raise
+            raise NameTaken(f"a run named '{sub.run_name}' exists already", hint="submit again") from None
         run = run_model(row)  # as get_run would read it back
     ctx.signals.notify("jobs")
     return run
@@ -160,6 +183,8 @@ async def get_run(ctx: Context, repo_id: str | None, name: str) -> Run:
                 job = jobs[0] if jobs else None
             if job is not None:
                 row = await s.scalar(_runs_query(repo_id).where(RunRow.name == job.run_name))
+        if row is None and repo_id:  # run names and job ids are unique on a server: one of another project
+            return await get_run(ctx, None, name)
         if row is None:
             raise NotFound(f"no run or job named '{name}'", hint="`dstack status` lists runs and their jobs")
         run = run_model(row)

@@ -1,0 +1,119 @@
+"""The server's services on a real SQLite database, in this process: submitting a workflow from its files,
+runs that share a name, code the server lacks, and what a finished job's last log poll carries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from sqlalchemy import inspect
+
+from dstack.core.code import CodeSnapshot
+from dstack.core.errors import ConfigError, MissingCode, error_from_dict
+from dstack.core.models import Job, JobStatus, RunnerRegistration, RunRequest
+from dstack.core.resources import RunnerResources
+from dstack.server.context import Context, Settings
+from dstack.server.db.session import make_engine, make_sessionmaker, migrate
+from dstack.server.services import jobs, runners, runs
+from dstack.server.services.code import CodeBlobs
+from dstack.storage.blobstore import open_store
+
+WORKFLOWS = "workflows:\n  - name: a\n    commands: [echo $RUN_NAME]\n    resources: {memory: 1GB}\n"
+
+
+def _serve(tmp_path: Path, body) -> None:
+    async def main():
+        url = f"sqlite+aiosqlite:///{tmp_path / 'dstack.db'}"
+        await asyncio.to_thread(migrate, url)
+        engine = make_engine(url)
+        settings = Settings(home=tmp_path, db_url=url, token="t")
+        ctx = Context(settings=settings, sessions=make_sessionmaker(engine), store=open_store(settings.store_config),
+                      code=CodeBlobs(tmp_path / "code"))
+        jobs.ensure_dirs(ctx)
+        resources = RunnerResources(cpus=2, memory_mib=4096, docker=False)
+        await runners.register(ctx, RunnerRegistration(name="r-1", hostname="h", backend="local",
+                                                       resources=resources))
+        try:
+            await body(ctx)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
+def _request(**kw) -> RunRequest:
+    return RunRequest(**{"repo_id": "repo", "workflow": "a", "files": {".dstack/workflows.yaml": WORKFLOWS}, **kw})
+
+
+def test_a_submitted_run_is_answered_whole_from_the_rows_it_inserted(tmp_path):
+    async def body(ctx):
+        run = await runs.run_workflow(ctx, _request())
+        assert run.jobs[0].spec.env["RUN_NAME"] == run.run_name
+        assert run.jobs[0].spec.requirements.memory_mib == 1024
+        assert run.model_dump(mode="json") == (await runs.get_run(ctx, None, run.run_name)).model_dump(mode="json")
+        sub = runs.RunSubmission(run_name="other-run-1", repo_id="repo", workflow="a", provider="bash",
+                                 jobs=[run.jobs[0].spec.model_copy(update={"job_id": "1" * 12})])
+        async with ctx.sessions() as s:
+            row = await runs._insert(s, sub, [])
+            await s.commit()
+            assert not inspect(row).unloaded and not inspect(row.jobs[0]).unloaded  # nothing to load lazily
+
+    _serve(tmp_path, body)
+
+
+def test_submissions_that_take_one_name_at_once_are_told_to_retry(tmp_path):
+    async def body(ctx):
+        first = await runs.run_workflow(ctx, _request())
+        old = await runs.get_run(ctx, None, first.run_name)
+        sub = runs.RunSubmission(run_name="same-name-1", repo_id="repo", workflow="a", provider="bash",
+                                 jobs=[old.jobs[0].spec.model_copy(update={"job_id": f"{i:012x}"}) for i in (1,)])
+        other = sub.model_copy(update={"jobs": [sub.jobs[0].model_copy(update={"job_id": "0" * 11 + "2"})]})
+        results = await asyncio.gather(runs.submit(ctx, sub), runs.submit(ctx, other), return_exceptions=True)
+        assert sorted(type(r).__name__ for r in results) == ["NameTaken", "Run"], results
+
+    _serve(tmp_path, body)
+
+
+def test_code_the_server_lacks_is_asked_for_once_the_run_is_sound(tmp_path):
+    blob = hashlib.sha256(b"tar").hexdigest()
+    code = CodeSnapshot(mode="archive", archive_hash=blob, tree_hash="0" * 64)
+
+    async def body(ctx):
+        with pytest.raises(ConfigError):  # a mistake comes back first, before any upload
+            await runs.run_workflow(ctx, _request(workflow="nope", code=code))
+        with pytest.raises(MissingCode) as info:
+            await runs.run_workflow(ctx, _request(code=code))
+        assert info.value.blobs == [blob] and error_from_dict(info.value.to_dict()).blobs == [blob]
+        assert await runs.list_runs(ctx, "repo", None) == []
+        ctx.code.put(blob, b"tar")
+        assert (await runs.run_workflow(ctx, _request(code=code))).code == code
+
+    _serve(tmp_path, body)
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({f".dstack/workflows/{i}.yaml": "" for i in range(300)}, "more than 256"),
+    ({"../../etc/passwd": "x"}, "not a file of .dstack/"),
+    ({".dstack/workflows.yaml": "#" * (1 << 20) + "\n"}, "larger than 1 MiB"),
+])
+def test_files_from_the_network_are_checked(tmp_path, files, message):
+    async def body(ctx):
+        with pytest.raises(ConfigError, match=message):
+            await runs.run_workflow(ctx, _request(files=files))
+
+    _serve(tmp_path, body)
+
+
+def test_a_finished_jobs_outcome_survives_the_headers():
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    reason = "échec: 100% of the disk ✗ " + "x" * 5000
+    job = Job(job_id="j", run_name="r", workflow="w", status=JobStatus.FAILED, submitted_at=t, started_at=t,
+              finished_at=t.replace(second=3), exit_code=3, reason=reason)
+    headers = jobs.final_headers(job)
+    assert all(v.isascii() for v in headers.values())
+    assert headers["X-Job-Exit-Code"] == "3" and headers["X-Job-Seconds"] == "3.000"
+    assert unquote(headers["X-Job-Reason"]) == reason[:jobs.MAX_REASON]
