@@ -93,3 +93,11 @@ def test_following_a_finished_run_prints_all_of_a_large_output(dstack, project):
     r = dstack("logs", name, "-f", cwd=root, binary=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(b"x") == 6000007
+
+
+def test_a_variable_named_like_a_run_option_is_set_after_a_double_dash(dstack, project):
+    root = project("workflows:\n  - name: v\n    commands: [echo \"tag=$tag\"]\n",
+                   "variables:\n  v:\n    tag: one\n")
+    r = dstack("run", "v", "--", "--tag", "two", cwd=root)
+    assert r.returncode == 0 and "tag=two" in r.stdout, (r.stdout, r.stderr)
+    assert "Tagged" not in r.stderr

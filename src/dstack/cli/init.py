@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 WORKFLOWS = """\
-# Workflows of this project: `dstack run NAME`. Full syntax: docs/workflows.md
+# Workflows of this project: `dstack run NAME`. Full syntax: docs/workflows.md of the dstack repository
 workflows:
   - name: prepare
     help: Writes a small dataset into the artifact `data`

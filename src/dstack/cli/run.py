@@ -22,7 +22,9 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         as_json: bool) -> None:
     """Run WORKFLOW of .dstack/workflows.yaml.
 
-    Variables of .dstack/variables.yaml are overridden as --NAME VALUE (e.g. `dstack run prepare --gpu 4`).
+    Variables of .dstack/variables.yaml are overridden as --NAME VALUE (e.g. `dstack run prepare --gpu 4`);
+    a variable named like an option below (tag, json, detach, help) goes after `--`:
+    `dstack run train -- --tag v2`.
     Attached by default: logs are streamed and the exit code is the job's. Ctrl-C asks whether to
     stop the run (the default), abort it (no artifacts saved), detach from it, or continue; Ctrl-C at
     that prompt stops it, and once more while it stops aborts it.

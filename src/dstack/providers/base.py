@@ -20,7 +20,8 @@ def relative_path(value: str, what: str) -> str:
         raise ValueError(f"{what} must be a non-empty path")
     value = value.strip()
     if value.startswith(("/", "~")):
-        raise ValueError(f"{what} '{value}' must be relative to the job's working folder")
+        within = "the project's folder" if what == "working_dir" else "the job's working_dir"
+        raise ValueError(f"{what} '{value}' must be a path relative to {within}")
     norm = posixpath.normpath(value)
     if norm == ".." or norm.startswith("../"):
         raise ValueError(f"{what} '{value}' leaves the job's folder")
