@@ -101,3 +101,46 @@ def test_a_variable_named_like_a_run_option_is_set_after_a_double_dash(dstack, p
     r = dstack("run", "v", "--", "--tag", "two", cwd=root)
     assert r.returncode == 0 and "tag=two" in r.stdout, (r.stdout, r.stderr)
     assert "Tagged" not in r.stderr
+
+
+def test_ctrl_c_while_a_run_is_submitted_stops_it_once_it_is_known(dstack, project, capsys):
+    import os
+    import signal
+
+    from dstack.api.client import Client
+    from dstack.cli.run import _attach, _deferring_interrupts
+
+    workflows = "workflows:\n  - name: slow\n    commands: [sleep 60]\n"
+    root = project(workflows)
+    api = _api(dstack, root)
+    client = Client(str(api.base_url), api.headers["Authorization"].split()[1])
+
+    def submit():
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the server answers
+        return client.submit({"repo_id": str(root), "workflow": "slow", "files": {".dstack/workflows.yaml": workflows}})
+
+    submitted, interrupted = _deferring_interrupts(submit)
+    assert interrupted and submitted["run_name"]
+    try:
+        _attach(client, submitted, "slow", detach=True, as_json=False, interrupted=True)
+    except SystemExit as e:
+        assert e.code == 130
+    assert "Interrupted: stopping" in capsys.readouterr().err
+    assert dstack.wait_status(root, submitted["run_name"], {"STOPPED", "DONE", "FAILED"})["status"] == "STOPPED"
+
+
+def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback():
+    import subprocess
+    import sys
+
+    # a Ctrl-C that lands while `dstack` imports its CLI (the signal raises KeyboardInterrupt there)
+    code = ("import os, signal, sys\n"
+            "class Finder:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'dstack.cli.main':\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "sys.meta_path.insert(0, Finder())\n"
+            "from dstack.cli.entry import main\n"
+            "main()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, (r.returncode, r.stderr)

@@ -258,7 +258,7 @@ def test_wrong_type_shows_what_was_given(project):
             commands: [echo]
             ports: many
     """)
-    assert _error(project, "train").hint == "got 'many'"
+    assert _error(project, "train").hint == 'got "many"'
 
 
 def test_unknown_workflow_is_an_error_with_a_suggestion(project):
@@ -283,7 +283,7 @@ def test_a_bad_value_from_variables_yaml_names_the_variable(project):
     err = _error(project, "train")
     assert err.message == ("'resources.gpu.count' in workflow 'train' takes its value from the variable 'gpu', "
                            "and it must be a whole number")
-    assert "got 'lots'" in err.hint and "--gpu" in err.hint
+    assert 'got "lots"' in err.hint and "--gpu" in err.hint
 
 
 def test_a_bad_value_made_with_a_system_variable_is_not_blamed_on_it(project):
@@ -540,3 +540,11 @@ def test_deps_is_no_unknown_key_when_a_variable_is_undefined(project):
                       "    commands: [echo]\n    working_dir: ${{ nope }}\n")
     err = _error(project, "a")
     assert err.message.startswith("undefined variable 'nope'"), err.message
+
+
+@pytest.mark.parametrize(("name", "hint"), [("5", 'quote it: name: "5"'), ("[a]", None)])
+def test_a_name_that_is_not_text_is_said_so(project, name, hint):
+    project.workflows(f"workflows:\n  - name: {name}\n    commands: [x]\n")
+    err = _error(project, "5")
+    assert err.message.startswith("a workflow's 'name' must be text") and err.location == ".dstack/workflows.yaml:2:11"
+    assert err.hint == hint

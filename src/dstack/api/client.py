@@ -28,13 +28,15 @@ class Client:
     def __init__(self, url: str, token: str, timeout: float = 60.0):
         self.url = url.rstrip("/")
         self.http = HttpClient(self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+        # what to do when the server cannot be reached (the local server's is not a remote one's)
+        self.unreachable_hint = "is it running? `dstack server` starts one in the foreground"
 
     def _call(self, method: str, path: str, **kw: Any) -> Response:
         try:
             r = self.http.request(method, path, **kw)
         except TransportError as e:
             raise DstackError(f"cannot reach the dstack server at {self.url}: {e}",
-                              hint="is it running? `dstack server` starts one in the foreground") from None
+                              hint=self.unreachable_hint) from None
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]

@@ -140,5 +140,9 @@ def stop_local_server(home: Path | None = None, timeout: float = 20.0) -> bool:
 
 
 def connect() -> Client:
-    found = configured() or _current_local_server() or start_local_server()
-    return Client(*found)
+    remote = configured()
+    client = Client(*(remote or _current_local_server() or start_local_server()))
+    if remote is None:
+        client.unreachable_hint = ("the local server has stopped (`dstack server stop`?); the next dstack command "
+                                   "starts it again, and `dstack status` then shows what became of the runs")
+    return client

@@ -31,9 +31,10 @@ def _ask(run_name: str) -> str:
     return {"": "stop", "s": "stop", "a": "abort", "d": "detach", "c": "continue"}.get(answer[:1], "stop")
 
 
-def follow_run(client: Client, run: dict, interrupt_asks: bool = True) -> int:
+def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupted: bool = False) -> int:
     """Stream the logs of `run`'s jobs until all have ended; return the exit code to exit with.
-    Ctrl-C asks whether to stop the run (`interrupt_asks`), else just stops following it."""
+    Ctrl-C asks whether to stop the run (`interrupt_asks`), else just stops following it. `interrupted`:
+    Ctrl-C was pressed already (while the run was submitted)."""
     out = sys.stdout.buffer
     name = run["run_name"]
     offsets = {j["job_id"]: 0 for j in run["jobs"]}
@@ -43,6 +44,9 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True) -> int:
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
     while len(finished) < len(offsets):
         try:
+            if interrupted:
+                interrupted = False
+                raise KeyboardInterrupt
             for job_id in offsets:
                 if job_id in finished:
                     continue

@@ -87,8 +87,12 @@ def main() -> None:
         code = e.exit_code
     except click.Abort:
         code = 130
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # worded as our own errors are: `error: ...`
+        from dstack.cli.output import print_error
+
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            sys.stderr.write(f"{e.ctx.get_usage()}\nTry '{e.ctx.command_path} -h' for help.\n\n")
+        print_error(DstackError(e.format_message()))
         code = e.exit_code
     except KeyboardInterrupt:
         code = 130

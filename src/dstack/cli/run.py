@@ -39,8 +39,8 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         if workflow or ctx.args:
             raise click.UsageError("--reproduce RUN takes no workflow and no variables: it re-runs RUN as it was")
         client = connect()
-        submitted = client.reproduce(repo_id(project), reproduce)
-        return _attach(client, submitted, f"reproduces {reproduce}", detach, as_json)
+        submitted, interrupted = _deferring_interrupts(lambda: client.reproduce(repo_id(project), reproduce))
+        return _attach(client, submitted, f"reproduces {reproduce}", detach, as_json, interrupted)
     files = ProjectFiles.read(project)
     files.require_workflows()  # before any server starts
     if not workflow:
@@ -56,7 +56,7 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
     request = {"repo_id": repo_id(project), "workflow": workflow, "args": ctx.args, "files": files.texts,
                "project": str(project), "code": code.to_dict(), "tag": tag}
     try:
-        submitted = client.submit(request)
+        submitted, interrupted = _deferring_interrupts(lambda: client.submit(request))
     except MissingCode as e:
         missing = {h: blobs[h] for h in e.blobs if h in blobs}
         if len(missing) < len(e.blobs):
@@ -65,24 +65,48 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         if total > 20 * 1024 * 1024:
             click.echo(f"Uploading the code: {total / 1024 / 1024:.0f} MB ({code.files} files). Large data belongs "
                        "in artifacts; list it in .dstackignore (or .gitignore) to leave it out.", err=True)
-        for digest, data in missing.items():
-            client.upload_code(digest, data)
-        submitted = client.submit(request)
-    _attach(client, submitted, workflow, detach, as_json)
+        try:
+            for digest, data in missing.items():
+                client.upload_code(digest, data)
+        except KeyboardInterrupt:
+            click.echo("Interrupted while uploading the code; nothing was submitted.", err=True)
+            sys.exit(130)
+        submitted, interrupted = _deferring_interrupts(lambda: client.submit(request))
+    _attach(client, submitted, workflow, detach, as_json, interrupted)
 
 
-def _attach(client, submitted: dict, what: str, detach: bool, as_json: bool) -> None:
+def _deferring_interrupts(submit):
+    """`submit()`, with Ctrl-C held back until the server has answered: once a run is submitted, the caller
+    must know its name to stop it. Returns (its result, whether Ctrl-C was pressed meanwhile)."""
+    import signal
+
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        return submit(), bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _attach(client, submitted: dict, what: str, detach: bool, as_json: bool, interrupted: bool = False) -> None:
+    """Print or follow the submitted run. `interrupted`: Ctrl-C came while it was submitted, which stops it
+    (attached: as Ctrl-C does while following, so in a terminal it asks first)."""
     name = submitted["run_name"]
     if as_json:
         import json
 
         click.echo(json.dumps(submitted, indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"Run {name} ({what}) submitted", err=True)
+    if interrupted and (detach or as_json):
+        client.stop(None, name)
+        click.echo(f"Interrupted: stopping {name} (`dstack status {name}` shows it)", err=True)
+        sys.exit(130)
+    if as_json:
         return
-    err = click.get_text_stream("stderr")
-    err.write(f"Run {name} ({what}) submitted\n")
     if detach:
-        err.write(f"Follow it with `dstack logs {name} -f`\n")
+        click.echo(f"Follow it with `dstack logs {name} -f`", err=True)
         return
     from dstack.cli.attach import follow_run
 
-    sys.exit(follow_run(client, submitted))
+    sys.exit(follow_run(client, submitted, interrupted=interrupted))

@@ -3,6 +3,7 @@ variables, validate it with its provider's model, and make its job specs."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
@@ -75,7 +76,10 @@ def load_workflows(files: ProjectFiles) -> list[WorkflowEntry]:
             if not isinstance(item, dict):
                 raise located.error(path, "each workflow must be a mapping with at least 'name'")
             name = item.get("name")
-            if not isinstance(name, str) or not name:
+            if name is not None and not isinstance(name, str):
+                raise located.error(path + ("name",), f"a workflow's 'name' must be text, not {name!r}",
+                                    hint=f'quote it: name: "{name}"' if isinstance(name, int | float) else None)
+            if not name:
                 raise located.error(path, "a workflow has no 'name'", hint="add e.g. 'name: train'")
             if name in seen:
                 raise located.error(path + ("name",), f"workflow '{name}' is defined twice",
@@ -140,7 +144,9 @@ def _validation_error(e: ValidationError, entry: WorkflowEntry, model: type, use
         phrase = "must be a GPU count or {count, name, memory}"
     msg = err["msg"].removeprefix("Value error, ")
     what = phrase or f"is wrong ({msg})"
-    got = f"got {err.get('input')!r}" if "input" in err and err["type"] != "value_error" else None
+    # the value as YAML's flow style writes it: {"a": 1}, ["x"], "text"
+    got = f"got {json.dumps(err['input'], ensure_ascii=False, default=str)}" if "input" in err and \
+        err["type"] != "value_error" else None
     # `v100/gpu: $gpu` is validated as resources.gpu
     used = {tuple("gpu" if isinstance(k, str) and k.endswith("/gpu") else k for k in p): v for p, v in used.items()}
     variable = next((used[path[:n]] for n in range(len(path), len(entry.path), -1) if path[:n] in used), None)

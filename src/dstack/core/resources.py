@@ -111,6 +111,10 @@ class Requirements(Model):
             name = f" {g.name}" if g.name else ""
             mem = f" ({format_mib(g.memory_mib)})" if g.memory_mib else ""
             parts.append(f"{g.count}{name} GPU{mem}")
+        if self.shm_size_mib:
+            parts.append(f"{format_mib(self.shm_size_mib)} shared memory")
+        if self.interruptible:
+            parts.append("interruptible")
         return ", ".join(parts) or "no specific resources"
 
 
