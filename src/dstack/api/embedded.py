@@ -16,6 +16,7 @@ from dstack import __version__
 from dstack.api.client import Client
 from dstack.core.errors import DstackError
 from dstack.core.home import dstack_home
+from dstack.core.status import JobStatus
 
 START_TIMEOUT = 30.0
 
@@ -71,6 +72,11 @@ def local_server(home: Path | None = None) -> tuple[str, str] | None:
     return None
 
 
+def unfinished_runs(client: Client) -> list[str]:
+    """The names of the server's runs (of every project) that have not finished: a server stopped now loses them."""
+    return [r["run_name"] for r in client.runs(None, limit=1000) if not JobStatus(r["status"]).finished]
+
+
 def _current_local_server(home: Path | None = None) -> tuple[str, str] | None:
     """The running local server, if it runs this version of dstack. One left running by an older (or newer)
     dstack speaks another API: it is stopped when it has nothing unfinished, so that the caller starts this
@@ -83,8 +89,7 @@ def _current_local_server(home: Path | None = None) -> tuple[str, str] | None:
     if version == __version__:
         return found
     try:
-        busy = [r["run_name"] for r in Client(*found).runs(None, limit=1000)
-                if r.get("status") in ("SUBMITTED", "PROVISIONING", "RUNNING", "UPLOADING")]
+        busy = unfinished_runs(Client(*found))
     except DstackError:
         busy = []
     if busy:

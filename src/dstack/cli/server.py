@@ -39,12 +39,11 @@ def server(ctx: click.Context, host: str, port: int, log_level: str) -> None:
 def stop(force: bool) -> None:
     """Stop the local server started in the background (and its runners)."""
     from dstack.api.client import Client
-    from dstack.api.embedded import local_server, stop_local_server
+    from dstack.api.embedded import local_server, stop_local_server, unfinished_runs
 
     running = local_server()
     if running and not force:
-        busy = [r["run_name"] for r in Client(*running).runs(None, limit=1000)
-                if r["status"] in ("SUBMITTED", "PROVISIONING", "RUNNING", "UPLOADING")]
+        busy = unfinished_runs(Client(*running))
         if busy:
             raise click.ClickException(f"{len(busy)} run(s) not finished: {', '.join(busy[:5])}; stopping the "
                                        "server now would lose them. Stop them first (`dstack stop RUN`), "

@@ -35,8 +35,7 @@ class ProjectFiles:
             except OSError as e:
                 raise ConfigError(f"cannot read {rel}: {e.strerror}", file=rel) from None
             if len(data) > MAX_FILE:
-                raise ConfigError(f"{rel} is larger than {MAX_FILE >> 20} MiB", file=rel,
-                                  hint="workflows.yaml describes workflows; keep data in artifacts")
+                raise _too_large(rel)
             try:
                 texts[rel] = data.decode("utf-8")
             except UnicodeDecodeError:
@@ -51,8 +50,7 @@ class ProjectFiles:
             if not rel.startswith(".dstack/"):
                 raise ConfigError(f"'{rel}' is not a file of .dstack/", file=rel)
             if len(text) > MAX_FILE:
-                raise ConfigError(f"{rel} is larger than {MAX_FILE >> 20} MiB", file=rel,
-                                  hint="workflows.yaml describes workflows; keep data in artifacts")
+                raise _too_large(rel)
 
     def require_workflows(self) -> None:
         if not self.workflow_files():
@@ -65,6 +63,11 @@ class ProjectFiles:
         """`.dstack/workflows.yaml`, `.dstack/workflows.yml`, then `.dstack/workflows/*.yaml` by name."""
         top = [p for p in (".dstack/workflows.yaml", ".dstack/workflows.yml") if p in self.texts]
         return top + sorted(p for p in self.texts if p.startswith(".dstack/workflows/"))
+
+
+def _too_large(rel: str) -> ConfigError:
+    return ConfigError(f"{rel} is larger than {MAX_FILE >> 20} MiB", file=rel,
+                       hint="workflows.yaml describes workflows; keep data in artifacts")
 
 
 def _folder_files(folder: Path) -> list[Path]:
