@@ -18,6 +18,7 @@ from dstack.core.models import Job, JobStatus, RunnerRegistration, RunRequest
 from dstack.core.resources import RunnerResources
 from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
+from dstack.server.routers.runs import MAX_REASON, final_headers
 from dstack.server.services import jobs, runners, runs
 from dstack.server.services.code import CodeBlobs
 from dstack.storage.blobstore import open_store
@@ -113,7 +114,7 @@ def test_a_finished_jobs_outcome_survives_the_headers():
     reason = "échec: 100% of the disk ✗ " + "x" * 5000
     job = Job(job_id="j", run_name="r", workflow="w", status=JobStatus.FAILED, submitted_at=t, started_at=t,
               finished_at=t.replace(second=3), exit_code=3, reason=reason)
-    headers = jobs.final_headers(job)
+    headers = final_headers(job)
     assert all(v.isascii() for v in headers.values())
     assert headers["X-Job-Exit-Code"] == "3" and headers["X-Job-Seconds"] == "3.000"
-    assert unquote(headers["X-Job-Reason"]) == reason[:jobs.MAX_REASON]
+    assert unquote(headers["X-Job-Reason"]) == reason[:MAX_REASON]

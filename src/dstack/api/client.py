@@ -25,11 +25,12 @@ class LogChunk(NamedTuple):
 
 
 class Client:
-    def __init__(self, url: str, token: str, timeout: float = 60.0):
+    def __init__(self, url: str, token: str, timeout: float = 60.0,
+                 unreachable_hint: str = "is it running? `dstack server` starts one in the foreground"):
+        """`unreachable_hint`: what to do when the server cannot be reached (the local one restarts by itself)."""
         self.url = url.rstrip("/")
         self.http = HttpClient(self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
-        # what to do when the server cannot be reached (the local server's is not a remote one's)
-        self.unreachable_hint = "is it running? `dstack server` starts one in the foreground"
+        self.unreachable_hint = unreachable_hint
 
     def _call(self, method: str, path: str, **kw: Any) -> Response:
         try:

@@ -19,6 +19,8 @@ from dstack.core.home import dstack_home
 from dstack.core.status import JobStatus
 
 START_TIMEOUT = 30.0
+LOCAL_UNREACHABLE = ("the local server has stopped (`dstack server stop`?); the next dstack command starts it "
+                     "again, and `dstack status` then shows what became of the runs")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -62,11 +64,17 @@ def configured() -> tuple[str, str] | None:
 
 def local_server(home: Path | None = None) -> tuple[str, str] | None:
     """The running local server, if any: (url, token)."""
+    found = _running(home)
+    return found[:2] if found else None
+
+
+def _running(home: Path | None) -> tuple[str, str, str] | None:
+    """The running local server's url, token and dstack version (as server.json says), if one runs."""
     sdir = (home or dstack_home()) / "server"
     info = _read_json(sdir / "server.json")
     if info and _alive(int(info["pid"])):
         try:
-            return info["url"], (sdir / "token").read_text().strip()
+            return info["url"], (sdir / "token").read_text().strip(), info.get("version", "an older version")
         except OSError:
             return None
     return None
@@ -81,15 +89,14 @@ def _current_local_server(home: Path | None = None) -> tuple[str, str] | None:
     """The running local server, if it runs this version of dstack. One left running by an older (or newer)
     dstack speaks another API: it is stopped when it has nothing unfinished, so that the caller starts this
     version's; otherwise that is an error saying what to do."""
-    found = local_server(home)
+    found = _running(home)
     if found is None:
         return None
-    info = _read_json((home or dstack_home()) / "server" / "server.json") or {}
-    version = info.get("version", "an older version")
+    url, token, version = found
     if version == __version__:
-        return found
+        return url, token
     try:
-        busy = unfinished_runs(Client(*found))
+        busy = unfinished_runs(Client(url, token))
     except DstackError:
         busy = []
     if busy:
@@ -146,8 +153,6 @@ def stop_local_server(home: Path | None = None, timeout: float = 20.0) -> bool:
 
 def connect() -> Client:
     remote = configured()
-    client = Client(*(remote or _current_local_server() or start_local_server()))
-    if remote is None:
-        client.unreachable_hint = ("the local server has stopped (`dstack server stop`?); the next dstack command "
-                                   "starts it again, and `dstack status` then shows what became of the runs")
-    return client
+    if remote:
+        return Client(*remote)
+    return Client(*(_current_local_server() or start_local_server()), unreachable_hint=LOCAL_UNREACHABLE)

@@ -26,9 +26,7 @@ def logs(run_or_job: str, follow: bool) -> None:
     out = sys.stdout.buffer
     for job in jobs:
         offset = 0
-        while True:
-            data, offset = client.logs(job["job_id"], offset)[:2]
-            if not data:
-                break
-            out.write(data)
+        while chunk := client.logs(job["job_id"], offset).data:
+            offset += len(chunk)
+            out.write(chunk)
         out.flush()

@@ -106,7 +106,7 @@ def find_workflow(entries: list[WorkflowEntry], name: str) -> WorkflowEntry:
                                "`dstack init` in an empty folder for an example")
     raise ConfigError(
         f"no workflow named '{name}'",
-        hint=did_you_mean(name, names) or f"workflows: {', '.join(names) or 'none'}",
+        hint=did_you_mean(name, names) or f"workflows: {', '.join(names)}",
     )
 
 

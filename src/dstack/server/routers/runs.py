@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from urllib.parse import quote
+
 from fastapi import APIRouter, Depends, Query, Response
 
 from dstack.core.models import Job, Run, RunRequest
@@ -52,5 +54,21 @@ async def logs(job_id: str, offset: int = Query(0, ge=0), wait: float = Query(0,
     if more:
         headers["X-More-Logs"] = "1"
     if job.status.finished:
-        headers.update(jobs.final_headers(job))
+        headers.update(final_headers(job))
     return Response(content=data, media_type="application/octet-stream", headers=headers)
+
+
+MAX_REASON = 1000  # characters: headers over a few KiB are refused by some proxies
+
+
+def final_headers(job: Job) -> dict[str, str]:
+    """A finished job's outcome as HTTP headers: X-Job-Exit-Code, X-Job-Seconds (from start to end) and
+    X-Job-Reason (percent-encoded UTF-8)."""
+    headers = {}
+    if job.exit_code is not None:
+        headers["X-Job-Exit-Code"] = str(job.exit_code)
+    if job.started_at and job.finished_at:
+        headers["X-Job-Seconds"] = f"{(job.finished_at - job.started_at).total_seconds():.3f}"
+    if job.reason:
+        headers["X-Job-Reason"] = quote(job.reason[:MAX_REASON])
+    return headers

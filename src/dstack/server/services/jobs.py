@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from urllib.parse import quote
 
 from dstack.core.errors import Conflict, NotFound
 from dstack.core.models import FINISHED, Job, JobStatus, JobUpdate, RunnerStatus
@@ -86,22 +85,6 @@ async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float) -> tupl
         if data or job.status in FINISHED or time.monotonic() >= deadline:
             return data, job, len(data) >= LOG_CHUNK
         await ctx.signals.wait(changed, deadline - time.monotonic())
-
-
-MAX_REASON = 1000  # characters: headers over a few KiB are refused by some proxies
-
-
-def final_headers(job: Job) -> dict[str, str]:
-    """A finished job's outcome as HTTP headers: X-Job-Exit-Code, X-Job-Seconds (from start to end) and
-    X-Job-Reason (percent-encoded UTF-8)."""
-    headers = {}
-    if job.exit_code is not None:
-        headers["X-Job-Exit-Code"] = str(job.exit_code)
-    if job.started_at and job.finished_at:
-        headers["X-Job-Seconds"] = f"{(job.finished_at - job.started_at).total_seconds():.3f}"
-    if job.reason:
-        headers["X-Job-Reason"] = quote(job.reason[:MAX_REASON])
-    return headers
 
 
 async def _job(ctx: Context, job_id: str) -> Job:
