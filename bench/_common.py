@@ -93,11 +93,14 @@ def timed(cmd: list[str], **kw) -> float:
     return run_timed(cmd, **kw)[0]
 
 
-def interleaved(cases: dict[str, tuple[list[str], dict]], n: int) -> dict[str, list[float]]:
-    """Run the cases in turn (A B A B ...), n rounds; case -> wall times. Each case: (cmd, run kwargs)."""
+def interleaved(cases: dict[str, tuple[list[str], dict]], n: int, settle: float = 0.0) -> dict[str, list[float]]:
+    """Run the cases in turn (A B A B ...), n rounds; case -> wall times. Each case: (cmd, run kwargs).
+    `settle`: seconds of pause before each command, so that what the previous one left running in the
+    background (a container's removal, a runner warming the next container) does not share its CPU."""
     out: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(n):
         for name, (cmd, kw) in cases.items():
+            time.sleep(settle)
             out[name].append(timed(cmd, **kw))
     return out
 

@@ -44,6 +44,7 @@ WORKFLOWS = f"""workflows:
       - echo hi
 """
 HOST_TARGET_S = 0.5
+SETTLE_S = 1.0  # pause before each measured command: background work of the previous one ends
 DOCKER_TARGET_RATIO = 1.3
 
 
@@ -77,7 +78,7 @@ def main() -> None:
                 dt, _ = run_timed(cmd, **ckw)
                 if i == 0:
                     cold[name] = dt
-        times = interleaved(cases, a.rounds)
+        times = interleaved(cases, a.rounds, settle=SETTLE_S)
         # the job's own reported duration, from a few extra runs (not timed above: stderr kept here)
         job_host = [job_seconds(run_timed(cases["dstack-host"][0], **kw)[1].stderr) for _ in range(3)]
         job_docker = [job_seconds(run_timed(cases["dstack-docker"][0], **kw)[1].stderr) for _ in range(3)]

@@ -282,3 +282,36 @@ def test_a_run_is_found_by_name_from_another_project(dstack, project):
     assert "from-a" in dstack("logs", name, cwd=other, check=True).stdout
     assert json.loads(dstack("status", name, "--json", cwd=other, check=True).stdout)["run_name"] == name
     assert name not in dstack("status", cwd=other, check=True).stdout  # the listing is still the project's
+
+
+def test_a_docker_job_after_another_starts_in_a_warm_container(tmp_path, project, busybox_image, docker_client):
+    """Its own server, to see its runner's waiting container go with it."""
+    d = Dstack(tmp_path / "home")
+    root = project(f"workflows:\n  - name: pid1\n    image: {busybox_image}\n    commands:\n"
+                   "      - tr '\\0' ' ' < /proc/1/cmdline\n")
+
+    def waiting():  # the waiting containers of this server's runners, by the folders they bind
+        return [c for c in docker_client.containers.list(all=True, filters={"label": "dstack.warm"})
+                if any(str(tmp_path / "home") in m["Source"] for m in c.attrs["Mounts"])]
+
+    def warmed() -> int:  # the runner says so once a container is ready for the next job
+        return sum(f.read_text().count("waits for the next job")
+                   for f in (tmp_path / "home").glob("runners/*/runner.log"))
+
+    def wait_warm(n: int) -> None:
+        deadline = time.monotonic() + 15
+        while warmed() < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert warmed() == n
+
+    try:
+        first = d("run", "pid1", cwd=root, check=True).stdout
+        assert "set -e" in first  # a container created for it: the job's script is its command
+        wait_warm(1)
+        assert len(waiting()) == 1
+        second = d("run", "pid1", cwd=root, check=True).stdout
+        assert "/.dstack-runner/go" in second  # started in the waiting container
+        wait_warm(2)
+    finally:
+        d.stop_server()
+    assert not waiting()  # the runner removed its waiting container as it exited

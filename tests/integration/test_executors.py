@@ -49,7 +49,7 @@ class Harness:
     """Starts jobs with one executor in a fresh root folder, and stops what is left at the end."""
 
     def __init__(self, kind: str, root: Path, image: str | None, client=None) -> None:
-        self.kind = kind
+        self.kind = kind  # host, docker (a container created for each job), docker-warm (started before it)
         self.root = root
         self.image = image
         self.executor = HostExecutor() if kind == "host" else DockerExecutor(client)
@@ -68,8 +68,13 @@ class Harness:
             **spec,
         )
         output = Output()
+        if self.kind == "docker-warm":
+            assert self.executor.warm(job, self.root)
+            assert self.executor.claim(job) == self.root.resolve()
         execution = self.executor.start(job, self.root, mounts or [], extra_env or {}, output)
         self.started.append(execution)
+        if self.kind.startswith("docker"):
+            assert execution.warm == (self.kind == "docker-warm")
         return execution, output
 
     def run(self, commands: list[str], **kwargs) -> tuple[int, bytes]:
@@ -80,13 +85,14 @@ class Harness:
         for execution in self.started:
             execution.stop(grace=0)
             execution.wait()
+        self.executor.close()
 
 
-@pytest.fixture(params=["host", "docker"])
+@pytest.fixture(params=["host", "docker", "docker-warm"])
 def harness(request, tmp_path):
-    if request.param == "docker":
+    if request.param.startswith("docker"):
         image = request.getfixturevalue("busybox_image")
-        h = Harness("docker", tmp_path, image, request.getfixturevalue("docker_client"))
+        h = Harness(request.param, tmp_path, image, request.getfixturevalue("docker_client"))
     else:
         h = Harness("host", tmp_path, None)
     yield h

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -77,14 +78,16 @@ class Runner:
         log.info("registered as %s (%s)", self.name, self.resources.describe())
 
     def shutdown(self) -> bool:
-        """Stop taking jobs; stop the current one (its artifacts are saved). True when idle."""
+        """Stop taking jobs; stop the current one (its artifacts are saved). True when idle and not on the
+        way out already (then the caller may interrupt the wait for a job; never the clean-up)."""
+        leaving = self._stopping.is_set()
         self._stopping.set()
         with self._lock:
             if self.execution is not None:
                 self.stop_requested = self.stop_requested or "stop"
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
                 return False
-            return self.current is None
+            return self.current is None and not leaving
 
     def serve(self) -> None:
         self.register()
@@ -118,6 +121,8 @@ class Runner:
                 idle_since = time.monotonic()
         finally:
             self._stopping.set()
+            for executor in self._executors.values():
+                executor.close()
             try:
                 self.client.deregister(self.name)
             except (httpx.HTTPError, DstackError):
@@ -160,10 +165,12 @@ class Runner:
         from dstack.runner.executors.base import ExecutorError
 
         self.current, self.stop_requested = job, None
-        folder = self.workdir / "jobs" / job.job_id
+        executor = self.executor_for(job)
+        ready = executor.claim(job)  # a container already waits for this job: its code goes there
+        folder = ready.parent if ready is not None else self.workdir / "jobs" / job.job_id
         shipper = LogShipper(lambda data: self.client.logs(self.name, job.job_id, data))
         try:
-            self._run(job, folder, shipper)
+            self._run(job, folder, shipper, executor)
         except (ExecutorError, workspace.WorkspaceError, DstackError, OSError) as e:
             shipper.close()
             self._finish(job, JobStatus.FAILED, reason=str(e))
@@ -173,10 +180,14 @@ class Runner:
             self._finish(job, JobStatus.FAILED, reason=f"runner error: {e!r}")
         finally:
             shipper.close()
+            executor.release(job)
             with self._lock:
                 self.execution = None
             self.current = None
             workspace.remove(folder)
+        if not self._stopping.is_set():  # the job is reported: get ready for the next one like it
+            root = self.workdir / "jobs" / f"next-{secrets.token_hex(6)}" / "code"
+            threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()
 
     def _finish(self, job: JobSpec, status: JobStatus, **kw) -> None:
         try:
@@ -184,7 +195,7 @@ class Runner:
         except (httpx.HTTPError, DstackError) as e:
             log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
 
-    def _run(self, job: JobSpec, folder: Path, shipper: LogShipper) -> None:
+    def _run(self, job: JobSpec, folder: Path, shipper: LogShipper, executor) -> None:
         store = self.store
         if job.code is not None:
             root = recreate(job.code, self.client.code, folder / "code")
@@ -197,7 +208,6 @@ class Runner:
         local = isinstance(store, LocalBlobStore)
         trees = store.root / "trees" if local else self.workdir / "trees"
         mounts = workspace.dependency_mounts(job, root, store, trees, self.workdir / "blobs")
-        executor = self.executor_for(job)
         if self.stop_requested:
             self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,
                          reason="stopped before it started")

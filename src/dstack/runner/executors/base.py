@@ -68,6 +68,23 @@ class Executor(Protocol):
         `on_output` is called from a background thread with raw chunks of the job's output."""
         ...
 
+    def warm(self, job: JobSpec, root: Path) -> bool:
+        """Get ready for the next job like `job`, to run with its code in `root` (made here). False when
+        there is nothing to get ready."""
+        ...
+
+    def claim(self, job: JobSpec) -> Path | None:
+        """The root that `warm` made ready for a job like `job` (its code goes there, then `start`), or None."""
+        ...
+
+    def release(self, job: JobSpec) -> None:
+        """What `claim` kept for `job` and `start` did not use is let go."""
+        ...
+
+    def close(self) -> None:
+        """Let go of everything kept ready; get nothing ready any more."""
+        ...
+
 
 def job_script(commands: list[str]) -> str:
     """The job's commands as one shell script that stops at the first failing command."""

@@ -4,6 +4,9 @@ The job's root folder is bind-mounted read-write at /workflow, each mount at /wo
 and the working dir is /workflow/<working_dir>. The container uses host networking (no NAT, nothing
 on Docker's bridge), a tty (prompt, unmangled output) and Docker's init as PID 1, so that SIGTERM
 reaches the job's shell: a shell that is PID 1 itself ignores it.
+
+After a job, the runner asks for a warm container for the next job of its kind (`warm`); the next such
+job claims it (`claim`) and starts in it without Docker's create and start (see warm.py).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
 from dstack.core.models import JobSpec
+from dstack.runner.executors import warm as warmup
 from dstack.runner.executors.base import (
     ExecutorError,
     Mount,
@@ -41,6 +47,7 @@ DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestExcep
 CONTAINER_ROOT = "/workflow"
 TERMINAL_ROWS, TERMINAL_COLUMNS = 24, 80
 DRAIN_TIMEOUT = 10.0  # seconds to wait for the rest of the output once the container exited
+CLOSE_TIMEOUT = 10.0  # seconds `close` waits for a container being warmed up, to remove it too
 
 
 class DockerExecution:
@@ -51,9 +58,11 @@ class DockerExecution:
         on_output: OutputCallback,
         image_digest: str | None,
         ports: list[int],
+        warm: bool = False,
     ) -> None:
         self.image_digest = image_digest
         self.ports = ports
+        self.warm = warm  # started in a warm container
         self.container = container
         self._output = output
         self._on_output = on_output
@@ -118,6 +127,12 @@ class DockerExecutor:
 
     def __init__(self, client: docker.DockerClient | None = None) -> None:
         self._client = client
+        self._lock = threading.Lock()
+        self._warm: dict[tuple, warmup.WarmContainer] = {}  # by kind, the most recently warmed last
+        self._claimed: dict[str, warmup.WarmContainer] = {}  # by job id, until the job starts
+        self._warming: set[tuple] = set()  # kinds whose container is being started
+        self._changed = threading.Condition(self._lock)
+        self._closed = False
 
     @property
     def client(self) -> docker.DockerClient:
@@ -138,6 +153,17 @@ class DockerExecutor:
     ) -> DockerExecution:
         if not job.image:
             raise ExecutorError(f"job {job.job_id} has no image; the host executor runs such jobs")
+        with self._lock:
+            claimed = self._claimed.pop(job.job_id, None)
+        if claimed is not None:
+            try:
+                execution = self._start_warm(claimed, job, root, mounts, env, on_output)
+            except BaseException:
+                self._discard(claimed, keep_root=True)
+                raise
+            if execution is not None:
+                return execution
+            self._discard(claimed, keep_root=True)  # the job's code is in its folder: started cold below
         client = self.client
         try:
             image = self._image(job.image)
@@ -156,38 +182,141 @@ class DockerExecutor:
             name = f"dstack-{job.job_id}" if job.job_id else None
             if name:
                 self._remove_stale(name)
-            gpus = job.requirements.gpu_count
-            shm = job.requirements.shm_size_mib
             container = client.containers.create(
                 image.id,
                 command=["/bin/sh", "-c", job_script(job.commands)] if job.commands else None,
-                tty=True,
-                init=True,
-                network_mode="host",
                 working_dir=CONTAINER_ROOT if working_dir == "." else f"{CONTAINER_ROOT}/{working_dir}",
                 environment=job_env(job, ports, env),
                 volumes=volumes,
-                shm_size=f"{shm}m" if shm else None,
-                device_requests=[DeviceRequest(count=gpus, capabilities=[["gpu"]])] if gpus else None,
-                labels={"dstack.job_id": job.job_id, "dstack.run_name": job.run_name,
-                        "dstack.runner_pid": str(os.getpid()), "dstack.boot_id": _boot_id()},
+                labels={"dstack.job_id": job.job_id, "dstack.run_name": job.run_name, **_runner_labels()},
                 name=name,
-                auto_remove=False,
+                **_container_options(job),
             )
-            try:
-                # attached before the start, so that no early output is lost
-                output = container.attach(stream=True, logs=False)
-                container.start()
-            except DOCKER_ERRORS:
-                container.remove(force=True)
-                raise
-            # best effort, as `docker run -t` does (Engine 20.10 starts a tty at 0x0); off the critical path
-            threading.Thread(target=_resize, args=(container,), daemon=True).start()
+            output = _attach_and_start(container)
         except DOCKER_ERRORS as e:
             raise ExecutorError(
                 f"could not start the container of job {job.job_id} ({job.image}): {e}"
             ) from e
         return DockerExecution(container, output, on_output, _digest(image, job.image), ports)
+
+    # --- warm containers (warm.py) -------------------------------------------------------------------
+
+    def warm(self, job: JobSpec, root: Path) -> bool:
+        """Start a container that waits for the next job of `job`'s kind, its /workflow bound to `root`
+        (made here, empty). False when such jobs cannot use one, or one waits already."""
+        kind = warmup.kind(job)
+        with self._lock:
+            if kind is None or self._closed or kind in self._warm or kind in self._warming:
+                return False
+            self._warming.add(kind)
+        ready, stale = None, []
+        try:
+            ready = self._start_waiting(job, kind, Path(root).resolve())
+            with self._lock:
+                if ready is not None and self._closed:
+                    stale.append(ready)
+                elif ready is not None:
+                    while len(self._warm) >= warmup.MAX_KINDS:  # the least recently warmed kind goes
+                        stale.append(self._warm.pop(next(iter(self._warm))))
+                    self._warm[kind] = ready
+                    log.info("container %s waits for the next job of %s", ready.container.short_id, job.image)
+        except (ExecutorError, *DOCKER_ERRORS, OSError) as e:
+            log.warning("could not warm up a container for %s: %s", job.image, e)
+        finally:
+            for old in stale:
+                self._discard(old)
+            with self._lock:
+                self._warming.discard(kind)
+                self._changed.notify_all()
+        return ready is not None and ready not in stale
+
+    def _start_waiting(self, job: JobSpec, kind: tuple, root: Path) -> warmup.WarmContainer | None:
+        image = self._image(job.image)
+        if (image.attrs.get("Config") or {}).get("Entrypoint"):
+            return None  # it would run before the job's environment is known: such jobs start cold
+        control = warmup.prepare_folders(root)
+        ready = warmup.WarmContainer(kind, None, None, root, control, image.id)
+        try:
+            ready.container = self.client.containers.create(
+                image.id,
+                command=["/bin/sh", "-c", warmup.WAIT_SCRIPT],
+                working_dir=CONTAINER_ROOT,
+                volumes={str(root): {"bind": CONTAINER_ROOT, "mode": "rw"},
+                         str(control): {"bind": warmup.CONTROL, "mode": "ro"}},
+                labels={"dstack.warm": "1", **_runner_labels()},
+                name=f"dstack-warm-{secrets.token_hex(6)}",
+                **_container_options(job),
+            )
+            ready.output = _attach_and_start(ready.container)
+        except BaseException:
+            warmup.remove_folders(ready)
+            raise
+        return ready
+
+    def claim(self, job: JobSpec) -> Path | None:
+        """The folder bound at /workflow of a warm container that will run `job` (its code goes there), or
+        None. `start` then runs `job` in that container; `release` removes it if `start` never came."""
+        kind = warmup.kind(job)
+        with self._lock:
+            ready = self._warm.pop(kind, None) if kind is not None else None
+            if ready is None:
+                return None
+            self._claimed[job.job_id] = ready
+        return ready.root
+
+    def release(self, job: JobSpec) -> None:
+        """Remove the warm container `job` claimed and did not start in (its folder stays the caller's)."""
+        with self._lock:
+            claimed = self._claimed.pop(job.job_id, None)
+        if claimed is not None:
+            self._discard(claimed, keep_root=True)
+
+    def close(self) -> None:
+        """Remove the containers that wait for jobs; warm no more."""
+        with self._lock:
+            self._closed = True
+            self._changed.wait_for(lambda: not self._warming, timeout=CLOSE_TIMEOUT)
+            waiting = [*self._warm.values(), *self._claimed.values()]
+            self._warm.clear()
+            self._claimed.clear()
+        for ready in waiting:
+            self._discard(ready)
+
+    def _start_warm(self, ready: warmup.WarmContainer, job: JobSpec, root: Path, mounts: list[Mount],
+                    env: dict[str, str], on_output: OutputCallback) -> DockerExecution | None:
+        """`job` in the container that waits for it; None (with the reason logged) when it must start cold."""
+        image = self._image(job.image)
+        ports = pick_free_ports(job.ports)
+        text = warmup.script(job, CONTAINER_ROOT, ports, env)
+        if mounts:
+            why = "it mounts folders"
+        elif Path(root).resolve() != ready.root:
+            why = f"its code is in {root}, not in the waiting container's {ready.root}"
+        elif image.id != ready.image_id:
+            why = f"{job.image} is another image now"
+        elif text is None:
+            why = "a variable's name is not a shell name"
+        elif not warmup.go(ready, text):
+            why = "the waiting container is gone"
+        else:
+            threading.Thread(target=_rename, args=(ready.container, f"dstack-{job.job_id}"), daemon=True).start()
+            return DockerExecution(ready.container, ready.output, on_output, _digest(image, job.image), ports,
+                                   warm=True)
+        log.info("job %s starts in a new container: %s", job.job_id, why)
+        return None
+
+    def _discard(self, ready: warmup.WarmContainer, keep_root: bool = False) -> None:
+        try:
+            if ready.container is not None:
+                ready.container.remove(force=True)
+        except DOCKER_ERRORS:
+            pass
+        if ready.output is not None:
+            ready.output.close()
+        if keep_root:
+            shutil.rmtree(ready.control, ignore_errors=True)
+        else:
+            warmup.remove_folders(ready)
 
     def _image(self, name: str):
         try:
@@ -211,6 +340,45 @@ class DockerExecutor:
             self.client.containers.get(name).remove(force=True)
         except docker.errors.NotFound:
             pass
+
+
+def _container_options(job: JobSpec) -> dict[str, Any]:
+    """What a job's container is created with, cold or warm, besides its command, folders and names."""
+    gpus = job.requirements.gpu_count
+    shm = job.requirements.shm_size_mib
+    return {
+        "tty": True,
+        "init": True,
+        "network_mode": "host",
+        "shm_size": f"{shm}m" if shm else None,
+        "device_requests": [DeviceRequest(count=gpus, capabilities=[["gpu"]])] if gpus else None,
+        "auto_remove": False,
+    }
+
+
+def _runner_labels() -> dict[str, str]:
+    """Whose container this is: `remove_orphans` removes those whose runner died."""
+    return {"dstack.runner_pid": str(os.getpid()), "dstack.boot_id": _boot_id()}
+
+
+def _attach_and_start(container: Container) -> Any:
+    """Its output stream, attached before the start so that no early output is lost."""
+    try:
+        output = container.attach(stream=True, logs=False)
+        container.start()
+    except DOCKER_ERRORS:
+        container.remove(force=True)
+        raise
+    # best effort, as `docker run -t` does (Engine 20.10 starts a tty at 0x0); off the critical path
+    threading.Thread(target=_resize, args=(container,), daemon=True).start()
+    return output
+
+
+def _rename(container: Container, name: str) -> None:
+    try:
+        container.rename(name)
+    except DOCKER_ERRORS:
+        pass  # a name is for people reading `docker ps`
 
 
 def _digest(image: Any, name: str) -> str:

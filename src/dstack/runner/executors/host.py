@@ -227,6 +227,19 @@ class HostExecutor:
             _copy_read_only(root, mounts)
         return _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports).result()
 
+    # nothing to get ready ahead of a job: a process starts in milliseconds
+    def warm(self, job: JobSpec, root: Path) -> bool:
+        return False
+
+    def claim(self, job: JobSpec) -> Path | None:
+        return None
+
+    def release(self, job: JobSpec) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def _spawn(
         self,
         argv: list[str],

@@ -1,0 +1,165 @@
+"""Warm containers on the real Docker Engine: which jobs may start in a container started before them,
+which start cold instead (and still run), and that no waiting container outlives its executor.
+The behaviours every job must show in a warm container are in test_executors.py (kind docker-warm)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+import time
+import uuid
+
+import pytest
+
+from dstack.core.code import CodeSnapshot
+from dstack.core.models import JobSpec
+from dstack.runner.executors import Mount
+from dstack.runner.executors.docker import DockerExecutor
+
+
+def _job(image: str, commands: list[str], **spec) -> JobSpec:
+    return JobSpec(job_id=uuid.uuid4().hex[:12], run_name="warm-run-1", workflow="w", provider="docker",
+                   image=image, commands=commands, **spec)
+
+
+def _run(executor: DockerExecutor, job: JobSpec, root, mounts=(), env=None):
+    out = []
+    execution = executor.start(job, root, list(mounts), env or {}, out.append)
+    return execution, execution.wait(), b"".join(out)
+
+
+def _waiting(docker_client) -> list:
+    return docker_client.containers.list(all=True, filters={"label": "dstack.warm"})
+
+
+def _build(docker_client, base: str, extra: str) -> str:
+    tag = f"dstack-test/warm-{uuid.uuid4().hex[:8]}:latest"
+    dockerfile = f"FROM {base}\n{extra}\n".encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tar.addfile(info, io.BytesIO(dockerfile))
+    buf.seek(0)
+    docker_client.images.build(fileobj=buf, custom_context=True, tag=tag, pull=False, rm=True)
+    return tag
+
+
+@pytest.fixture
+def executor(docker_client):
+    ex = DockerExecutor(docker_client)
+    before = {c.id for c in _waiting(docker_client)}
+    yield ex
+    ex.close()  # a container that ran a job is removed in the background once its exit code is known
+    deadline = time.monotonic() + 10
+    while {c.id for c in _waiting(docker_client)} - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert {c.id for c in _waiting(docker_client)} <= before, "a waiting container outlived close()"
+
+
+def test_the_next_job_of_a_kind_starts_in_the_container_warmed_for_it(executor, busybox_image, tmp_path,
+                                                                      docker_client):
+    first = _job(busybox_image, ["echo one"])
+    root = tmp_path / "next" / "code"
+    assert executor.warm(first, root)
+    assert not executor.warm(first, tmp_path / "other" / "code")  # one per kind
+    waiting = _waiting(docker_client)
+    assert [c.status for c in waiting] == ["running"]
+    second = _job(busybox_image, ["echo \"$0 in $(pwd) as $RUN_NAME\"", "exit 4"], working_dir="sub")
+    assert executor.claim(second) == root.resolve()
+    assert executor.claim(_job(busybox_image, ["true"])) is None  # taken
+    (root / "sub").mkdir()
+    execution, code, out = _run(executor, second, root)
+    assert execution.warm
+    assert (code, out) == (4, b"/bin/sh in /workflow/sub as warm-run-1\r\n")
+    assert execution.container.id == waiting[0].id
+
+
+def test_jobs_that_a_warm_container_cannot_run_exactly_start_cold(executor, busybox_image, tmp_path,
+                                                                  monkeypatch):
+    assert not executor.warm(_job(busybox_image, []), tmp_path / "a")  # no commands: the image's CMD
+    dep = _job(busybox_image, ["true"], dependencies=[{"ref": "p:latest", "run_name": "p-1", "job_id": "1" * 12,
+                                                       "artifacts": ["data"]}])
+    assert not executor.warm(dep, tmp_path / "b")
+    sub = _job(busybox_image, ["true"], code=CodeSnapshot(mode="archive", subdir="project", archive_hash="x",
+                                                          tree_hash="y"))
+    assert not executor.warm(sub, tmp_path / "c")
+    monkeypatch.setenv("DSTACK_WARM_CONTAINERS", "0")
+    assert not executor.warm(_job(busybox_image, ["true"]), tmp_path / "d")
+
+
+def test_an_image_with_an_entrypoint_is_never_warmed(executor, busybox_image, docker_client, tmp_path):
+    tag = _build(docker_client, busybox_image, 'ENV GREETING=hello\nENTRYPOINT ["/bin/sh", "-c", '
+                                               '"echo entrypoint saw ${NAME:-nothing}; exec \\"$@\\"", "--"]')
+    try:
+        job = _job(tag, ["echo job"], env={"NAME": "the job"})
+        assert not executor.warm(job, tmp_path / "w" / "code")
+        assert executor.claim(job) is None
+        execution, code, out = _run(executor, job, tmp_path)
+        assert not execution.warm and code == 0
+        assert out == b"entrypoint saw the job\r\njob\r\n"
+    finally:
+        docker_client.images.remove(tag, force=True)
+
+
+def test_a_claimed_container_that_cannot_run_the_job_is_removed_and_the_job_starts_cold(
+        executor, busybox_image, docker_client, tmp_path_factory):
+    cases = [  # (why, job, mounts, env)
+        ("a mount", ["cat data/a.txt"], True, {}),
+        # in the container's environment, as a cold start puts it (a shell would drop it from its own)
+        ("a variable that is no shell name", ["tr '\\0' '\\n' < /proc/1/environ | grep '^A-B=1$'"], False,
+         {"A-B": "1"}),
+    ]
+    dep = tmp_path_factory.mktemp("dep")
+    (dep / "a.txt").write_text("from prepare\n")
+    for why, commands, with_mount, env in cases:
+        root = tmp_path_factory.mktemp("warm") / "code"
+        job = _job(busybox_image, commands)
+        assert executor.warm(job, root)
+        waiting = _waiting(docker_client)
+        assert executor.claim(job) == root.resolve()
+        execution, code, out = _run(executor, job, root, [Mount(dep, "data")] if with_mount else [], env)
+        assert not execution.warm, why
+        assert code == 0, (why, out)
+        assert not [c for c in waiting if c.id in {w.id for w in _waiting(docker_client)}], why
+        assert not (root.parent / "code.control").exists(), why
+
+
+def test_a_tag_moved_to_another_image_starts_cold_in_the_new_image(executor, busybox_image, docker_client,
+                                                                  tmp_path):
+    tag = _build(docker_client, busybox_image, "ENV VERSION=1")
+    try:
+        job = _job(tag, ["echo version $VERSION"])
+        root = tmp_path / "code"
+        assert executor.warm(job, root)
+        _build_as(docker_client, busybox_image, "ENV VERSION=2", tag)
+        assert executor.claim(job) == root.resolve()
+        execution, code, out = _run(executor, job, root)
+        assert not execution.warm
+        assert (code, out) == (0, b"version 2\r\n")
+    finally:
+        docker_client.images.remove(tag, force=True)
+
+
+def _build_as(docker_client, base: str, extra: str, tag: str) -> None:
+    built = _build(docker_client, base, extra)
+    docker_client.images.get(built).tag(tag)
+    docker_client.images.remove(built)
+
+
+def test_release_and_close_remove_what_waits_even_while_it_starts(busybox_image, docker_client, tmp_path):
+    executor = DockerExecutor(docker_client)
+    job = _job(busybox_image, ["true"])
+    assert executor.warm(job, tmp_path / "a" / "code")
+    assert executor.claim(job) is not None
+    executor.release(job)  # e.g. its code could not be recreated
+    assert not _waiting(docker_client)
+    assert not (tmp_path / "a" / "code.control").exists()
+    other = _job("dstack-test/busybox:latest", ["true"], requirements={"shm_size": "64MB"})
+    warming = threading.Thread(target=executor.warm, args=(other, tmp_path / "b" / "code"))
+    warming.start()
+    executor.close()  # waits for the one being started, then removes it
+    warming.join()
+    assert not _waiting(docker_client)
+    assert not executor.warm(job, tmp_path / "c" / "code")  # closed: nothing more is warmed
