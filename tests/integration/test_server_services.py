@@ -14,12 +14,12 @@ from sqlalchemy import inspect
 
 from dstack.core.code import CodeSnapshot
 from dstack.core.errors import ConfigError, MissingCode, error_from_dict
-from dstack.core.models import Job, JobStatus, RunnerRegistration, RunRequest
+from dstack.core.models import Job, JobStatus, JobUpdate, RunnerRegistration, RunRequest
 from dstack.core.resources import RunnerResources
 from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
 from dstack.server.routers.runs import MAX_REASON, final_headers
-from dstack.server.services import jobs, runners, runs
+from dstack.server.services import jobs, runners, runs, scheduler
 from dstack.server.services.code import CodeBlobs
 from dstack.storage.blobstore import open_store
 
@@ -118,3 +118,23 @@ def test_a_finished_jobs_outcome_survives_the_headers():
     assert all(v.isascii() for v in headers.values())
     assert headers["X-Job-Exit-Code"] == "3" and headers["X-Job-Seconds"] == "3.000"
     assert unquote(headers["X-Job-Reason"]) == reason[:MAX_REASON]
+
+
+def test_the_last_output_sent_with_the_final_status_reaches_a_follower_in_one_answer(tmp_path):
+    async def body(ctx):
+        run = await runs.run_workflow(ctx, _request())
+        job_id = run.jobs[0].job_id
+        assert (await scheduler.take_job(ctx, "r-1", 0)).job_id == job_id
+        await jobs.update_status(ctx, "r-1", job_id, JobUpdate(status=JobStatus.RUNNING))
+        jobs.append_logs(ctx, job_id, b"first\r\n")
+        follower = asyncio.create_task(jobs.wait_logs(ctx, job_id, 7, 10.0))  # waits past "first"
+        await asyncio.sleep(0.05)
+        # over HTTP, as the runner sends it: the bytes travel as base64 in the JSON body
+        update = JobUpdate.model_validate(
+            JobUpdate(status=JobStatus.DONE, exit_code=0, logs=b"last \xff\r\n").model_dump(mode="json"))
+        assert await jobs.update_status(ctx, "r-1", job_id, update) == JobStatus.DONE
+        data, job, more = await asyncio.wait_for(follower, 5)
+        assert (data, job.status, more) == (b"last \xff\r\n", JobStatus.DONE, False)
+        assert jobs.read_logs(ctx, job_id, 0) == b"first\r\nlast \xff\r\n"
+
+    _serve(tmp_path, body)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer
 
 from dstack.core.base import Model
 from dstack.core.code import CodeSnapshot
@@ -20,6 +21,15 @@ def _utc(t: datetime) -> datetime:
 
 # the server keeps UTC without a zone (SQLite); the API says so: "2026-11-25T10:42:00Z"
 UtcTime = Annotated[datetime, AfterValidator(_utc)]
+
+
+def _from_base64(v: Any) -> Any:
+    return base64.b64decode(v, validate=True) if isinstance(v, str) else v
+
+
+# raw bytes in Python, base64 text in JSON
+Base64Data = Annotated[bytes, BeforeValidator(_from_base64),
+                       PlainSerializer(lambda b: base64.b64encode(b).decode(), when_used="json")]
 
 
 class DependencySpec(Model):
@@ -177,3 +187,4 @@ class JobUpdate(Model):
     image_digest: str | None = None
     artifacts: list[dict] | None = None  # with the final status: what was saved
     ports: list[int] | None = None  # with RUNNING: the ports the runner picked (PORT_0, ...)
+    logs: Base64Data | None = None  # with the final status: the job's last output (appended before it)

@@ -26,6 +26,7 @@ from dstack.storage.tree import artifact_source
 log = logging.getLogger("dstack.runner")
 HEARTBEAT_INTERVAL = 1.0
 TAKE_WAIT = 10.0
+FINISH_ATTEMPTS = 5  # a final status is worth a few retries (the server may be restarting)
 STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
 
 
@@ -190,10 +191,19 @@ class Runner:
             threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()
 
     def _finish(self, job: JobSpec, status: JobStatus, **kw) -> None:
-        try:
-            self._status(job, status, **kw)
-        except (httpx.HTTPError, DstackError) as e:
-            log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
+        """The final status (with the last output, if any); retried while the server is unreachable."""
+        for attempt in range(FINISH_ATTEMPTS):
+            try:
+                self._status(job, status, **kw)
+                return
+            except httpx.TransportError as e:
+                if attempt == FINISH_ATTEMPTS - 1:
+                    log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
+                    return
+                time.sleep(0.2 * (attempt + 1))
+            except (httpx.HTTPError, DstackError) as e:
+                log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
+                return
 
     def _run(self, job: JobSpec, folder: Path, shipper: LogShipper, executor) -> None:
         store = self.store
@@ -249,10 +259,10 @@ class Runner:
                                      cache=self.workdir / "blobs", warn=warn)
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})
-        shipper.close()  # every line of output is on the server before the final status
+        logs = shipper.drain()  # the last output goes with the final status: all of it is on the server first
         if job.artifacts and not_folders and not self.stop_requested:
             names = ", ".join(f"'{p}'" for p in not_folders)
-            self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts,
+            self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts, logs=logs,
                          reason=f"artifact {names} is a file; artifacts are folders (write the file into a "
                                 f"folder and declare that folder)")
             return
@@ -262,4 +272,4 @@ class Runner:
             status, reason = JobStatus.DONE, None
         else:
             status, reason = JobStatus.FAILED, f"exited with code {code}"
-        self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts)
+        self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts, logs=logs)

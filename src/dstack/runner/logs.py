@@ -17,6 +17,7 @@ class LogShipper:
         self._buf = bytearray()
         self._cond = threading.Condition()
         self._closed = False
+        self._draining = False  # closed by drain(): the rest is the caller's to deliver
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -36,11 +37,13 @@ class LogShipper:
             with self._cond:
                 while not self._buf and not self._closed:
                     self._cond.wait()
-                if not self._buf and self._closed:
+                if self._draining or (not self._buf and self._closed):
                     return
             if not self._closed:
                 self._closing.wait(BATCH_DELAY)  # gather a batch, unless the job just ended
             with self._cond:
+                if self._draining:
+                    return
                 data = self._take()
             self._deliver(data)
 
@@ -53,6 +56,24 @@ class LogShipper:
                 if attempt == 4:
                     log.error("dropped %d bytes of logs: %s", len(data), e)
                 threading.Event().wait(0.2 * (attempt + 1))
+
+    def drain(self) -> bytes:
+        """Stop shipping and return the output not delivered yet (at most MAX_BATCH bytes; anything before
+        that is delivered here first), for the caller to send with the job's final status: one request
+        instead of two, and the follower learns the end with the last bytes."""
+        with self._cond:
+            self._closed = self._draining = True
+            self._closing.set()
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()  # a batch in flight is delivered first
+        with self._cond:
+            rest = bytes(self._buf)
+            self._buf.clear()
+        while len(rest) > MAX_BATCH:
+            self._deliver(rest[:MAX_BATCH])
+            rest = rest[MAX_BATCH:]
+        return rest
 
     def close(self) -> None:
         """Deliver everything written so far, then stop. Safe to call twice."""

@@ -22,6 +22,8 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
             raise NotFound(f"no job '{job_id}'")
         if job.runner_name != runner_name:
             raise Conflict(f"job {job_id} is not assigned to runner {runner_name}")
+        if upd.logs:  # before the status: a follower that sees the job finished has all its output
+            append_logs(ctx, job_id, upd.logs)
         if JobStatus(job.status) in FINISHED:
             return JobStatus(job.status)  # e.g. failed by the janitor meanwhile: the first word stands
         job.status = upd.status.value
