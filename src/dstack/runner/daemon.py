@@ -26,6 +26,7 @@ from dstack.storage.tree import artifact_source
 log = logging.getLogger("dstack.runner")
 HEARTBEAT_INTERVAL = 1.0
 TAKE_WAIT = 10.0
+RUNNING_REPORT_DELAY = 0.1  # seconds after the start: a job that ends sooner is reported once, when it ends
 FINISH_ATTEMPTS = 5  # a final status is worth a few retries (the server may be restarting)
 STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
 
@@ -226,16 +227,22 @@ class Runner:
             self.execution = executor.start(job, root, mounts, job.env, shipper.write)
             if self.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
-        self._status(job, JobStatus.RUNNING, image_digest=self.execution.image_digest,
-                     ports=self.execution.ports or None)
+        started = {"image_digest": self.execution.image_digest, "ports": self.execution.ports or None}
+        # RUNNING is reported unless the job ends first: then its final status says it all, in one request
+        # fewer while a short job and its container's exit compete for the CPU
+        running = threading.Timer(RUNNING_REPORT_DELAY, self._report_running, args=(job, started))
+        running.start()
         code = self.execution.wait()
+        running.cancel()
+        running.join()
         if self.stop_requested == "abort":
             shipper.close()
-            self._finish(job, JobStatus.ABORTED, exit_code=code, reason="aborted: artifacts were not saved")
+            self._finish(job, JobStatus.ABORTED, exit_code=code, reason="aborted: artifacts were not saved",
+                         **started)
             return
         artifacts, not_folders = [], []
         if job.artifacts:
-            self._status(job, JobStatus.UPLOADING, exit_code=code)
+            self._status(job, JobStatus.UPLOADING, exit_code=code, **started)
             sources = {path: artifact_source(root / job.working_dir, path) for path in job.artifacts}
             for path in job.artifacts:
                 src = sources[path]
@@ -262,7 +269,7 @@ class Runner:
         logs = shipper.drain()  # the last output goes with the final status: all of it is on the server first
         if job.artifacts and not_folders and not self.stop_requested:
             names = ", ".join(f"'{p}'" for p in not_folders)
-            self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts, logs=logs,
+            self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts, logs=logs, **started,
                          reason=f"artifact {names} is a file; artifacts are folders (write the file into a "
                                 f"folder and declare that folder)")
             return
@@ -272,4 +279,10 @@ class Runner:
             status, reason = JobStatus.DONE, None
         else:
             status, reason = JobStatus.FAILED, f"exited with code {code}"
-        self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts, logs=logs)
+        self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts, logs=logs, **started)
+
+    def _report_running(self, job: JobSpec, started: dict) -> None:
+        try:
+            self._status(job, JobStatus.RUNNING, **started)
+        except (httpx.HTTPError, DstackError) as e:  # the job runs on; its final status is retried
+            log.warning("could not report RUNNING for job %s: %s", job.job_id, e)

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 
 log = logging.getLogger("dstack.runner")
-BATCH_DELAY = 0.05
+BATCH_DELAY = 0.1  # output gathers this long before it is sent; a job that ends sooner sends it with its end
 MAX_BATCH = 256 * 1024
 
 

@@ -22,8 +22,8 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
             raise NotFound(f"no job '{job_id}'")
         if job.runner_name != runner_name:
             raise Conflict(f"job {job_id} is not assigned to runner {runner_name}")
-        if upd.logs:  # before the status: a follower that sees the job finished has all its output
-            append_logs(ctx, job_id, upd.logs)
+        if upd.logs:  # before the status: a follower that sees the job finished has all its output; it is
+            append_logs(ctx, job_id, upd.logs, notify=False)  # woken once, when both are there
         if JobStatus(job.status) in FINISHED:
             return JobStatus(job.status)  # e.g. failed by the janitor meanwhile: the first word stands
         job.status = upd.status.value
@@ -56,11 +56,12 @@ def log_path(ctx: Context, job_id: str):
     return ctx.settings.logs_dir / f"{job_id}.log"
 
 
-def append_logs(ctx: Context, job_id: str, data: bytes) -> None:
+def append_logs(ctx: Context, job_id: str, data: bytes, notify: bool = True) -> None:
     path = log_path(ctx, job_id)
     with open(path, "ab") as f:
         f.write(data)
-    ctx.signals.notify(f"job:{job_id}")
+    if notify:
+        ctx.signals.notify(f"job:{job_id}")
 
 
 LOG_CHUNK = 4 * 1024 * 1024
