@@ -138,3 +138,21 @@ def test_the_last_output_sent_with_the_final_status_reaches_a_follower_in_one_an
         assert jobs.read_logs(ctx, job_id, 0) == b"first\r\nlast \xff\r\n"
 
     _serve(tmp_path, body)
+
+
+def test_a_follower_that_names_the_status_it_saw_learns_of_a_change_it_missed_between_polls(tmp_path):
+    async def body(ctx):
+        run = await runs.run_workflow(ctx, _request())
+        job_id = run.jobs[0].job_id
+        await scheduler.take_job(ctx, "r-1", 0)
+        data, job, _ = await jobs.wait_logs(ctx, job_id, 0, 0)
+        assert job.status == JobStatus.PROVISIONING
+        await jobs.update_status(ctx, "r-1", job_id, JobUpdate(status=JobStatus.RUNNING))  # nobody polls now
+        started = asyncio.get_running_loop().time()
+        data, job, _ = await jobs.wait_logs(ctx, job_id, 0, 5.0, seen=JobStatus.PROVISIONING)
+        assert (data, job.status) == (b"", JobStatus.RUNNING)
+        assert asyncio.get_running_loop().time() - started < 1  # at once, not after the 5 s
+        data, job, _ = await jobs.wait_logs(ctx, job_id, 0, 0.2)  # without it: only bytes or the end answer
+        assert job.status == JobStatus.RUNNING
+
+    _serve(tmp_path, body)

@@ -76,10 +76,11 @@ class Client:
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/api/jobs/{job_id}").json()
 
-    def logs(self, job_id: str, offset: int = 0, wait: float = 0) -> LogChunk:
-        """Output from `offset`; with `wait`, waits up to that many seconds for some, or for the job's end."""
-        r = self._call("GET", f"/api/jobs/{job_id}/logs", params={"offset": offset, "wait": wait},
-                       timeout=wait + 30)
+    def logs(self, job_id: str, offset: int = 0, wait: float = 0, status: str | None = None) -> LogChunk:
+        """Output from `offset`; with `wait`, waits up to that many seconds for some, or for the job's end, or
+        (given `status`, the one seen last) for its status to change."""
+        params = {"offset": offset, "wait": wait, **({"status": status} if status else {})}
+        r = self._call("GET", f"/api/jobs/{job_id}/logs", params=params, timeout=wait + 30)
         h = r.headers
         return LogChunk(r.content, int(h["x-next-offset"]), JobStatus(h["x-job-status"]), "x-more-logs" in h,
                         int(h["x-job-exit-code"]) if "x-job-exit-code" in h else None,

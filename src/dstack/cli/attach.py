@@ -41,6 +41,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     finished: dict[str, dict] = {}  # job id -> its outcome: status, exit_code, reason, seconds
     stopping: str | None = None
     announced: set[str] = set()
+    statuses = {j["job_id"]: j["status"] for j in run["jobs"]}  # as seen last
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
     while len(finished) < len(offsets):
         try:
@@ -50,8 +51,11 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
             for job_id in offsets:
                 if job_id in finished:
                     continue
-                chunk = client.logs(job_id, offsets[job_id], wait=1.0)
+                # a job whose ports are to be announced is followed until it is RUNNING, output or not
+                watch = statuses.get(job_id) if with_ports.get(job_id) and job_id not in announced else None
+                chunk = client.logs(job_id, offsets[job_id], wait=1.0, status=watch)
                 offsets[job_id] = chunk.next_offset
+                statuses[job_id] = chunk.status
                 if chunk.data:
                     out.write(chunk.data)
                     out.flush()

@@ -4,7 +4,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Response
 
-from dstack.core.models import Job, Run, RunRequest
+from dstack.core.models import Job, JobStatus, Run, RunRequest
 from dstack.server.context import Context
 from dstack.server.routers.deps import get_ctx
 from dstack.server.services import jobs, runs
@@ -45,11 +45,12 @@ async def get_job(job_id: str, ctx: Context = Depends(get_ctx)) -> Job:
 
 @router.get("/jobs/{job_id}/logs")
 async def logs(job_id: str, offset: int = Query(0, ge=0), wait: float = Query(0, ge=0, le=30),
-               ctx: Context = Depends(get_ctx)) -> Response:
+               status: JobStatus | None = None, ctx: Context = Depends(get_ctx)) -> Response:
     """Raw log bytes from `offset`; the next offset and the job's status come in headers, `X-More-Logs: 1`
     when more bytes follow these, and once the job has finished its exit code, reason and duration too (so
-    that a follower needs no other request)."""
-    data, job, more = await jobs.wait_logs(ctx, job_id, offset, wait)
+    that a follower needs no other request). `wait`: seconds to wait for bytes or the end; with `status`
+    (the one the caller saw last), also for the job's status to change from it."""
+    data, job, more = await jobs.wait_logs(ctx, job_id, offset, wait, status)
     headers = {"X-Next-Offset": str(offset + len(data)), "X-Job-Status": job.status.value}
     if more:
         headers["X-More-Logs"] = "1"

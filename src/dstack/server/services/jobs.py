@@ -76,16 +76,19 @@ def read_logs(ctx: Context, job_id: str, offset: int, limit: int = LOG_CHUNK) ->
         return b""
 
 
-async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float) -> tuple[bytes, Job, bool]:
-    """New log bytes from `offset` (at most LOG_CHUNK); waits up to `wait` s for some, or for the job to finish.
-    Also whether more bytes follow these. The job is read before its log: a finished job has shipped all its
-    output, so once it is finished and nothing more follows, a follower has seen everything."""
+async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float,
+                    seen: JobStatus | None = None) -> tuple[bytes, Job, bool]:
+    """New log bytes from `offset` (at most LOG_CHUNK); waits up to `wait` s for some, for the job to finish,
+    or (given the status `seen` last) for its status to change. Also whether more bytes follow these. The job
+    is read before its log: a finished job has shipped all its output, so once it is finished and nothing more
+    follows, a follower has seen everything."""
     deadline = time.monotonic() + wait
     while True:
         changed = ctx.signals.listen(f"job:{job_id}")
         job = await _job(ctx, job_id)
         data = read_logs(ctx, job_id, offset)
-        if data or job.status in FINISHED or time.monotonic() >= deadline:
+        if (data or job.status in FINISHED or (seen is not None and job.status != seen)
+                or time.monotonic() >= deadline):
             return data, job, len(data) >= LOG_CHUNK
         await ctx.signals.wait(changed, deadline - time.monotonic())
 
