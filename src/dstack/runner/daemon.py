@@ -125,6 +125,8 @@ class Runner:
             self._stopping.set()
             for executor in self._executors.values():
                 executor.close()
+            for unused in (self.workdir / "jobs").glob("next-*"):  # the folders of containers that waited
+                workspace.remove(unused)
             try:
                 self.client.deregister(self.name)
             except (httpx.HTTPError, DstackError):
@@ -184,10 +186,10 @@ class Runner:
             shipper.close()
             executor.release(job)
             with self._lock:
-                self.execution = None
+                started, self.execution = self.execution is not None, None
             self.current = None
             workspace.remove(folder)
-        if not self._stopping.is_set():  # the job is reported: get ready for the next one like it
+        if started and not self._stopping.is_set():  # the job is reported: get ready for the next one like it
             root = self.workdir / "jobs" / f"next-{secrets.token_hex(6)}" / "code"
             threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()
 

@@ -131,6 +131,7 @@ class DockerExecutor:
         self._warm: dict[tuple, warmup.WarmContainer] = {}  # by kind, the most recently warmed last
         self._claimed: dict[str, warmup.WarmContainer] = {}  # by job id, until the job starts
         self._warming: set[tuple] = set()  # kinds whose container is being started
+        self._unwarmable: set[str] = set()  # ids of images whose containers cannot wait for jobs
         self._changed = threading.Condition(self._lock)
         self._closed = False
 
@@ -232,10 +233,10 @@ class DockerExecutor:
 
     def _start_waiting(self, job: JobSpec, kind: tuple, root: Path) -> warmup.WarmContainer | None:
         image = self._image(job.image)
-        if (image.attrs.get("Config") or {}).get("Entrypoint"):
-            return None  # it would run before the job's environment is known: such jobs start cold
+        if (image.attrs.get("Config") or {}).get("Entrypoint") or image.id in self._unwarmable:
+            return None  # an entrypoint would run before the job's environment is known: such jobs start cold
         control = warmup.prepare_folders(root)
-        ready = warmup.WarmContainer(kind, None, None, root, control, image.id)
+        ready = warmup.WarmContainer(kind, None, root, control, image.id)
         try:
             ready.container = self.client.containers.create(
                 image.id,
@@ -247,11 +248,18 @@ class DockerExecutor:
                 name=f"dstack-warm-{secrets.token_hex(6)}",
                 **_container_options(job),
             )
-            ready.output = _attach_and_start(ready.container)
+            if warmup.wait_ready(_attach_and_start(ready.container)):
+                return ready
+            why = "it did not say it was ready (no /bin/sh or no env in the image?)"
+        except DOCKER_ERRORS as e:
+            why = str(e)
         except BaseException:
-            warmup.remove_folders(ready)
+            self._discard(ready)
             raise
-        return ready
+        self._discard(ready)
+        self._unwarmable.add(image.id)  # for this runner's life: its jobs start cold, as they always can
+        log.info("no container of %s can wait for jobs (%s): its jobs start cold", job.image, why)
+        return None
 
     def claim(self, job: JobSpec) -> Path | None:
         """The folder bound at /workflow of a warm container that will run `job` (its code goes there), or
@@ -286,22 +294,28 @@ class DockerExecutor:
                     env: dict[str, str], on_output: OutputCallback) -> DockerExecution | None:
         """`job` in the container that waits for it; None (with the reason logged) when it must start cold."""
         image = self._image(job.image)
-        ports = pick_free_ports(job.ports)
-        text = warmup.script(job, CONTAINER_ROOT, ports, env)
         if mounts:
             why = "it mounts folders"
         elif Path(root).resolve() != ready.root:
             why = f"its code is in {root}, not in the waiting container's {ready.root}"
         elif image.id != ready.image_id:
             why = f"{job.image} is another image now"
-        elif text is None:
-            why = "a variable's name is not a shell name"
-        elif not warmup.go(ready, text):
-            why = "the waiting container is gone"
         else:
-            threading.Thread(target=_rename, args=(ready.container, f"dstack-{job.job_id}"), daemon=True).start()
-            return DockerExecution(ready.container, ready.output, on_output, _digest(image, job.image), ports,
-                                   warm=True)
+            ports = pick_free_ports(job.ports)
+            (ready.root / relative_working_dir(job.working_dir)).mkdir(parents=True, exist_ok=True)
+            lines = warmup.launch_lines(job, CONTAINER_ROOT, job_env(job, ports, env))
+            try:
+                output = ready.container.attach(stream=True, logs=False)  # before the go: no output is lost
+            except DOCKER_ERRORS:
+                output = None
+            if output is not None and warmup.go(ready, lines, alive=lambda: _running(ready.container)):
+                threading.Thread(target=_rename, args=(ready.container, f"dstack-{job.job_id}"),
+                                 daemon=True).start()
+                return DockerExecution(ready.container, output, on_output, _digest(image, job.image), ports,
+                                       warm=True)
+            if output is not None:
+                output.close()
+            why = "the waiting container is gone"
         log.info("job %s starts in a new container: %s", job.job_id, why)
         return None
 
@@ -311,8 +325,6 @@ class DockerExecutor:
                 ready.container.remove(force=True)
         except DOCKER_ERRORS:
             pass
-        if ready.output is not None:
-            ready.output.close()
         if keep_root:
             shutil.rmtree(ready.control, ignore_errors=True)
         else:
@@ -374,6 +386,14 @@ def _attach_and_start(container: Container) -> Any:
     return output
 
 
+def _running(container: Container) -> bool:
+    try:
+        container.reload()
+    except DOCKER_ERRORS:
+        return False
+    return container.status == "running"
+
+
 def _rename(container: Container, name: str) -> None:
     try:
         container.rename(name)
@@ -419,7 +439,8 @@ def remove_orphans(client: docker.DockerClient | None = None) -> list[str]:
             continue
         try:
             c.remove(force=True)
-            removed.append(labels.get("dstack.job_id", c.name))
+            # a container that waited for a job and ran none has no job id
+            removed.append(labels.get("dstack.job_id") or f"none (it waited for one: {c.name})")
         except DOCKER_ERRORS:
             pass
     return removed

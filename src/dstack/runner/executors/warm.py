@@ -2,22 +2,28 @@
 
 Creating and starting a container is most of what `docker run` costs (~150 ms, runc). So once a Docker
 job has ended, its runner starts one container for the next job of the same kind: the same image, GPUs
-and shared memory. That container's /workflow is bound to an empty folder and its shell waits on a FIFO
-in a second, read-only folder. When such a job comes:
-- its code is recreated in the first folder;
-- its script (cd to the working dir, its environment exported, its commands) goes into the second;
-- a line written to the FIFO lets the shell source that script.
+and shared memory, its /workflow bound to an empty folder. The container's shell checks that the image
+has `env`, says it is ready, and then execs a shell that reads its script from a FIFO in a second,
+read-only folder. When such a job comes:
+- its code is recreated in the first folder, and the runner attaches to the container's output;
+- two lines go through the FIFO (nothing is written to disk): `cd` to the working dir, then
+  `exec env -u OLDPWD -u SHLVL -u _ -- NAME=VALUE... /bin/sh -c SCRIPT`.
 
-From there the job runs exactly as in a container started for it: the same init as PID 1, the same
-shell (`/bin/sh`, `$0` included), terminal, user, network, and SIGTERM on stop. Each container runs one
-job and is removed after it; the runner warms up the next one after the job's final status is reported.
+Every step is an exec, so the job's shell is PID 2 under the same init, with the same `$0`, arguments,
+environment and working dir as in a container created for it (`/bin/sh -c SCRIPT` with the variables in
+the container's environment): SIGTERM reaches it, and a shell execs its last command, exactly as there.
+What still shows: PID 1's command line and the read-only `/.dstack-runner` folder; `docker exec` into the
+container does not get the job's variables (they are the job's, not the container's); the container has
+no `dstack.job_id` label (it is renamed `dstack-<job_id>`); and its image is in use while it waits.
+Each container runs one job and is removed after it; the runner warms up the next one after the job's
+final status is reported, and removes the waiting one when it exits.
 
 A job starts cold (create + start) when warming cannot be exact:
-- its image has an ENTRYPOINT (the entrypoint runs at start-up, before the job's environment is known);
+- its image has an ENTRYPOINT (the entrypoint runs at start-up, before the job's environment is known),
+  or no `/bin/sh` or `env` (such an image is not tried again);
 - it has dependencies (their read-only mounts are made when the container is created);
 - its project lies in a subfolder of the repository, or it has no commands;
-- a variable name is not a shell name, the image's tag moved to another image meanwhile, or the
-  waiting container is gone;
+- the image's tag moved to another image meanwhile, or the waiting container is gone;
 - DSTACK_WARM_CONTAINERS=0 in the runner's environment.
 """
 
@@ -28,20 +34,26 @@ import os
 import re
 import shlex
 import shutil
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dstack.core.models import JobSpec
-from dstack.runner.executors.base import job_env, job_script, relative_working_dir
+from dstack.runner.executors.base import job_script, relative_working_dir
 
 CONTROL = "/.dstack-runner"  # the control folder, read-only, inside a warm container
-# the container's command: wait for the go, then run the job's script in this very shell
-WAIT_SCRIPT = f"read _ < {CONTROL}/go || exit 125\n. {CONTROL}/job.sh\n"
-GO_TIMEOUT = 2.0  # seconds for a container that just started to reach its FIFO
+READY = b"dstack-runner: waiting for a job"
+# the container's command: check for `env`, say so, then read the job's two lines from the FIFO
+WAIT_SCRIPT = (f"command -v env >/dev/null 2>&1 || exit 124\n"
+               f"echo '{READY.decode()}'\n"
+               f"exec /bin/sh {CONTROL}/go\n")
+READY_TIMEOUT = 10.0  # seconds for a container that started to say it is ready
+GO_TIMEOUT = 2.0  # seconds for a ready container's shell to open the FIFO
 MAX_KINDS = 2  # warm containers kept per runner, one per kind of job (the most recent kinds)
-_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def enabled() -> bool:
@@ -61,9 +73,8 @@ def kind(job: JobSpec) -> tuple | None:
 class WarmContainer:
     kind: tuple
     container: Any  # docker.models.containers.Container
-    output: Any  # its attached output stream, opened before its start
     root: Path  # bound at /workflow: the job's code goes here
-    control: Path  # bound at CONTROL: the FIFO `go` and, once claimed, `job.sh`
+    control: Path  # bound at CONTROL: the FIFO `go`
     image_id: str
 
 
@@ -77,25 +88,46 @@ def prepare_folders(root: Path) -> Path:
     control = control_folder(root)
     shutil.rmtree(control, ignore_errors=True)  # a previous container's, when `root` is used again
     control.mkdir(parents=True)
-    os.mkfifo(control / "go", 0o644)  # readable by the image's USER, whoever it is
+    control.chmod(0o755)  # whatever the runner's umask: the image's USER, whoever it is, opens the FIFO
+    os.mkfifo(control / "go")
+    (control / "go").chmod(0o644)
     return control
 
 
-def script(job: JobSpec, container_root: str, ports: list[int], env: dict[str, str]) -> str | None:
-    """The job's script for a warm container's shell; None when a variable's name is not a shell name."""
-    variables = job_env(job, ports, env)
-    if not all(_SHELL_NAME.match(name) for name in variables):
-        return None
+def wait_ready(output: Any) -> bool:
+    """Whether the container said it is ready, on its output stream (which is closed here, at the latest
+    after READY_TIMEOUT)."""
+    seen = b""
+    watchdog = threading.Timer(READY_TIMEOUT, output.close)
+    watchdog.start()
+    try:
+        for chunk in output:
+            seen += chunk
+            if READY in seen:
+                return True
+            if len(seen) > 4096:
+                return False
+        return False  # it exited (no /bin/sh or no env)
+    except Exception:  # closed by the watchdog, or the connection broke
+        return False
+    finally:
+        watchdog.cancel()
+        output.close()
+
+
+def launch_lines(job: JobSpec, container_root: str, env: dict[str, str]) -> bytes:
+    """What the waiting shell reads from the FIFO: to the working dir, then exec the job's shell with its
+    variables, as `/bin/sh -c SCRIPT` in a container created for it would start."""
     wd = relative_working_dir(job.working_dir)
     cwd = container_root if wd == "." else f"{container_root}/{wd}"
-    lines = [f"cd -- {shlex.quote(cwd)} || exit 126"]
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in variables.items()]
-    return "\n".join(lines) + "\n" + job_script(job.commands) + "\n"
+    assignments = " ".join(shlex.quote(f"{name}={value}") for name, value in env.items())
+    text = (f"cd -- {shlex.quote(cwd)} || exit 126\n"
+            f"exec env -u OLDPWD -u SHLVL -u _ -- {assignments} /bin/sh -c {shlex.quote(job_script(job.commands))}\n")
+    return _SURROGATES.sub("\ufffd", text).encode("utf-8")
 
 
-def go(warm: WarmContainer, job_script_text: str) -> bool:
-    """Hand the script to the waiting shell. False when no shell waits (the container is gone)."""
-    (warm.control / "job.sh").write_text(job_script_text, encoding="utf-8")
+def go(warm: WarmContainer, lines: bytes, alive: Callable[[], bool]) -> bool:
+    """Hand the job's lines to the waiting shell. False when none waits (the container died: `alive()`)."""
     deadline = time.monotonic() + GO_TIMEOUT
     while True:
         try:
@@ -103,14 +135,17 @@ def go(warm: WarmContainer, job_script_text: str) -> bool:
             fd = os.open(warm.control / "go", os.O_WRONLY | os.O_NONBLOCK)
             break
         except OSError as e:
-            if e.errno != errno.ENXIO or time.monotonic() >= deadline:
+            if e.errno != errno.ENXIO or time.monotonic() >= deadline or not alive():
                 return False
-            time.sleep(0.005)  # just started: its shell has not opened the FIFO yet
+            time.sleep(0.01)  # it said it is ready and is about to open the FIFO
     try:
-        os.write(fd, b"\n")
+        os.set_blocking(fd, True)  # the shell reads while it parses: long lines pass the pipe's buffer
+        os.write(fd, lines)
+        return True
+    except OSError:  # it died meanwhile (EPIPE)
+        return False
     finally:
         os.close(fd)
-    return True
 
 
 def remove_folders(warm: WarmContainer) -> None:
