@@ -85,6 +85,7 @@ class Harness:
         for execution in self.started:
             execution.stop(grace=0)
             execution.wait()
+            execution.dispose()
         self.executor.close()
 
 
@@ -280,7 +281,7 @@ def test_writable_mount_and_root_files_appear_on_the_host(docker, tmp_path_facto
     assert (cache / "y").read_text() == "cached\n"
 
 
-def test_container_uses_host_networking_and_is_removed_after_wait(docker, docker_client):
+def test_container_uses_host_networking_and_is_removed_once_disposed(docker, docker_client):
     execution, output = docker.start(["echo ready", "sleep 1000"], requirements={"shm_size": "128MB"})
     assert output.wait_for(b"ready")
     container = docker_client.containers.get(execution.container.id)
@@ -291,7 +292,9 @@ def test_container_uses_host_networking_and_is_removed_after_wait(docker, docker
     assert execution.image_digest == docker_client.images.get(docker.image).id
     execution.stop(grace=1)
     execution.wait()
-    deadline = time.monotonic() + 10  # removed right after the exit code is reported
+    assert docker_client.containers.list(all=True, filters={"id": container.id})  # kept until disposed
+    execution.dispose()
+    deadline = time.monotonic() + 10  # removed in the background
     while docker_client.containers.list(all=True, filters={"id": container.id}) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not docker_client.containers.list(all=True, filters={"id": container.id})

@@ -28,7 +28,9 @@ def _job(image: str, commands: list[str], **spec) -> JobSpec:
 def _run(executor: DockerExecutor, job: JobSpec, root, mounts=(), env=None):
     out = []
     execution = executor.start(job, root, list(mounts), env or {}, out.append)
-    return execution, execution.wait(), b"".join(out)
+    code = execution.wait()
+    execution.dispose()
+    return execution, code, b"".join(out)
 
 
 def _waiting(docker_client, under) -> list:
@@ -162,6 +164,7 @@ def test_stop_gives_the_jobs_last_command_its_sigterm_in_a_warm_container_too(ex
         time.sleep(0.05)
     execution.stop(grace=5)
     assert execution.warm and execution.wait() == 0
+    execution.dispose()
     assert b"caught TERM" in b"".join(out)
 
 

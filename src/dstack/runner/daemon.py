@@ -186,10 +186,12 @@ class Runner:
             shipper.close()
             executor.release(job)
             with self._lock:
-                started, self.execution = self.execution is not None, None
+                execution, self.execution = self.execution, None
+            if execution is not None:
+                execution.dispose()  # its final status is reported (or could not be): its container goes
             self.current = None
             workspace.remove(folder)
-        if started and not self._stopping.is_set():  # the job is reported: get ready for the next one like it
+        if execution is not None and not self._stopping.is_set():  # the job is reported: get ready for the next one like it
             root = self.workdir / "jobs" / f"next-{secrets.token_hex(6)}" / "code"
             threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()
 

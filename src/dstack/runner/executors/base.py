@@ -54,6 +54,11 @@ class Execution(Protocol):
         Safe to call twice, and after the job has ended."""
         ...
 
+    def dispose(self) -> None:
+        """Free what the ended job holds on the machine (e.g. its container), without waiting. The runner
+        calls it once the job's final status is reported, so that the clean-up does not delay the report."""
+        ...
+
 
 class Executor(Protocol):
     def start(

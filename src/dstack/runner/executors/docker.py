@@ -96,10 +96,12 @@ class DockerExecution:
             self._reader.join(DRAIN_TIMEOUT)
             if self._reader.is_alive():
                 self._output.close()
-            # the exit code is known: report it now, remove the container meanwhile
-            threading.Thread(target=self._remove, daemon=True).start()
             self._exit_code = int(status.get("StatusCode", 1))
             return self._exit_code
+
+    def dispose(self) -> None:
+        """Remove the container, in the background: once the job's end is reported, not while it is."""
+        threading.Thread(target=self._remove, daemon=True).start()
 
     def stop(self, grace: float = 10.0) -> None:
         if self._exit_code is not None:

@@ -133,6 +133,9 @@ class HostExecution:
         """The job's shell, which is also its process group id."""
         return self._process.pid
 
+    def dispose(self) -> None:
+        pass  # the process is gone once wait() returned; its pty is closed there
+
     def _pump(self) -> None:
         fd = self._master_fd
         poller = select.poll()  # not select(): the runner may hold more than 1024 files
