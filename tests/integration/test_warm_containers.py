@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import tarfile
 import threading
 import time
@@ -34,8 +35,10 @@ def _run(executor: DockerExecutor, job: JobSpec, root, mounts=(), env=None):
 
 
 def _waiting(docker_client, under) -> list:
-    """The warm containers whose folders lie under `under` (other tests' and runners' are not ours)."""
-    return [c for c in docker_client.containers.list(all=True, filters={"label": "dstack.warm"})
+    """The warm containers this process started (labelled with its pid: not a runner's of the e2e tests, nor
+    another session's) whose folders lie under `under`."""
+    mine = {"label": ["dstack.warm", f"dstack.runner_pid={os.getpid()}"]}
+    return [c for c in docker_client.containers.list(all=True, filters=mine)
             if any(m["Source"].startswith(str(under)) for m in c.attrs["Mounts"])]
 
 
@@ -240,3 +243,12 @@ def test_release_and_close_remove_what_waits_even_while_it_starts(busybox_image,
     warming.join()
     assert not _waiting(docker_client, tmp_path)
     assert not executor.warm(job, tmp_path / "c" / "code")  # closed: nothing more is warmed
+
+
+def test_a_script_and_variables_larger_than_a_pipe_reach_a_warm_container_whole(executor, busybox_image, tmp_path):
+    job = _job(busybox_image, [f"echo {'x' * 100_000} | wc -c", 'printf %s "$BIG" | wc -c'])
+    assert executor.warm(job, tmp_path / "code")
+    executor.claim(job)
+    execution, code, out = _run(executor, job, tmp_path / "code", env={"BIG": "y" * 120_000})  # under Linux's 128 KiB per string, as cold
+    assert execution.warm
+    assert (code, out.split()) == (0, [b"100001", b"120000"])

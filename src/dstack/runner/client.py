@@ -42,6 +42,14 @@ class ServerClient:
     def deregister(self, name: str) -> None:
         self._check(self.http.post(f"/api/runners/{name}/deregister", timeout=5))
 
+    def version(self) -> tuple[int, ...]:
+        """The server's version, e.g. (0, 3, 0); (0,) when it does not say."""
+        try:
+            text = self._check(self.http.get("/api/healthz", timeout=5)).json().get("version", "0")
+            return tuple(int(x) for x in text.split(".")[:3] if x.isdigit()) or (0,)
+        except ValueError:
+            return (0,)
+
     def store_config(self) -> dict:
         return self._check(self.http.get("/api/runners/store")).json()
 

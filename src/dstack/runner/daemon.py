@@ -49,6 +49,7 @@ class Runner:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._executors: dict[bool, object] = {}
+        self.inline_logs = False  # whether the last output may travel with the final status (server >= 0.3)
         self._store = None
 
     def executor_for(self, job: JobSpec):
@@ -77,6 +78,8 @@ class Runner:
         info = self.client.register(RunnerRegistration(
             hostname=socket.gethostname(), resources=self.resources, backend=self.backend, name=self.name))
         self.name = info.name
+        # a server before 0.3 ignores output that travels with a final status: it gets it on its own
+        self.inline_logs = self.client.version() >= (0, 3)
         log.info("registered as %s (%s)", self.name, self.resources.describe())
 
     def shutdown(self) -> bool:
@@ -270,7 +273,11 @@ class Runner:
                                      cache=self.workdir / "blobs", warn=warn)
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})
-        logs = shipper.drain()  # the last output goes with the final status: all of it is on the server first
+        if self.inline_logs:  # the last output goes with the final status, stored before it
+            logs = shipper.drain()
+        else:
+            shipper.close()  # every line of output is on the server before the final status
+            logs = None
         if job.artifacts and not_folders and not self.stop_requested:
             names = ", ".join(f"'{p}'" for p in not_folders)
             self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts, logs=logs, **started,

@@ -140,7 +140,9 @@ def go(warm: WarmContainer, lines: bytes, alive: Callable[[], bool]) -> bool:
             time.sleep(0.01)  # it said it is ready and is about to open the FIFO
     try:
         os.set_blocking(fd, True)  # the shell reads while it parses: long lines pass the pipe's buffer
-        os.write(fd, lines)
+        view = memoryview(lines)
+        while view:
+            view = view[os.write(fd, view):]
         return True
     except OSError:  # it died meanwhile (EPIPE)
         return False
