@@ -292,8 +292,11 @@ def test_large_file_saved_twice_is_stored_once(store, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "same.bin").write_bytes(data)
-    (other / "changed.bin").write_bytes(data[:-1] + b"!")
-    (other / "changed-inside.bin").write_bytes(data[:5 * MiB] + b"!" + data[5 * MiB + 1:])  # looks the same
+    # flip a bit (a fixed byte such as b"!" may be the random byte already: 2 draws in 256 then
+    # leave a copy of `data`, rightly deduplicated)
+    (other / "changed.bin").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    inside = bytes([data[5 * MiB] ^ 1])
+    (other / "changed-inside.bin").write_bytes(data[:5 * MiB] + inside + data[5 * MiB + 1:])  # looks the same
     m2 = save_tree(store, other)
     assert blob_count(store) == 3
     assert verify_tree(m2, tree_cache(store, m2.digest(), tmp_path / "trees")) == []

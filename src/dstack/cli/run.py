@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 import click
 
@@ -50,10 +51,14 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         listing = "\n".join(f"  {e.name:<20} {e.raw.get('help') or ''}".rstrip() for e in entries)
         raise click.UsageError(f"which workflow? `dstack run WORKFLOW`; the workflows of {project}:\n{listing}")
     client = connect()
+    identity: list[str] = []  # git is asked for the repo's identity while it is asked for the code
+    asking = threading.Thread(target=lambda: identity.append(repo_id(project)), daemon=True)
+    asking.start()
     code, blobs = capture(project)
+    asking.join()
     # the server resolves the workflow (variables, provider, jobs) and points at the files where it is wrong;
     # it asks for the code's blobs it lacks only once the run is otherwise sound
-    request = {"repo_id": repo_id(project), "workflow": workflow, "args": ctx.args, "files": files.texts,
+    request = {"repo_id": identity[0], "workflow": workflow, "args": ctx.args, "files": files.texts,
                "project": str(project), "code": code.to_dict(), "tag": tag}
     try:
         submitted, interrupted = _deferring_interrupts(lambda: client.submit(request))
