@@ -155,7 +155,8 @@ def test_a_job_in_a_warm_container_sees_what_it_sees_in_a_container_made_for_it(
     assert seen["cold"][1].startswith(b"/bin/sh|0|1|/workflow/sub dir|unset|1|")
 
 
-def test_stop_gives_the_jobs_last_command_its_sigterm_in_a_warm_container_too(executor, busybox_image, tmp_path):
+def test_stop_gives_the_jobs_last_command_its_sigterm_in_a_warm_container_too(executor, busybox_image, tmp_path,
+                                                                            docker_client):
     job = _job(busybox_image, ["echo started", "exec sh -c 'trap \"echo caught TERM; exit 0\" TERM; "
                                               "echo ready; while :; do sleep 0.1; done'"])
     assert executor.warm(job, tmp_path / "code")
@@ -164,6 +165,9 @@ def test_stop_gives_the_jobs_last_command_its_sigterm_in_a_warm_container_too(ex
     execution = executor.start(job, tmp_path / "code", [], {}, out.append)
     deadline = time.monotonic() + 10
     while b"ready" not in b"".join(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while docker_client.containers.get(execution.container.id).name != f"dstack-{job.job_id}":
+        assert time.monotonic() < deadline, "a running job's warm container is named for the job"
         time.sleep(0.05)
     execution.stop(grace=5)
     assert execution.warm and execution.wait() == 0

@@ -48,6 +48,7 @@ CONTAINER_ROOT = "/workflow"
 TERMINAL_ROWS, TERMINAL_COLUMNS = 24, 80
 DRAIN_TIMEOUT = 10.0  # seconds to wait for the rest of the output once the container exited
 CLOSE_TIMEOUT = 10.0  # seconds `close` waits for a container being warmed up, to remove it too
+RENAME_AFTER = 0.1  # seconds into a job in a warm container before it is renamed dstack-<job_id>
 
 
 class DockerExecution:
@@ -68,6 +69,7 @@ class DockerExecution:
         self._on_output = on_output
         self._lock = threading.Lock()
         self._exit_code: int | None = None
+        self._renaming: threading.Timer | None = None
         self._reader = threading.Thread(
             target=self._pump, name=f"dstack-docker-output-{container.short_id}", daemon=True
         )
@@ -96,12 +98,21 @@ class DockerExecution:
             self._reader.join(DRAIN_TIMEOUT)
             if self._reader.is_alive():
                 self._output.close()
+            if self._renaming is not None:
+                self._renaming.cancel()
             self._exit_code = int(status.get("StatusCode", 1))
             return self._exit_code
 
     def dispose(self) -> None:
         """Remove the container, in the background: once the job's end is reported, not while it is."""
         threading.Thread(target=self._remove, daemon=True).start()
+
+    def rename_later(self, name: str) -> None:
+        """Name the container for `docker ps` once the job has run for RENAME_AFTER seconds (a job that ends
+        sooner is not slowed by the request)."""
+        self._renaming = threading.Timer(RENAME_AFTER, _rename, args=(self.container, name))
+        self._renaming.daemon = True
+        self._renaming.start()
 
     def stop(self, grace: float = 10.0) -> None:
         if self._exit_code is not None:
@@ -311,10 +322,10 @@ class DockerExecutor:
             except DOCKER_ERRORS:
                 output = None
             if output is not None and warmup.go(ready, lines, alive=lambda: _running(ready.container)):
-                threading.Thread(target=_rename, args=(ready.container, f"dstack-{job.job_id}"),
-                                 daemon=True).start()
-                return DockerExecution(ready.container, output, on_output, _digest(image, job.image), ports,
-                                       warm=True)
+                execution = DockerExecution(ready.container, output, on_output, _digest(image, job.image), ports,
+                                            warm=True)
+                execution.rename_later(f"dstack-{job.job_id}")
+                return execution
             if output is not None:
                 output.close()
             why = "the waiting container is gone"
