@@ -225,3 +225,11 @@ def test_reproduce_reruns_with_the_same_inputs_and_lineage_is_recorded(dstack, p
 
     r = dstack("run", "train", "--reproduce", train, cwd=root)
     assert r.returncode == 2 and "takes no workflow" in r.stderr
+
+
+def test_a_job_too_short_to_be_reported_running_records_its_image_and_ports(dstack, project, busybox_image):
+    root = project(f"workflows:\n  - name: blink\n    image: {busybox_image}\n    ports: 1\n    commands: [\"true\"]\n")
+    for _ in range(2):  # in a container made for it, then in the one warmed after it
+        dstack("run", "blink", cwd=root, check=True)
+        job = dstack.run_info(root, last_run(dstack, root)["run_name"])["jobs"][0]
+        assert job["status"] == "DONE" and job["image_digest"].startswith("sha256:") and len(job["ports"]) == 1

@@ -315,3 +315,12 @@ def test_unreachable_docker_is_an_executor_error(tmp_path):
     job = JobSpec(workflow="w", provider="docker", image="dstack-test/busybox:latest", commands=["true"])
     with pytest.raises(ExecutorError, match="Docker is not reachable"):
         DockerExecutor(client).start(job, tmp_path, [], {}, lambda chunk: None)
+
+
+def test_close_finishes_removing_the_containers_of_ended_jobs(docker, docker_client):
+    """A runner that exits right after its last report must not leave that job's container behind."""
+    execution, _ = docker.start(["true"])
+    assert execution.wait() == 0
+    execution.dispose()
+    docker.executor.close()
+    assert not docker_client.containers.list(all=True, filters={"id": execution.container.id})

@@ -156,3 +156,28 @@ def test_a_follower_that_names_the_status_it_saw_learns_of_a_change_it_missed_be
         assert job.status == JobStatus.RUNNING
 
     _serve(tmp_path, body)
+
+
+def test_a_final_report_sent_again_adds_no_output_and_a_late_one_after_the_janitor_adds_its_output(tmp_path):
+    async def body(ctx):
+        for first, then, logged in [
+            # the runner retried a report that had arrived: nothing twice
+            (JobUpdate(status=JobStatus.DONE, exit_code=0, logs=b"end\r\n"), None, b"end\r\n"),
+            # the job was failed for a silent runner, whose report comes late: its output is kept, not its word
+            (None, JobUpdate(status=JobStatus.DONE, exit_code=0, logs=b"late\r\n"), b"late\r\n"),
+        ]:
+            run = await runs.run_workflow(ctx, _request())
+            job_id = run.jobs[0].job_id
+            await scheduler.take_job(ctx, "r-1", 0)
+            if first is not None:
+                assert await jobs.update_status(ctx, "r-1", job_id, first) == JobStatus.DONE
+                assert await jobs.update_status(ctx, "r-1", job_id, first) == JobStatus.DONE
+            else:
+                await runners.fail_jobs_of(ctx, ["r-1"], "runner r-1 stopped responding")
+                assert await jobs.update_status(ctx, "r-1", job_id, then) == JobStatus.FAILED
+                await runners.register(ctx, RunnerRegistration(name="r-1", hostname="h", backend="local",
+                                                               resources=RunnerResources(cpus=2, memory_mib=4096,
+                                                                                         docker=False)))
+            assert jobs.read_logs(ctx, job_id, 0) == logged
+
+    _serve(tmp_path, body)

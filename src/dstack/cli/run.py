@@ -51,11 +51,20 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         listing = "\n".join(f"  {e.name:<20} {e.raw.get('help') or ''}".rstrip() for e in entries)
         raise click.UsageError(f"which workflow? `dstack run WORKFLOW`; the workflows of {project}:\n{listing}")
     client = connect()
-    identity: list[str] = []  # git is asked for the repo's identity while it is asked for the code
-    asking = threading.Thread(target=lambda: identity.append(repo_id(project)), daemon=True)
+    identity: list = []  # git is asked for the repo's identity while it is asked for the code
+
+    def ask() -> None:
+        try:
+            identity.append(repo_id(project))
+        except Exception as e:  # raised here, in the main thread, below
+            identity.append(e)
+
+    asking = threading.Thread(target=ask, daemon=True)
     asking.start()
     code, blobs = capture(project)
     asking.join()
+    if isinstance(identity[0], Exception):
+        raise identity[0]
     # the server resolves the workflow (variables, provider, jobs) and points at the files where it is wrong;
     # it asks for the code's blobs it lacks only once the run is otherwise sound
     request = {"repo_id": identity[0], "workflow": workflow, "args": ctx.args, "files": files.texts,

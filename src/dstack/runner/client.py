@@ -47,7 +47,7 @@ class ServerClient:
         try:
             text = self._check(self.http.get("/api/healthz", timeout=5)).json().get("version", "0")
             return tuple(int(x) for x in text.split(".")[:3] if x.isdigit()) or (0,)
-        except ValueError:
+        except (ValueError, DstackError):  # e.g. a proxy that does not pass /api/healthz: an old server
             return (0,)
 
     def store_config(self) -> dict:

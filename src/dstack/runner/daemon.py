@@ -50,6 +50,7 @@ class Runner:
         self._lock = threading.Lock()
         self._executors: dict[bool, object] = {}
         self.inline_logs = False  # whether the last output may travel with the final status (server >= 0.3)
+        self.started: dict = {}  # of the current job, once started: its image digest and ports
         self._store = None
 
     def executor_for(self, job: JobSpec):
@@ -176,15 +177,16 @@ class Runner:
         ready = executor.claim(job)  # a container already waits for this job: its code goes there
         folder = ready.parent if ready is not None else self.workdir / "jobs" / job.job_id
         shipper = LogShipper(lambda data: self.client.logs(self.name, job.job_id, data))
+        self.started = {}
         try:
             self._run(job, folder, shipper, executor)
         except (ExecutorError, workspace.WorkspaceError, DstackError, OSError) as e:
             shipper.close()
-            self._finish(job, JobStatus.FAILED, reason=str(e))
+            self._finish(job, JobStatus.FAILED, reason=str(e), **self.started)
         except Exception as e:  # never leave a job hanging in RUNNING
             log.exception("job %s failed", job.job_id)
             shipper.close()
-            self._finish(job, JobStatus.FAILED, reason=f"runner error: {e!r}")
+            self._finish(job, JobStatus.FAILED, reason=f"runner error: {e!r}", **self.started)
         finally:
             shipper.close()
             executor.release(job)
@@ -199,7 +201,8 @@ class Runner:
             threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()
 
     def _finish(self, job: JobSpec, status: JobStatus, **kw) -> None:
-        """The final status (with the last output, if any); retried while the server is unreachable."""
+        """The final status (with the last output, if any); retried a few times (2 s in all) on transport
+        errors. A retry of a report that did arrive is recognised by the server and changes nothing."""
         for attempt in range(FINISH_ATTEMPTS):
             try:
                 self._status(job, status, **kw)
@@ -234,14 +237,19 @@ class Runner:
             self.execution = executor.start(job, root, mounts, job.env, shipper.write)
             if self.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
-        started = {"image_digest": self.execution.image_digest, "ports": self.execution.ports or None}
+        started = self.started = {"image_digest": self.execution.image_digest,
+                                   "ports": self.execution.ports or None}
         # RUNNING is reported unless the job ends first: then its final status says it all, in one request
         # fewer while a short job and its container's exit compete for the CPU
-        running = threading.Timer(RUNNING_REPORT_DELAY, self._report_running, args=(job, started))
+        ended = threading.Event()
+        running = threading.Timer(RUNNING_REPORT_DELAY, self._report_running, args=(job, started, ended))
         running.start()
-        code = self.execution.wait()
-        running.cancel()
-        running.join()
+        try:
+            code = self.execution.wait()
+        finally:
+            ended.set()
+            running.cancel()
+            running.join()
         if self.stop_requested == "abort":
             shipper.close()
             self._finish(job, JobStatus.ABORTED, exit_code=code, reason="aborted: artifacts were not saved",
@@ -292,8 +300,18 @@ class Runner:
             status, reason = JobStatus.FAILED, f"exited with code {code}"
         self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts, logs=logs, **started)
 
-    def _report_running(self, job: JobSpec, started: dict) -> None:
-        try:
-            self._status(job, JobStatus.RUNNING, **started)
-        except (httpx.HTTPError, DstackError) as e:  # the job runs on; its final status is retried
-            log.warning("could not report RUNNING for job %s: %s", job.job_id, e)
+    def _report_running(self, job: JobSpec, started: dict, ended: threading.Event) -> None:
+        """RUNNING, retried while the server is unreachable and the job runs (a lost one would leave it
+        PROVISIONING until its end); never after the job's end."""
+        for attempt in range(FINISH_ATTEMPTS):
+            try:
+                self._status(job, JobStatus.RUNNING, **started)
+                return
+            except httpx.TransportError as e:
+                if attempt == FINISH_ATTEMPTS - 1:
+                    log.warning("could not report RUNNING for job %s: %s", job.job_id, e)
+            except (httpx.HTTPError, DstackError) as e:
+                log.warning("could not report RUNNING for job %s: %s", job.job_id, e)
+                return
+            if ended.wait(0.5 * (attempt + 1)):
+                return

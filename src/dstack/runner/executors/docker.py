@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,10 @@ class DockerExecution:
         image_digest: str | None,
         ports: list[int],
         warm: bool = False,
+        removals: list[threading.Thread] | None = None,
     ) -> None:
         self.image_digest = image_digest
+        self._removals = removals  # the executor's: it waits for them before its runner exits
         self.ports = ports
         self.warm = warm  # started in a warm container
         self.container = container
@@ -105,7 +108,10 @@ class DockerExecution:
 
     def dispose(self) -> None:
         """Remove the container, in the background: once the job's end is reported, not while it is."""
-        threading.Thread(target=self._remove, daemon=True).start()
+        removal = threading.Thread(target=self._remove, daemon=True)
+        removal.start()
+        if self._removals is not None:
+            self._removals[:] = [t for t in self._removals if t.is_alive()] + [removal]
 
     def rename_later(self, name: str) -> None:
         """Name the container for `docker ps` once the job has run for RENAME_AFTER seconds (a job that ends
@@ -145,6 +151,7 @@ class DockerExecutor:
         self._claimed: dict[str, warmup.WarmContainer] = {}  # by job id, until the job starts
         self._warming: set[tuple] = set()  # kinds whose container is being started
         self._unwarmable: set[str] = set()  # ids of images whose containers cannot wait for jobs
+        self._removals: list[threading.Thread] = []  # of disposed jobs' containers, still going on
         self._changed = threading.Condition(self._lock)
         self._closed = False
 
@@ -211,7 +218,8 @@ class DockerExecutor:
             raise ExecutorError(
                 f"could not start the container of job {job.job_id} ({job.image}): {e}"
             ) from e
-        return DockerExecution(container, output, on_output, _digest(image, job.image), ports)
+        return DockerExecution(container, output, on_output, _digest(image, job.image), ports,
+                               removals=self._removals)
 
     # --- warm containers (warm.py) -------------------------------------------------------------------
 
@@ -293,7 +301,8 @@ class DockerExecutor:
             self._discard(claimed, keep_root=True)
 
     def close(self) -> None:
-        """Remove the containers that wait for jobs; warm no more."""
+        """Remove the containers that wait for jobs, and finish removing those of ended jobs; warm no more."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT
         with self._lock:
             self._closed = True
             self._changed.wait_for(lambda: not self._warming, timeout=CLOSE_TIMEOUT)
@@ -302,6 +311,8 @@ class DockerExecutor:
             self._claimed.clear()
         for ready in waiting:
             self._discard(ready)
+        for removal in list(self._removals):  # daemon threads: they would die with the runner mid-way
+            removal.join(max(0.0, deadline - time.monotonic()))
 
     def _start_warm(self, ready: warmup.WarmContainer, job: JobSpec, root: Path, mounts: list[Mount],
                     env: dict[str, str], on_output: OutputCallback) -> DockerExecution | None:
@@ -323,7 +334,7 @@ class DockerExecutor:
                 output = None
             if output is not None and warmup.go(ready, lines, alive=lambda: _running(ready.container)):
                 execution = DockerExecution(ready.container, output, on_output, _digest(image, job.image), ports,
-                                            warm=True)
+                                            warm=True, removals=self._removals)
                 execution.rename_later(f"dstack-{job.job_id}")
                 return execution
             if output is not None:

@@ -22,9 +22,14 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
             raise NotFound(f"no job '{job_id}'")
         if job.runner_name != runner_name:
             raise Conflict(f"job {job_id} is not assigned to runner {runner_name}")
-        if upd.logs:  # before the status: a follower that sees the job finished has all its output; it is
-            append_logs(ctx, job_id, upd.logs, notify=False)  # woken once, when both are there
-        if JobStatus(job.status) in FINISHED:
+        finished = JobStatus(job.status) in FINISHED
+        # a report that came already (the runner retried it, not knowing it had arrived): its output is there
+        again = finished and (job.status, job.exit_code) == (upd.status.value, upd.exit_code)
+        if upd.logs and not again:  # before the status: a follower that sees the job finished has all its
+            append_logs(ctx, job_id, upd.logs, notify=False)  # output; it is woken once, when both are there
+        if finished:
+            if upd.logs and not again:
+                ctx.signals.notify(f"job:{job_id}")
             return JobStatus(job.status)  # e.g. failed by the janitor meanwhile: the first word stands
         job.status = upd.status.value
         if upd.exit_code is not None:
