@@ -144,3 +144,30 @@ def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback():
             "main()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+
+
+def test_text_that_is_not_unicode_is_refused_clearly_and_nothing_is_stored(dstack, project):
+    """Bytes that are not UTF-8 (a mis-encoded terminal) arrive as lone surrogates: once stored, no answer could
+    show them, and every listing failed. Over HTTP, on the command line, and from a YAML escape."""
+    variables = "variables:\n  hello:\n    greeting: hey\n"
+    root = project(WORKFLOWS, variables)
+    api = _api(dstack, root)
+    before = len(dstack.runs(root))
+    body = ('{"repo_id": "r", "workflow": "hello", "args": ["--greeting", "bad\\udcffbyte"], "files": '
+            + json.dumps({".dstack/workflows.yaml": WORKFLOWS, ".dstack/variables.yaml": variables}) + "}")
+    r = api.post("/api/runs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "is not UTF-8 text" in r.json()["error"]["message"], r.text
+    r = api.post("/api/tags", content='{"repo_id": "r", "run_name": "x\\udcff", "tag": "t"}',
+                 headers={"Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text  # a clean refusal, its message encodable
+    r = dstack("run", "hello", "--greeting", b"bad\xffbyte", cwd=root)
+    assert r.returncode == 2 and "error: the argument 'bad\\xffbyte' is not UTF-8 text" in r.stderr, r.stderr
+    escaped = project(WORKFLOWS.replace("    commands:", '    env:\n      X: "a\\udcffb"\n    commands:', 1),
+                      variables, name="escaped")
+    r = dstack("run", "hello", cwd=escaped)
+    assert r.returncode == 2, r.stderr
+    assert ".dstack/workflows.yaml:4:12: error: '\\udcff' is half of a UTF-16 pair" in r.stderr, r.stderr
+    assert len(dstack.runs(root)) == before
+    assert dstack("status", cwd=root).returncode == 0
+    r = dstack("logs", "é-no-such-run", cwd=root)  # any character reaches the server
+    assert r.returncode == 2 and "no run or job named 'é-no-such-run'" in r.stderr, r.stderr

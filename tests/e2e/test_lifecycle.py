@@ -315,3 +315,21 @@ def test_a_docker_job_after_another_starts_in_a_warm_container(tmp_path, project
     finally:
         d.stop_server()
     assert not waiting()  # the runner removed its waiting container as it exited
+
+
+def test_a_job_submitted_after_its_idle_runner_was_killed_runs_on_another(tmp_path, project):
+    """The killed runner's long poll for a job is still open on the server: it must not be handed the job.
+    Its own server, with a 3 s runner timeout."""
+    d = Dstack(tmp_path / "home", env={"DSTACK_RUNNER_TIMEOUT": "3"})
+    root = project("workflows:\n  - name: quick\n    commands: [echo quick]\n")
+    try:
+        d("run", "quick", cwd=root, check=True)
+        first = last_run(d, root)["jobs"][0]["runner"]
+        _kill_runner(first)
+        time.sleep(1)
+        r = d("run", "quick", cwd=root, timeout=60)
+        job = last_run(d, root)["jobs"][0]
+        assert r.returncode == 0 and job["status"] == "DONE", (r.stderr, job)
+        assert job["runner"] != first
+    finally:
+        d.stop_server()

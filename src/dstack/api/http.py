@@ -7,7 +7,7 @@ import json as jsonlib
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 
 @dataclass
@@ -47,7 +47,7 @@ class HttpClient:
 
     def request(self, method: str, path: str, params: dict | None = None, json: Any = None,
                 content: bytes | None = None, timeout: float | None = None) -> Response:
-        url = self._prefix + path
+        url = self._prefix + quote(path, safe="/:@!$&'()*+,;=-._~")
         if params:
             url += "?" + urlencode({k: _param(v) for k, v in params.items() if v is not None})
         headers = dict(self._headers)

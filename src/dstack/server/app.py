@@ -58,7 +58,15 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
 
     @app.exception_handler(DstackError)
     async def _dstack_error(_request: Request, exc: DstackError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+        error = {k: _encodable(v) for k, v in exc.to_dict().items()}  # it may quote text that was not Unicode
+        return JSONResponse(status_code=exc.http_status, content={"error": error})
+
+    @app.exception_handler(UnicodeEncodeError)
+    async def _not_unicode(_request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+        # text of the request that is not Unicode (a lone surrogate: "\udcff" in its JSON) met the database
+        return JSONResponse(status_code=400, content={"error": {
+            "kind": "error", "message": "the request holds text that is not Unicode (a lone surrogate such as "
+                                        "\\udcff)", "hint": "send UTF-8 text"}})
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -68,3 +76,9 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
             "kind": "error", "message": f"bad request: {where}: {first.get('msg', 'invalid')}", "hint": None}})
 
     return app
+
+
+def _encodable(value):
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value

@@ -41,8 +41,9 @@ async def deregister(name: str, ctx: Context = Depends(get_ctx)) -> dict:
 
 
 @router.post("/{name}/take", response_model=None)
-async def take(name: str, wait: float = Query(0, ge=0, le=60), ctx: Context = Depends(get_ctx)) -> JobSpec | Response:
-    job = await scheduler.take_job(ctx, name, wait)
+async def take(name: str, request: Request, wait: float = Query(0, ge=0, le=60),
+               ctx: Context = Depends(get_ctx)) -> JobSpec | Response:
+    job = await scheduler.take_job(ctx, name, wait, gone=request.is_disconnected)
     return job if job is not None else Response(status_code=204)
 
 

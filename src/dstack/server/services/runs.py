@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
-from dstack.config.files import ProjectFiles
+from dstack.config.files import ProjectFiles, require_unicode
 from dstack.config.variables import parse_cli_args
 from dstack.config.workflows import ResolvedWorkflow, resolve_workflow
 from dstack.core.errors import ConfigError, Conflict, DstackError, MissingCode, NotFound, did_you_mean
@@ -39,6 +39,7 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
         run_name = await reserve_name(ctx)
         # in a thread: a large file takes a while to parse, and the server goes on answering meanwhile
         resolved = await asyncio.to_thread(resolve_workflow, files, req.workflow, overrides, run_name)
+        require_unicode(req.args, files, [resolved.variables, *(job.model_dump() for job in resolved.jobs)])
         sub = RunSubmission(run_name=run_name, repo_id=req.repo_id, workflow=req.workflow,
                             provider=resolved.provider, variables=resolved.variables, overrides=overrides,
                             dependencies=resolved.dependencies, jobs=resolved.jobs, code=req.code, tag=req.tag)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import select, update
 
@@ -49,11 +50,15 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> None:
     )
 
 
-async def take_job(ctx: Context, runner_name: str, wait: float) -> JobSpec | None:
-    """The oldest queued job this runner can run, assigned to it; waits up to `wait` s for one."""
+async def take_job(ctx: Context, runner_name: str, wait: float,
+                   gone: Callable[[], Awaitable[bool]] | None = None) -> JobSpec | None:
+    """The oldest queued job this runner can run, assigned to it; waits up to `wait` s for one. `gone()`: whether
+    the runner hung up meanwhile (it was killed): then it is given nothing, and the job waits for another."""
     deadline = time.monotonic() + wait
     while True:
         queued = ctx.signals.listen("jobs")
+        if gone is not None and await gone():
+            return None
         job = await _try_take(ctx, runner_name)
         if job is not None or time.monotonic() >= deadline:
             return job
