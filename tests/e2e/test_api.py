@@ -7,6 +7,8 @@ import json
 
 import httpx
 
+from tests.e2e.conftest import last_run
+
 WORKFLOWS = """\
 workflows:
   - name: hello
@@ -166,8 +168,17 @@ def test_text_that_is_not_unicode_is_refused_clearly_and_nothing_is_stored(dstac
                       variables, name="escaped")
     r = dstack("run", "hello", cwd=escaped)
     assert r.returncode == 2, r.stderr
-    assert ".dstack/workflows.yaml:4:12: error: '\\udcff' is half of a UTF-16 pair" in r.stderr, r.stderr
+    assert ".dstack/workflows.yaml:4:10: error: a '\\u' escape here is half of a UTF-16 pair" in r.stderr, r.stderr
+    paired = project(WORKFLOWS.replace("    commands:", '    env:\n      X: "\\ud83d\\ude00"\n    commands:', 1)
+                     .replace("$greeting", "$greeting $X"), variables, name="paired")  # as JSON writers escape it
+    r = dstack("run", "hello", cwd=paired)
+    assert r.returncode == 0 and "hey 😀" in r.stdout, (r.stdout, r.stderr)
     assert len(dstack.runs(root)) == before
     assert dstack("status", cwd=root).returncode == 0
     r = dstack("logs", "é-no-such-run", cwd=root)  # any character reaches the server
     assert r.returncode == 2 and "no run or job named 'é-no-such-run'" in r.stderr, r.stderr
+    r = dstack("tag", last_run(dstack, paired)["run_name"], b"t\xff", cwd=paired)
+    assert r.returncode == 2 and "not Unicode" in r.stderr, r.stderr
+    # a local folder's name need not be UTF-8: it is not refused for what it is
+    r = dstack("artifacts", "download", "no-such-run", "-o", b"caf\xe9", cwd=root)
+    assert r.returncode == 2 and "no run or job named 'no-such-run'" in r.stderr, r.stderr

@@ -158,3 +158,12 @@ def test_merge_keys_merge_and_keys_written_win():
 def test_merging_a_scalar_is_an_error():
     with pytest.raises(ConfigError, match="merges mappings only"):
         load_text("a: &s 1\nb:\n  <<: *s\n", "w.yaml")
+
+
+def test_utf16_escapes_make_one_character_and_a_lone_half_is_refused_where_it_is_written():
+    # JSON writers escape 😀 as a UTF-16 pair; PyYAML reads each half alone
+    assert load_text('# "\\udcff" in a comment is nothing\na: "\\ud83d\\ude00"\n', "f.yaml").data == {"a": "😀"}
+    with pytest.raises(ConfigError) as e:
+        load_text('a: x\nb: "ok \\udcff"\n', "f.yaml")
+    assert (e.value.file, e.value.line, e.value.column) == ("f.yaml", 2, 4)
+    assert "half of a UTF-16 pair" in e.value.message

@@ -47,9 +47,11 @@ class HttpClient:
 
     def request(self, method: str, path: str, params: dict | None = None, json: Any = None,
                 content: bytes | None = None, timeout: float | None = None) -> Response:
-        url = self._prefix + quote(path, safe="/:@!$&'()*+,;=-._~")
+        # percent-encoded, an argument that was not UTF-8 as its bytes: the server refuses it in words
+        url = self._prefix + quote(path, safe="/:@!$&'()*+,;=-._~", errors="surrogateescape")
         if params:
-            url += "?" + urlencode({k: _param(v) for k, v in params.items() if v is not None})
+            url += "?" + urlencode({k: _param(v) for k, v in params.items() if v is not None},
+                                   errors="surrogateescape")
         headers = dict(self._headers)
         body = content
         if json is not None:

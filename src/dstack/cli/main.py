@@ -73,15 +73,12 @@ def cli() -> None:
 
 
 def main() -> None:
-    from dstack.core.errors import ConfigError, DstackError
+    from dstack.core.errors import DstackError
 
     code = 0
+    for stream in (sys.stdout, sys.stderr):  # an argument that was not UTF-8 may be echoed: never a traceback
+        stream.reconfigure(errors="backslashreplace")
     try:
-        for arg in sys.argv[1:]:  # bytes that are not UTF-8 arrive as lone surrogates: nothing could show them
-            if any("\ud800" <= c <= "\udfff" for c in arg):
-                shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                raise ConfigError(f"the argument '{shown}' is not UTF-8 text",
-                                  hint="pass it in UTF-8 (check the terminal's or the script's encoding)")
         cli.main(standalone_mode=False, prog_name="dstack")
     except DstackError as e:
         from dstack.cli.output import print_error

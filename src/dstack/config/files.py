@@ -68,25 +68,18 @@ class ProjectFiles:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_SURROGATE_ESCAPE = re.compile(r"\\[uU]0{0,4}[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
-def require_unicode(args: list[str], files: ProjectFiles, resolved: Any) -> None:
-    """Text that is not Unicode (a command-line argument that was not UTF-8, or a YAML escape such as
-    "\\udcff", a lone surrogate) is refused here: stored, it could not be shown back."""
+def require_unicode(args: list[str], resolved: Any) -> None:
+    """Text that is not Unicode (a command-line argument that was not UTF-8: its bytes arrive as lone
+    surrogates) is refused here: stored, it could not be shown back. (A YAML escape of half a character is
+    refused where it is written, by the YAML loader.)"""
     for arg in args:
         if _SURROGATE.search(arg):
             shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             raise ConfigError(f"the argument '{shown}' is not UTF-8 text",
                               hint="pass the value in UTF-8 (check the terminal's or the script's encoding)")
     if any(_SURROGATE.search(text) for text in _strings(resolved)):
-        for rel, text in files.texts.items():
-            m = _SURROGATE_ESCAPE.search(text)
-            if m:
-                line = text.count("\n", 0, m.start()) + 1
-                column = m.start() - (text.rfind("\n", 0, m.start()) + 1) + 1
-                raise ConfigError(f"'{m.group()}' is half of a UTF-16 pair, not a character", file=rel, line=line,
-                                  column=column, hint="write the character itself, or \\U and its 8 hex digits")
         raise ConfigError("a value of the workflow is not Unicode text (it holds a lone surrogate)")
 
 

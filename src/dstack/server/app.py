@@ -65,7 +65,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
     async def _not_unicode(_request: Request, exc: UnicodeEncodeError) -> JSONResponse:
         # text of the request that is not Unicode (a lone surrogate: "\udcff" in its JSON) met the database
         return JSONResponse(status_code=400, content={"error": {
-            "kind": "error", "message": "the request holds text that is not Unicode (a lone surrogate such as "
+            "kind": "config", "message": "the request holds text that is not Unicode (a lone surrogate such as "
                                         "\\udcff)", "hint": "send UTF-8 text"}})
 
     @app.exception_handler(RequestValidationError)

@@ -38,8 +38,7 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
     for _ in range(5):
         run_name = await reserve_name(ctx)
         # in a thread: a large file takes a while to parse, and the server goes on answering meanwhile
-        resolved = await asyncio.to_thread(resolve_workflow, files, req.workflow, overrides, run_name)
-        require_unicode(req.args, files, [resolved.variables, *(job.model_dump() for job in resolved.jobs)])
+        resolved = await asyncio.to_thread(_resolve, files, req, overrides, run_name)
         sub = RunSubmission(run_name=run_name, repo_id=req.repo_id, workflow=req.workflow,
                             provider=resolved.provider, variables=resolved.variables, overrides=overrides,
                             dependencies=resolved.dependencies, jobs=resolved.jobs, code=req.code, tag=req.tag)
@@ -50,6 +49,13 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
         except DstackError as e:
             raise _located(e, resolved) from None
     raise Conflict("could not find a free run name", hint="submit again")
+
+
+def _resolve(files: ProjectFiles, req: RunRequest, overrides: dict, run_name: str) -> ResolvedWorkflow:
+    require_unicode([*req.args, req.workflow, req.repo_id, req.tag or ""], None)
+    resolved = resolve_workflow(files, req.workflow, overrides, run_name)
+    require_unicode([], [resolved.variables, *(job.model_dump() for job in resolved.jobs)])
+    return resolved
 
 
 class NameTaken(Conflict):
