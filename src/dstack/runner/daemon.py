@@ -27,7 +27,7 @@ log = logging.getLogger("dstack.runner")
 HEARTBEAT_INTERVAL = 1.0
 TAKE_WAIT = 10.0
 RUNNING_REPORT_DELAY = 0.1  # seconds after the start: a job that ends sooner is reported once, when it ends
-FINISH_ATTEMPTS = 5  # a final status is worth a few retries (the server may be restarting)
+REPORT_ATTEMPTS = 5  # a status report is worth a few retries (the server may be restarting)
 STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
 
 
@@ -203,17 +203,23 @@ class Runner:
     def _finish(self, job: JobSpec, status: JobStatus, **kw) -> None:
         """The final status (with the last output, if any); retried a few times (2 s in all) on transport
         errors. A retry of a report that did arrive is recognised by the server and changes nothing."""
-        for attempt in range(FINISH_ATTEMPTS):
+        self._report(job, status, kw, pause=_back_off)
+
+    def _report(self, job: JobSpec, status: JobStatus, kw: dict, pause) -> None:
+        """A status report, tried REPORT_ATTEMPTS times while the server is unreachable; `pause(attempt)` waits
+        before the next try and says whether to give up instead."""
+        for attempt in range(REPORT_ATTEMPTS):
             try:
                 self._status(job, status, **kw)
                 return
             except httpx.TransportError as e:
-                if attempt == FINISH_ATTEMPTS - 1:
+                if attempt == REPORT_ATTEMPTS - 1:
                     log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
                     return
-                time.sleep(0.2 * (attempt + 1))
             except (httpx.HTTPError, DstackError) as e:
                 log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
+                return
+            if pause(attempt):
                 return
 
     def _run(self, job: JobSpec, folder: Path, shipper: LogShipper, executor) -> None:
@@ -303,15 +309,9 @@ class Runner:
     def _report_running(self, job: JobSpec, started: dict, ended: threading.Event) -> None:
         """RUNNING, retried while the server is unreachable and the job runs (a lost one would leave it
         PROVISIONING until its end); never after the job's end."""
-        for attempt in range(FINISH_ATTEMPTS):
-            try:
-                self._status(job, JobStatus.RUNNING, **started)
-                return
-            except httpx.TransportError as e:
-                if attempt == FINISH_ATTEMPTS - 1:
-                    log.warning("could not report RUNNING for job %s: %s", job.job_id, e)
-            except (httpx.HTTPError, DstackError) as e:
-                log.warning("could not report RUNNING for job %s: %s", job.job_id, e)
-                return
-            if ended.wait(0.5 * (attempt + 1)):
-                return
+        self._report(job, JobStatus.RUNNING, started, pause=lambda attempt: ended.wait(0.5 * (attempt + 1)))
+
+
+def _back_off(attempt: int) -> bool:
+    time.sleep(0.2 * (attempt + 1))
+    return False  # and try again
