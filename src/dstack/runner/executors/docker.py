@@ -150,6 +150,7 @@ class DockerExecutor:
         self._warm: dict[tuple, warmup.WarmContainer] = {}  # by kind, the most recently warmed last
         self._claimed: dict[str, warmup.WarmContainer] = {}  # by job id, until the job starts
         self._warming: set[tuple] = set()  # kinds whose container is being started
+        self._starting: dict[tuple, Container] = {}  # their containers, once created
         self._unwarmable: set[str] = set()  # ids of images whose containers cannot wait for jobs
         self._removals: list[threading.Thread] = []  # of disposed jobs' containers, still going on
         self._changed = threading.Condition(self._lock)
@@ -269,7 +270,10 @@ class DockerExecutor:
                 name=f"dstack-warm-{secrets.token_hex(6)}",
                 **_container_options(job),
             )
-            if warmup.wait_ready(_attach_and_start(ready.container)):
+            with self._lock:  # close() removes it from here on, rather than wait for it to be ready
+                closing = self._closed
+                self._starting[kind] = ready.container
+            if not closing and warmup.wait_ready(_attach_and_start(ready.container)):
                 return ready
             why = "it did not say it was ready (no /bin/sh or no env in the image?)"
         except DOCKER_ERRORS as e:
@@ -277,7 +281,12 @@ class DockerExecutor:
         except BaseException:
             self._discard(ready)
             raise
+        finally:
+            with self._lock:
+                self._starting.pop(kind, None)
         self._discard(ready)
+        if self._closed:
+            return None
         self._unwarmable.add(image.id)  # for this runner's life: its jobs start cold, as they always can
         log.info("no container of %s can wait for jobs (%s): its jobs start cold", job.image, why)
         return None
@@ -305,6 +314,13 @@ class DockerExecutor:
         deadline = time.monotonic() + CLOSE_TIMEOUT
         with self._lock:
             self._closed = True
+            starting = list(self._starting.values())
+        for container in starting:  # being warmed up: removed now, its warm-up ends at once
+            try:
+                container.remove(force=True)
+            except DOCKER_ERRORS:
+                pass
+        with self._lock:
             self._changed.wait_for(lambda: not self._warming, timeout=CLOSE_TIMEOUT)
             waiting = [*self._warm.values(), *self._claimed.values()]
             self._warm.clear()
