@@ -67,20 +67,18 @@ class ProjectFiles:
         return top + sorted(p for p in self.texts if p.startswith(".dstack/workflows/"))
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what bytes that were not UTF-8 (or half a "\\u" pair) become
 
 
-def require_unicode(args: list[str], resolved: Any) -> None:
-    """Text that is not Unicode (a command-line argument that was not UTF-8: its bytes arrive as lone
-    surrogates) is refused here: stored, it could not be shown back. (A YAML escape of half a character is
+def require_unicode(values: Any, what: str) -> None:
+    """Text in `values` (strings, lists, dicts) that is not Unicode, such as a command-line argument whose bytes
+    were not UTF-8, is refused: stored, it could not be shown back. (A YAML escape of half a character is
     refused where it is written, by the YAML loader.)"""
-    for arg in args:
-        if _SURROGATE.search(arg):
-            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise ConfigError(f"the argument '{shown}' is not UTF-8 text",
+    for text in _strings(values):
+        if LONE_SURROGATE.search(text):
+            shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ConfigError(f"{what} '{shown}' is not UTF-8 text",
                               hint="pass the value in UTF-8 (check the terminal's or the script's encoding)")
-    if any(_SURROGATE.search(text) for text in _strings(resolved)):
-        raise ConfigError("a value of the workflow is not Unicode text (it holds a lone surrogate)")
 
 
 def _strings(value: Any):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from dstack.config.files import LONE_SURROGATE
 from dstack.core.errors import ConfigError
 
 Path_ = tuple[Any, ...]
@@ -84,19 +84,16 @@ def _build(node: yaml.Node, path: Path_, out: Located, loader: yaml.SafeLoader, 
     value = loader.construct_object(node)
     if isinstance(value, int | float) and not isinstance(value, bool):
         out.number_texts[path] = node.value  # `1.50` as written, for values that end up as text
-    if isinstance(value, str) and _SURROGATE.search(value):
+    if isinstance(value, str) and LONE_SURROGATE.search(value):
         value = _text(value, node, fail)
     return value
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _text(value: str, node: yaml.Node, fail) -> str:
     """A string with UTF-16 escapes ("\\ud83d\\ude00", as JSON writers put them): a pair is one character;
     a lone half is no character at all."""
     joined = value.encode("utf-16", "surrogatepass").decode("utf-16", "surrogatepass")
-    if _SURROGATE.search(joined):
+    if LONE_SURROGATE.search(joined):
         err = fail("a '\\u' escape here is half of a UTF-16 pair, not a character", node.start_mark)
         err.hint = "write the character itself, or \\U and its 8 hex digits"
         raise err

@@ -50,7 +50,6 @@ class Runner:
         self._lock = threading.Lock()
         self._executors: dict[bool, object] = {}
         self.inline_logs = False  # whether the last output may travel with the final status (server >= 0.3)
-        self.started: dict = {}  # of the current job, once started: its image digest and ports
         self._store = None
 
     def executor_for(self, job: JobSpec):
@@ -174,19 +173,18 @@ class Runner:
 
         self.current, self.stop_requested = job, None
         executor = self.executor_for(job)
-        ready = executor.claim(job)  # a container already waits for this job: its code goes there
-        folder = ready.parent if ready is not None else self.workdir / "jobs" / job.job_id
+        root = executor.claim(job)  # a container already waits for this job: its code goes there
+        folder = root.parent if root is not None else self.workdir / "jobs" / job.job_id
         shipper = LogShipper(lambda data: self.client.logs(self.name, job.job_id, data))
-        self.started = {}
         try:
             self._run(job, folder, shipper, executor)
         except (ExecutorError, workspace.WorkspaceError, DstackError, OSError) as e:
             shipper.close()
-            self._finish(job, JobStatus.FAILED, reason=str(e), **self.started)
+            self._finish(job, JobStatus.FAILED, reason=str(e), **_started(self.execution))
         except Exception as e:  # never leave a job hanging in RUNNING
             log.exception("job %s failed", job.job_id)
             shipper.close()
-            self._finish(job, JobStatus.FAILED, reason=f"runner error: {e!r}", **self.started)
+            self._finish(job, JobStatus.FAILED, reason=f"runner error: {e!r}", **_started(self.execution))
         finally:
             shipper.close()
             executor.release(job)
@@ -243,8 +241,7 @@ class Runner:
             self.execution = executor.start(job, root, mounts, job.env, shipper.write)
             if self.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
-        started = self.started = {"image_digest": self.execution.image_digest,
-                                   "ports": self.execution.ports or None}
+        started = _started(self.execution)
         # RUNNING is reported unless the job ends first: then its final status says it all, in one request
         # fewer while a short job and its container's exit compete for the CPU
         ended = threading.Event()
@@ -310,6 +307,13 @@ class Runner:
         """RUNNING, retried while the server is unreachable and the job runs (a lost one would leave it
         PROVISIONING until its end); never after the job's end."""
         self._report(job, JobStatus.RUNNING, started, pause=lambda attempt: ended.wait(0.5 * (attempt + 1)))
+
+
+def _started(execution) -> dict:
+    """What a report says of a started job: the image digest it ran and the ports it was given."""
+    if execution is None:
+        return {}
+    return {"image_digest": execution.image_digest, "ports": execution.ports or None}
 
 
 def _back_off(attempt: int) -> bool:

@@ -52,9 +52,9 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
 
 
 def _resolve(files: ProjectFiles, req: RunRequest, overrides: dict, run_name: str) -> ResolvedWorkflow:
-    require_unicode([*req.args, req.workflow, req.repo_id, req.tag or ""], None)
+    require_unicode([*req.args, req.workflow, req.repo_id, req.tag or ""], "the argument")
     resolved = resolve_workflow(files, req.workflow, overrides, run_name)
-    require_unicode([], [resolved.variables, *(job.model_dump() for job in resolved.jobs)])
+    require_unicode([resolved.variables, *(job.model_dump() for job in resolved.jobs)], "the value")
     return resolved
 
 
