@@ -4,7 +4,8 @@ Files are named by the BLAKE3 hash of their content (the blob that holds it); di
 symlinks live only in the manifest. The manifest's own digest (BLAKE3 of its canonical JSON) names
 the artifact. A manifest is only valid when it cannot reach outside its root: paths are relative,
 normalised and free of `..`; every entry's parent is a directory entry of the same manifest (so no
-file is ever written through a symlink); and every symlink resolves inside the root."""
+file is ever written through a symlink); and no symlink leads outside the root (`resolve_symlink`;
+a loop of links is allowed: it reaches nothing)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import operator
 import re
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from blake3 import blake3
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -84,48 +85,75 @@ def validate_symlink_target(path: str, target: str) -> None:
         )
 
 
-def check_symlinks(kinds: Mapping[str, str], targets: Mapping[str, str]) -> None:
-    """Raise UnsafePath unless every symlink resolves inside the root.
+INSIDE, OUTSIDE, LOOP = "inside", "outside", "loop"
 
-    `kinds` maps every path of the tree to 'file' | 'dir' | 'symlink', `targets` each symlink to its
-    target. Resolution follows the kernel's: component by component, links expanded where they
-    stand (so `s -> .` then `e -> s/..` escapes, which a lexical check would miss). Components
-    that do not exist are taken lexically, which is stricter than the kernel."""
+
+class Resolved(NamedTuple):
+    fate: str  # INSIDE | OUTSIDE | LOOP
+    path: str  # INSIDE: the path reached ('' = the root); OUTSIDE: the link whose target leaves; LOOP: a link of it
+
+
+def check_symlinks(kinds: Mapping[str, str], targets: Mapping[str, str]) -> None:
+    """Raise UnsafePath unless every symlink stays inside the root (see resolve_symlink). A loop is
+    allowed: it reaches nothing (saving leaves loops out, yet a manifest that holds one is safe)."""
     for path, target in targets.items():
         validate_symlink_target(path, target)
-        base = path.split("/")[:-1]
-        if _escapes(base, target, kinds, targets):
+    for path, r in unresolved_symlinks(kinds, targets).items():
+        if r.fate == OUTSIDE:
             raise UnsafePath(
-                f"symlink '{path}' points outside the artifact (target '{target}')",
+                f"symlink '{path}' points outside the artifact (target '{targets[path]}'"
+                + (f", through '{r.path}')" if r.path != path else ")"),
                 hint="artifacts may hold only links to their own files; copy the target into the folder",
             )
 
 
-def _escapes(base: list[str], target: str, kinds: Mapping[str, str], targets: Mapping[str, str]) -> bool:
-    stack = list(base)
-    queue = deque(target.split("/"))
+def unresolved_symlinks(kinds: Mapping[str, str], targets: Mapping[str, str]) -> dict[str, Resolved]:
+    """The symlinks that do not resolve inside the root (OUTSIDE or LOOP), by path, sorted."""
+    out = {}
+    for path in sorted(targets):
+        r = resolve_symlink(path, kinds, targets)
+        if r.fate != INSIDE:
+            out[path] = r
+    return out
+
+
+def resolve_symlink(path: str, kinds: Mapping[str, str], targets: Mapping[str, str]) -> Resolved:
+    """Where following the symlink `path` leads, resolved as the kernel does.
+
+    `kinds` maps every path of the tree to 'file' | 'dir' | 'symlink', `targets` each symlink to its
+    target; the link's folder holds no link on its way (a manifest's entries sit in directories).
+    Component by component from that folder, each link met (the last component too) is expanded
+    where it stands, so `s -> .` then `e -> s/..` leaves the root, which a lexical check would miss.
+    Leaving the root once (`..` above it, an absolute target) is OUTSIDE, even if the path would come
+    back: a saved tree moves. More than MAX_SYMLINK_HOPS links on the way is the kernel's ELOOP, where
+    every cycle of links ends: LOOP. Components that do not exist, or are files, are taken lexically
+    (where the kernel would stop: never more lenient than the kernel)."""
+    folder, _, name = path.rpartition("/")
+    stack = folder.split("/") if folder else []
+    queue: deque[tuple[str, str]] = deque([(name, path)])  # (component, the link whose target holds it)
     hops = 0
     while queue:
-        part = queue.popleft()
+        part, owner = queue.popleft()
         if part in ("", "."):
             continue
         if part == "..":
             if not stack:
-                return True
+                return Resolved(OUTSIDE, owner)
             stack.pop()
             continue
         stack.append(part)
         here = "/".join(stack)
-        if kinds.get(here) == "symlink":
-            hops += 1
-            if hops > MAX_SYMLINK_HOPS:
-                return False  # ELOOP: the kernel gives up here, nothing is reached
-            stack.pop()
-            link = targets[here]
-            if link.startswith("/"):
-                return True
-            queue.extendleft(reversed(link.split("/")))
-    return False
+        if kinds.get(here) != "symlink":
+            continue
+        hops += 1
+        if hops > MAX_SYMLINK_HOPS:
+            return Resolved(LOOP, here)
+        stack.pop()
+        target = targets[here]
+        if target.startswith("/"):
+            return Resolved(OUTSIDE, here)
+        queue.extendleft((p, here) for p in reversed(target.split("/")))
+    return Resolved(INSIDE, "/".join(stack))
 
 
 class Entry(BaseModel):

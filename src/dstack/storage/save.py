@@ -22,7 +22,7 @@ On a local store on the same disk, a runner saves a finished job's folder withou
 - **plant**: the saved folder itself becomes the read-only tree of its manifest that dependency
   mounts reuse (`trees/<digest>`): moved there, not rebuilt. Files that are not the blob's own
   inode (deduplicated, copied, executable) are replaced by the tree's usual links or copies, and
-  what the manifest left out (escaping symlinks, FIFOs) is removed."""
+  what the manifest left out (symlinks that lead outside or loop, FIFOs) is removed."""
 
 from __future__ import annotations
 
@@ -42,7 +42,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 from dstack.core.errors import DstackError, NotFound
-from dstack.core.manifest import EMPTY_HASH, Entry, Manifest, UnsafePath, check_symlinks, check_text
+from dstack.core.manifest import (
+    EMPTY_HASH,
+    LOOP,
+    MAX_SYMLINK_HOPS,
+    Entry,
+    Manifest,
+    UnsafePath,
+    check_text,
+    unresolved_symlinks,
+)
 from dstack.storage.blobstore import TOUCH_AFTER, BlobStore, LocalBlobStore, file_identity
 from dstack.storage.hashing import SMALL_FILE, IntegrityError, hash_bytes, hash_fd, read_exactly
 from dstack.storage.tree import BlobCache, TreeBuilder, remove_tree
@@ -73,9 +82,9 @@ def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path |
     """Save the folder `src` into `store`; return its manifest (already stored: the artifact exists).
     `workers`: threads for the files (default: what the store says pays off).
 
-    Files the store has already are not stored again. Symlinks are saved as links and must resolve
-    inside `src` (with `warn`, those that do not are left out and reported to it; else UnsafePath);
-    FIFOs, sockets and devices are skipped with a warning.
+    Files the store has already are not stored again. Symlinks are saved as links (chains and links to
+    folders too) and must resolve inside `src`: those that lead outside, and loops, are left out and
+    reported to `warn` (without it, UnsafePath); FIFOs, sockets and devices are skipped with a warning.
 
     `adopt` (a finished job's folder, which is deleted afterwards): files nothing else reaches become
     blobs by hard link, read-only, where the store is a local folder on the same disk. With `trees`
@@ -89,14 +98,9 @@ def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path |
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafePath(f"{src} is not a folder" + (" (it is a symlink)" if stat.S_ISLNK(st.st_mode) else ""))
     entries, files, kinds, targets = _scan(src)
-    if warn is None:
-        check_symlinks(kinds, targets)
-    else:  # leave out the symlinks that lead outside, say so, and save the rest
-        for rel in _escaping_symlinks(kinds, targets):
-            warn(f"symlink '{rel}' left out (the rest is saved): it points outside the artifact "
-                 f"(to '{targets[rel]}')")
-            del kinds[rel], targets[rel]
-            entries = [e for e in entries if e.path != rel]
+    left_out = _unresolved_symlinks(kinds, targets, warn)
+    if left_out:
+        entries = [e for e in entries if e.path not in left_out]
     saver = _Saver(store, adopt, st.st_dev)
     workers = workers or store.concurrency
     batches = [files[i:i + _BATCH] for i in range(0, len(files), _BATCH)]
@@ -126,21 +130,25 @@ def save_tree(store: BlobStore, src: Path, *, adopt: bool = False, trees: Path |
     return manifest
 
 
-def _escaping_symlinks(kinds: dict[str, str], targets: dict[str, str]) -> list[str]:
-    """The symlinks that resolve outside the root (until none is left: links may lead through links)."""
-    kinds, targets, out = dict(kinds), dict(targets), []
-    while True:
-        bad = []
-        for rel, target in targets.items():
-            try:
-                check_symlinks(kinds, {rel: target})
-            except UnsafePath:
-                bad.append(rel)
-        if not bad:
-            return out
-        for rel in bad:
-            del kinds[rel], targets[rel]
-        out += bad
+def _unresolved_symlinks(kinds: dict[str, str], targets: dict[str, str],
+                         warn: Callable[[str], None] | None) -> set[str]:
+    """The symlinks to leave out: those that lead outside the folder, and loops (which lead nowhere),
+    each reported to `warn`; without `warn`, UnsafePath for the first. The others are unaffected: a
+    link whose way passes through one of these is one of these itself."""
+    unresolved = unresolved_symlinks(kinds, targets)
+    for rel, r in unresolved.items():
+        via = f", through '{r.path}'" if r.path != rel else ""
+        if r.fate == LOOP:
+            why = (f"it never resolves (to '{targets[rel]}'{via}): a loop of symlinks, or more than "
+                   f"{MAX_SYMLINK_HOPS} on the way")
+        else:
+            why = f"it points outside the artifact (to '{targets[rel]}'{via})"
+        if warn is None:
+            raise UnsafePath(f"symlink '{rel}' {why.removeprefix('it ')}",
+                             hint="remove the link, or point it at a file or folder" if r.fate == LOOP else
+                             "artifacts may hold only links to their own files; copy the target into the folder")
+        warn(f"symlink '{rel}' left out (the rest is saved): {why}")
+    return set(unresolved)
 
 
 def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str, int | None]], dict[str, str], dict[str, str]]:
@@ -170,7 +178,7 @@ def _scan(src: Path) -> tuple[list[Entry], list[tuple[str, str, int | None]], di
                 try:
                     entries.append(Entry(path=rel, kind="symlink", mode=0o777, target=target))
                 except UnsafePath:
-                    pass  # an absolute target: check_symlinks below refuses it (or leaves it out)
+                    pass  # an absolute target: _unresolved_symlinks refuses it (or leaves it out)
             elif e.is_dir(follow_symlinks=False):
                 st = e.stat(follow_symlinks=False)
                 kinds[rel] = "dir"
