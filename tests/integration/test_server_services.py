@@ -46,6 +46,11 @@ def _serve(tmp_path: Path, body) -> None:
     asyncio.run(main())
 
 
+async def _chunks(*parts: bytes):
+    for p in parts:
+        yield p
+
+
 def _request(**kw) -> RunRequest:
     return RunRequest(**{"repo_id": "repo", "workflow": "a", "files": {".dstack/workflows.yaml": WORKFLOWS}, **kw})
 
@@ -90,7 +95,7 @@ def test_code_the_server_lacks_is_asked_for_once_the_run_is_sound(tmp_path):
             await runs.run_workflow(ctx, _request(code=code))
         assert info.value.blobs == [blob] and error_from_dict(info.value.to_dict()).blobs == [blob]
         assert await runs.list_runs(ctx, "repo", None) == []
-        ctx.code.put(blob, b"tar")
+        await ctx.code.put(blob, _chunks(b"tar"))
         assert (await runs.run_workflow(ctx, _request(code=code))).code == code
 
     _serve(tmp_path, body)

@@ -83,8 +83,13 @@ class HttpClient:
         sock.settimeout(timeout)
         lines = [f"{method} {url} HTTP/1.1", f"Host: {self._host}:{self._port}",
                  f"Content-Length: {len(body or b'')}", *(f"{k}: {v}" for k, v in headers.items())]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         try:
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
+            if body and len(body) > _JOIN_LIMIT:  # a code blob: sent as it is, never copied behind the headers
+                sock.sendall(head)
+                sock.sendall(body)
+            else:  # one segment
+                sock.sendall(head + (body or b""))
             status_line = reader.readline(65537)
         except (BrokenPipeError, ConnectionResetError):
             raise _Stale() from None
@@ -173,6 +178,9 @@ class HttpClient:
             conn[0].close()
         else:
             conn.close()
+
+
+_JOIN_LIMIT = 1 << 16  # a body up to this size travels in one send with its headers
 
 
 class _Stale(Exception):

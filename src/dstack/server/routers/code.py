@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse
 
 from dstack.server.context import Context
 from dstack.server.routers.deps import get_ctx
@@ -15,10 +16,11 @@ async def has(digest: str, ctx: Context = Depends(get_ctx)) -> Response:
 
 @router.put("/{digest}")
 async def put(digest: str, request: Request, ctx: Context = Depends(get_ctx)) -> dict:
-    ctx.code.put(digest, await request.body())
+    """The blob's bytes are the body, streamed to disk as they arrive."""
+    await ctx.code.put(digest, request.stream())
     return {}
 
 
 @router.get("/{digest}")
-async def get(digest: str, ctx: Context = Depends(get_ctx)) -> Response:
-    return Response(content=ctx.code.get(digest), media_type="application/octet-stream")
+async def get(digest: str, ctx: Context = Depends(get_ctx)) -> FileResponse:
+    return FileResponse(ctx.code.file(digest), media_type="application/octet-stream")
