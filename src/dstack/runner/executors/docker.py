@@ -7,6 +7,10 @@ reaches the job's shell: a shell that is PID 1 itself ignores it.
 
 After a job, the runner asks for a warm container for the next job of its kind (`warm`); the next such
 job claims it (`claim`) and starts in it without Docker's create and start (see warm.py).
+
+A restart of the Docker daemon is survived (see docker_daemon.py): a job it killed fails saying so
+(`failure_reason`), a daemon that died is waited for, a container it could not remove meanwhile is removed
+once it is back, and a warm-up it broke is tried again later.
 """
 
 from __future__ import annotations
@@ -39,17 +43,23 @@ from dstack.runner.executors.base import (
     pick_free_ports,
     relative_working_dir,
 )
+from dstack.runner.executors.docker_daemon import (
+    DOCKER_ERRORS,
+    Removals,
+    accepts_connections,
+    wait_until_back,
+)
 
 log = logging.getLogger(__name__)
-
-# the SDK lets connection failures through as requests' exceptions
-DOCKER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException)
 
 CONTAINER_ROOT = "/workflow"
 TERMINAL_ROWS, TERMINAL_COLUMNS = 24, 80
 DRAIN_TIMEOUT = 10.0  # seconds to wait for the rest of the output once the container exited
 CLOSE_TIMEOUT = 10.0  # seconds `close` waits for a container being warmed up, to remove it too
 RENAME_AFTER = 0.1  # seconds into a job in a warm container before it is renamed dstack-<job_id>
+EXIT_TIMEOUT = 2.0  # seconds for a warm container that did not say it was ready to have exited
+DAEMON_BACK_TIMEOUT = 60.0  # seconds a job's wait waits for a Docker daemon that went away to be back
+WARM_RETRY_FIRST, WARM_RETRY_MAX = 1.0, 300.0  # seconds before a kind whose warm-up failed is tried again, doubling
 
 
 class DockerExecution:
@@ -61,26 +71,32 @@ class DockerExecution:
         image_digest: str | None,
         ports: list[int],
         warm: bool = False,
-        removals: list[threading.Thread] | None = None,
+        removals: Removals | None = None,
     ) -> None:
         self.image_digest = image_digest
-        self._removals = removals  # the executor's: it waits for them before its runner exits
+        self._removals = removals  # the executor's: they outlive the daemon's restarts
         self.ports = ports
         self.warm = warm  # started in a warm container
+        # why the job failed when its exit code does not say it (e.g. the Docker daemon killed it), else None
+        self.failure_reason: str | None = None
         self.container = container
         self._output = output
         self._on_output = on_output
         self._lock = threading.Lock()
         self._exit_code: int | None = None
         self._renaming: threading.Timer | None = None
-        self._reader = threading.Thread(
-            target=self._pump, name=f"dstack-docker-output-{container.short_id}", daemon=True
-        )
-        self._reader.start()
+        self._stop_wanted = threading.Event()  # a stop that the daemon, away, could not do
+        self._reader = self._read(output)
 
-    def _pump(self) -> None:
+    def _read(self, output: Any) -> threading.Thread:
+        reader = threading.Thread(target=self._pump, args=(output,), daemon=True,
+                                  name=f"dstack-docker-output-{self.container.short_id}")
+        reader.start()
+        return reader
+
+    def _pump(self, output: Any) -> None:
         try:
-            for chunk in self._output:
+            for chunk in output:
                 try:
                     self._on_output(chunk)
                 except Exception:
@@ -92,26 +108,66 @@ class DockerExecution:
         with self._lock:
             if self._exit_code is not None:
                 return self._exit_code
-            try:
-                status = self.container.wait()
-            except docker.errors.NotFound:
-                status = {"StatusCode": 137}  # removed behind our back
-            except DOCKER_ERRORS as e:
-                raise ExecutorError(f"lost the job's container {self.container.short_id}: {e}") from e
+            code = self._wait()
             self._reader.join(DRAIN_TIMEOUT)
             if self._reader.is_alive():
                 self._output.close()
             if self._renaming is not None:
                 self._renaming.cancel()
-            self._exit_code = int(status.get("StatusCode", 1))
-            return self._exit_code
+            if code != 0 and self.failure_reason is None and not accepts_connections(self.container.client):
+                # it stops: it closed its socket, then stopped the containers (unless --live-restore)
+                self.failure_reason = f"the Docker daemon stopped while the job ran (exit code {code})"
+            self._exit_code = code
+            return code
+
+    def _wait(self) -> int:
+        """The container's exit code, once it exited; through restarts of the daemon."""
+        while True:
+            try:
+                return int(self.container.wait().get("StatusCode", 1))
+            except docker.errors.NotFound:
+                return 137  # removed behind our back
+            except requests.exceptions.RequestException as e:  # the daemon went away: died, or killed
+                log.warning("the Docker daemon went away while container %s ran (%s); waiting for it",
+                            self.container.short_id, e)
+                try:
+                    back = wait_until_back(self.container, DAEMON_BACK_TIMEOUT, self._stop_wanted)
+                except docker.errors.NotFound:
+                    return 137
+                except DOCKER_ERRORS as e2:
+                    raise ExecutorError(f"lost the job's container {self.container.short_id}: {e2}") from e2
+                if not back and self._stop_wanted.is_set():
+                    raise ExecutorError(f"the Docker daemon went away while the job ran, and the job was stopped "
+                                        f"before it was back ({e})") from e
+                if not back:
+                    raise ExecutorError(f"the Docker daemon went away while the job ran and was not back within "
+                                        f"{DAEMON_BACK_TIMEOUT:.0f} s ({e})") from e
+                state = self.container.attrs.get("State") or {}
+                if not state.get("Running"):  # it stopped the container when it started again
+                    code = int(state.get("ExitCode", 1))
+                    if code != 0:
+                        self.failure_reason = f"the Docker daemon restarted while the job ran (exit code {code})"
+                    return code
+                self._reattach()  # it runs on (--live-restore): its output comes through a new stream
+            except DOCKER_ERRORS as e:
+                raise ExecutorError(f"lost the job's container {self.container.short_id}: {e}") from e
+
+    def _reattach(self) -> None:
+        """Read the output of a container that outlived its daemon's restart again (what it wrote while the
+        daemon was away is lost)."""
+        self._reader.join(DRAIN_TIMEOUT)  # the old stream broke with the daemon
+        try:
+            self._output = self.container.attach(stream=True, logs=False)
+        except DOCKER_ERRORS as e:
+            log.warning("could not read the output of container %s again: %s", self.container.short_id, e)
+            return
+        self._reader = self._read(self._output)
 
     def dispose(self) -> None:
         """Remove the container, in the background: once the job's end is reported, not while it is."""
-        removal = threading.Thread(target=self._remove, daemon=True)
-        removal.start()
-        if self._removals is not None:
-            self._removals[:] = [t for t in self._removals if t.is_alive()] + [removal]
+        if self._removals is None:
+            self._removals = Removals()
+        self._removals.remove(self.container, wait=False)
 
     def rename_later(self, name: str) -> None:
         """Name the container for `docker ps` once the job has run for RENAME_AFTER seconds (a job that ends
@@ -131,14 +187,10 @@ class DockerExecution:
         except docker.errors.APIError as e:
             if e.status_code != 409:  # 409: its removal is in progress
                 raise ExecutorError(f"could not stop container {self.container.short_id}: {e}") from e
-
-    def _remove(self) -> None:
-        try:
-            self.container.remove(force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:  # e.g. removal already in progress
-            log.warning("could not remove container %s: %s", self.container.short_id, e)
+        except requests.exceptions.RequestException as e:  # the daemon is away: wait() waits for it no more
+            self._stop_wanted.set()
+            raise ExecutorError(f"could not stop container {self.container.short_id}: Docker is unreachable "
+                                f"({e})") from e
 
 
 class DockerExecutor:
@@ -152,7 +204,8 @@ class DockerExecutor:
         self._warming: set[tuple] = set()  # kinds whose container is being started
         self._starting: dict[tuple, Container] = {}  # their containers, once created
         self._unwarmable: set[str] = set()  # ids of images whose containers cannot wait for jobs
-        self._removals: list[threading.Thread] = []  # of disposed jobs' containers, still going on
+        self._warm_later: dict[tuple, tuple[float, float]] = {}  # kinds whose warm-up failed: (when, back-off)
+        self._removals = Removals()  # of containers that Docker could not remove yet
         self._changed = threading.Condition(self._lock)
         self._closed = False
 
@@ -214,11 +267,12 @@ class DockerExecutor:
                 name=name,
                 **_container_options(job),
             )
-            output = _attach_and_start(container)
+            output = _attach_and_start(container, self._removals)
         except DOCKER_ERRORS as e:
             raise ExecutorError(
                 f"could not start the container of job {job.job_id} ({job.image}): {e}"
             ) from e
+        self._removals.retry_now()  # Docker answers: what it could not remove before goes now
         return DockerExecution(container, output, on_output, _digest(image, job.image), ports,
                                removals=self._removals)
 
@@ -231,6 +285,8 @@ class DockerExecutor:
         with self._lock:
             if kind is None or self._closed or kind in self._warm or kind in self._warming:
                 return False
+            if time.monotonic() < self._warm_later.get(kind, (0.0, 0.0))[0]:
+                return False  # it failed a moment ago: tried again after its back-off
             self._warming.add(kind)
         ready, stale = None, []
         try:
@@ -242,9 +298,10 @@ class DockerExecutor:
                     while len(self._warm) >= warmup.MAX_KINDS:  # the least recently warmed kind goes
                         stale.append(self._warm.pop(next(iter(self._warm))))
                     self._warm[kind] = ready
+                    self._warm_later.pop(kind, None)
                     log.info("container %s waits for the next job of %s", ready.container.short_id, job.image)
-        except (ExecutorError, *DOCKER_ERRORS, OSError) as e:
-            log.warning("could not warm up a container for %s: %s", job.image, e)
+        except (warmup.WarmUpFailed, ExecutorError, *DOCKER_ERRORS, OSError) as e:  # e.g. its daemon restarted
+            self._try_later(kind, f"could not warm up a container for {job.image}: {e}")
         finally:
             for old in stale:
                 self._discard(old)
@@ -253,7 +310,15 @@ class DockerExecutor:
                 self._changed.notify_all()
         return ready is not None and ready not in stale
 
+    def _try_later(self, kind: tuple, message: str) -> None:
+        with self._lock:
+            backoff = min(2 * self._warm_later.get(kind, (0.0, WARM_RETRY_FIRST / 2))[1], WARM_RETRY_MAX)
+            self._warm_later[kind] = (time.monotonic() + backoff, backoff)
+        log.warning("%s; tried again in %.0f s at the earliest", message, backoff)
+
     def _start_waiting(self, job: JobSpec, kind: tuple, root: Path) -> warmup.WarmContainer | None:
+        """A container of `kind` that waits for a job; None when its image cannot have one (then it is
+        never tried again) or the executor closed. `WarmUpFailed` when Docker failed: tried again later."""
         image = self._image(job.image)
         if (image.attrs.get("Config") or {}).get("Entrypoint") or image.id in self._unwarmable:
             return None  # an entrypoint would run before the job's environment is known: such jobs start cold
@@ -273,11 +338,13 @@ class DockerExecutor:
             with self._lock:  # close() removes it from here on, rather than wait for it to be ready
                 closing = self._closed
                 self._starting[kind] = ready.container
-            if not closing and warmup.wait_ready(_attach_and_start(ready.container)):
+            if not closing and warmup.wait_ready(_attach_and_start(ready.container, self._removals)):
+                self._removals.retry_now()  # Docker answers: what it could not remove before goes now
                 return ready
-            why = "it did not say it was ready (no /bin/sh or no env in the image?)"
+            exit_code = None if closing else _own_exit_code(ready.container)
         except DOCKER_ERRORS as e:
-            why = str(e)
+            self._discard(ready)
+            raise warmup.WarmUpFailed(str(e)) from e
         except BaseException:
             self._discard(ready)
             raise
@@ -287,8 +354,11 @@ class DockerExecutor:
         self._discard(ready)
         if self._closed:
             return None
+        if exit_code is None:  # killed (e.g. by its daemon's restart), or slow: not the image's fault
+            raise warmup.WarmUpFailed("its container did not say it was ready")
         self._unwarmable.add(image.id)  # for this runner's life: its jobs start cold, as they always can
-        log.info("no container of %s can wait for jobs (%s): its jobs start cold", job.image, why)
+        log.info("no container of %s can wait for jobs (it exited with code %d before it said it was ready: no "
+                 "/bin/sh or no env in the image?): its jobs start cold", job.image, exit_code)
         return None
 
     def claim(self, job: JobSpec) -> Path | None:
@@ -316,10 +386,7 @@ class DockerExecutor:
             self._closed = True
             starting = list(self._starting.values())
         for container in starting:  # being warmed up: removed now, its warm-up ends at once
-            try:
-                container.remove(force=True)
-            except DOCKER_ERRORS:
-                pass
+            self._removals.remove(container)
         with self._lock:
             self._changed.wait_for(lambda: not self._warming, timeout=CLOSE_TIMEOUT)
             waiting = [*self._warm.values(), *self._claimed.values()]
@@ -327,8 +394,8 @@ class DockerExecutor:
             self._claimed.clear()
         for ready in waiting:
             self._discard(ready)
-        for removal in list(self._removals):  # daemon threads: they would die with the runner mid-way
-            removal.join(max(0.0, deadline - time.monotonic()))
+        # daemon threads: they would die with the runner mid-way
+        self._removals.close(max(0.0, deadline - time.monotonic()))
 
     def _start_warm(self, ready: warmup.WarmContainer, job: JobSpec, root: Path, mounts: list[Mount],
                     env: dict[str, str], on_output: OutputCallback) -> DockerExecution | None:
@@ -360,11 +427,8 @@ class DockerExecutor:
         return None
 
     def _discard(self, ready: warmup.WarmContainer, keep_root: bool = False) -> None:
-        try:
-            if ready.container is not None:
-                ready.container.remove(force=True)
-        except DOCKER_ERRORS:
-            pass
+        if ready.container is not None:
+            self._removals.remove(ready.container)
         if keep_root:
             shutil.rmtree(ready.control, ignore_errors=True)
         else:
@@ -413,17 +477,27 @@ def _runner_labels() -> dict[str, str]:
     return {"dstack.runner_pid": str(os.getpid()), "dstack.boot_id": _boot_id()}
 
 
-def _attach_and_start(container: Container) -> Any:
+def _attach_and_start(container: Container, removals: Removals) -> Any:
     """Its output stream, attached before the start so that no early output is lost."""
     try:
         output = container.attach(stream=True, logs=False)
         container.start()
     except DOCKER_ERRORS:
-        container.remove(force=True)
+        removals.remove(container)
         raise
     # best effort, as `docker run -t` does (Engine 20.10 starts a tty at 0x0); off the critical path
     threading.Thread(target=_resize, args=(container,), daemon=True).start()
     return output
+
+
+def _own_exit_code(container: Container) -> int | None:
+    """The exit code of a container that ended by itself; None when it runs on, was killed (128+N: e.g. by its
+    daemon, which stops), or Docker cannot say."""
+    try:
+        code = int(container.wait(timeout=EXIT_TIMEOUT).get("StatusCode", 1))
+    except DOCKER_ERRORS:
+        return None
+    return code if code < 128 and accepts_connections(container.client) else None
 
 
 def _running(container: Container) -> bool:

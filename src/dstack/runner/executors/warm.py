@@ -20,7 +20,8 @@ final status is reported, and removes the waiting one when it exits.
 
 A job starts cold (create + start) when warming cannot be exact:
 - its image has an ENTRYPOINT (the entrypoint runs at start-up, before the job's environment is known),
-  or no `/bin/sh` or `env` (such an image is not tried again);
+  or no `/bin/sh` or `env` (its container exits by itself before it is ready: such an image is not tried
+  again; a warm-up that Docker failed, e.g. while its daemon restarted, is tried again after a back-off);
 - it has dependencies (their read-only mounts are made when the container is created);
 - its project lies in a subfolder of the repository, or it has no commands;
 - the image's tag moved to another image meanwhile, or the waiting container is gone;
@@ -67,6 +68,10 @@ def kind(job: JobSpec) -> tuple | None:
     if job.code is not None and job.code.subdir not in ("", "."):
         return None
     return job.image, job.requirements.gpu_count, job.requirements.shm_size_mib
+
+
+class WarmUpFailed(Exception):
+    """Docker could not start a container that waits, this time (not for a lack of the image): tried again later."""
 
 
 @dataclass
