@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from dstack.cli.output import human_size
+from dstack.core.names import printable
 
 CTX = {"help_option_names": ["-h", "--help"]}
 
@@ -45,12 +46,13 @@ def list_(run_or_job: str, show_files: bool, as_json: bool) -> None:
                 [(a["job_id"], a["path"], str(a["files"]), human_size(a["size"]), a["manifest"][:16]) for a in found])
     if show_files:
         for a in found:
-            click.echo(f"\n{a['path']}/")
+            click.echo(f"\n{printable(a['path'])}/")
             for e in client.manifest(a["manifest"]).entries:
                 if e.kind == "dir":
                     continue
-                extra = f"-> {e.target}" if e.kind == "symlink" else f"{human_size(e.size):>10}  {oct(e.mode)[2:]}"
-                click.echo(f"  {e.path}  {extra}")
+                extra = (f"-> {printable(e.target)}" if e.kind == "symlink"
+                         else f"{human_size(e.size):>10}  {oct(e.mode)[2:]}")
+                click.echo(f"  {printable(e.path)}  {extra}")  # a job's file may have any name
 
 
 @artifacts.command(context_settings=CTX)
@@ -100,11 +102,11 @@ def diff(run_a: str, run_b: str, as_json: bool) -> None:
                                "unchanged": len(set(a) & set(b)) - len(changed)}, indent=2, ensure_ascii=False))
         return
     for p in added:
-        click.echo(f"+ {p}  ({human_size(b[p][2])})")
+        click.echo(f"+ {printable(p)}  ({human_size(b[p][2])})")
     for p in removed:
-        click.echo(f"- {p}  ({human_size(a[p][2])})")
+        click.echo(f"- {printable(p)}  ({human_size(a[p][2])})")
     for p in changed:
         what = "mode" if a[p][:3] == b[p][:3] else f"{human_size(a[p][2])} -> {human_size(b[p][2])}"
-        click.echo(f"M {p}  ({what})")
+        click.echo(f"M {printable(p)}  ({what})")
     same = len(set(a) & set(b)) - len(changed)
     click.echo(f"{len(added)} added, {len(removed)} removed, {len(changed)} changed, {same} unchanged")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from dstack.cli.output import STATUS_STYLE, ago, format_overrides, local_time
 from dstack.cli.table import paint, print_table
+from dstack.core.names import printable
 from dstack.core.status import JobStatus
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def print_run_detail(run: Run) -> None:
     tty = sys.stdout.isatty()
 
     def line(label: str, value: str, indent: str = "") -> None:
-        print(f"{indent}{paint(label.ljust(13 - len(indent)), 'bold', tty)}{value}")
+        print(f"{indent}{paint(label.ljust(13 - len(indent)), 'bold', tty)}{printable(value)}")
 
     print()
     line("Workflow", f"{run.workflow} ({run.provider})")

@@ -1,9 +1,12 @@
-"""Plain column tables: fast for thousands of rows, colour only on a terminal."""
+"""Plain column tables: fast for thousands of rows, colour only on a terminal. A cell is printed escaped
+(`\n`, `\x1b`): text from elsewhere (a hostname, a reason, a file's name) cannot forge a row or move the cursor."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+
+from dstack.core.names import printable
 
 COLORS = {"green": "32", "red": "31", "yellow": "33", "cyan": "36", "blue": "34", "bold": "1", "dim": "2"}
 
@@ -19,6 +22,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
     """Columns separated by two spaces, as wide as their widest cell; `color_of(column, cell)`."""
     out = file or sys.stdout
     tty = out.isatty()
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):

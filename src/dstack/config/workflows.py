@@ -20,6 +20,7 @@ from dstack.config.variables import (
 from dstack.config.yaml_positions import Located, load_text
 from dstack.core.errors import ConfigError, did_you_mean
 from dstack.core.models import DependencySpec, JobSpec
+from dstack.core.names import MAX_WORKFLOW_NAME, BadName, check_text
 from dstack.core.names import job_id as new_job_id
 from dstack.providers.base import get_provider, relative_path
 
@@ -81,6 +82,7 @@ def load_workflows(files: ProjectFiles) -> list[WorkflowEntry]:
                                     hint=f'quote it: name: "{name}"' if isinstance(name, int | float) else None)
             if not name:
                 raise located.error(path, "a workflow has no 'name'", hint="add e.g. 'name: train'")
+            _check(located, path + ("name",), name, "the workflow name", MAX_WORKFLOW_NAME)
             if name in seen:
                 raise located.error(path + ("name",), f"workflow '{name}' is defined twice",
                                     hint=f"also at {_at(seen[name])}")
@@ -88,6 +90,23 @@ def load_workflows(files: ProjectFiles) -> list[WorkflowEntry]:
             seen[name] = entry
             entries.append(entry)
     return entries
+
+
+def _check(located: Located, path: tuple, text: str, what: str, max_length: int | None = None) -> None:
+    """A name or path as the rules of core.names want it (one line of printable text), else the error at `path`."""
+    try:
+        check_text(text, what, max_length)
+    except BadName as e:
+        raise located.error(path, e.message, hint=e.hint) from None
+
+
+def _check_artifacts(raw: dict, entry: WorkflowEntry) -> None:
+    """Artifact paths (`artifacts: [data]` or `[{path: data}]`, maybe from a variable) are one line each."""
+    items = raw.get("artifacts")
+    for i, item in enumerate(items if isinstance(items, list) else []):
+        path, at = (item.get("path"), (i, "path")) if isinstance(item, dict) else (item, (i,))
+        if isinstance(path, str):
+            _check(entry.located, entry.path + ("artifacts", *at), path, "the artifact path")
 
 
 def _at(entry: WorkflowEntry) -> str:
@@ -241,6 +260,9 @@ def _dependency_artifacts(value: Any, entry: WorkflowEntry, path: tuple) -> list
         value = [value]
     if not isinstance(value, list):
         raise entry.located.error(path, "'artifacts' of a dependency is a list of artifact paths")
+    for i, a in enumerate(value):
+        if isinstance(a, str):
+            _check(entry.located, path + (i,), a, "the artifact path")
     try:
         return [relative_path(a, "artifact") for a in value]
     except ValueError as e:
@@ -268,6 +290,7 @@ def _dependencies(raw: list, entry: WorkflowEntry) -> tuple[list[DependencySpec]
         else:
             raise entry.located.error(path, "a dependency is 'workflow:tag', 'workflow', a run name, "
                                       "or {ref: ..., artifacts: [...]}")
+        _check(entry.located, path, spec.ref, "the dependency")
         if spec.ref.split(":")[0] == entry.name:
             raise entry.located.error(path, f"workflow '{entry.name}' depends on itself")
         deps.append(spec)
@@ -298,6 +321,7 @@ def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], 
         raise
     used = {path: v for path, v in used.items() if v in variables}  # not run_name & co: nobody sets those
     raw = _one_dependencies_key(raw, entry)
+    _check_artifacts(raw, entry)
     for key in ("environment", "env"):  # `C: 1.50` is the text 1.50, not the number 1.5
         if isinstance(raw.get(key), dict):
             texts = entry.located.number_texts

@@ -7,10 +7,22 @@ import enum
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, PlainSerializer
+from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer
 
 from dstack.core.base import Model
 from dstack.core.code import CodeSnapshot
+from dstack.core.names import (
+    MAX_INT64,
+    MAX_JOB_ID,
+    MAX_PATH,
+    MAX_REPO_ID,
+    MAX_RUNNER_NAME,
+    MAX_TAG,
+    MAX_WORKFLOW_NAME,
+    check_runner_name,
+    check_tag,
+    check_text,
+)
 from dstack.core.resources import Requirements, RunnerResources
 from dstack.core.status import FINISHED, JobStatus, run_status  # noqa: F401  (part of the models' API)
 
@@ -30,6 +42,19 @@ def _from_base64(v: Any) -> Any:
 # raw bytes in Python, base64 text in JSON
 Base64Data = Annotated[bytes, BeforeValidator(_from_base64),
                        PlainSerializer(lambda b: base64.b64encode(b).decode(), when_used="json")]
+
+# what the API takes: ints the database can hold, names by the rules of core.names, texts of bounded length
+Int64 = Annotated[int, Field(ge=-MAX_INT64 - 1, le=MAX_INT64)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
+WorkflowName = Annotated[str, Field(min_length=1, max_length=MAX_WORKFLOW_NAME),
+                         AfterValidator(lambda v: check_text(v, "the workflow name"))]
+TagName = Annotated[str, Field(min_length=1, max_length=MAX_TAG), AfterValidator(check_tag)]
+RunnerName = Annotated[str, Field(min_length=1, max_length=MAX_RUNNER_NAME), AfterValidator(check_runner_name)]
+RepoId = Annotated[str, Field(max_length=MAX_REPO_ID)]
+JobId = Annotated[str, Field(max_length=MAX_JOB_ID)]
+Backend = Annotated[str, Field(max_length=50), AfterValidator(lambda v: check_text(v, "the backend"))]
+ArtifactPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH),
+                         AfterValidator(lambda v: check_text(v, "the artifact path"))]
 
 
 class DependencySpec(Model):
@@ -75,13 +100,13 @@ class RunRequest(Model):
     the models nor the providers. `args`: the command line's `--NAME VALUE` overrides as typed;
     `project`: the project's folder on the user's machine, for messages."""
 
-    repo_id: str
-    workflow: str
-    args: list[str] = []
+    repo_id: RepoId
+    workflow: WorkflowName
+    args: list[str] = Field([], max_length=10_000)
     files: dict[str, str] = {}
-    project: str = "."
+    project: str = Field(".", max_length=MAX_PATH)
     code: CodeSnapshot | None = None
-    tag: str | None = None  # tag the run with this once it is DONE
+    tag: TagName | None = None  # tag the run with this once it is DONE
 
 
 class RunSubmission(Model):
@@ -165,14 +190,14 @@ class RunnerInfo(Model):
 
 
 class RunnerRegistration(Model):
-    hostname: str
+    hostname: str = Field(max_length=300)  # shown as it is sent, escaped (see core.names.printable)
     resources: RunnerResources
-    backend: str | None = None
-    name: str | None = None
+    backend: Backend | None = None
+    name: RunnerName | None = None
 
 
 class Heartbeat(Model):
-    job_id: str | None = None
+    job_id: JobId | None = None
 
 
 class HeartbeatReply(Model):
@@ -180,11 +205,26 @@ class HeartbeatReply(Model):
     terminate: bool = False
 
 
+class SavedArtifact(Model):
+    """An artifact folder a job saved, as its runner reports it: the digest of its manifest, its files and bytes."""
+
+    path: ArtifactPath
+    manifest: str = Field(max_length=200)
+    files: Count = 0
+    size: Count = 0
+
+
+def _saved_artifact(v: Any) -> dict:
+    return SavedArtifact.model_validate(v).model_dump()  # kept as the dict the job's row stores
+
+
 class JobUpdate(Model):
     status: JobStatus
-    exit_code: int | None = None
-    reason: str | None = None
-    image_digest: str | None = None
-    artifacts: list[dict] | None = None  # with the final status: what was saved
-    ports: list[int] | None = None  # with RUNNING: the ports the runner picked (PORT_0, ...)
+    exit_code: Int64 | None = None
+    reason: str | None = Field(None, max_length=64 * 1024)
+    image_digest: str | None = Field(None, max_length=200)
+    # with the final status: what was saved
+    artifacts: list[Annotated[dict, AfterValidator(_saved_artifact)]] | None = Field(None, max_length=10_000)
+    # with RUNNING: the ports the runner picked (PORT_0, ...)
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] | None = Field(None, max_length=64)
     logs: Base64Data | None = None  # with the final status: the job's last output (appended before it)

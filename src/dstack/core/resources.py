@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from dstack.core.base import Model
+from dstack.core.names import MAX_INT64
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|[KMGT])?\s*$", re.IGNORECASE)
 _UNIT_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
@@ -40,8 +41,8 @@ def format_mib(mib: int) -> str:
 
 
 class Gpu(Model):
-    name: str
-    memory_mib: int = 0
+    name: str = Field(max_length=200)
+    memory_mib: int = Field(0, ge=0, le=MAX_INT64)
 
 
 class GpuRequirement(Model):
@@ -119,9 +120,9 @@ class Requirements(Model):
 
 
 class RunnerResources(Model):
-    cpus: int
-    memory_mib: int
-    gpus: list[Gpu] = []
+    cpus: int = Field(ge=0, le=MAX_INT64)
+    memory_mib: int = Field(ge=0, le=MAX_INT64)
+    gpus: list[Gpu] = Field([], max_length=1024)
     docker: bool = False
     interruptible: bool = False
 

@@ -62,18 +62,24 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
         return JSONResponse(status_code=exc.http_status, content={"error": error})
 
     @app.exception_handler(UnicodeEncodeError)
-    async def _not_unicode(_request: Request, exc: UnicodeEncodeError) -> JSONResponse:
+    async def _not_unicode(_request: Request, exc: UnicodeEncodeError | None) -> JSONResponse:
         # text of the request that is not Unicode (a lone surrogate: "\udcff" in its JSON) met the database
         return JSONResponse(status_code=400, content={"error": {
             "kind": "config", "message": "the request holds text that is not Unicode (a lone surrogate such as "
                                         "\\udcff)", "hint": "send UTF-8 text"}})
 
     @app.exception_handler(RequestValidationError)
-    async def _bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        error = (first.get("ctx") or {}).get("error")
+        if isinstance(error, DstackError):  # a rule of ours the models apply (a name's, core.names): as we word it
+            return await _dstack_error(request, error)
+        if first.get("type") == "string_unicode":  # a lone surrogate where a string is bounded
+            return await _not_unicode(request, None)
         where = ".".join(str(x) for x in first.get("loc", ()))
         return JSONResponse(status_code=422, content={"error": {
-            "kind": "error", "message": f"bad request: {where}: {first.get('msg', 'invalid')}", "hint": None}})
+            "kind": "error", "message": _encodable(f"bad request: {where}: {first.get('msg', 'invalid')}"),
+            "hint": None}})
 
     return app
 

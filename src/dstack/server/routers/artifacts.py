@@ -1,8 +1,9 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from fastapi.responses import FileResponse
 
+from dstack.core.names import MAX_REPO_ID, MAX_RUN_NAME
 from dstack.server.context import Context
 from dstack.server.routers.deps import get_ctx
 from dstack.server.services import artifacts
@@ -11,7 +12,8 @@ router = APIRouter(prefix="/api", tags=["artifacts"])
 
 
 @router.get("/runs/{ref}/artifacts")
-async def list_artifacts(ref: str, repo_id: str | None = None, ctx: Context = Depends(get_ctx)) -> list[dict]:
+async def list_artifacts(ref: str = Path(max_length=MAX_RUN_NAME), repo_id: str | None = Query(None, max_length=MAX_REPO_ID),
+                         ctx: Context = Depends(get_ctx)) -> list[dict]:
     return await artifacts.list_artifacts(ctx, repo_id, ref)
 
 
@@ -27,5 +29,5 @@ async def blob(digest: str, ctx: Context = Depends(get_ctx)) -> FileResponse:
 
 
 @router.post("/prune")
-async def prune(repo_id: str, dry_run: bool = False, ctx: Context = Depends(get_ctx)) -> dict:
+async def prune(repo_id: str = Query(max_length=MAX_REPO_ID), dry_run: bool = False, ctx: Context = Depends(get_ctx)) -> dict:
     return await artifacts.prune(ctx, repo_id, dry_run)

@@ -14,7 +14,7 @@ def get_ctx(request: Request) -> Context:
     return request.app.state.ctx
 
 
-async def authorized(request: Request, authorization: str | None = Header(None)) -> None:
+async def authorized(request: Request, authorization: str | None = Header(None, include_in_schema=False)) -> None:
     ctx: Context = request.app.state.ctx
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), ctx.settings.token.encode()):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from dstack.core.models import (
     Heartbeat,
@@ -12,11 +12,15 @@ from dstack.core.models import (
     RunnerInfo,
     RunnerRegistration,
 )
+from dstack.core.names import MAX_JOB_ID, MAX_RUNNER_NAME
 from dstack.server.context import Context
 from dstack.server.routers.deps import get_ctx
 from dstack.server.services import jobs, runners, scheduler
 
 router = APIRouter(prefix="/api/runners", tags=["runners"])
+
+Name = Path(max_length=MAX_RUNNER_NAME)
+JobId = Path(max_length=MAX_JOB_ID)
 
 
 @router.get("")
@@ -30,31 +34,32 @@ async def register(reg: RunnerRegistration, ctx: Context = Depends(get_ctx)) -> 
 
 
 @router.post("/{name}/heartbeat")
-async def heartbeat(name: str, hb: Heartbeat, ctx: Context = Depends(get_ctx)) -> HeartbeatReply:
+async def heartbeat(hb: Heartbeat, name: str = Name, ctx: Context = Depends(get_ctx)) -> HeartbeatReply:
     return await runners.heartbeat(ctx, name, hb.job_id)
 
 
 @router.post("/{name}/deregister")
-async def deregister(name: str, ctx: Context = Depends(get_ctx)) -> dict:
+async def deregister(name: str = Name, ctx: Context = Depends(get_ctx)) -> dict:
     await runners.deregister(ctx, name)
     return {}
 
 
 @router.post("/{name}/take", response_model=None)
-async def take(name: str, request: Request, wait: float = Query(0, ge=0, le=60),
+async def take(request: Request, name: str = Name, wait: float = Query(0, ge=0, le=60),
                ctx: Context = Depends(get_ctx)) -> JobSpec | Response:
     job = await scheduler.take_job(ctx, name, wait, gone=request.is_disconnected)
     return job if job is not None else Response(status_code=204)
 
 
 @router.post("/{name}/jobs/{job_id}/status")
-async def job_status(name: str, job_id: str, upd: JobUpdate, ctx: Context = Depends(get_ctx)) -> dict:
+async def job_status(upd: JobUpdate, name: str = Name, job_id: str = JobId, ctx: Context = Depends(get_ctx)) -> dict:
     return {"status": await jobs.update_status(ctx, name, job_id, upd)}
 
 
 @router.post("/{name}/jobs/{job_id}/logs")
-async def job_logs(name: str, job_id: str, request: Request, ctx: Context = Depends(get_ctx)) -> dict:
-    jobs.append_logs(ctx, job_id, await request.body())
+async def job_logs(request: Request, name: str = Name, job_id: str = JobId, ctx: Context = Depends(get_ctx)) -> dict:
+    """Output of the job: only from the runner the job is assigned to, while the job runs."""
+    await jobs.append_runner_logs(ctx, name, job_id, await request.body())
     return {}
 
 

@@ -2,14 +2,18 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 
 from dstack.core.models import Job, JobStatus, Run, RunRequest
+from dstack.core.names import MAX_INT64, MAX_JOB_ID, MAX_REPO_ID, MAX_RUN_NAME, MAX_WORKFLOW_NAME
 from dstack.server.context import Context
 from dstack.server.routers.deps import get_ctx
 from dstack.server.services import jobs, runs
 
 router = APIRouter(prefix="/api", tags=["runs"])
+
+RepoId = Query(None, max_length=MAX_REPO_ID)
+Ref = Path(max_length=MAX_RUN_NAME)  # a run's name (or a job's id)
 
 
 @router.post("/runs")
@@ -18,33 +22,36 @@ async def run_workflow(req: RunRequest, ctx: Context = Depends(get_ctx)) -> Run:
 
 
 @router.get("/runs")
-async def list_runs(repo_id: str | None = None, limit: int | None = Query(None, ge=1), workflow: str | None = None,
+async def list_runs(repo_id: str | None = RepoId, limit: int | None = Query(None, ge=1, le=MAX_INT64),
+                    workflow: str | None = Query(None, max_length=MAX_WORKFLOW_NAME),
                     ctx: Context = Depends(get_ctx)) -> list[Run]:
     return await runs.list_runs(ctx, repo_id, limit, workflow)
 
 
 @router.get("/runs/{name}")
-async def get_run(name: str, repo_id: str | None = None, ctx: Context = Depends(get_ctx)) -> Run:
+async def get_run(name: str = Ref, repo_id: str | None = RepoId, ctx: Context = Depends(get_ctx)) -> Run:
     return await runs.get_run(ctx, repo_id, name)
 
 
 @router.post("/runs/{name}/reproduce")
-async def reproduce(name: str, repo_id: str | None = None, ctx: Context = Depends(get_ctx)) -> Run:
+async def reproduce(name: str = Ref, repo_id: str | None = RepoId, ctx: Context = Depends(get_ctx)) -> Run:
     return await runs.reproduce(ctx, repo_id, name)
 
 
 @router.post("/runs/{name}/stop")
-async def stop(name: str, repo_id: str | None = None, abort: bool = False, ctx: Context = Depends(get_ctx)) -> Run:
+async def stop(name: str = Ref, repo_id: str | None = RepoId, abort: bool = False,
+               ctx: Context = Depends(get_ctx)) -> Run:
     return await runs.stop(ctx, repo_id, name, abort)
 
 
 @router.get("/jobs/{job_id}")
-async def get_job(job_id: str, ctx: Context = Depends(get_ctx)) -> Job:
+async def get_job(job_id: str = Path(max_length=MAX_JOB_ID), ctx: Context = Depends(get_ctx)) -> Job:
     return await runs.get_job(ctx, job_id)
 
 
 @router.get("/jobs/{job_id}/logs")
-async def logs(job_id: str, offset: int = Query(0, ge=0), wait: float = Query(0, ge=0, le=30),
+async def logs(job_id: str = Path(max_length=MAX_JOB_ID), offset: int = Query(0, ge=0, le=MAX_INT64),
+               wait: float = Query(0, ge=0, le=30),
                status: JobStatus | None = None, ctx: Context = Depends(get_ctx)) -> Response:
     """Raw log bytes from `offset`; the next offset and the job's status come in headers, `X-More-Logs: 1`
     when more bytes follow these, and once the job has finished its exit code, reason and duration too (so

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+from sqlalchemy import select
+
 from dstack.core.errors import Conflict, NotFound
 from dstack.core.models import FINISHED, Job, JobStatus, JobUpdate, RunnerStatus
 from dstack.server.context import Context
@@ -55,6 +57,21 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
         await s.commit()
     ctx.signals.notify(f"job:{job_id}")
     return upd.status
+
+
+async def append_runner_logs(ctx: Context, runner_name: str, job_id: str, data: bytes, **append) -> None:
+    """Output that a runner sends of its job, appended to the job's log: only from the runner the job is assigned
+    to, and only while the job has not finished (its last output travels with its final status instead, see
+    update_status); no log is made for a job the server does not know. `append`: append_logs's options."""
+    async with ctx.sessions() as s:
+        job = (await s.execute(select(JobRow.runner_name, JobRow.status).where(JobRow.job_id == job_id))).first()
+    if job is None:
+        raise NotFound(f"no job '{job_id}'")
+    if job.runner_name != runner_name:
+        raise Conflict(f"job {job_id} is not assigned to runner {runner_name}; its output comes from its own runner")
+    if JobStatus(job.status) in FINISHED:
+        raise Conflict(f"job {job_id} is {job.status}: its log takes no more output")
+    append_logs(ctx, job_id, data, **append)
 
 
 def log_path(ctx: Context, job_id: str):

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from dstack.core.errors import NotFound
+from dstack.core.errors import Conflict, NotFound
 from dstack.core.models import (
     FINISHED,
     HeartbeatReply,
@@ -32,10 +32,18 @@ async def new_name(s, exclude: set[str] = frozenset()) -> str:
 
 
 async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
+    """A runner joins (or a restarted one joins again) under its name, READY. The name of a runner that runs a
+    job and is alive (heard from within the timeout) is refused: a second runner would take over its job."""
     async with ctx.sessions() as s:
         name = reg.name or await new_name(s)
         row = await s.get(RunnerRow, name)
         t = now()
+        timeout = ctx.settings.runner_timeout
+        if (row is not None and row.status == RunnerStatus.BUSY.value and row.job_id
+                and (t - row.last_seen_at).total_seconds() < timeout):
+            raise Conflict(f"runner {name} is registered already and runs job {row.job_id}",
+                           hint=f"start this runner with another --name; if that runner is gone, the server gives "
+                                f"it up {timeout:g} s after its last heartbeat")
         if row is None:
             row = RunnerRow(name=name, registered_at=t)
             s.add(row)
