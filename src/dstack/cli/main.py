@@ -60,7 +60,8 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="dstack")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """dstack: workflows as code for AI researchers.
 
     \b
@@ -70,6 +71,15 @@ def cli() -> None:
       dstack tag lazy-bobcat-1 latest
       dstack run train               `dependencies: [prepare:latest]` mounts its artifacts
     """
+    if ctx.invoked_subcommand != "init":  # every other command may make state there (a server, its token)
+        from dstack.core.errors import DstackError
+        from dstack.core.home import dstack_home, private_home
+
+        try:
+            private_home()
+        except OSError as e:
+            raise DstackError(f"cannot make DSTACK_HOME ({dstack_home()}) private: {e.strerror}",
+                              hint="set DSTACK_HOME to a folder of your own") from None
 
 
 def main() -> None:
