@@ -1,3 +1,3 @@
 """dstack: workflows as code for AI researchers."""
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"

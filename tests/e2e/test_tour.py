@@ -200,6 +200,21 @@ def test_an_artifact_the_job_never_created_is_reported_in_its_logs(dstack, proje
     assert [(a["path"], a["files"], a["size"]) for a in last_run(dstack, root)["jobs"][0]["artifacts"]] == [("model", 0, 0)]
 
 
+def test_a_failed_job_that_never_created_its_artifact_leaves_none(dstack, project):
+    """No empty artifact passes for the output of a job that failed before it made the folder."""
+    root = project("""\
+    workflows:
+      - name: broken
+        commands: [echo trying, exit 3]
+        artifacts: [model]
+    """)
+    r = dstack("run", "broken", cwd=root)
+    assert r.returncode == 3
+    assert "dstack: artifact 'model' was not created by the job: nothing saved" in r.stdout
+    job = last_run(dstack, root)["jobs"][0]
+    assert job["status"] == "FAILED" and job["artifacts"] == []
+
+
 def test_reproduce_reruns_with_the_same_inputs_and_lineage_is_recorded(dstack, project):
     root = project(HOST_TOUR, VARIABLES)
     dstack("run", "prepare", "--rows", "7", "-t", "latest", cwd=root, check=True)

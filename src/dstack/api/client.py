@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import unquote
 
@@ -24,20 +25,39 @@ class LogChunk(NamedTuple):
     seconds: float | None = None  # from its start to its end
 
 
+class Unreachable(DstackError):
+    """The server did not answer (it is down, restarting, or the network is cut)."""
+
+
 class Client:
     def __init__(self, url: str, token: str, timeout: float = 60.0,
-                 unreachable_hint: str = "is it running? `dstack server` starts one in the foreground"):
-        """`unreachable_hint`: what to do when the server cannot be reached (the local one restarts by itself)."""
-        self.url = url.rstrip("/")
-        self.http = HttpClient(self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
+                 unreachable_hint: str = "is it running? `dstack server` starts one in the foreground",
+                 restart: Callable[[], tuple[str, str]] | None = None):
+        """`unreachable_hint`: what to do when the server cannot be reached. `restart()`: for the local server,
+        starts it again when it is gone (it comes back at the same address) and gives its url and token; a
+        request that finds the server gone is then sent once more."""
+        self.timeout = timeout
+        self._connect(url, token)
         self.unreachable_hint = unreachable_hint
+        self.restart = restart
+
+    def _connect(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.http = HttpClient(self.url, headers={"Authorization": f"Bearer {token}"}, timeout=self.timeout)
 
     def _call(self, method: str, path: str, **kw: Any) -> Response:
         try:
             r = self.http.request(method, path, **kw)
         except TransportError as e:
-            raise DstackError(f"cannot reach the dstack server at {self.url}: {e}",
-                              hint=self.unreachable_hint) from None
+            if self.restart is None:
+                raise Unreachable(f"cannot reach the dstack server at {self.url}: {e}",
+                                  hint=self.unreachable_hint) from None
+            self._connect(*self.restart())  # the local server died (killed, crashed): it comes back
+            try:
+                r = self.http.request(method, path, **kw)
+            except TransportError as e2:
+                raise Unreachable(f"cannot reach the dstack server at {self.url}: {e2}",
+                                  hint=self.unreachable_hint) from None
         if r.status_code >= 400:
             try:
                 err = r.json()["error"]

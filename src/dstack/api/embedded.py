@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from dstack import __version__
 from dstack.api.client import Client
 from dstack.core.errors import DstackError
 from dstack.core.home import dstack_home
+from dstack.core.processes import read_record, terminate
 from dstack.core.status import JobStatus
 
 START_TIMEOUT = 30.0
@@ -30,14 +30,28 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def _served(sdir: Path) -> bool:
+    """Whether a server process holds DSTACK_HOME/server/server.lock (it does for as long as it runs)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        f = open(sdir / "server.lock", "rb")
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def _server_record(sdir: Path) -> dict | None:
+    """server.json, when the process it names is still our server (its pid alone may be another program's now)."""
+    raw = _read_json(sdir / "server.json") or {}
+    info = read_record(sdir / "server.json", legacy="dstack.server.main")
+    if info is None or raw.get("started") is None:
+        return info  # a server of dstack before 0.3.1 holds no lock: its record and command line tell
+    return info if _served(sdir) else None
 
 
 def configured() -> tuple[str, str] | None:
@@ -71,8 +85,8 @@ def local_server(home: Path | None = None) -> tuple[str, str] | None:
 def _running(home: Path | None) -> tuple[str, str, str] | None:
     """The running local server's url, token and dstack version (as server.json says), if one runs."""
     sdir = (home or dstack_home()) / "server"
-    info = _read_json(sdir / "server.json")
-    if info and _alive(int(info["pid"])):
+    info = _server_record(sdir)
+    if info:
         try:
             return info["url"], (sdir / "token").read_text().strip(), info.get("version", "an older version")
         except OSError:
@@ -130,6 +144,9 @@ def start_local_server(home: Path | None = None) -> tuple[str, str]:
             if info and info.get("pid") == proc.pid:
                 return info["url"], (sdir / "token").read_text().strip()
             if proc.poll() is not None:
+                running = local_server(home)  # e.g. `dstack server` in the foreground won the race
+                if running:
+                    return running
                 break
             time.sleep(0.05)
         tail = (sdir / "server.log").read_text(errors="replace")[-2000:]
@@ -137,22 +154,35 @@ def start_local_server(home: Path | None = None) -> tuple[str, str]:
 
 
 def stop_local_server(home: Path | None = None, timeout: float = 20.0) -> bool:
-    sdir = (home or dstack_home()) / "server"
-    info = _read_json(sdir / "server.json")
-    if not info or not _alive(int(info["pid"])):
-        return False
-    pid = int(info["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
-        time.sleep(0.05)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-    return True
+    """Stop the local server, then any runner that a server of this DSTACK_HOME started and that outlived it
+    (its server was killed). True when there was something to stop. Only processes recorded with their start
+    time are signalled: never a program that took over a stale pid."""
+    home = home or dstack_home()
+    info = _server_record(home / "server")
+    stopped = bool(info) and terminate(int(info["pid"]), info.get("started"), grace=timeout)
+    (home / "server" / "server.json").unlink(missing_ok=True)  # stopped on purpose: not restarted as crashed
+    for runner in sorted((home / "runners").glob("*/runner.json")):
+        rec = read_record(runner)
+        if rec is not None:
+            stopped = terminate(int(rec["pid"]), rec.get("started"), grace=timeout / 2) or stopped
+    return stopped
 
 
 def connect() -> Client:
     remote = configured()
     if remote:
         return Client(*remote)
-    return Client(*(_current_local_server() or start_local_server()), unreachable_hint=LOCAL_UNREACHABLE)
+    return Client(*(_current_local_server() or start_local_server()), unreachable_hint=LOCAL_UNREACHABLE,
+                  restart=restart_crashed_server)
+
+
+def restart_crashed_server(home: Path | None = None) -> tuple[str, str]:
+    """The local server, started again if it died without stopping (killed, crashed: its server.json is still
+    there); it comes back at its address. A server that was stopped (`dstack server stop`) stays stopped."""
+    home = home or dstack_home()
+    running = local_server(home)
+    if running:
+        return running
+    if not (home / "server" / "server.json").exists():
+        raise DstackError("the local server has stopped", hint=LOCAL_UNREACHABLE)
+    return start_local_server(home)

@@ -1,10 +1,15 @@
 """`local`: runner processes on the server's own machine, started when a job waits for one and
-gone after their idle timeout."""
+gone after their idle timeout.
+
+Each runner's folder (`DSTACK_HOME/runners/<name>/`) holds `runner.json`, which says which process it is
+(pid and start time). A server that starts after another one of its DSTACK_HOME died (killed, crashed) finds
+the runners that outlived it there and counts them as its own: they go on with their jobs and report to it,
+and no second runner is started beside them for the same work. The folders of runners that are gone are
+removed (a killed runner's job folders with them), all but their log."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +17,10 @@ from functools import cached_property
 from pathlib import Path
 
 from dstack.backends.base import Bootstrap, Instance
+from dstack.core.processes import is_running, read_record, record, terminate
 from dstack.core.resources import RunnerResources
+
+RECORD = "runner.json"
 
 
 class LocalBackend:
@@ -21,7 +29,8 @@ class LocalBackend:
     def __init__(self, home: Path, max_runners: int = 4):
         self.home = Path(home)
         self.max_runners = max_runners
-        self._procs: dict[str, tuple[subprocess.Popen, Instance]] = {}
+        self._procs: dict[str, tuple[subprocess.Popen | None, Instance, int | None]] = {}  # id -> (child, ., start)
+        self._adopt()
 
     @cached_property
     def _resources(self) -> RunnerResources:
@@ -33,6 +42,7 @@ class LocalBackend:
         return [self._resources] if self.max_runners > 0 else []
 
     def create(self, offer: RunnerResources, bootstrap: Bootstrap) -> Instance:
+        self.remove_leftovers()
         workdir = self.home / bootstrap.runner_name
         workdir.mkdir(parents=True, exist_ok=True)
         log = open(workdir / "runner.log", "ab")
@@ -43,20 +53,57 @@ class LocalBackend:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         log.close()
+        record(workdir / RECORD, proc.pid, name=bootstrap.runner_name)
         inst = Instance(id=str(proc.pid), runner_name=bootstrap.runner_name, started_at=time.monotonic())
-        self._procs[inst.id] = (proc, inst)
+        self._procs[inst.id] = (proc, inst, None)
         return inst
 
+    def _adopt(self) -> None:
+        """The runners that a previous server process of this DSTACK_HOME started and that still run."""
+        for path in sorted(self.home.glob(f"*/{RECORD}")):
+            rec = read_record(path)
+            if rec is not None and str(rec["pid"]) not in self._procs:
+                inst = Instance(id=str(rec["pid"]), runner_name=rec.get("name") or path.parent.name,
+                                started_at=time.monotonic())
+                self._procs[inst.id] = (None, inst, rec.get("started"))
+
+    def _running(self, proc: subprocess.Popen | None, inst: Instance, started: int | None) -> bool:
+        if proc is not None:
+            return proc.poll() is None
+        return is_running(int(inst.id), started)
+
     def terminate(self, instance_id: str) -> None:
-        proc, _ = self._procs.pop(instance_id, (None, None))
+        proc, inst, started = self._procs.pop(instance_id, (None, None, None))
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.terminate()
+        elif proc is None and inst is not None:
+            terminate(int(inst.id), started, grace=0)
 
     def list(self) -> list[Instance]:
-        for iid, (proc, _) in list(self._procs.items()):
-            if proc.poll() is not None:
+        for iid, entry in list(self._procs.items()):
+            if not self._running(*entry):
                 del self._procs[iid]
-        return [inst for _, inst in self._procs.values()]
+        return [inst for _, inst, _ in self._procs.values()]
+
+    def remove_leftovers(self) -> None:
+        """The folders of runners that no longer run (a killed runner's job folders included), but their logs."""
+        if not self.home.is_dir():
+            return
+        running = {inst.runner_name for inst in self.list()}
+        for folder in self.home.iterdir():
+            if folder.name in running or not folder.is_dir() or read_record(folder / RECORD) is not None:
+                continue
+            if not (folder / RECORD).exists():
+                continue  # not made by this backend (or being made right now)
+            for item in folder.iterdir():
+                if item.name == "runner.log":
+                    continue
+                if item.is_dir() and not item.is_symlink():
+                    from dstack.runner.workspace import remove
+
+                    remove(item)
+                else:
+                    item.unlink(missing_ok=True)
 
     def release_jobs(self, job_ids: list[str]) -> None:
         """Jobs whose runner died: their containers (if any) must not run on."""
@@ -67,13 +114,17 @@ class LocalBackend:
         remove_orphans()
 
     def shutdown(self, grace: float = 10.0) -> None:
-        procs = [p for p, _ in self._procs.values() if p.poll() is None]
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
+        entries = [e for e in self._procs.values() if self._running(*e)]
+        for proc, _, _ in entries:
+            if proc is not None:
+                proc.terminate()
         deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
+        for proc, inst, started in entries:
+            if proc is not None:
+                try:
+                    proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            else:  # started by an earlier server process: not our child
+                terminate(int(inst.id), started, grace=max(0.1, deadline - time.monotonic()))
         self._procs.clear()

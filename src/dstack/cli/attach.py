@@ -5,8 +5,9 @@ Works on the API's JSON (runs and jobs as dicts), so that `dstack run` loads no 
 from __future__ import annotations
 
 import sys
+import time
 
-from dstack.api.client import Client
+from dstack.api.client import Client, Unreachable
 from dstack.core.status import JobStatus
 
 
@@ -43,11 +44,14 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     announced: set[str] = set()
     statuses = {j["job_id"]: j["status"] for j in run["jobs"]}  # as seen last
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
+    lost: str | None = None  # why the server could not be reached, while it cannot
     while len(finished) < len(offsets):
         try:
             if interrupted:
                 interrupted = False
                 raise KeyboardInterrupt
+            if lost is not None:
+                time.sleep(1)
             for job_id in offsets:
                 if job_id in finished:
                     continue
@@ -66,6 +70,14 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                 if chunk.status.finished and not chunk.more:
                     finished[job_id] = {"status": chunk.status, "exit_code": chunk.exit_code,
                                         "reason": chunk.reason, "seconds": chunk.seconds}
+            if lost is not None:
+                lost = None
+                sys.stderr.write(f"\n[dstack: reconnected to {client.url}]\n")
+        except Unreachable as e:  # the job goes on without the server; its output waits on its runner
+            if lost is None:
+                sys.stderr.write(f"\n[dstack: lost the server ({e.message}); waiting for it to come back "
+                                 f"(Ctrl-C to stop following)]\n")
+            lost = e.message
         except KeyboardInterrupt:
             if not interrupt_asks:
                 sys.stderr.write(f"\nStopped following {name}; it goes on (`dstack stop {name}` "

@@ -12,6 +12,7 @@ import click
 def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
     """Stop a run or one of its jobs: SIGTERM, then SIGKILL after a grace period; artifacts are saved
     unless --abort."""
+    import os
     import time
 
     from dstack.api.embedded import connect
@@ -21,9 +22,19 @@ def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
     client = connect()
     rid = repo_id(find_project())
     run = client.stop(rid, run_or_job, abort=abort)
-    deadline = time.monotonic() + 60
+    # the runner sends SIGTERM, then SIGKILL after its grace: by then (and a report) the job has ended, or
+    # something is wrong that waiting longer would not mend
+    grace = 0.0 if abort else float(os.environ.get("DSTACK_STOP_GRACE", "10"))
+    if not no_wait and not JobStatus(run["status"]).finished:
+        click.echo(f"Waiting for {run['run_name']} to exit" + (f" (SIGTERM sent; SIGKILL in {grace:g}s)" if grace
+                                                               else " (SIGKILL sent)"), err=True)
+    deadline = time.monotonic() + grace + 5
     while not no_wait and not JobStatus(run["status"]).finished and time.monotonic() < deadline:
         time.sleep(0.2)
         run = client.run(rid, run["run_name"])
     finished = JobStatus(run["status"]).finished
     click.echo(f"{run['run_name']} {run['status'] if finished else ('aborting' if abort else 'stopping')}")
+    if not finished and not no_wait:
+        reasons = sorted({j["reason"] for j in run["jobs"] if j.get("reason") and not JobStatus(j["status"]).finished})
+        click.echo(f"It has not ended yet{': ' + '; '.join(reasons) if reasons else ''}. `dstack status "
+                   f"{run['run_name']}` says when it has.", err=True)

@@ -97,8 +97,18 @@ class Unauthorized(DstackError):
     kind = "unauthorized"
 
 
+class Unavailable(DstackError):
+    """The server cannot do it now (it is stopping, or it cannot write what it must keep): try again later.
+    Runners retry what they report until it is taken; the CLI says what is wrong."""
+
+    exit_code = 1
+    http_status = 503
+    kind = "unavailable"
+
+
 ERROR_KINDS: dict[str, type[DstackError]] = {
-    cls.kind: cls for cls in (DstackError, ConfigError, NotFound, Conflict, Unsatisfiable, MissingCode, Unauthorized)
+    cls.kind: cls for cls in (DstackError, ConfigError, NotFound, Conflict, Unsatisfiable, MissingCode, Unauthorized,
+                              Unavailable)
 }
 
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer
 
-from dstack.core.base import Model
+from dstack.core.base import Body, Model
 from dstack.core.code import CodeSnapshot
 from dstack.core.names import (
     MAX_INT64,
@@ -94,7 +94,7 @@ class JobSpec(Model):
     master: bool = True
 
 
-class RunRequest(Model):
+class RunRequest(Body):
     """POST /api/runs: run `workflow` of the project whose `.dstack/*.yaml` texts travel in `files` (by path
     relative to the project: `.dstack/workflows.yaml`). The server resolves it, so that the CLI needs neither
     the models nor the providers. `args`: the command line's `--NAME VALUE` overrides as typed;
@@ -189,14 +189,14 @@ class RunnerInfo(Model):
     job_id: str | None = None
 
 
-class RunnerRegistration(Model):
+class RunnerRegistration(Body):
     hostname: str = Field(max_length=300)  # shown as it is sent, escaped (see core.names.printable)
     resources: RunnerResources
     backend: Backend | None = None
     name: RunnerName | None = None
 
 
-class Heartbeat(Model):
+class Heartbeat(Body):
     job_id: JobId | None = None
 
 
@@ -218,7 +218,7 @@ def _saved_artifact(v: Any) -> dict:
     return SavedArtifact.model_validate(v).model_dump()  # kept as the dict the job's row stores
 
 
-class JobUpdate(Model):
+class JobUpdate(Body):
     status: JobStatus
     exit_code: Int64 | None = None
     reason: str | None = Field(None, max_length=64 * 1024)
@@ -228,3 +228,4 @@ class JobUpdate(Model):
     # with RUNNING: the ports the runner picked (PORT_0, ...)
     ports: list[Annotated[int, Field(ge=1, le=65535)]] | None = Field(None, max_length=64)
     logs: Base64Data | None = None  # with the final status: the job's last output (appended before it)
+    logs_offset: int | None = Field(None, ge=0)  # where `logs` starts in the job's output (a resend adds nothing)

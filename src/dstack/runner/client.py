@@ -5,7 +5,19 @@ from __future__ import annotations
 import httpx
 
 from dstack.core.errors import DstackError, error_from_dict
-from dstack.core.models import HeartbeatReply, JobSpec, JobUpdate, RunnerInfo, RunnerRegistration
+from dstack.core.models import HeartbeatReply, JobSpec, JobStatus, JobUpdate, RunnerInfo, RunnerRegistration
+
+
+class ServerTrouble(DstackError):
+    """The server could not take a request now (it answered 5xx: it is stopping, its disk is full, it
+    failed): the same request may go through later."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+RETRYABLE = (httpx.TransportError, ServerTrouble)  # errors after which a report is sent again
 
 
 class ServerClient:
@@ -16,9 +28,12 @@ class ServerClient:
     def _check(self, r: httpx.Response) -> httpx.Response:
         if r.status_code >= 400:
             try:
-                raise error_from_dict(r.json()["error"])
-            except (ValueError, KeyError):
-                raise DstackError(f"server answered {r.status_code}: {r.text[:200]}") from None
+                error = error_from_dict(r.json()["error"])
+            except (ValueError, KeyError, TypeError):
+                error = DstackError(f"server answered {r.status_code}: {r.text[:200]}")
+            if r.status_code >= 500:
+                raise ServerTrouble(error.message, r.status_code)
+            raise error
         return r
 
     def register(self, reg: RunnerRegistration) -> RunnerInfo:
@@ -33,11 +48,18 @@ class ServerClient:
         r = self._check(self.http.post(f"/api/runners/{name}/take", params={"wait": wait}, timeout=wait + 10))
         return None if r.status_code == 204 else JobSpec.model_validate(r.json())
 
-    def update(self, name: str, job_id: str, upd: JobUpdate) -> None:
-        self._check(self.http.post(f"/api/runners/{name}/jobs/{job_id}/status", json=upd.model_dump(mode="json")))
+    def update(self, name: str, job_id: str, upd: JobUpdate) -> JobStatus | None:
+        """Report the job's status; the status the server has for it now (a finished job's first word stands)."""
+        r = self._check(self.http.post(f"/api/runners/{name}/jobs/{job_id}/status", json=upd.model_dump(mode="json")))
+        try:
+            return JobStatus(r.json()["status"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
-    def logs(self, name: str, job_id: str, data: bytes) -> None:
-        self._check(self.http.post(f"/api/runners/{name}/jobs/{job_id}/logs", content=data))
+    def logs(self, name: str, job_id: str, offset: int, data: bytes) -> None:
+        """Output of the job, starting at `offset` of all its output (a batch sent twice is appended once)."""
+        self._check(self.http.post(f"/api/runners/{name}/jobs/{job_id}/logs", params={"offset": offset},
+                                   content=data))
 
     def deregister(self, name: str) -> None:
         self._check(self.http.post(f"/api/runners/{name}/deregister", timeout=5))

@@ -16,7 +16,7 @@ from dstack.core.errors import DstackError
 from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
 from dstack.core.resources import RunnerResources
 from dstack.runner import workspace
-from dstack.runner.client import ServerClient
+from dstack.runner.client import RETRYABLE, ServerClient
 from dstack.runner.code import recreate
 from dstack.runner.logs import LogShipper
 from dstack.storage.blobstore import LocalBlobStore, open_store
@@ -27,7 +27,8 @@ log = logging.getLogger("dstack.runner")
 HEARTBEAT_INTERVAL = 1.0
 TAKE_WAIT = 10.0
 RUNNING_REPORT_DELAY = 0.1  # seconds after the start: a job that ends sooner is reported once, when it ends
-REPORT_ATTEMPTS = 5  # a status report is worth a few retries (the server may be restarting)
+MAX_REPORT_PAUSE = 5.0  # between two tries of a report the server could not take
+LEAVING_REPORT_WAIT = 5.0  # a runner on its way out (SIGTERM) gives up a report after this long
 STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
 
 
@@ -35,7 +36,8 @@ STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
 
 class Runner:
     def __init__(self, client: ServerClient, resources: RunnerResources, workdir: Path, name: str | None = None,
-                 backend: str | None = None, idle_timeout: float | None = None, server_lost_timeout: float = 60.0):
+                 backend: str | None = None, idle_timeout: float | None = None,
+                 server_lost_timeout: float | None = 60.0):
         self.client = client
         self.resources = resources
         self.workdir = Path(workdir)
@@ -47,6 +49,7 @@ class Runner:
         self.execution = None
         self.stop_requested: str | None = None
         self._stopping = threading.Event()
+        self._leaving_since: float | None = None  # when the runner was told to stop (SIGTERM)
         self._lock = threading.Lock()
         self._executors: dict[bool, object] = {}
         self.inline_logs = False  # whether the last output may travel with the final status (server >= 0.3)
@@ -86,6 +89,7 @@ class Runner:
         """Stop taking jobs; stop the current one (its artifacts are saved). True when idle and not on the
         way out already (then the caller may interrupt the wait for a job; never the clean-up)."""
         leaving = self._stopping.is_set()
+        self._leaving_since = self._leaving_since or time.monotonic()
         self._stopping.set()
         with self._lock:
             if self.execution is not None:
@@ -95,6 +99,7 @@ class Runner:
             return self.current is None and not leaving
 
     def serve(self) -> None:
+        self._workdir_lock = workspace.use_workdir(self.workdir)
         self.register()
         if self.resources.docker:
             from dstack.runner.executors.docker import remove_orphans
@@ -109,13 +114,18 @@ class Runner:
             while not self._stopping.is_set():
                 try:
                     job = self.client.take(self.name, TAKE_WAIT)
+                    if unreachable_since is not None:
+                        log.info("the server is back")
                     unreachable_since = None
-                except httpx.TransportError:
+                except RETRYABLE as e:  # unreachable, stopping, restarting: wait for it
+                    if unreachable_since is None:
+                        log.warning("waiting for the server: %s", e)
                     unreachable_since = unreachable_since or time.monotonic()
-                    if time.monotonic() - unreachable_since > self.server_lost_timeout:
+                    if (self.server_lost_timeout is not None
+                            and time.monotonic() - unreachable_since > self.server_lost_timeout):
                         log.error("server unreachable for %ss; exiting", self.server_lost_timeout)
                         return
-                    time.sleep(1)
+                    self._stopping.wait(1)
                     continue
                 if job is None:
                     if self.idle_timeout is not None and time.monotonic() - idle_since > self.idle_timeout:
@@ -140,7 +150,9 @@ class Runner:
             job = self.current
             try:
                 reply = self.client.heartbeat(self.name, job.job_id if job else None)
-            except DstackError as e:  # e.g. forgotten by a restarted server: register again
+            except RETRYABLE:
+                continue
+            except DstackError as e:  # e.g. forgotten by a server that lost its database: register again
                 log.warning("heartbeat refused: %s", e)
                 try:
                     self.register()
@@ -165,9 +177,6 @@ class Runner:
 
     # --- one job ---------------------------------------------------------------------------------
 
-    def _status(self, job: JobSpec, status: JobStatus, **kw) -> None:
-        self.client.update(self.name, job.job_id, JobUpdate(status=status, **kw))
-
     def run_job(self, job: JobSpec) -> None:
         from dstack.runner.executors.base import ExecutorError
 
@@ -175,7 +184,8 @@ class Runner:
         executor = self.executor_for(job)
         root = executor.claim(job)  # a container already waits for this job: its code goes there
         folder = root.parent if root is not None else self.workdir / "jobs" / job.job_id
-        shipper = LogShipper(lambda data: self.client.logs(self.name, job.job_id, data))
+        shipper = LogShipper(lambda offset, data: self.client.logs(self.name, job.job_id, offset, data),
+                             retryable=RETRYABLE, give_up=self._leaving_for)
         try:
             self._run(job, folder, shipper, executor)
         except (ExecutorError, workspace.WorkspaceError, DstackError, OSError) as e:
@@ -199,26 +209,46 @@ class Runner:
             threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()
 
     def _finish(self, job: JobSpec, status: JobStatus, **kw) -> None:
-        """The final status (with the last output, if any); retried a few times (2 s in all) on transport
-        errors. A retry of a report that did arrive is recognised by the server and changes nothing."""
-        self._report(job, status, kw, pause=_back_off)
+        """The final status (with the last output, if any). A retry of a report that did arrive is recognised
+        by the server and changes nothing."""
+        self._report(job, status, kw)
 
-    def _report(self, job: JobSpec, status: JobStatus, kw: dict, pause) -> None:
-        """A status report, tried REPORT_ATTEMPTS times while the server is unreachable; `pause(attempt)` waits
-        before the next try and says whether to give up instead."""
-        for attempt in range(REPORT_ATTEMPTS):
+    def _report(self, job: JobSpec, status: JobStatus, kw: dict, ended: threading.Event | None = None
+                ) -> JobStatus | None:
+        """Every status report goes this way: sent again, with back-off, for as long as the server cannot take
+        it (unreachable, restarting, stopping, its disk full), until it does; given up only when the server
+        refuses it (the job is not this runner's any more), when `ended` is set (a RUNNING report that the job's
+        end overtook), or when the runner is on its way out and the server has been away too long. Returns the
+        status the server has for the job then (None when not delivered)."""
+        pause, failing_since = 0.2, None
+        while True:
             try:
-                self._status(job, status, **kw)
-                return
-            except httpx.TransportError as e:
-                if attempt == REPORT_ATTEMPTS - 1:
-                    log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
-                    return
+                answer = self.client.update(self.name, job.job_id, JobUpdate(status=status, **kw))
+                if failing_since is not None:
+                    log.info("reported %s for job %s", status.value, job.job_id)
+                return answer
+            except RETRYABLE as e:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("could not report %s for job %s: %s; trying again until the server takes it",
+                                status.value, job.job_id, e)
             except (httpx.HTTPError, DstackError) as e:
-                log.error("could not report %s for job %s: %s", status.value, job.job_id, e)
-                return
-            if pause(attempt):
-                return
+                log.error("the server refused %s for job %s: %s", status.value, job.job_id, e)
+                return None
+            if self._leaving_for(failing_since):
+                log.error("gave up reporting %s for job %s: the runner is stopping", status.value, job.job_id)
+                return None
+            if ended is None:
+                time.sleep(pause)
+            elif ended.wait(pause):
+                return None
+            pause = min(pause * 2, MAX_REPORT_PAUSE)
+
+    def _leaving_for(self, since: float | None = None) -> bool:
+        """Whether the runner is on its way out and has failed to reach the server for a while (since `since`)."""
+        if self._leaving_since is None:
+            return False
+        return time.monotonic() - max(since or 0.0, self._leaving_since) > LEAVING_REPORT_WAIT
 
     def _run(self, job: JobSpec, folder: Path, shipper: LogShipper, executor) -> None:
         store = self.store
@@ -260,13 +290,19 @@ class Runner:
             return
         artifacts, not_folders = [], []
         if job.artifacts:
-            self._status(job, JobStatus.UPLOADING, exit_code=code, **started)
+            self._report(job, JobStatus.UPLOADING, {"exit_code": code, **started})
             sources = {path: artifact_source(root / job.working_dir, path) for path in job.artifacts}
             for path in job.artifacts:
                 src = sources[path]
                 if src.exists() and not src.is_dir():
                     not_folders.append(path)
                     shipper.write(f"dstack: artifact '{path}' is a file, not a folder: not saved\r\n".encode())
+                    continue
+                if not src.exists() and (code != 0 or self.stop_requested):
+                    # a job that failed (or was stopped) before it made the folder: nothing to save, and no
+                    # empty artifact that would pass for its output
+                    shipper.write(f"dstack: artifact '{path}' was not created by the job: nothing saved\r\n"
+                                  .encode())
                     continue
                 if not src.exists():
                     shipper.write(f"dstack: artifact '{path}' was not created by the job; saved as an empty "
@@ -285,13 +321,14 @@ class Runner:
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})
         if self.inline_logs:  # the last output goes with the final status, stored before it
-            logs = shipper.drain()
+            logs_offset, logs = shipper.drain()
         else:
             shipper.close()  # every line of output is on the server before the final status
-            logs = None
+            logs_offset, logs = None, None
         if job.artifacts and not_folders and not self.stop_requested:
             names = ", ".join(f"'{p}'" for p in not_folders)
-            self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts, logs=logs, **started,
+            self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts, logs=logs,
+                         logs_offset=logs_offset, **started,
                          reason=f"artifact {names} is a file; artifacts are folders (write the file into a "
                                 f"folder and declare that folder)")
             return
@@ -300,13 +337,18 @@ class Runner:
         elif code == 0:
             status, reason = JobStatus.DONE, None
         else:
-            status, reason = JobStatus.FAILED, f"exited with code {code}"
-        self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts, logs=logs, **started)
+            status, reason = JobStatus.FAILED, self.execution.failure_reason or f"exited with code {code}"
+        self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts, logs=logs,
+                     logs_offset=logs_offset, **started)
 
     def _report_running(self, job: JobSpec, started: dict, ended: threading.Event) -> None:
-        """RUNNING, retried while the server is unreachable and the job runs (a lost one would leave it
-        PROVISIONING until its end); never after the job's end."""
-        self._report(job, JobStatus.RUNNING, started, pause=lambda attempt: ended.wait(0.5 * (attempt + 1)))
+        """RUNNING, retried while the server cannot take it and the job runs (a lost one would leave it
+        PROVISIONING until its end); never after the job's end. A job the server has ended meanwhile (it gave
+        the runner up for lost) is aborted: it must not run on beside its next try."""
+        answer = self._report(job, JobStatus.RUNNING, started, ended=ended)
+        if answer is not None and answer.finished and not ended.is_set():
+            log.warning("the server has ended job %s (%s): aborting it", job.job_id, answer.value)
+            self._request_stop("abort")
 
 
 def _started(execution) -> dict:
@@ -314,8 +356,3 @@ def _started(execution) -> dict:
     if execution is None:
         return {}
     return {"image_digest": execution.image_digest, "ports": execution.ports or None}
-
-
-def _back_off(attempt: int) -> bool:
-    time.sleep(0.2 * (attempt + 1))
-    return False  # and try again

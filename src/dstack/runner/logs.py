@@ -1,4 +1,9 @@
-"""Job output to the server: batched, in order, promptly; never blocks the job."""
+"""Job output to the server: batched, in order, promptly, exactly once; never blocks the job.
+
+Each batch is sent with its offset in the job's output, so that a batch sent again (the server took it, but
+its answer was lost) is appended once. A batch the server cannot take (unreachable, restarting, its disk full)
+is sent again, with back-off, until it is taken: output written meanwhile waits in memory, at most
+MAX_BUFFER bytes; past that the oldest waiting output is replaced by a line that says how much was dropped."""
 
 from __future__ import annotations
 
@@ -9,12 +14,21 @@ from collections.abc import Callable
 log = logging.getLogger("dstack.runner")
 BATCH_DELAY = 0.1  # output gathers this long before it is sent; a job that ends sooner sends it with its end
 MAX_BATCH = 256 * 1024
+MAX_BUFFER = 64 * 1024 * 1024  # output waiting for the server, at most
+MAX_PAUSE = 5.0  # between two tries to send a batch
 
 
 class LogShipper:
-    def __init__(self, send: Callable[[bytes], None]):
+    def __init__(self, send: Callable[[int, bytes], None], retryable: tuple[type[BaseException], ...] = (Exception,),
+                 give_up: Callable[[], bool] = lambda: False):
+        """`send(offset, data)` delivers a batch; errors in `retryable` mean: try again later (until `give_up()`),
+        any other error drops the batch (the server refused it: the job is not this runner's any more)."""
         self._send = send
+        self._retryable = retryable
+        self._give_up = give_up
         self._buf = bytearray()
+        self._offset = 0  # where _buf starts in the output as shipped
+        self._dropped = 0
         self._cond = threading.Condition()
         self._closed = False
         self._draining = False  # closed by drain(): the rest is the caller's to deliver
@@ -25,12 +39,20 @@ class LogShipper:
     def write(self, data: bytes) -> None:
         with self._cond:
             self._buf += data
+            if len(self._buf) > MAX_BUFFER:  # the server has been away long: keep the newest output
+                cut = len(self._buf) - MAX_BUFFER // 2
+                self._dropped += cut
+                note = (f"\n[dstack: {self._dropped} bytes of output dropped while the server could not take "
+                        f"them]\n").encode()
+                self._buf[:cut] = note
             self._cond.notify()
 
-    def _take(self) -> bytes:
+    def _take(self) -> tuple[int, bytes]:
         data = bytes(self._buf[:MAX_BATCH])
         del self._buf[:MAX_BATCH]
-        return data
+        offset = self._offset
+        self._offset += len(data)
+        return offset, data
 
     def _loop(self) -> None:
         while True:
@@ -44,23 +66,35 @@ class LogShipper:
             with self._cond:
                 if self._draining:
                     return
-                data = self._take()
-            self._deliver(data)
+                offset, data = self._take()
+            self._deliver(offset, data)
 
-    def _deliver(self, data: bytes) -> None:
-        for attempt in range(5):
+    def _deliver(self, offset: int, data: bytes) -> None:
+        pause, failing = 0.2, None
+        while True:
             try:
-                self._send(data)
+                self._send(offset, data)
+                if failing:
+                    log.info("output delivered again (the server takes it)")
                 return
-            except Exception as e:  # the server may be restarting; logs are worth a few retries
-                if attempt == 4:
-                    log.error("dropped %d bytes of logs: %s", len(data), e)
-                threading.Event().wait(0.2 * (attempt + 1))
+            except self._retryable as e:
+                if failing is None:
+                    log.warning("could not send %d bytes of output: %s; trying again until the server takes "
+                                "them", len(data), e)
+                failing = e
+                if self._give_up():
+                    log.error("dropped %d bytes of output: %s", len(data), e)
+                    return
+            except Exception as e:  # refused: the job is not this runner's to report any more
+                log.error("dropped %d bytes of output: %s", len(data), e)
+                return
+            threading.Event().wait(pause)
+            pause = min(pause * 2, MAX_PAUSE)
 
-    def drain(self) -> bytes:
-        """Stop shipping and return the output not delivered yet (at most MAX_BATCH bytes; anything before
-        that is delivered here first), for the caller to send with the job's final status: one request
-        instead of two, and the follower learns the end with the last bytes."""
+    def drain(self) -> tuple[int, bytes]:
+        """Stop shipping and return the output not delivered yet and where it starts (at most MAX_BATCH bytes;
+        anything before that is delivered here first), for the caller to send with the job's final status:
+        one request instead of two, and the follower learns the end with the last bytes."""
         with self._cond:
             self._closed = self._draining = True
             self._closing.set()
@@ -68,12 +102,13 @@ class LogShipper:
         if self._thread.is_alive():
             self._thread.join()  # a batch in flight is delivered first
         with self._cond:
-            rest = bytes(self._buf)
+            rest, offset = bytes(self._buf), self._offset
             self._buf.clear()
+            self._offset += len(rest)
         while len(rest) > MAX_BATCH:
-            self._deliver(rest[:MAX_BATCH])
-            rest = rest[MAX_BATCH:]
-        return rest
+            self._deliver(offset, rest[:MAX_BATCH])
+            offset, rest = offset + MAX_BATCH, rest[MAX_BATCH:]
+        return offset, rest
 
     def close(self) -> None:
         """Deliver everything written so far, then stop. Safe to call twice."""

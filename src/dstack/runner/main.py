@@ -39,9 +39,12 @@ def check() -> None:
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where job folders live (default: DSTACK_HOME/runner).")
 @click.option("--idle-timeout", type=float, default=None, help="Exit after this many seconds without a job.")
+@click.option("--server-lost-timeout", type=float, default=None,
+              help="Exit after the server has been unreachable this many seconds while no job runs (default: "
+                   "wait for it forever; 60 with --idle-timeout). A job's reports wait for the server anyway.")
 @click.option("--no-docker", is_flag=True, help="Run host jobs only, even if Docker is available.")
 def start(server_url: str, token: str, name: str | None, backend: str | None, workdir: Path | None,
-          idle_timeout: float | None, no_docker: bool) -> None:
+          idle_timeout: float | None, server_lost_timeout: float | None, no_docker: bool) -> None:
     """Register with a server and execute the jobs it hands out."""
     from dstack.runner.client import ServerClient
     from dstack.runner.daemon import Runner
@@ -52,8 +55,10 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
     resources = detect_resources()
     if no_docker:
         resources.docker = False
+    if server_lost_timeout is None and idle_timeout is not None:
+        server_lost_timeout = 60.0  # an on-demand runner does not wait forever for a server that is gone
     runner = Runner(ServerClient(server_url, token), resources, workdir or dstack_home() / "runner", name=name,
-                    backend=backend, idle_timeout=idle_timeout)
+                    backend=backend, idle_timeout=idle_timeout, server_lost_timeout=server_lost_timeout)
 
     def _term(signum, _frame):
         logging.getLogger("dstack.runner").info("signal %s: stopping the current job (if any) and exiting", signum)
@@ -66,12 +71,13 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
     import httpx
 
     from dstack.core.errors import DstackError
+    from dstack.runner.client import ServerTrouble
 
     try:
         runner.serve()
     except DstackError as e:
         raise click.ClickException(f"{e.message}" + (f" ({e.hint})" if e.hint else "")) from None
-    except httpx.TransportError as e:
+    except (httpx.TransportError, ServerTrouble) as e:
         raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
@@ -42,6 +43,24 @@ def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, c
                                      "store (pruned?)") from None
             mounts.append(Mount(source=src, target=job_path(job, path), read_only=True))
     return mounts
+
+
+def use_workdir(workdir: Path):
+    """Take the runner's folder: a lock shared by the runners that use it, held for the runner's lifetime (the
+    returned file). The first runner to use it since all others ended (killed, crashed) first removes the job
+    folders they left."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = open(workdir / "runner.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # another runner works here: its folders are its own
+    else:
+        for left in sorted((workdir / "jobs").glob("*")):
+            log.info("removing %s, left by a runner that did not end cleanly", left)
+            remove(left)
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    return lock
 
 
 def remove(root: Path) -> None:

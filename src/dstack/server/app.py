@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from dstack import __version__
 from dstack.backends.local import LocalBackend
@@ -20,8 +22,11 @@ from dstack.server.routers import artifacts, code, runners, runs, tags
 from dstack.server.routers.deps import authorized
 from dstack.server.services import runners as runner_service
 from dstack.server.services.code import CodeBlobs
+from dstack.server.services.disk import disk_full, is_disk_full
 from dstack.server.services.jobs import ensure_dirs
 from dstack.storage.blobstore import open_store
+
+log = logging.getLogger("dstack.server")
 
 
 def create_app(settings: Settings, on_ready=None) -> FastAPI:
@@ -34,17 +39,21 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
                       code=CodeBlobs(settings.home / "server" / "code"), backends=[local])
         ensure_dirs(ctx)
         app.state.ctx = ctx
+        # runners that outlived a previous server process (local ones that still run, self-hosted ones) go on
+        await runner_service.server_started(ctx, {i.runner_name for i in local.list()})
         loops = asyncio.create_task(run_loops(ctx))
         if on_ready:
             on_ready()
         try:
             yield
         finally:
+            ctx.stop()  # long polls still open answer now
             loops.cancel()
             # the local runners stop with the server: their unfinished jobs are lost, and say why
-            await runner_service.fail_jobs_of(ctx, [i.runner_name for i in local.list()],
-                                              "the local server was stopped while the job ran")
+            names = [i.runner_name for i in local.list()]
+            await runner_service.fail_jobs_of(ctx, names, "the local server was stopped while the job ran")
             await asyncio.to_thread(local.shutdown)
+            await runner_service.terminated(ctx, names)
             await engine.dispose()
 
     app = FastAPI(title="dstack", version=__version__, lifespan=lifespan, dependencies=[Depends(authorized)],
@@ -67,6 +76,18 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
         return JSONResponse(status_code=400, content={"error": {
             "kind": "config", "message": "the request holds text that is not Unicode (a lone surrogate such as "
                                         "\\udcff)", "hint": "send UTF-8 text"}})
+
+    @app.exception_handler(OSError)
+    @app.exception_handler(OperationalError)
+    async def _disk_full(request: Request, exc: Exception) -> JSONResponse:
+        """A full disk is said as such, naming the disk (503: try again once there is room); anything else
+        is the server's own error."""
+        if not is_disk_full(exc):
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+            return JSONResponse(status_code=500, content={"error": {
+                "kind": "error", "message": f"the server failed: {type(exc).__name__}", "hint": None}})
+        error = disk_full(exc, settings.home / "server", "the server could not store what it was sent")
+        return JSONResponse(status_code=error.http_status, content={"error": error.to_dict()})
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:

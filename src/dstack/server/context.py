@@ -73,6 +73,11 @@ class Signals:
         if ev:
             ev.set()
 
+    def notify_all(self) -> None:
+        events, self._events = self._events, defaultdict(asyncio.Event)
+        for ev in events.values():
+            ev.set()
+
     def listen(self, key: str) -> asyncio.Event:
         """The event the next `notify(key)` sets. Take it BEFORE looking at the state it guards, so that
         a change between the look and the wait is not missed."""
@@ -95,3 +100,10 @@ class Context:
     code: CodeBlobs
     signals: Signals = field(default_factory=Signals)
     backends: list = field(default_factory=list)
+    stopping: bool = False  # the server is on its way out: long polls answer at once
+    # jobs whose runner reported an end that the server could not write down (its disk is full): job id -> why
+    unrecorded: dict[str, str] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.signals.notify_all()

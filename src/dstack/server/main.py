@@ -1,19 +1,29 @@
 """`python -m dstack.server.main`: the server process (foreground, or started in the background by the CLI).
 
-State: DSTACK_HOME/server/{token (0600), server.json (url, pid, version), server.log, dstack.db, logs/}."""
+State: DSTACK_HOME/server/{token (0600), server.json (url, pid, start time, version), server.lock (held while
+the server runs: one server per DSTACK_HOME), port (the last one it listened on: a restarted local server comes
+back at the same address, so that its runners find it), server.log, dstack.db, logs/}."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 from dstack import __version__
 from dstack.core.home import dstack_home, write_private
 from dstack.core.names import token as new_token
+from dstack.core.processes import record
+
+
+class AlreadyServed(Exception):
+    """Another server process serves this DSTACK_HOME."""
 
 
 def server_dir(home: Path) -> Path:
@@ -38,33 +48,89 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
 
     sdir = server_dir(home)
     sdir.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(sdir)  # for the process's lifetime: closed (released) only when it exits
     token = os.environ.get("DSTACK_SERVER_TOKEN") or load_or_create_token(home)
     db_url = db_url or os.environ.get("DSTACK_DATABASE_URL") or f"sqlite+aiosqlite:///{sdir / 'dstack.db'}"
-    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only then; without it every response after the
-    # first on a connection waits ~40 ms for the client's delayed ACK
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)  # clients that come before the server serves wait in the backlog, never refused
+    sock = listen(host, port, sdir / "port")
     port = sock.getsockname()[1]
     settings = Settings(home=home, db_url=db_url, token=token, host=host, port=port)
     info = sdir / "server.json"
 
     def ready() -> None:
-        write_private(info, json.dumps({"url": settings.url, "pid": os.getpid(), "version": __version__}))
-        logging.getLogger("dstack.server").warning("dstack server listening on %s", settings.url)
+        record(info, os.getpid(), url=settings.url, version=__version__)
+        logging.getLogger("dstack.server").info("dstack server listening on %s", settings.url)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = uvicorn.Config(create_app(settings, on_ready=ready), log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=3)
+    app = create_app(settings, on_ready=ready)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=3)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        make_server(app, config).run(sockets=[sock])
     finally:
         try:
             if json.loads(info.read_text()).get("pid") == os.getpid():
                 info.unlink()
         except (OSError, ValueError):
             pass
+        lock.close()
+
+
+def make_server(app, config):
+    """uvicorn's server, which tells the app as soon as it is asked to stop: long polls (runners waiting for
+    a job, CLIs following logs) answer at once, instead of being cut when the grace period ends."""
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            ctx = getattr(app.state, "ctx", None)
+            if ctx is not None:
+                try:
+                    asyncio.get_running_loop().call_soon_threadsafe(ctx.stop)
+                except RuntimeError:  # no loop runs yet (or any more): nothing waits
+                    pass
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
+def hold_lock(sdir: Path):
+    """server.lock, locked for as long as this process runs; AlreadyServed when another server holds it."""
+    f = open(sdir / "server.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise AlreadyServed() from None
+        raise
+    return f
+
+
+def listen(host: str, port: int, remembered: Path) -> socket.socket:
+    """The server's listening socket. Port 0 means: the port this DSTACK_HOME's server had last (its runners
+    and attached CLIs still use it after a crash), else any free one; the port is remembered."""
+    if port == 0:
+        try:
+            port = int(remembered.read_text())
+        except (OSError, ValueError):
+            port = 0
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only then; without it every response after the
+    # first on a connection waits ~40 ms for the client's delayed ACK
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE or not remembered.exists():
+            sock.close()
+            raise
+        logging.getLogger("dstack.server").warning("port %s is taken by another program: listening on another "
+                                                   "one (runners started before the restart cannot find it)", port)
+        sock.bind((host, 0))
+    sock.listen(2048)  # clients that come before the server serves wait in the backlog, never refused
+    write_private(remembered, str(sock.getsockname()[1]))
+    return sock
 
 
 def main() -> None:
@@ -75,7 +141,18 @@ def main() -> None:
     p.add_argument("--db-url", default=None)
     p.add_argument("--log-level", default="warning")
     a = p.parse_args()
-    serve(a.home or dstack_home(), a.host, a.port, a.db_url, a.log_level)
+    home = a.home or dstack_home()
+    try:
+        serve(home, a.host, a.port, a.db_url, a.log_level)
+    except AlreadyServed:
+        info = server_dir(home) / "server.json"
+        try:
+            where = f" at {json.loads(info.read_text())['url']}"
+        except (OSError, ValueError, KeyError):
+            where = ""
+        sys.stderr.write(f"error: another dstack server already serves {home}{where}; stop it with "
+                         "`dstack server stop`, or give this one another DSTACK_HOME\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

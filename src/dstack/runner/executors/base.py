@@ -43,6 +43,9 @@ class Execution(Protocol):
 
     image_digest: str | None
     ports: list[int]
+    # why the job ended, when something else than the job itself ended it (set by wait(); e.g. "the Docker
+    # daemon stopped while the job ran (exit code 143)"); None otherwise
+    failure_reason: str | None
 
     def wait(self) -> int:
         """Block until the job ends and its output is drained; its exit code (128+N when killed by

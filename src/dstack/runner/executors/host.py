@@ -113,6 +113,7 @@ class HostExecution:
         ports: list[int],
     ) -> None:
         self.image_digest: str | None = None
+        self.failure_reason: str | None = None
         self.ports = ports
         self._process = process
         self._guard_pipe: int | None = guard_pipe

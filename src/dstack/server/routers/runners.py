@@ -57,9 +57,11 @@ async def job_status(upd: JobUpdate, name: str = Name, job_id: str = JobId, ctx:
 
 
 @router.post("/{name}/jobs/{job_id}/logs")
-async def job_logs(request: Request, name: str = Name, job_id: str = JobId, ctx: Context = Depends(get_ctx)) -> dict:
-    """Output of the job: only from the runner the job is assigned to, while the job runs."""
-    await jobs.append_runner_logs(ctx, name, job_id, await request.body())
+async def job_logs(request: Request, name: str = Name, job_id: str = JobId,
+                   offset: int | None = Query(None, ge=0, le=2**62), ctx: Context = Depends(get_ctx)) -> dict:
+    """Output of the job; `offset`: where it starts in the job's output (so that a batch sent again is not
+    appended twice). Only from the runner the job is assigned to, while the job runs."""
+    await jobs.append_runner_logs(ctx, name, job_id, await request.body(), offset=offset)
     return {}
 
 

@@ -13,11 +13,29 @@ from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow, RunRow
 from dstack.server.services import tags
 from dstack.server.services.convert import job_model
+from dstack.server.services.disk import disk_full, is_disk_full
 from dstack.server.services.run_state import now, refresh_run_status
 
 
 async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpdate) -> JobStatus:
-    """Record what the runner says of its job; returns the job's status (a finished job's first word stands)."""
+    """Record what the runner says of its job; returns the job's status (a finished job's first word stands).
+    When the server's disk is full, the report is refused (503: the runner sends it again later) and what
+    was lost is remembered, so that `dstack status` says why the job seems stuck."""
+    try:
+        status = await _update_status(ctx, runner_name, job_id, upd)
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        error = disk_full(e, ctx.settings.home / "server", f"the server could not record that job {job_id} is "
+                                                           f"{upd.status.value}")
+        ctx.unrecorded[job_id] = error.message
+        ctx.signals.notify(f"job:{job_id}")
+        raise error from None
+    ctx.unrecorded.pop(job_id, None)
+    return status
+
+
+async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpdate) -> JobStatus:
     async with ctx.sessions() as s:
         job = await s.get(JobRow, job_id)
         if job is None:
@@ -28,7 +46,8 @@ async def update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUpd
         # a report that came already (the runner retried it, not knowing it had arrived): its output is there
         again = finished and (job.status, job.exit_code) == (upd.status.value, upd.exit_code)
         if upd.logs and not again:  # before the status: a follower that sees the job finished has all its
-            append_logs(ctx, job_id, upd.logs, notify=False)  # output; it is woken once, when both are there
+            # output; it is woken once, when both are there
+            append_logs(ctx, job_id, upd.logs, notify=False, offset=upd.logs_offset)
         if finished:
             if upd.logs and not again:
                 ctx.signals.notify(f"job:{job_id}")
@@ -78,9 +97,18 @@ def log_path(ctx: Context, job_id: str):
     return ctx.settings.logs_dir / f"{job_id}.log"
 
 
-def append_logs(ctx: Context, job_id: str, data: bytes, notify: bool = True) -> None:
+def append_logs(ctx: Context, job_id: str, data: bytes, notify: bool = True, offset: int | None = None) -> None:
+    """Append output to a job's log. `offset`: where `data` starts in the job's output as its runner sent it;
+    bytes the log holds already (a batch sent again: the runner did not hear that it had arrived) are not
+    appended twice."""
     path = log_path(ctx, job_id)
     with open(path, "ab") as f:
+        if offset is not None:
+            have = f.tell()
+            if offset + len(data) <= have:
+                return
+            if offset < have:
+                data = data[have - offset:]
         f.write(data)
     if notify:
         ctx.signals.notify(f"job:{job_id}")
@@ -110,7 +138,7 @@ async def wait_logs(ctx: Context, job_id: str, offset: int, wait: float,
         job = await _job(ctx, job_id)
         data = read_logs(ctx, job_id, offset)
         if (data or job.status in FINISHED or (seen is not None and job.status != seen)
-                or time.monotonic() >= deadline):
+                or time.monotonic() >= deadline or ctx.stopping):
             return data, job, len(data) >= LOG_CHUNK
         await ctx.signals.wait(changed, deadline - time.monotonic())
 

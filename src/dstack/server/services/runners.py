@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -21,6 +22,8 @@ from dstack.server.db.tables import JobRow, RunnerRow
 from dstack.server.services.convert import runner_model
 from dstack.server.services.run_state import now, refresh_run_status
 
+log = logging.getLogger("dstack.server")
+
 
 async def new_name(s, exclude: set[str] = frozenset()) -> str:
     """`adjective-animal-N`, not used by any runner yet."""
@@ -39,8 +42,9 @@ async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
         row = await s.get(RunnerRow, name)
         t = now()
         timeout = ctx.settings.runner_timeout
-        if (row is not None and row.status == RunnerStatus.BUSY.value and row.job_id
-                and (t - row.last_seen_at).total_seconds() < timeout):
+        job = await s.get(JobRow, row.job_id) if row is not None and row.job_id else None
+        if (row is not None and row.status == RunnerStatus.BUSY.value and job is not None
+                and JobStatus(job.status) not in FINISHED and (t - row.last_seen_at).total_seconds() < timeout):
             raise Conflict(f"runner {name} is registered already and runs job {row.job_id}",
                            hint=f"start this runner with another --name; if that runner is gone, the server gives "
                                 f"it up {timeout:g} s after its last heartbeat")
@@ -57,7 +61,16 @@ async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
     return info
 
 
+# a job taken this recently may not be known to its runner yet (the answer to its `take` is on its way)
+TAKE_IN_FLIGHT = 5.0
+
+
 async def heartbeat(ctx: Context, name: str, job_id: str | None) -> HeartbeatReply:
+    """A runner is alive, and says which job it runs (if any). The reply tells it to stop or abort that job.
+    Where the runner and the server disagree, the runner is right about what it runs: a job it does not run
+    (it gave up on the job's reports, it was restarted, the answer to its `take` was lost) is put back in the
+    queue when it never started, else it fails, saying so; a job the server has given up on is aborted."""
+    failed: list[str] = []
     async with ctx.sessions() as s:
         row = await s.get(RunnerRow, name)
         if row is None:
@@ -72,11 +85,69 @@ async def heartbeat(ctx: Context, name: str, job_id: str | None) -> HeartbeatRep
                 job = await s.get(JobRow, job_id)
                 if job is not None and job.stop_requested:
                     reply.stop = job.stop_requested
-                if job is None or JobStatus(job.status) in FINISHED:
+                if job is None or job.runner_name != name or JobStatus(job.status) in FINISHED:
                     reply.stop = reply.stop or "abort"
+            if row.job_id and row.job_id != job_id:
+                failed = await _reconcile(s, row, job_id)
         row.last_seen_at = now()
         await s.commit()
+    for failed_id in failed:
+        ctx.signals.notify(f"job:{failed_id}")
+    if failed:
+        ctx.signals.notify("jobs")
     return reply
+
+
+async def _reconcile(s, runner: RunnerRow, running: str | None) -> list[str]:
+    """The server has `runner.job_id` on `runner`, which runs `running` instead (or nothing)."""
+    job = await s.get(JobRow, runner.job_id)
+    if job is None or JobStatus(job.status) in FINISHED or job.runner_name != runner.name:
+        runner.job_id = running
+        runner.status = RunnerStatus.BUSY.value if running else RunnerStatus.READY.value
+        return []
+    if job.started_at is not None and (now() - job.started_at).total_seconds() < TAKE_IN_FLIGHT:
+        return []
+    if job.status == JobStatus.PROVISIONING.value:
+        # never started there: back in the queue, for this runner or another
+        job.status, job.runner_name, job.started_at, job.runner_resources = (
+            JobStatus.SUBMITTED.value, None, None, None)
+        log.warning("runner %s does not run job %s that it took: queued again", runner.name, job.job_id)
+    else:
+        job.status, job.finished_at = JobStatus.FAILED.value, now()
+        job.reason = (f"runner {runner.name} no longer runs the job, and its end was never reported (the "
+                      f"runner gave up reporting it, or was restarted); its artifacts were not saved")
+    await refresh_run_status(s, job.run_name)
+    runner.job_id = running
+    runner.status = RunnerStatus.BUSY.value if running else RunnerStatus.READY.value
+    return [job.job_id]
+
+
+async def server_started(ctx: Context, local_runners: set[str]) -> None:
+    """A (re)started server gives the runners it knows a full timeout to reach it again before they count as
+    lost; a local runner whose process is gone (it did not outlive the server) is gone now, with its jobs."""
+    failed: list[str] = []
+    async with ctx.sessions() as s:
+        live = (await s.scalars(select(RunnerRow).where(
+            RunnerRow.status.in_((RunnerStatus.READY.value, RunnerStatus.BUSY.value))))).all()
+        for r in live:
+            if r.backend == "local" and r.name not in local_runners:
+                r.status, r.job_id = RunnerStatus.TERMINATED.value, None
+                failed += await _fail_jobs_of(s, r.name, f"runner {r.name} ended while the server was down")
+            else:
+                r.last_seen_at = now()
+        await s.commit()
+    for job_id in failed:
+        ctx.signals.notify(f"job:{job_id}")
+
+
+async def terminated(ctx: Context, names: list[str]) -> None:
+    """These runners have been stopped (and could not say so themselves): not listed as READY any more."""
+    async with ctx.sessions() as s:
+        for name in names:
+            row = await s.get(RunnerRow, name)
+            if row is not None and row.status in (RunnerStatus.READY.value, RunnerStatus.BUSY.value):
+                row.status, row.job_id = RunnerStatus.TERMINATED.value, None
+        await s.commit()
 
 
 async def deregister(ctx: Context, name: str) -> None:

@@ -175,7 +175,15 @@ async def list_runs(ctx: Context, repo_id: str | None, limit: int | None, workfl
         q = q.limit(limit)
     async with ctx.sessions() as s:
         rows = (await s.scalars(q)).all()
-    return [run_model(r, with_specs=False) for r in rows]
+    return [_unrecorded(ctx, run_model(r, with_specs=False)) for r in rows]
+
+
+def _unrecorded(ctx: Context, run: Run) -> Run:
+    """An unfinished job whose end its runner reported but the server could not write down says so."""
+    for job in run.jobs:
+        if job.job_id in ctx.unrecorded and not job.status.finished:
+            job.reason = ctx.unrecorded[job.job_id]
+    return run
 
 
 async def get_run(ctx: Context, repo_id: str | None, name: str) -> Run:
@@ -194,7 +202,7 @@ async def get_run(ctx: Context, repo_id: str | None, name: str) -> Run:
             return await get_run(ctx, None, name)
         if row is None:
             raise NotFound(f"no run or job named '{name}'", hint="`dstack status` lists runs and their jobs")
-        run = run_model(row)
+        run = _unrecorded(ctx, run_model(row))
         run.used_by = sorted(set((await s.scalars(select(InputRow.run_name).where(
             InputRow.input_run == row.name))).all()))
         return run

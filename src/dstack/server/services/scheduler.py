@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import select, update
 
-from dstack.core.errors import Unsatisfiable
+from dstack.core.errors import Unavailable, Unsatisfiable
 from dstack.core.models import JobSpec, JobStatus, RunnerStatus
 from dstack.core.resources import RunnerResources, missing
 from dstack.server.context import Context
@@ -57,6 +57,8 @@ async def take_job(ctx: Context, runner_name: str, wait: float,
     deadline = time.monotonic() + wait
     while True:
         queued = ctx.signals.listen("jobs")
+        if ctx.stopping:
+            raise Unavailable("the server is stopping", hint="a runner waits for it to come back")
         if gone is not None and await gone():
             return None
         job = await _try_take(ctx, runner_name)

@@ -1,0 +1,90 @@
+"""Which process is which: a pid alone may be reused by another program once its process has died, so a
+process of ours is recorded as its pid *and* its start time, and only that pair is ever signalled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, field 22 of /proc/PID/stat); None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    except OSError:
+        return None
+    # the command name (field 2) is in parentheses and may hold spaces or ')': split after the last ')'
+    fields = stat[stat.rfind(b")") + 2:].split()
+    try:
+        if fields[0] == b"Z":  # a zombie has exited already
+            return None
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def is_running(pid: int | None, started: int | None) -> bool:
+    """Whether the process recorded as (pid, started) is still that process and still runs."""
+    if not pid or pid <= 0 or started is None:
+        return False
+    return start_time(pid) == started
+
+
+def record(path: Path, pid: int, **extra) -> None:
+    """Write `path` (mode 0600) saying which process `pid` is, with `extra` fields."""
+    from dstack.core.home import write_private
+
+    write_private(path, json.dumps({"pid": pid, "started": start_time(pid), **extra}))
+
+
+def read_record(path: Path, legacy: str | None = None) -> dict | None:
+    """A record written by `record`, if it is there and its process still runs. `legacy`: a record of an older
+    dstack has no start time; it counts when that process's command line holds `legacy` (and it is given
+    the start time, so that it can be signalled as any other)."""
+    try:
+        info = json.loads(path.read_text())
+        pid, started = int(info["pid"]), info.get("started")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if started is None and legacy is not None and legacy.encode() in _cmdline(pid):
+        info["started"] = started = start_time(pid)
+    return info if is_running(pid, started) else None
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ")
+    except OSError:
+        return b""
+
+
+def terminate(pid: int, started: int | None, grace: float = 10.0) -> bool:
+    """SIGTERM the recorded process, then SIGKILL after `grace` s; True when it was running. A pid that now
+    belongs to another process is never signalled."""
+    if not is_running(pid, started):
+        return False
+    _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and is_running(pid, started):
+        time.sleep(0.05)
+    if is_running(pid, started):
+        _signal(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not is_running(pid, started):
+                break
+            time.sleep(0.02)
+    return True
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
