@@ -35,6 +35,9 @@ def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
     finished = JobStatus(run["status"]).finished
     click.echo(f"{run['run_name']} {run['status'] if finished else ('aborting' if abort else 'stopping')}")
     if not finished and not no_wait:
-        reasons = sorted({j["reason"] for j in run["jobs"] if j.get("reason") and not JobStatus(j["status"]).finished})
+        from dstack.core.names import printable
+
+        reasons = sorted({printable(j["reason"]) for j in run["jobs"]
+                          if j.get("reason") and not JobStatus(j["status"]).finished})
         click.echo(f"It has not ended yet{': ' + '; '.join(reasons) if reasons else ''}. `dstack status "
                    f"{run['run_name']}` says when it has.", err=True)
