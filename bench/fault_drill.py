@@ -77,6 +77,7 @@ def wait_all_finished(env: dict, cwd: Path, timeout: float) -> list[dict]:
         found = runs(env, cwd)
         if all(r["status"] in ("DONE", "FAILED", "STOPPED", "ABORTED") for r in found) or time.monotonic() > deadline:
             return found
+        time.sleep(0.5)
 
 
 def tally(env: dict, cwd: Path, found: list[dict], starts: Path, lines: int, jobs: int) -> dict:

@@ -186,3 +186,43 @@ def test_a_final_report_sent_again_adds_no_output_and_a_late_one_after_the_janit
             assert jobs.read_logs(ctx, job_id, 0) == logged
 
     _serve(tmp_path, body)
+
+
+def test_output_sent_again_from_its_offset_is_appended_once(tmp_path):
+    """A batch the runner sends again (its answer was lost) adds only the bytes the log lacks, whether the
+    first send arrived whole or not."""
+    async def body(ctx):
+        run = await runs.run_workflow(ctx, _request())
+        job_id = run.jobs[0].job_id
+        jobs.append_logs(ctx, job_id, b"A" * 10, offset=0)
+        jobs.append_logs(ctx, job_id, b"A" * 10, offset=0)  # the same batch again: nothing
+        jobs.append_logs(ctx, job_id, b"A" * 10 + b"B" * 5, offset=0)  # a longer resend: only what is new
+        jobs.append_logs(ctx, job_id, b"B" * 5 + b"C", offset=10)  # overlaps the end
+        jobs.append_logs(ctx, job_id, b"D", offset=16)
+        assert jobs.read_logs(ctx, job_id, 0) == b"A" * 10 + b"B" * 5 + b"C" + b"D"
+
+    _serve(tmp_path, body)
+
+
+def test_a_heartbeat_that_runs_no_job_gets_back_the_job_it_was_given_and_never_started(tmp_path):
+    """The runner was given a job (it says so) but runs none: the job never started there (no output), so it
+    is queued again; a job it started (it has output) fails, saying that its end was never reported."""
+    async def body(ctx):
+        await runners.register(ctx, RunnerRegistration(name="r-1", hostname="h", backend="local",
+                                                       resources=RunnerResources(cpus=2, memory_mib=4096,
+                                                                                 docker=False)))
+        run = await runs.run_workflow(ctx, _request())
+        job_id = run.jobs[0].job_id
+        await scheduler.take_job(ctx, "r-1", 0)
+        await runners.heartbeat(ctx, "r-1", None, last_taken=None)  # the take's answer may be on its way
+        assert (await runs.get_job(ctx, job_id)).status == JobStatus.PROVISIONING
+        await runners.heartbeat(ctx, "r-1", None, last_taken=job_id)
+        job = await runs.get_job(ctx, job_id)
+        assert job.status == JobStatus.SUBMITTED and job.runner is None
+        assert await scheduler.take_job(ctx, "r-1", 0) is not None  # and it can be taken again
+        jobs.append_logs(ctx, job_id, b"started\n")
+        await runners.heartbeat(ctx, "r-1", None, last_taken=job_id)
+        job = await runs.get_job(ctx, job_id)
+        assert job.status == JobStatus.FAILED and "never reported" in job.reason
+
+    _serve(tmp_path, body)

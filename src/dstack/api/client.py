@@ -25,6 +25,9 @@ class LogChunk(NamedTuple):
     seconds: float | None = None  # from its start to its end
 
 
+IDEMPOTENT = ("GET", "HEAD", "PUT", "DELETE")  # sent again after a restart: twice is as once
+
+
 class Unreachable(DstackError):
     """The server did not answer (it is down, restarting, or the network is cut)."""
 
@@ -42,6 +45,8 @@ class Client:
         self.restart = restart
 
     def _connect(self, url: str, token: str) -> None:
+        if getattr(self, "http", None) is not None:
+            self.http.close()
         self.url = url.rstrip("/")
         self.http = HttpClient(self.url, headers={"Authorization": f"Bearer {token}"}, timeout=self.timeout)
 
@@ -53,6 +58,10 @@ class Client:
                 raise Unreachable(f"cannot reach the dstack server at {self.url}: {e}",
                                   hint=self.unreachable_hint) from None
             self._connect(*self.restart())  # the local server died (killed, crashed): it comes back
+            if not (e.refused or method in IDEMPOTENT):  # it may have taken the request before it died
+                raise Unreachable(f"the dstack server at {self.url} died while it answered {method} {path}; "
+                                  "it has been started again", hint="`dstack status` shows whether it was taken "
+                                  "before; run the command again if not") from None
             try:
                 r = self.http.request(method, path, **kw)
             except TransportError as e2:

@@ -3,6 +3,7 @@ embedded local server, started in the background on first use (state under DSTAC
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -14,8 +15,8 @@ from pathlib import Path
 from dstack import __version__
 from dstack.api.client import Client
 from dstack.core.errors import DstackError
-from dstack.core.home import dstack_home
-from dstack.core.processes import read_record, terminate
+from dstack.core.home import dstack_home, private_home, write_private
+from dstack.core.processes import read_record, terminate, terminate_all
 from dstack.core.status import JobStatus
 
 START_TIMEOUT = 30.0
@@ -34,7 +35,7 @@ def _served(sdir: Path) -> bool:
     """Whether a server process holds DSTACK_HOME/server/server.lock (it does for as long as it runs)."""
     try:
         f = open(sdir / "server.lock", "rb")
-    except FileNotFoundError:
+    except OSError:  # none there (or not ours to read): no server of ours
         return False
     with f:
         try:
@@ -48,7 +49,8 @@ def _served(sdir: Path) -> bool:
 def _server_record(sdir: Path) -> dict | None:
     """server.json, when the process it names is still our server (its pid alone may be another program's now)."""
     raw = _read_json(sdir / "server.json") or {}
-    info = read_record(sdir / "server.json", legacy="dstack.server.main")
+    # a record of dstack before 0.3.1 (no start time): this home's server, by its command line
+    info = read_record(sdir / "server.json", legacy=f"dstack.server.main --home {sdir.parent} ")
     if info is None or raw.get("started") is None:
         return info  # a server of dstack before 0.3.1 holds no lock: its record and command line tell
     return info if _served(sdir) else None
@@ -123,15 +125,25 @@ def _current_local_server(home: Path | None = None) -> tuple[str, str] | None:
     return None
 
 
-def start_local_server(home: Path | None = None) -> tuple[str, str]:
-    home = home or dstack_home()
+STOPPED = "stopped"  # in DSTACK_HOME/server: the server was stopped on purpose (not restarted as crashed)
+
+
+def start_local_server(home: Path | None = None, unless_stopped: bool = False) -> tuple[str, str]:
+    """The local server, started in the background unless one runs. `unless_stopped`: not when it was
+    stopped on purpose (`dstack server stop`, a signal); it was killed or crashed otherwise."""
+    home = private_home(home)
     sdir = home / "server"
     sdir.mkdir(parents=True, exist_ok=True)
-    with open(sdir / "start.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two CLIs starting at once start one server
+    with _start_lock(sdir):  # two CLIs starting at once start one server; a stop waits for a start
         running = local_server(home)
         if running:
             return running
+        if unless_stopped and (sdir / STOPPED).exists():
+            raise DstackError("the local server was stopped (`dstack server stop`, or Ctrl-C on `dstack server`)",
+                              hint="the jobs of its local runners were stopped with it, a job on a self-hosted "
+                                   "runner goes on; `dstack status RUN` (which starts the server again) says what "
+                                   "became of a run, and `dstack logs RUN -f` follows it again")
+        (sdir / STOPPED).unlink(missing_ok=True)
         log = open(sdir / "server.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "dstack.server.main", "--home", str(home)],
@@ -153,19 +165,35 @@ def start_local_server(home: Path | None = None) -> tuple[str, str]:
         raise DstackError(f"the local server did not start; its log ({sdir / 'server.log'}) ends with:\n{tail}")
 
 
+def restart_crashed_server(home: Path | None = None) -> tuple[str, str]:
+    """The local server, started again if it died without being stopped (killed, crashed); it comes back at
+    its address. A server that was stopped on purpose stays stopped."""
+    return start_local_server(home, unless_stopped=True)
+
+
+@contextlib.contextmanager
+def _start_lock(sdir: Path):
+    with open(sdir / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def stop_local_server(home: Path | None = None, timeout: float = 20.0) -> bool:
     """Stop the local server, then any runner that a server of this DSTACK_HOME started and that outlived it
     (its server was killed). True when there was something to stop. Only processes recorded with their start
     time are signalled: never a program that took over a stale pid."""
     home = home or dstack_home()
-    info = _server_record(home / "server")
-    stopped = bool(info) and terminate(int(info["pid"]), info.get("started"), grace=timeout)
-    (home / "server" / "server.json").unlink(missing_ok=True)  # stopped on purpose: not restarted as crashed
-    for runner in sorted((home / "runners").glob("*/runner.json")):
-        rec = read_record(runner)
-        if rec is not None:
-            stopped = terminate(int(rec["pid"]), rec.get("started"), grace=timeout / 2) or stopped
-    return stopped
+    sdir = home / "server"
+    if not sdir.is_dir():
+        return False
+    with _start_lock(sdir):  # no start half-way meanwhile, nor an attached run's restart of what is stopped
+        write_private(sdir / STOPPED, "")
+        info = _server_record(sdir)
+        stopped = bool(info) and terminate(int(info["pid"]), info.get("started"), grace=timeout)
+        (sdir / "server.json").unlink(missing_ok=True)
+        runners = [read_record(path) for path in sorted((home / "runners").glob("*/runner.json"))]
+        found = [(int(r["pid"]), r.get("started")) for r in runners if r is not None]
+        return terminate_all(found, grace=timeout) > 0 or stopped
 
 
 def connect() -> Client:
@@ -174,15 +202,3 @@ def connect() -> Client:
         return Client(*remote)
     return Client(*(_current_local_server() or start_local_server()), unreachable_hint=LOCAL_UNREACHABLE,
                   restart=restart_crashed_server)
-
-
-def restart_crashed_server(home: Path | None = None) -> tuple[str, str]:
-    """The local server, started again if it died without stopping (killed, crashed: its server.json is still
-    there); it comes back at its address. A server that was stopped (`dstack server stop`) stays stopped."""
-    home = home or dstack_home()
-    running = local_server(home)
-    if running:
-        return running
-    if not (home / "server" / "server.json").exists():
-        raise DstackError("the local server has stopped", hint=LOCAL_UNREACHABLE)
-    return start_local_server(home)

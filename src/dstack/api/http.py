@@ -25,7 +25,12 @@ class Response:
 
 
 class TransportError(Exception):
-    """The server could not be reached or the connection broke."""
+    """The server could not be reached or the connection broke. `refused`: the connection was refused, so the
+    request was never sent (sending it again cannot do it twice)."""
+
+    def __init__(self, message: str, refused: bool = False):
+        super().__init__(message)
+        self.refused = refused
 
 
 class HttpClient:
@@ -68,7 +73,8 @@ class HttpClient:
                     raise TransportError("the server closed the connection") from None
             except OSError as e:
                 self.close()
-                raise TransportError(str(e) or type(e).__name__) from None
+                raise TransportError(str(e) or type(e).__name__,
+                                     refused=isinstance(e, ConnectionRefusedError) and not reused) from None
             except BaseException:  # e.g. Ctrl-C mid-request: the connection is in an unknown state
                 self.close()
                 raise

@@ -10,6 +10,7 @@ removed (a killed runner's job folders with them), all but their log."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 
 from dstack.backends.base import Bootstrap, Instance
-from dstack.core.processes import is_running, read_record, record, terminate
+from dstack.core.processes import is_running, read_record, record, signal_recorded, terminate_all
 from dstack.core.resources import RunnerResources
 
 RECORD = "runner.json"
@@ -77,7 +78,7 @@ class LocalBackend:
         if proc is not None and proc.poll() is None:
             proc.terminate()
         elif proc is None and inst is not None:
-            terminate(int(inst.id), started, grace=0)
+            signal_recorded(int(inst.id), started, signal.SIGTERM)
 
     def list(self) -> list[Instance]:
         for iid, entry in list(self._procs.items()):
@@ -114,17 +115,19 @@ class LocalBackend:
         remove_orphans()
 
     def shutdown(self, grace: float = 10.0) -> None:
+        """SIGTERM every runner (its job is stopped, its artifacts saved), SIGKILL those left after `grace`."""
         entries = [e for e in self._procs.values() if self._running(*e)]
         for proc, _, _ in entries:
             if proc is not None:
                 proc.terminate()
+        # those an earlier server process started are not our children: by their records, on the same deadline
+        adopted = [(int(inst.id), started) for proc, inst, started in entries if proc is None]
         deadline = time.monotonic() + grace
-        for proc, inst, started in entries:
+        terminate_all(adopted, grace)
+        for proc, _, _ in entries:
             if proc is not None:
                 try:
                     proc.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     proc.kill()
-            else:  # started by an earlier server process: not our child
-                terminate(int(inst.id), started, grace=max(0.1, deadline - time.monotonic()))
         self._procs.clear()

@@ -8,6 +8,7 @@ import sys
 import time
 
 from dstack.api.client import Client, Unreachable
+from dstack.core.names import printable
 from dstack.core.status import JobStatus
 
 
@@ -114,7 +115,7 @@ def _announce_ports(job: dict) -> None:
     """Where the job's ports (PORT_0, ...) can be reached; apps must bind 0.0.0.0 or the runner's host."""
     host = job.get("hostname") or "127.0.0.1"
     for i, port in enumerate(job.get("ports") or []):
-        sys.stderr.write(f"PORT_{i}: http://{host}:{port}\n")
+        sys.stderr.write(f"PORT_{i}: http://{printable(host)}:{port}\n")
 
 
 def _summary(run_name: str, jobs: list[dict]) -> None:
@@ -126,7 +127,7 @@ def _summary(run_name: str, jobs: list[dict]) -> None:
         took = f" in {job['seconds']:.1f}s" if job.get("seconds") is not None else ""
         detail = ""
         if status != JobStatus.DONE:
-            detail = f": {reason}" if reason else ""
+            detail = f": {printable(reason)}" if reason else ""
             if exit_code not in (None, 0) and "code" not in (reason or ""):
                 detail += f" (exit code {exit_code})"
         mark = {"DONE": "\033[32m", "FAILED": "\033[31m"}.get(status, "\033[33m") if color else ""

@@ -197,7 +197,8 @@ class RunnerRegistration(Body):
 
 
 class Heartbeat(Body):
-    job_id: JobId | None = None
+    job_id: JobId | None = None  # the job the runner runs now
+    last_taken: JobId | None = None  # the last job the runner was given (so it knows of it)
 
 
 class HeartbeatReply(Model):
@@ -228,4 +229,7 @@ class JobUpdate(Body):
     # with RUNNING: the ports the runner picked (PORT_0, ...)
     ports: list[Annotated[int, Field(ge=1, le=65535)]] | None = Field(None, max_length=64)
     logs: Base64Data | None = None  # with the final status: the job's last output (appended before it)
-    logs_offset: int | None = Field(None, ge=0)  # where `logs` starts in the job's output (a resend adds nothing)
+    logs_offset: Count | None = None  # where `logs` starts in the job's output (a resend adds nothing)
+    # with the final status: seconds since the job ended (a report that waited for the server tells when the
+    # job ended, not when the report landed; a duration, so that the runner's clock need not agree)
+    ended_ago: float | None = Field(None, ge=0, le=10 * 365 * 86400)

@@ -45,14 +45,15 @@ def record(path: Path, pid: int, **extra) -> None:
 
 def read_record(path: Path, legacy: str | None = None) -> dict | None:
     """A record written by `record`, if it is there and its process still runs. `legacy`: a record of an older
-    dstack has no start time; it counts when that process's command line holds `legacy` (and it is given
-    the start time, so that it can be signalled as any other)."""
+    dstack has no start time; it counts when that process's command line holds `legacy` (e.g. the server's
+    own `--home PATH `: this home's server, no other) and it is given the start time, so that it can be
+    signalled as any other."""
     try:
         info = json.loads(path.read_text())
         pid, started = int(info["pid"]), info.get("started")
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if started is None and legacy is not None and legacy.encode() in _cmdline(pid):
+    if started is None and legacy is not None and legacy.encode() in _cmdline(pid) + b" ":
         info["started"] = started = start_time(pid)
     return info if is_running(pid, started) else None
 
@@ -68,19 +69,32 @@ def _cmdline(pid: int) -> bytes:
 def terminate(pid: int, started: int | None, grace: float = 10.0) -> bool:
     """SIGTERM the recorded process, then SIGKILL after `grace` s; True when it was running. A pid that now
     belongs to another process is never signalled."""
-    if not is_running(pid, started):
-        return False
-    _signal(pid, signal.SIGTERM)
+    return bool(terminate_all([(pid, started)], grace))
+
+
+def terminate_all(processes: list[tuple[int, int | None]], grace: float = 10.0) -> int:
+    """SIGTERM each recorded process (pid, start time) that still runs, all at once, then SIGKILL those still
+    running after `grace` s; how many ran."""
+    running = [(pid, started) for pid, started in processes if is_running(pid, started)]
+    for pid, _ in running:
+        _signal(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and is_running(pid, started):
+    while time.monotonic() < deadline and any(is_running(*p) for p in running):
         time.sleep(0.05)
-    if is_running(pid, started):
+    left = [p for p in running if is_running(*p)]
+    for pid, _ in left:
         _signal(pid, signal.SIGKILL)
-        for _ in range(100):
-            if not is_running(pid, started):
-                break
-            time.sleep(0.02)
-    return True
+    for _ in range(100):
+        if not any(is_running(*p) for p in left):
+            break
+        time.sleep(0.02)
+    return len(running)
+
+
+def signal_recorded(pid: int, started: int | None, sig: int) -> None:
+    """Send `sig` to the recorded process, if it is still that process."""
+    if is_running(pid, started):
+        _signal(pid, sig)
 
 
 def _signal(pid: int, sig: int) -> None:

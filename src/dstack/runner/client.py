@@ -8,16 +8,21 @@ from dstack.core.errors import DstackError, error_from_dict
 from dstack.core.models import HeartbeatReply, JobSpec, JobStatus, JobUpdate, RunnerInfo, RunnerRegistration
 
 
-class ServerTrouble(DstackError):
-    """The server could not take a request now (it answered 5xx: it is stopping, its disk is full, it
-    failed): the same request may go through later."""
+class ServerError(DstackError):
+    """The server failed to answer a request (5xx)."""
 
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
 
 
-RETRYABLE = (httpx.TransportError, ServerTrouble)  # errors after which a report is sent again
+class ServerTrouble(ServerError):
+    """The server cannot take a request now (502, 503, 504, 507: it is stopping, restarting, behind a proxy
+    that lost it, its disk is full): the same request goes through later."""
+
+
+TEMPORARY = (502, 503, 504, 507)
+RETRYABLE = (httpx.TransportError, ServerTrouble)  # errors after which a report is sent again, for as long as needed
 
 
 class ServerClient:
@@ -31,8 +36,10 @@ class ServerClient:
                 error = error_from_dict(r.json()["error"])
             except (ValueError, KeyError, TypeError):
                 error = DstackError(f"server answered {r.status_code}: {r.text[:200]}")
-            if r.status_code >= 500:
+            if r.status_code in TEMPORARY:
                 raise ServerTrouble(error.message, r.status_code)
+            if r.status_code >= 500:
+                raise ServerError(error.message, r.status_code)
             raise error
         return r
 
@@ -40,8 +47,9 @@ class ServerClient:
         return RunnerInfo.model_validate(self._check(self.http.post("/api/runners/register",
                                                                     json=reg.model_dump(mode="json"))).json())
 
-    def heartbeat(self, name: str, job_id: str | None) -> HeartbeatReply:
-        r = self._check(self.http.post(f"/api/runners/{name}/heartbeat", json={"job_id": job_id}, timeout=5))
+    def heartbeat(self, name: str, job_id: str | None, last_taken: str | None = None) -> HeartbeatReply:
+        r = self._check(self.http.post(f"/api/runners/{name}/heartbeat", json={"job_id": job_id,
+                                       "last_taken": last_taken}, timeout=5))
         return HeartbeatReply.model_validate(r.json())
 
     def take(self, name: str, wait: float) -> JobSpec | None:

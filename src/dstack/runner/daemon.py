@@ -16,7 +16,7 @@ from dstack.core.errors import DstackError
 from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
 from dstack.core.resources import RunnerResources
 from dstack.runner import workspace
-from dstack.runner.client import RETRYABLE, ServerClient
+from dstack.runner.client import RETRYABLE, ServerClient, ServerError
 from dstack.runner.code import recreate
 from dstack.runner.logs import LogShipper
 from dstack.storage.blobstore import LocalBlobStore, open_store
@@ -28,6 +28,7 @@ HEARTBEAT_INTERVAL = 1.0
 TAKE_WAIT = 10.0
 RUNNING_REPORT_DELAY = 0.1  # seconds after the start: a job that ends sooner is reported once, when it ends
 MAX_REPORT_PAUSE = 5.0  # between two tries of a report the server could not take
+SERVER_ERROR_TRIES = 5  # a 500 is tried this often; a server that cannot take it now (503, unreachable) is waited for
 LEAVING_REPORT_WAIT = 5.0  # a runner on its way out (SIGTERM) gives up a report after this long
 STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
 
@@ -48,9 +49,11 @@ class Runner:
         self.current: JobSpec | None = None
         self.execution = None
         self.stop_requested: str | None = None
+        self.last_taken: str | None = None  # the id of the last job `take` gave this runner
         self._stopping = threading.Event()
         self._leaving_since: float | None = None  # when the runner was told to stop (SIGTERM)
-        self._lock = threading.Lock()
+        # reentrant: SIGTERM's handler (shutdown) runs in the main thread, which may hold it (starting a job)
+        self._lock = threading.RLock()
         self._executors: dict[bool, object] = {}
         self.inline_logs = False  # whether the last output may travel with the final status (server >= 0.3)
         self._store = None
@@ -92,8 +95,9 @@ class Runner:
         self._leaving_since = self._leaving_since or time.monotonic()
         self._stopping.set()
         with self._lock:
-            if self.execution is not None:
+            if self.current is not None:  # started, or starting: stopped once it has (see _run)
                 self.stop_requested = self.stop_requested or "stop"
+            if self.execution is not None:
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
                 return False
             return self.current is None and not leaving
@@ -114,6 +118,9 @@ class Runner:
             while not self._stopping.is_set():
                 try:
                     job = self.client.take(self.name, TAKE_WAIT)
+                    if job is not None:  # current first: a heartbeat that sees it taken sees it current
+                        self.current = job
+                        self.last_taken = job.job_id
                     if unreachable_since is not None:
                         log.info("the server is back")
                     unreachable_since = None
@@ -147,9 +154,10 @@ class Runner:
 
     def _heartbeats(self) -> None:
         while not self._stopping.wait(HEARTBEAT_INTERVAL) or self.execution is not None:
+            last_taken = self.last_taken  # before current (see serve): never "taken, yet not running" by mistake
             job = self.current
             try:
-                reply = self.client.heartbeat(self.name, job.job_id if job else None)
+                reply = self.client.heartbeat(self.name, job.job_id if job else None, last_taken)
             except RETRYABLE:
                 continue
             except DstackError as e:  # e.g. forgotten by a server that lost its database: register again
@@ -162,12 +170,16 @@ class Runner:
             except httpx.HTTPError:
                 continue
             if reply.stop and job is not None:
-                self._request_stop(reply.stop)
+                self._request_stop(reply.stop, job.job_id)
             if self._stopping.is_set() and self.execution is None:
                 return
 
-    def _request_stop(self, how: str) -> None:
+    def _request_stop(self, how: str, job_id: str) -> None:
+        """Stop (or abort) job `job_id`, if it is still the current one (a late heartbeat answer about the last
+        job must not stop the next)."""
         with self._lock:
+            if self.current is None or self.current.job_id != job_id:
+                return
             if self.stop_requested == "abort" or (self.stop_requested and how == "stop"):
                 return
             self.stop_requested = how
@@ -215,28 +227,56 @@ class Runner:
 
     def _report(self, job: JobSpec, status: JobStatus, kw: dict, ended: threading.Event | None = None
                 ) -> JobStatus | None:
-        """Every status report goes this way: sent again, with back-off, for as long as the server cannot take
-        it (unreachable, restarting, stopping, its disk full), until it does; given up only when the server
-        refuses it (the job is not this runner's any more), when `ended` is set (a RUNNING report that the job's
-        end overtook), or when the runner is on its way out and the server has been away too long. Returns the
-        status the server has for the job then (None when not delivered)."""
-        pause, failing_since = 0.2, None
+        """Every status report goes this way (see _patiently). Returns the status the server has for the job
+        then (None when not delivered)."""
+        kw = dict(kw)
+        ended_at = kw.pop("ended_at", None)  # monotonic: sent as how long ago, so that clocks need not agree
+
+        def send() -> JobStatus | None:
+            ago = None if ended_at is None else max(0.0, time.monotonic() - ended_at)
+            return self.client.update(self.name, job.job_id, JobUpdate(status=status, ended_ago=ago, **kw))
+
+        return self._patiently(f"report {status.value} for job {job.job_id}", send, ended)
+
+    def _fetch_code(self, digest: str) -> bytes:
+        """A blob of the job's code, fetched patiently (the server may be restarting)."""
+        return self._patiently(f"fetch the code blob {digest[:12]}", lambda: self.client.code(digest), fail=True)
+
+    def _patiently(self, what: str, call, ended: threading.Event | None = None, fail: bool = False):
+        """call(), tried again with back-off (up to 5 s between tries) for as long as the server cannot take it
+        (unreachable, restarting, stopping, its disk full), until it does; given up when the server refuses it
+        (the job is not this runner's any more), when `ended` is set (a RUNNING report that the job's end
+        overtook), or when the runner is on its way out and the server has been away too long. What call()
+        returned; None when given up (with `fail`: the last error is raised instead)."""
+        pause, failing_since, failures = 0.2, None, 0
         while True:
             try:
-                answer = self.client.update(self.name, job.job_id, JobUpdate(status=status, **kw))
+                answer = call()
                 if failing_since is not None:
-                    log.info("reported %s for job %s", status.value, job.job_id)
+                    log.info("did %s after all", what)
                 return answer
             except RETRYABLE as e:
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    log.warning("could not report %s for job %s: %s; trying again until the server takes it",
-                                status.value, job.job_id, e)
+                    log.warning("could not %s: %s; trying again until the server answers", what, e)
+                error = e
+            except ServerError as e:  # a server's own error may well come again: a few more tries only
+                failures += 1
+                log.warning("could not %s: %s", what, e)
+                if failures >= SERVER_ERROR_TRIES:
+                    if fail:
+                        raise
+                    return None
+                failing_since, error = failing_since or time.monotonic(), e
             except (httpx.HTTPError, DstackError) as e:
-                log.error("the server refused %s for job %s: %s", status.value, job.job_id, e)
+                log.error("the server refused to %s: %s", what, e)
+                if fail:
+                    raise
                 return None
             if self._leaving_for(failing_since):
-                log.error("gave up reporting %s for job %s: the runner is stopping", status.value, job.job_id)
+                log.error("gave up to %s: the runner is stopping", what)
+                if fail:
+                    raise DstackError(f"could not {what}: {error}")
                 return None
             if ended is None:
                 time.sleep(pause)
@@ -253,7 +293,7 @@ class Runner:
     def _run(self, job: JobSpec, folder: Path, shipper: LogShipper, executor) -> None:
         store = self.store
         if job.code is not None:
-            root = recreate(job.code, self.client.code, folder / "code")
+            root = recreate(job.code, self._fetch_code, folder / "code")
         else:
             root = folder / "code"
             root.mkdir(parents=True, exist_ok=True)
@@ -283,6 +323,7 @@ class Runner:
             ended.set()
             running.cancel()
             running.join()
+        started["ended_at"] = time.monotonic()  # what the final status says, however late it lands
         if self.stop_requested == "abort":
             shipper.close()
             self._finish(job, JobStatus.ABORTED, exit_code=code, reason="aborted: artifacts were not saved",
@@ -345,10 +386,17 @@ class Runner:
         """RUNNING, retried while the server cannot take it and the job runs (a lost one would leave it
         PROVISIONING until its end); never after the job's end. A job the server has ended meanwhile (it gave
         the runner up for lost) is aborted: it must not run on beside its next try."""
-        answer = self._report(job, JobStatus.RUNNING, started, ended=ended)
-        if answer is not None and answer.finished and not ended.is_set():
-            log.warning("the server has ended job %s (%s): aborting it", job.job_id, answer.value)
-            self._request_stop("abort")
+        try:
+            answer = self._patiently(f"report RUNNING for job {job.job_id}", lambda: self.client.update(
+                self.name, job.job_id, JobUpdate(status=JobStatus.RUNNING, **started)), ended, fail=True)
+        except (httpx.HTTPError, DstackError) as e:  # refused: the job is not this runner's (any more)
+            answer, why = None, str(e)
+        else:
+            why = answer.value if answer is not None and answer.finished else None
+        if why is not None and not ended.is_set():
+            log.warning("the server has ended job %s or given it to another runner (%s): aborting it",
+                        job.job_id, why)
+            self._request_stop("abort", job.job_id)
 
 
 def _started(execution) -> dict:

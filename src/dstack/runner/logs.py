@@ -83,13 +83,20 @@ class LogShipper:
                                 "them", len(data), e)
                 failing = e
                 if self._give_up():
-                    log.error("dropped %d bytes of output: %s", len(data), e)
+                    self._dropped_batch(data, e)
                     return
             except Exception as e:  # refused: the job is not this runner's to report any more
-                log.error("dropped %d bytes of output: %s", len(data), e)
+                self._dropped_batch(data, e)
                 return
             threading.Event().wait(pause)
             pause = min(pause * 2, MAX_PAUSE)
+
+    def _dropped_batch(self, data: bytes, error: BaseException) -> None:
+        """A batch that will never be on the server: later offsets do not count it (else the server, which
+        appends at its log's end, would take the first bytes of a batch sent again for ones it has)."""
+        log.error("dropped %d bytes of output: %s", len(data), error)
+        with self._cond:
+            self._offset -= len(data)
 
     def drain(self) -> tuple[int, bytes]:
         """Stop shipping and return the output not delivered yet and where it starts (at most MAX_BATCH bytes;
@@ -106,9 +113,10 @@ class LogShipper:
             self._buf.clear()
             self._offset += len(rest)
         while len(rest) > MAX_BATCH:
+            offset = self._offset - len(rest)  # less what was dropped meanwhile
             self._deliver(offset, rest[:MAX_BATCH])
-            offset, rest = offset + MAX_BATCH, rest[MAX_BATCH:]
-        return offset, rest
+            rest = rest[MAX_BATCH:]
+        return self._offset - len(rest), rest
 
     def close(self) -> None:
         """Deliver everything written so far, then stop. Safe to call twice."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from dstack.core.home import dstack_home
+from dstack.core.home import dstack_home, job_umask, private_home
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,6 +50,7 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
     from dstack.runner.daemon import Runner
     from dstack.runner.resources import detect_resources
 
+    os.umask(job_umask())  # a job's files as the user's (a local runner inherits the server's private umask)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     resources = detect_resources()
@@ -67,7 +68,9 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
 
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
-    os.makedirs(runner.workdir, exist_ok=True)
+    if workdir is None:
+        private_home()
+    os.makedirs(runner.workdir, mode=0o700, exist_ok=True)
     import httpx
 
     from dstack.core.errors import DstackError
@@ -75,10 +78,10 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
 
     try:
         runner.serve()
+    except (httpx.TransportError, ServerTrouble) as e:  # before DstackError: ServerTrouble is one
+        raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
     except DstackError as e:
         raise click.ClickException(f"{e.message}" + (f" ({e.hint})" if e.hint else "")) from None
-    except (httpx.TransportError, ServerTrouble) as e:
-        raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
 
 
 def main() -> None:

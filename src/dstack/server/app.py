@@ -38,6 +38,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
         ctx = Context(settings=settings, sessions=make_sessionmaker(engine), store=open_store(settings.store_config),
                       code=CodeBlobs(settings.home / "server" / "code"), backends=[local])
         ensure_dirs(ctx)
+        ctx.code.remove_partial()  # this server holds the DSTACK_HOME's lock: no other one uploads now
         app.state.ctx = ctx
         # runners that outlived a previous server process (local ones that still run, self-hosted ones) go on
         await runner_service.server_started(ctx, {i.runner_name for i in local.list()})

@@ -103,6 +103,8 @@ class Context:
     stopping: bool = False  # the server is on its way out: long polls answer at once
     # jobs whose runner reported an end that the server could not write down (its disk is full): job id -> why
     unrecorded: dict[str, str] = field(default_factory=dict)
+    # runner name -> when its last heartbeat came (monotonic), whether or not the database could record it
+    heard: dict[str, float] = field(default_factory=dict)
 
     def stop(self) -> None:
         self.stopping = True

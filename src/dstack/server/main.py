@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from dstack import __version__
-from dstack.core.home import dstack_home, write_private
+from dstack.api.embedded import STOPPED
+from dstack.core.home import dstack_home, private_home, private_umask, write_private
 from dstack.core.names import token as new_token
 from dstack.core.processes import record
 
@@ -61,10 +62,11 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
         logging.getLogger("dstack.server").info("dstack server listening on %s", settings.url)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # not a line per plugin at every start
     app = create_app(settings, on_ready=ready)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=3)
     try:
-        make_server(app, config).run(sockets=[sock])
+        make_server(app, config, sdir / STOPPED).run(sockets=[sock])
     finally:
         try:
             if json.loads(info.read_text()).get("pid") == os.getpid():
@@ -74,7 +76,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
         lock.close()
 
 
-def make_server(app, config):
+def make_server(app, config, stopped_marker: Path):
     """uvicorn's server, which tells the app as soon as it is asked to stop: long polls (runners waiting for
     a job, CLIs following logs) answer at once, instead of being cut when the grace period ends."""
     import asyncio
@@ -83,6 +85,8 @@ def make_server(app, config):
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
+            # stopped on purpose (a signal): an attached `dstack run` does not start it again as crashed
+            write_private(stopped_marker, "")
             ctx = getattr(app.state, "ctx", None)
             if ctx is not None:
                 try:
@@ -110,6 +114,7 @@ def hold_lock(sdir: Path):
 def listen(host: str, port: int, remembered: Path) -> socket.socket:
     """The server's listening socket. Port 0 means: the port this DSTACK_HOME's server had last (its runners
     and attached CLIs still use it after a crash), else any free one; the port is remembered."""
+    asked = port
     if port == 0:
         try:
             port = int(remembered.read_text())
@@ -122,7 +127,7 @@ def listen(host: str, port: int, remembered: Path) -> socket.socket:
     try:
         sock.bind((host, port))
     except OSError as e:
-        if e.errno != errno.EADDRINUSE or not remembered.exists():
+        if e.errno != errno.EADDRINUSE or asked != 0 or port == 0:  # a port asked for is that port or none
             sock.close()
             raise
         logging.getLogger("dstack.server").warning("port %s is taken by another program: listening on another "
@@ -142,8 +147,18 @@ def main() -> None:
     p.add_argument("--log-level", default="warning")
     a = p.parse_args()
     home = a.home or dstack_home()
+    private_umask()  # the database, logs, code, store and runners' folders are the owner's only
+    private_home(home)  # --home may name a folder other than DSTACK_HOME
     try:
         serve(home, a.host, a.port, a.db_url, a.log_level)
+    except KeyboardInterrupt:  # Ctrl-C on a foreground server: it has stopped cleanly by now
+        sys.exit(130)
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        sys.stderr.write(f"error: {a.host}:{a.port} is taken: another program listens there; pick another "
+                         "port with --port (0: the last one, else any free one)\n")
+        sys.exit(1)
     except AlreadyServed:
         info = server_dir(home) / "server.json"
         try:

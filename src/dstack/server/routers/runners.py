@@ -35,7 +35,7 @@ async def register(reg: RunnerRegistration, ctx: Context = Depends(get_ctx)) -> 
 
 @router.post("/{name}/heartbeat")
 async def heartbeat(hb: Heartbeat, name: str = Name, ctx: Context = Depends(get_ctx)) -> HeartbeatReply:
-    return await runners.heartbeat(ctx, name, hb.job_id)
+    return await runners.heartbeat(ctx, name, hb.job_id, hb.last_taken)
 
 
 @router.post("/{name}/deregister")

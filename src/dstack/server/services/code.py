@@ -24,6 +24,11 @@ class CodeBlobs:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def remove_partial(self) -> None:
+        """Uploads that a server process killed mid-way left (`.tmp-*`); only at start, when none is in flight."""
+        for tmp in self.root.glob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
+
     def _path(self, digest: str) -> Path:
         if len(digest) != 64 or digest.strip("0123456789abcdef"):
             raise ConfigError(f"'{digest}' is not a sha256 hash")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 
 from sqlalchemy import select
 
@@ -65,6 +66,9 @@ async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUp
             job.saved_artifacts = upd.artifacts
         if upd.status in FINISHED:
             job.finished_at = now()
+            if upd.ended_ago:
+                job.finished_at = max(job.finished_at - timedelta(seconds=upd.ended_ago),
+                                      job.started_at or job.finished_at)
             runner = await s.get(RunnerRow, runner_name)
             if runner is not None and runner.job_id == job_id:
                 runner.job_id, runner.status = None, RunnerStatus.READY.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -20,6 +21,7 @@ from dstack.core.names import random_base
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow
 from dstack.server.services.convert import runner_model
+from dstack.server.services.jobs import log_path
 from dstack.server.services.run_state import now, refresh_run_status
 
 log = logging.getLogger("dstack.server")
@@ -61,16 +63,18 @@ async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
     return info
 
 
-# a job taken this recently may not be known to its runner yet (the answer to its `take` is on its way)
-TAKE_IN_FLIGHT = 5.0
+# a job its runner does not say it was given (the answer to its `take` was lost, or is on its way) is taken
+# back only this long after the take
+TAKE_LOST_AFTER = 60.0
 
 
-async def heartbeat(ctx: Context, name: str, job_id: str | None) -> HeartbeatReply:
+async def heartbeat(ctx: Context, name: str, job_id: str | None, last_taken: str | None = None) -> HeartbeatReply:
     """A runner is alive, and says which job it runs (if any). The reply tells it to stop or abort that job.
     Where the runner and the server disagree, the runner is right about what it runs: a job it does not run
     (it gave up on the job's reports, it was restarted, the answer to its `take` was lost) is put back in the
     queue when it never started, else it fails, saying so; a job the server has given up on is aborted."""
     failed: list[str] = []
+    ctx.heard[name] = time.monotonic()  # alive, even when the database cannot record it (a full disk)
     async with ctx.sessions() as s:
         row = await s.get(RunnerRow, name)
         if row is None:
@@ -88,7 +92,7 @@ async def heartbeat(ctx: Context, name: str, job_id: str | None) -> HeartbeatRep
                 if job is None or job.runner_name != name or JobStatus(job.status) in FINISHED:
                     reply.stop = reply.stop or "abort"
             if row.job_id and row.job_id != job_id:
-                failed = await _reconcile(s, row, job_id)
+                failed = await _reconcile(ctx, s, row, job_id, knows=last_taken == row.job_id)
         row.last_seen_at = now()
         await s.commit()
     for failed_id in failed:
@@ -98,16 +102,25 @@ async def heartbeat(ctx: Context, name: str, job_id: str | None) -> HeartbeatRep
     return reply
 
 
-async def _reconcile(s, runner: RunnerRow, running: str | None) -> list[str]:
-    """The server has `runner.job_id` on `runner`, which runs `running` instead (or nothing)."""
+def _has_output(ctx: Context, job_id: str) -> bool:
+    try:
+        return log_path(ctx, job_id).stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+async def _reconcile(ctx: Context, s, runner: RunnerRow, running: str | None, knows: bool) -> list[str]:
+    """The server has `runner.job_id` on `runner`, which runs `running` instead (or nothing). `knows`: the
+    runner says it was given that job (so it has ended there); else the answer to its `take` may still be on
+    its way, and the job is taken back only once that cannot be."""
     job = await s.get(JobRow, runner.job_id)
     if job is None or JobStatus(job.status) in FINISHED or job.runner_name != runner.name:
         runner.job_id = running
         runner.status = RunnerStatus.BUSY.value if running else RunnerStatus.READY.value
         return []
-    if job.started_at is not None and (now() - job.started_at).total_seconds() < TAKE_IN_FLIGHT:
+    if not knows and job.started_at is not None and (now() - job.started_at).total_seconds() < TAKE_LOST_AFTER:
         return []
-    if job.status == JobStatus.PROVISIONING.value:
+    if job.status == JobStatus.PROVISIONING.value and not _has_output(ctx, job.job_id):
         # never started there: back in the queue, for this runner or another
         job.status, job.runner_name, job.started_at, job.runner_resources = (
             JobStatus.SUBMITTED.value, None, None, None)
@@ -201,6 +214,8 @@ async def reap_lost(ctx: Context) -> list[str]:
             RunnerRow.status.in_((RunnerStatus.READY.value, RunnerStatus.BUSY.value)),
             RunnerRow.last_seen_at < cutoff))).all()
         for r in lost:
+            if time.monotonic() - ctx.heard.get(r.name, float("-inf")) < timeout:
+                continue  # heard from lately: only the database missed it (it could not write)
             r.status, r.job_id = RunnerStatus.OFFLINE.value, None
             failed += await _fail_jobs_of(s, r.name, f"runner {r.name} stopped responding "
                                                      f"(no heartbeat for {timeout:g}s)")

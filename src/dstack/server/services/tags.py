@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import delete, select
 
-from dstack.core.errors import ConfigError, Conflict, NotFound
+from dstack.core.errors import Conflict, NotFound
 from dstack.core.models import JobStatus, Tag
+from dstack.core.names import check_tag
 from dstack.server.context import Context
 from dstack.server.db.tables import RunRow, TagRow
 from dstack.server.services.convert import tag_model
@@ -29,8 +30,7 @@ async def add_tag(ctx: Context, repo_id: str, run_name: str, tag: str) -> tuple[
 
 
 def check_name(tag: str) -> None:
-    if not tag or ":" in tag or any(c.isspace() for c in tag):
-        raise ConfigError(f"'{tag}' is not a tag name", hint="use letters, digits, '-', '_' or '.'")
+    check_tag(tag)
 
 
 async def set_tag(s, run: RunRow, tag: str) -> tuple[TagRow, str | None]:
