@@ -335,3 +335,25 @@ def test_a_runner_fetching_code_waits_for_a_server_that_is_not_back_yet(tmp_path
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             server.wait(30)
+
+
+def test_the_job_folder_of_a_killed_local_runner_is_removed_before_the_next_runner_starts(tmp_path, project):
+    d = Dstack(tmp_path / "home", env={"DSTACK_RUNNER_TIMEOUT": "2"})
+    root = project("workflows:\n  - name: long\n    commands: [sleep 60]\n  - name: quick\n    commands: [echo hi]\n")
+    try:
+        r = d("run", "long", "-d", cwd=root, check=True)
+        name = re.search(r"Run (\S+)", r.stderr).group(1)
+        info = d.wait_status(root, name, {"RUNNING"})
+        runner, job_id = info["jobs"][0]["runner"], info["jobs"][0]["job_id"]
+        left = d.home / "runners" / runner / "jobs" / job_id
+        assert left.is_dir()
+        for pid in _runner_pids(d.home):
+            os.kill(pid, signal.SIGKILL)
+        d.wait_status(root, name, {"FAILED"}, timeout=20)
+        assert left.is_dir()  # nobody removed it yet
+        r = d("run", "quick", cwd=root)  # a new runner is started for it
+        assert r.returncode == 0 and "hi" in r.stdout, r.stderr
+        assert not left.exists()
+        assert (d.home / "runners" / runner / "runner.log").exists()  # its log is kept
+    finally:
+        d.stop_server()
