@@ -357,3 +357,36 @@ def test_the_job_folder_of_a_killed_local_runner_is_removed_before_the_next_runn
         assert (d.home / "runners" / runner / "runner.log").exists()  # its log is kept
     finally:
         d.stop_server()
+
+
+def test_a_job_the_server_gave_up_on_is_killed_as_soon_as_its_runner_hears_of_it(tmp_path, project):
+    """The runner is frozen past the runner timeout (SIGSTOP): the server fails its job and may give the work
+    to another. Once the runner runs again, it hears so and kills the job: it never runs on beside a retry."""
+    d = Dstack(tmp_path / "home", env={"DSTACK_RUNNER_TIMEOUT": "2"})
+    pidfile = tmp_path / "job.pid"
+    root = project(f"workflows:\n  - name: long\n    commands: ['echo $$ > {pidfile}; exec sleep 120']\n")
+    runner_pid = None
+    try:
+        r = d("run", "long", "-d", cwd=root, check=True)
+        name = re.search(r"Run (\S+)", r.stderr).group(1)
+        d.wait_status(root, name, {"RUNNING"})
+        job_pid = int(_wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 20, "the job starts"))
+        (runner_pid,) = _runner_pids(d.home)
+        os.kill(runner_pid, signal.SIGSTOP)
+        info = d.wait_status(root, name, {"FAILED"}, timeout=20)
+        assert "stopped responding" in info["jobs"][0]["reason"]
+        assert os.path.exists(f"/proc/{job_pid}")  # it runs on while its runner is frozen
+        os.kill(runner_pid, signal.SIGCONT)
+        _wait_for(lambda: not os.path.exists(f"/proc/{job_pid}") or _zombie(job_pid), 15, "the job is killed")
+    finally:
+        if runner_pid:
+            os.kill(runner_pid, signal.SIGCONT)
+        d.stop_server()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
