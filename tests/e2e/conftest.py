@@ -81,3 +81,13 @@ def project(tmp_path) -> callable:
 
 def last_run(d: Dstack, cwd: Path) -> dict:
     return d.runs(cwd)[0]
+
+
+def gone(pid: int) -> bool:
+    """The process has ended: no such process, or a zombie that its new parent (init, once the process that
+    started it exited) has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

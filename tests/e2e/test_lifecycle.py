@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import Dstack, last_run
+from tests.e2e.conftest import Dstack, gone, last_run
 
 SLEEPY = """\
 workflows:
@@ -263,7 +263,7 @@ def test_a_local_server_of_another_version_is_replaced_when_idle(dstack, project
     r = dstack("run", "a", cwd=root)
     assert r.returncode == 0, r.stderr
     new = json.loads(info_file.read_text())
-    assert new["pid"] != old["pid"] and not os.path.exists(f"/proc/{old['pid']}/status")
+    assert new["pid"] != old["pid"] and gone(old["pid"])
     # with a run unfinished, it is left running, and the error says what to do
     dstack("run", "long", "-d", cwd=root, check=True)
     info_file.write_text(json.dumps({**new, "version": "0.0.1"}))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Dstack
+from tests.e2e.conftest import Dstack, gone
 
 COUNTER = """\
 workflows:
@@ -152,6 +152,9 @@ def test_one_server_per_dstack_home(tmp_path):
         assert serving.poll() is None
         _wait_for(lambda: (home / "server" / "server.json").exists(), 30, "the other serves")
         assert json.loads((home / "server" / "server.json").read_text())["pid"] == serving.pid
+        serving.send_signal(signal.SIGTERM)  # stopped as `dstack server stop` stops it: it tidies up
+        assert serving.wait(30) == 128 + signal.SIGTERM
+        assert not (home / "server" / "server.json").exists()
     finally:
         for p in procs:
             if p.poll() is None:
@@ -377,16 +380,32 @@ def test_a_job_the_server_gave_up_on_is_killed_as_soon_as_its_runner_hears_of_it
         assert "stopped responding" in info["jobs"][0]["reason"]
         assert os.path.exists(f"/proc/{job_pid}")  # it runs on while its runner is frozen
         os.kill(runner_pid, signal.SIGCONT)
-        _wait_for(lambda: not os.path.exists(f"/proc/{job_pid}") or _zombie(job_pid), 15, "the job is killed")
+        _wait_for(lambda: gone(job_pid), 15, "the job is killed")
     finally:
         if runner_pid:
             os.kill(runner_pid, signal.SIGCONT)
         d.stop_server()
 
 
-def _zombie(pid: int) -> bool:
+def test_a_runner_started_before_its_server_waits_for_it(tmp_path):
+    home = tmp_path / "home"
+    port = _free_port()
+    env = {**os.environ, "DSTACK_HOME": str(home), "DSTACK_MAX_LOCAL_RUNNERS": "0"}
+    log = tmp_path / "runner.log"
+    runner = subprocess.Popen([sys.executable, "-m", "dstack.runner.main", "start", "--server",
+                               f"http://127.0.0.1:{port}", "--token", "tok", "--name", "early",
+                               "--workdir", str(tmp_path / "runner")],
+                              env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    server = None
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+        _wait_for(lambda: b"could not register" in log.read_bytes(), 30, "it tries")
+        time.sleep(1.0)
+        assert runner.poll() is None, log.read_text()
+        server = subprocess.Popen([sys.executable, "-m", "dstack.server.main", "--home", str(home), "--port",
+                                   str(port)], env={**env, "DSTACK_SERVER_TOKEN": "tok"}, stderr=subprocess.DEVNULL)
+        _wait_for(lambda: b"registered as early" in log.read_bytes(), 30, "it registers once the server is up")
+    finally:
+        for p in (runner, server):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)

@@ -248,3 +248,20 @@ def test_a_job_too_short_to_be_reported_running_records_its_image_and_ports(dsta
         dstack("run", "blink", cwd=root, check=True)
         job = dstack.run_info(root, last_run(dstack, root)["run_name"])["jobs"][0]
         assert job["status"] == "DONE" and job["image_digest"].startswith("sha256:") and len(job["ports"]) == 1
+
+
+def test_the_outcome_starts_a_line_of_its_own_after_output_without_a_last_newline(dstack, project):
+    root = project("""\
+    workflows:
+      - name: bare
+        commands: [printf 'no newline']
+      - name: ended
+        commands: [echo with newline]
+    """)
+    r = dstack("run", "bare", cwd=root, check=True)
+    assert r.stdout.endswith("no newline")
+    name = last_run(dstack, root)["run_name"]
+    assert f"\n\n{name} DONE" in r.stderr, repr(r.stderr)  # a newline first: on a terminal, after the output
+    r = dstack("run", "ended", cwd=root, check=True)
+    name = last_run(dstack, root)["run_name"]
+    assert f"\n{name} DONE" in r.stderr and f"\n\n{name} DONE" not in r.stderr, repr(r.stderr)

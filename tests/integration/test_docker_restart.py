@@ -119,7 +119,8 @@ def _waiting(execution) -> Future:
 def _containers(daemon: PrivateDockerd) -> list[str]:
     client = daemon.client()
     try:
-        return [c.name for c in client.containers.list(all=True)]
+        # sparse: the names as listed, without inspecting each (one removed meanwhile is no error)
+        return [c.attrs["Names"][0].lstrip("/") for c in client.containers.list(all=True, sparse=True)]
     finally:
         client.close()
 

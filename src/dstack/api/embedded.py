@@ -178,7 +178,7 @@ def _start_lock(sdir: Path):
         yield
 
 
-def stop_local_server(home: Path | None = None, timeout: float = 20.0) -> bool:
+def stop_local_server(home: Path | None = None, timeout: float = 30.0) -> bool:
     """Stop the local server, then any runner that a server of this DSTACK_HOME started and that outlived it
     (its server was killed). True when there was something to stop. Only processes recorded with their start
     time are signalled: never a program that took over a stale pid."""
@@ -193,7 +193,8 @@ def stop_local_server(home: Path | None = None, timeout: float = 20.0) -> bool:
         (sdir / "server.json").unlink(missing_ok=True)
         runners = [read_record(path) for path in sorted((home / "runners").glob("*/runner.json"))]
         found = [(int(r["pid"]), r.get("started")) for r in runners if r is not None]
-        return terminate_all(found, grace=timeout) > 0 or stopped
+        grace = float(os.environ.get("DSTACK_STOP_GRACE", "10")) + 10  # their jobs' stop grace, and a report
+        return terminate_all(found, grace=grace) > 0 or stopped
 
 
 def connect() -> Client:

@@ -114,8 +114,11 @@ class LocalBackend:
 
         remove_orphans()
 
-    def shutdown(self, grace: float = 10.0) -> None:
-        """SIGTERM every runner (its job is stopped, its artifacts saved), SIGKILL those left after `grace`."""
+    def shutdown(self, grace: float | None = None) -> None:
+        """SIGTERM every runner (its job is stopped, its artifacts saved, its container removed), SIGKILL those
+        left after `grace` (default: the stop grace of jobs and 10 s more)."""
+        if grace is None:
+            grace = float(os.environ.get("DSTACK_STOP_GRACE", "10")) + 10
         entries = [e for e in self._procs.values() if self._running(*e)]
         for proc, _, _ in entries:
             if proc is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from dstack.cli.output import human_size
 from dstack.core.names import printable
+from dstack.core.sizes import human_size
 
 CTX = {"help_option_names": ["-h", "--help"]}
 

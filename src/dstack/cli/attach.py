@@ -46,6 +46,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     statuses = {j["job_id"]: j["status"] for j in run["jobs"]}  # as seen last
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
     lost: str | None = None  # why the server could not be reached, while it cannot
+    at_line_start = True  # the job's output so far ends with a newline: a line of ours needs none before it
     while len(finished) < len(offsets):
         try:
             if interrupted:
@@ -63,6 +64,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                 statuses[job_id] = chunk.status
                 if chunk.data:
                     out.write(chunk.data)
+                    at_line_start = chunk.data.endswith(b"\n")
                     out.flush()
                 if chunk.status == JobStatus.RUNNING and job_id not in announced:
                     announced.add(job_id)
@@ -73,11 +75,13 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                                         "reason": chunk.reason, "seconds": chunk.seconds}
             if lost is not None:
                 lost = None
-                sys.stderr.write(f"\n[dstack: reconnected to {client.url}]\n")
+                sys.stderr.write(f"{'' if at_line_start else chr(10)}[dstack: reconnected to {client.url}]\n")
+                at_line_start = True
         except Unreachable as e:  # the job goes on without the server; its output waits on its runner
             if lost is None:
-                sys.stderr.write(f"\n[dstack: lost the server ({e.message}); waiting for it to come back "
-                                 f"(Ctrl-C to stop following)]\n")
+                sys.stderr.write(f"{'' if at_line_start else chr(10)}[dstack: lost the server ({e.message}); "
+                                 f"waiting for it to come back (Ctrl-C to stop following)]\n")
+                at_line_start = True
             lost = e.message
         except KeyboardInterrupt:
             if not interrupt_asks:
@@ -100,6 +104,8 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                 sys.stderr.write("Stopping (Ctrl-C again to abort)...\n" if choice == "stop" else "Aborting...\n")
                 client.stop(None, name, abort=choice == "abort")
     jobs = [finished[job_id] for job_id in offsets]
+    if not at_line_start:  # the outcome on a line of its own, even after output without a last newline
+        sys.stderr.write("\n")
     _summary(name, jobs)
     if run.get("tag_when_done"):  # `dstack run -t TAG`: did it get it?
         final = client.run(None, name)

@@ -60,14 +60,5 @@ def format_overrides(overrides: dict) -> str:
     return " ".join(f"--{k} {text(v)}" for k, v in overrides.items())
 
 
-def human_size(n: float) -> str:
-    """1536 -> '1.5 KB' (units of 1024)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"

@@ -10,12 +10,13 @@ import click
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=int, default=3000, show_default=True, help="Port to bind (0: any free port).")
+@click.option("--port", type=int, default=3000, show_default=True,
+              help="Port to bind (0: the port this DSTACK_HOME's server had last, else any free one).")
 @click.option("--log-level", default="info", show_default=True)
 @click.pass_context
 def server(ctx: click.Context, host: str, port: int, log_level: str) -> None:
-    """Run the dstack server in the foreground (state under DSTACK_HOME). Its URL and token are printed;
-    self-hosted runners join it with `dstack-runner start --server URL --token TOKEN`."""
+    """Run the dstack server in the foreground (state under DSTACK_HOME). Its URL and where its token is are
+    printed; self-hosted runners join it with `dstack-runner start --server URL --token TOKEN`."""
     if ctx.invoked_subcommand:
         return
     from dstack.api.embedded import local_server

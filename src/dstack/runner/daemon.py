@@ -88,6 +88,23 @@ class Runner:
         self.inline_logs = self.client.version() >= (0, 3)
         log.info("registered as %s (%s)", self.name, self.resources.describe())
 
+    def _register_patiently(self) -> None:
+        """Register, waiting for a server that cannot answer yet (starting, restarting, stopping) as long as
+        the runner waits for a lost server; a refusal (a wrong token) is raised at once."""
+        since = None
+        while True:
+            try:
+                self.register()
+                return
+            except RETRYABLE as e:
+                if since is None:
+                    since = time.monotonic()
+                    log.warning("could not register with the server: %s; trying again until it answers", e)
+                if self.server_lost_timeout is not None and time.monotonic() - since > self.server_lost_timeout:
+                    raise
+                if self._stopping.wait(1):
+                    raise
+
     def shutdown(self) -> bool:
         """Stop taking jobs; stop the current one (its artifacts are saved). True when idle and not on the
         way out already (then the caller may interrupt the wait for a job; never the clean-up)."""
@@ -104,7 +121,7 @@ class Runner:
 
     def serve(self) -> None:
         self._workdir_lock = workspace.use_workdir(self.workdir)
-        self.register()
+        self._register_patiently()
         if self.resources.docker:
             from dstack.runner.executors.docker import remove_orphans
 
@@ -285,10 +302,12 @@ class Runner:
             pause = min(pause * 2, MAX_REPORT_PAUSE)
 
     def _leaving_for(self, since: float | None = None) -> bool:
-        """Whether the runner is on its way out and has failed to reach the server for a while (since `since`)."""
-        if self._leaving_since is None:
+        """Whether the runner is on its way out and its reports have failed since `since`, for long enough:
+        LEAVING_REPORT_WAIT after it was told to stop, in all (not for each report: whoever stops it waits
+        only so long before SIGKILL, and the job's container must be removed first)."""
+        if self._leaving_since is None or since is None:
             return False
-        return time.monotonic() - max(since or 0.0, self._leaving_since) > LEAVING_REPORT_WAIT
+        return time.monotonic() - self._leaving_since > LEAVING_REPORT_WAIT
 
     def _run(self, job: JobSpec, folder: Path, shipper: LogShipper, executor) -> None:
         store = self.store

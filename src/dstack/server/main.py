@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -65,6 +66,9 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
     logging.getLogger("alembic").setLevel(logging.WARNING)  # not a line per plugin at every start
     app = create_app(settings, on_ready=ready)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_graceful_shutdown=3)
+    # uvicorn raises the signal that stopped it again once it has stopped: SIGTERM then ends the process as
+    # SIGINT does, through the clean-up below, not around it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         make_server(app, config, sdir / STOPPED).run(sockets=[sock])
     finally:

@@ -33,6 +33,7 @@ from docker.types import DeviceRequest
 from docker.utils import parse_repository_tag
 
 from dstack.core.models import JobSpec
+from dstack.core.processes import is_running, start_time
 from dstack.runner.executors import warm as warmup
 from dstack.runner.executors.base import (
     ExecutorError,
@@ -474,7 +475,8 @@ def _container_options(job: JobSpec) -> dict[str, Any]:
 
 def _runner_labels() -> dict[str, str]:
     """Whose container this is: `remove_orphans` removes those whose runner died."""
-    return {"dstack.runner_pid": str(os.getpid()), "dstack.boot_id": _boot_id()}
+    return {"dstack.runner_pid": str(os.getpid()), "dstack.runner_started": str(start_time(os.getpid())),
+            "dstack.boot_id": _boot_id()}
 
 
 def _attach_and_start(container: Container, removals: Removals) -> Any:
@@ -549,7 +551,7 @@ def remove_orphans(client: docker.DockerClient | None = None) -> list[str]:
     removed = []
     for c in containers:
         labels = c.labels
-        if labels.get("dstack.boot_id") != _boot_id() or _pid_alive(int(labels.get("dstack.runner_pid", "0"))):
+        if labels.get("dstack.boot_id") != _boot_id() or _runner_alive(labels):
             continue
         try:
             c.remove(force=True)
@@ -558,6 +560,16 @@ def remove_orphans(client: docker.DockerClient | None = None) -> list[str]:
         except DOCKER_ERRORS:
             pass
     return removed
+
+
+def _runner_alive(labels: dict) -> bool:
+    """Whether the runner that made a container still runs: its pid and start time (a pid alone may be
+    another program's by now; containers of runners before 0.3.1 have the pid only)."""
+    pid = int(labels.get("dstack.runner_pid", "0") or 0)
+    started = labels.get("dstack.runner_started")
+    if started and started.isdigit():
+        return is_running(pid, int(started))
+    return _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:

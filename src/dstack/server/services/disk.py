@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from dstack.core.errors import Unavailable
+from dstack.core.sizes import human_size
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -31,13 +32,13 @@ def mount_point(path: Path) -> Path:
 
 
 def describe_disk(path: Path) -> str:
-    """'the disk of /x/y (tmpfs mounted at /x: 0 B free of 16.0 MiB)'."""
+    """'the disk of /x/y (tmpfs mounted at /x: 0 B free of 16.0 MB)'."""
     try:
         mount = mount_point(path)
         st = os.statvfs(mount)
         kind = _fs_type(mount)
         return (f"the disk of {path} ({kind + ' ' if kind else ''}mounted at {mount}: "
-                f"{_size(st.f_bavail * st.f_frsize)} free of {_size(st.f_blocks * st.f_frsize)})")
+                f"{human_size(st.f_bavail * st.f_frsize)} free of {human_size(st.f_blocks * st.f_frsize)})")
     except OSError:
         return f"the disk of {path}"
 
@@ -60,11 +61,3 @@ def _fs_type(mount: Path) -> str | None:
     except OSError:
         return None
     return kind
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
