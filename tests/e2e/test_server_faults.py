@@ -71,6 +71,9 @@ def test_a_killed_local_server_loses_no_job(tmp_path, project):
         time.sleep(2.0)  # the job goes on printing while no server runs
         out, err = attached.communicate(timeout=90)
         assert attached.returncode == 0, err.decode()
+        # said, not silent: the first start, and the start again after the crash
+        assert "[dstack: Starting the local dstack server in the background" in err.decode()
+        assert "[dstack: Starting the local dstack server again (it ended without being stopped" in err.decode()
         lines = [ln for ln in out.decode().replace("\r\n", "\n").splitlines() if ln.startswith("line ")]
         assert lines == [f"line {i}" for i in range(1, 41)], out.decode()  # each once, in order
         assert json.loads((d.home / "server" / "server.json").read_text())["url"] == url  # the same address

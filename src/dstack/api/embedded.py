@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dstack import __version__
@@ -128,9 +129,11 @@ def _current_local_server(home: Path | None = None) -> tuple[str, str] | None:
 STOPPED = "stopped"  # in DSTACK_HOME/server: the server was stopped on purpose (not restarted as crashed)
 
 
-def start_local_server(home: Path | None = None, unless_stopped: bool = False) -> tuple[str, str]:
+def start_local_server(home: Path | None = None, unless_stopped: bool = False,
+                       say: Callable[[str], None] | None = None) -> tuple[str, str]:
     """The local server, started in the background unless one runs. `unless_stopped`: not when it was
-    stopped on purpose (`dstack server stop`, a signal); it was killed or crashed otherwise."""
+    stopped on purpose (`dstack server stop`, a signal); it was killed or crashed otherwise. `say(line)` is
+    told when a server is started, and why."""
     home = private_home(home)
     sdir = home / "server"
     sdir.mkdir(parents=True, exist_ok=True)
@@ -143,6 +146,11 @@ def start_local_server(home: Path | None = None, unless_stopped: bool = False) -
                               hint="the jobs of its local runners were stopped with it, a job on a self-hosted "
                                    "runner goes on; `dstack status RUN` (which starts the server again) says what "
                                    "became of a run, and `dstack logs RUN -f` follows it again")
+        if say is not None:
+            say(f"Starting the local dstack server again (it ended without being stopped: killed or crashed; "
+                f"its log: {sdir / 'server.log'})" if unless_stopped else
+                f"Starting the local dstack server in the background (state in {home}; `dstack server stop` "
+                f"stops it)")
         (sdir / STOPPED).unlink(missing_ok=True)
         log = open(sdir / "server.log", "ab")
         proc = subprocess.Popen(
@@ -168,7 +176,12 @@ def start_local_server(home: Path | None = None, unless_stopped: bool = False) -
 def restart_crashed_server(home: Path | None = None) -> tuple[str, str]:
     """The local server, started again if it died without being stopped (killed, crashed); it comes back at
     its address. A server that was stopped on purpose stays stopped."""
-    return start_local_server(home, unless_stopped=True)
+    return start_local_server(home, unless_stopped=True, say=_to_stderr)
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(f"[dstack: {line}]\n")
+    sys.stderr.flush()
 
 
 @contextlib.contextmanager
@@ -201,5 +214,5 @@ def connect() -> Client:
     remote = configured()
     if remote:
         return Client(*remote)
-    return Client(*(_current_local_server() or start_local_server()), unreachable_hint=LOCAL_UNREACHABLE,
-                  restart=restart_crashed_server)
+    found = _current_local_server() or start_local_server(say=_to_stderr)
+    return Client(*found, unreachable_hint=LOCAL_UNREACHABLE, restart=restart_crashed_server)
