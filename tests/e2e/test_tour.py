@@ -265,3 +265,18 @@ def test_the_outcome_starts_a_line_of_its_own_after_output_without_a_last_newlin
     r = dstack("run", "ended", cwd=root, check=True)
     name = last_run(dstack, root)["run_name"]
     assert f"\n{name} DONE" in r.stderr and f"\n\n{name} DONE" not in r.stderr, repr(r.stderr)
+
+
+def test_sizes_and_counts_are_written_one_way(dstack, project):
+    """`dstack status RUN` writes an artifact's size as every size is written (1.5 KB), and one file as one."""
+    root = project("""\
+    workflows:
+      - name: one
+        commands: [mkdir -p out, "head -c 1536 /dev/zero > out/a.bin"]
+        artifacts: [out]
+    """)
+    dstack("run", "one", cwd=root, check=True)
+    name = last_run(dstack, root)["run_name"]
+    shown = dstack("status", name, cwd=root, check=True).stdout
+    assert "out (1 file, 1.5 KB)" in shown, shown
+    assert "1 files" not in shown and "bytes" not in shown

@@ -11,6 +11,7 @@ from dstack.api.client import Client
 from dstack.cli.output import plural
 from dstack.core.errors import DstackError, NotFound
 from dstack.core.manifest import Entry, validate_relative_path
+from dstack.core.sizes import human_size
 
 
 def _hash(path: Path) -> str:
@@ -34,7 +35,7 @@ def _selected(artifact: str, entries: list[Entry], only: str | None) -> list[Ent
 
 
 def download_artifacts(client: Client, artifacts: list[dict], output: Path, only: str | None) -> None:
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, Progress
 
     plan: list[tuple[Path, Entry]] = []
     links: list[tuple[Path, Entry]] = []
@@ -60,8 +61,8 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
             continue  # already there
         todo.append((dest, e))
     total = sum(e.size for _, e in todo)
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), transient=False, disable=not todo) as progress:
+    with Progress("[progress.description]{task.description}", BarColumn(), *_size_columns(),
+                  transient=False, disable=not todo) as progress:
         task = progress.add_task(plural(len(todo), "file"), total=total)
         for dest, e in todo:
             _fetch(client, dest, e, lambda n: progress.advance(task, n))
@@ -94,3 +95,20 @@ def _fetch(client: Client, dest: Path, e: Entry, advance) -> None:
         raise DstackError(f"{dest}: the downloaded content does not match its hash", hint="download again")
     os.chmod(part, e.mode)
     os.replace(part, dest)
+
+
+def _size_columns() -> list:
+    """Bytes done of the total, and the speed, written as every size dstack prints is (core.sizes)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Done(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{human_size(task.completed)}/{human_size(task.total or 0)}", style="progress.download")
+
+    class Speed(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{human_size(speed)}/s" if speed else "?", style="progress.data.speed")
+
+    return [Done(), Speed()]

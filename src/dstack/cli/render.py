@@ -6,9 +6,10 @@ import sys
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from dstack.cli.output import STATUS_STYLE, ago, format_overrides, local_time
+from dstack.cli.output import STATUS_STYLE, ago, format_overrides, local_time, plural
 from dstack.cli.table import paint, print_table
 from dstack.core.names import printable
+from dstack.core.sizes import human_size
 from dstack.core.status import JobStatus
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def print_run_detail(run: Run) -> None:
     if code is not None:
         where = f"{code.repo_url or 'local repo'} {code.branch or ''}@{code.commit[:12]}" if code.commit else "folder"
         how = ("cloned, diff applied" if code.diff_hash else "cloned") if code.mode == "git" else "archived"
-        line("Code", f"{where}{' with uncommitted changes' if code.dirty else ''} ({how}; {code.files} files, "
+        line("Code", f"{where}{' with uncommitted changes' if code.dirty else ''} ({how}; {plural(code.files, 'file')}, "
                      f"tree {code.tree_hash[:12]})")
     if run.reproduces:
         line("Reproduces", run.reproduces)
@@ -87,4 +88,4 @@ def print_run_detail(run: Run) -> None:
         if job.reason:
             line("reason", job.reason, "  ")
         for a in job.artifacts:
-            line("artifact", f"{a['path']} ({a['files']} files, {a['size']} bytes)", "  ")
+            line("artifact", f"{a['path']} ({plural(a['files'], 'file')}, {human_size(a['size'])})", "  ")

@@ -77,7 +77,10 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
             raise DstackError("the server asks for code this run did not capture", hint="run it again") from None
         total = sum(len(b) for b in missing.values())
         if total > 20 * 1024 * 1024:
-            click.echo(f"Uploading the code: {total / 1024 / 1024:.0f} MB ({code.files} files). Large data belongs "
+            from dstack.cli.output import plural
+            from dstack.core.sizes import human_size
+
+            click.echo(f"Uploading the code: {human_size(total)} ({plural(code.files, 'file')}). Large data belongs "
                        "in artifacts; list it in .dstackignore (or .gitignore) to leave it out.", err=True)
         try:
             for digest, data in missing.items():
