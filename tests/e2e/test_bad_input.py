@@ -81,3 +81,19 @@ def test_unknown_run_for_status_logs_stop_tag(dstack, project):
 def test_unknown_command_suggests(dstack, tmp_path):
     r = dstack("stauts", cwd=tmp_path)
     assert r.returncode == 2 and "did you mean 'status'" in r.stderr
+
+
+def test_yaml_traps_get_advice(dstack, project):
+    """A ': ' inside a command (YAML reads it as a mapping) is told to quote the line; a workflows file with no
+    workflow says so instead of listing nothing."""
+    root = project("workflows:\n  - name: a\n    commands:\n      - echo step: one\n")
+    r = dstack("run", "a", cwd=root)
+    assert r.returncode == 2, r.stderr
+    assert ".dstack/workflows.yaml:4:9:" in r.stderr and "YAML read it as a mapping" in r.stderr, r.stderr
+    assert 'quote the line: - "echo step: one"' in r.stderr
+    for text in ("", "workflows: []\n"):
+        (root / ".dstack" / "workflows.yaml").write_text(text)
+        r = dstack("run", cwd=root)
+        assert r.returncode == 2 and ".dstack/workflows.yaml: error: the file defines no workflow" in r.stderr, \
+            r.stderr
+

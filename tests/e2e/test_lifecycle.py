@@ -333,3 +333,16 @@ def test_a_job_submitted_after_its_idle_runner_was_killed_runs_on_another(tmp_pa
         assert job["runner"] != first
     finally:
         d.stop_server()
+
+
+def test_status_says_how_many_runs_it_leaves_out_and_whose_runs_it_shows(dstack, project, tmp_path):
+    root = project("workflows:\n  - name: a\n    commands: [echo a]\n", name="many")
+    for _ in range(4):
+        dstack("run", "a", "-d", cwd=root, check=True)
+    r = dstack("status", "-n", "3", cwd=root, check=True)
+    assert "1 more: `dstack status -n 4`, or `dstack status -a` for all 4" in r.stderr, r.stderr
+    assert "more:" not in dstack("status", "-a", cwd=root, check=True).stderr
+    elsewhere = tmp_path / "no-project"
+    elsewhere.mkdir()
+    r = dstack("status", cwd=elsewhere, check=True)
+    assert f"No .dstack/ folder here or above: the runs of {elsewhere}" in r.stderr, r.stderr

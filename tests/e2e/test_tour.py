@@ -280,3 +280,24 @@ def test_sizes_and_counts_are_written_one_way(dstack, project):
     shown = dstack("status", name, cwd=root, check=True).stdout
     assert "out (1 file, 1.5 KB)" in shown, shown
     assert "1 files" not in shown and "bytes" not in shown
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["host", "docker"])
+def test_output_arrives_as_the_job_wrote_it(dstack, project, busybox_image, image):
+    """\\n line ends (not the terminal's \\r\\n), a progress bar's \\r kept, the job's own \\r\\n kept: in the
+    attached stream and in `dstack logs`."""
+    root = project(f"""\
+    workflows:
+      - name: lines
+        {"image: " + busybox_image if image else ""}
+        commands:
+          - echo one
+          - printf 'step 1\\rstep 2\\r\\n'
+          - printf 'dos\\r\\n'
+          - echo x
+    """)
+    r = dstack("run", "lines", cwd=root, binary=True, check=True)
+    want = b"one\nstep 1\rstep 2\r\ndos\r\nx\n"
+    assert r.stdout == want, r.stdout
+    name = last_run(dstack, root)["run_name"]
+    assert dstack("logs", name, cwd=root, binary=True, check=True).stdout == want

@@ -94,7 +94,7 @@ def test_code_the_server_lacks_is_asked_for_once_the_run_is_sound(tmp_path):
         with pytest.raises(MissingCode) as info:
             await runs.run_workflow(ctx, _request(code=code))
         assert info.value.blobs == [blob] and error_from_dict(info.value.to_dict()).blobs == [blob]
-        assert await runs.list_runs(ctx, "repo", None) == []
+        assert await runs.list_runs(ctx, "repo", None) == ([], 0)
         await ctx.code.put(blob, _chunks(b"tar"))
         assert (await runs.run_workflow(ctx, _request(code=code))).code == code
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
-from dstack.runner.logs import MAX_BATCH, LogShipper
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dstack.runner.logs import MAX_BATCH, AsWritten, LogShipper
 
 
 class Refused(Exception):
@@ -123,3 +126,19 @@ def test_a_runner_on_its_way_out_gives_up_after_all():
     done.start()
     done.join(10)
     assert not done.is_alive() and tries
+
+
+@given(st.binary(max_size=200).map(lambda b: b.replace(b"x", b"\r").replace(b"y", b"\n")), st.data())
+def test_output_as_written_is_exactly_what_the_job_wrote_before_its_terminal(written, data):
+    """Whatever the job wrote (\\r, \\n, \\r\\n of its own, in any mix), cut into chunks anywhere: the terminal's
+    "\\n" -> "\\r\\n" is undone exactly."""
+    through_pty = written.replace(b"\n", b"\r\n")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(through_pty)), max_size=8)))
+    got = []
+    as_written = AsWritten(got.append)
+    start = 0
+    for cut in [*cuts, len(through_pty)]:
+        as_written(through_pty[start:cut])
+        start = cut
+    as_written.flush()
+    assert b"".join(got) == written

@@ -87,8 +87,15 @@ class Client:
     def runs(self, repo_id: str | None, limit: int | None = None, workflow: str | None = None) -> list[dict]:
         """Runs as the API gives them (JSON objects of `Run`, without job specs): a listing is printed,
         not computed on, and skipping the models keeps `dstack status` quick."""
+        return self.runs_and_total(repo_id, limit, workflow)[0]
+
+    def runs_and_total(self, repo_id: str | None, limit: int | None = None,
+                       workflow: str | None = None) -> tuple[list[dict], int | None]:
+        """`runs`, and how many there are in all (None from a server that does not say)."""
         params = {k: v for k, v in {"repo_id": repo_id, "limit": limit, "workflow": workflow}.items() if v}
-        return self._call("GET", "/api/runs", params=params).json()
+        r = self._call("GET", "/api/runs", params=params)
+        total = r.headers.get("x-total-count")
+        return r.json(), int(total) if total and total.isdigit() else None
 
     def run(self, repo_id: str | None, name: str) -> dict:
         params = {"repo_id": repo_id} if repo_id else {}

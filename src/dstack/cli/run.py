@@ -7,7 +7,7 @@ import threading
 
 import click
 
-from dstack.core.errors import DstackError, MissingCode
+from dstack.core.errors import ConfigError, DstackError, MissingCode
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -48,6 +48,10 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         from dstack.config.workflows import load_workflows
 
         entries = load_workflows(files)
+        if not entries:
+            raise ConfigError("the file defines no workflow", file=".dstack/workflows.yaml",
+                              hint="add one: `workflows:` then `  - name: hello` and `    commands: [echo hello]` "
+                                   "(`dstack init` writes an example; docs/workflows.md has the syntax)")
         listing = "\n".join(f"  {e.name:<20} {e.raw.get('help') or ''}".rstrip() for e in entries)
         raise click.UsageError(f"which workflow? `dstack run WORKFLOW`; the workflows of {project}:\n{listing}")
     client = connect()

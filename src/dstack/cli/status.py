@@ -16,7 +16,8 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
     from dstack.api.repo import find_project, repo_id
 
     client = connect()
-    rid = repo_id(find_project())
+    project = find_project()
+    rid = repo_id(project)
     if run:
         found = client.run(rid, run)
         if as_json:
@@ -29,7 +30,8 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
 
             print_run_detail(Run.model_validate(found))
         return
-    runs = client.runs(rid, limit=None if show_all else (limit or 10))
+    shown = None if show_all else (limit or 10)
+    runs, total = client.runs_and_total(rid, limit=shown)
     if as_json:
         import json
 
@@ -37,4 +39,10 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
         return
     from dstack.cli.render import print_runs
 
+    if not (project / ".dstack").is_dir():  # which runs these are is not obvious: say it
+        click.echo(f"No .dstack/ folder here or above: the runs of {rid}", err=True)
     print_runs(runs)
+    if total is not None and total > len(runs):
+        more = total - len(runs)
+        click.echo(f"{more} more: `dstack status -n {min(total, len(runs) * 2)}`, or `dstack status -a` for all "
+                   f"{total}", err=True)

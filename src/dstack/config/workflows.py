@@ -179,6 +179,13 @@ def _validation_error(e: ValidationError, entry: WorkflowEntry, model: type, use
             path, f"'{field_name}' in workflow '{entry.name}' takes its value from the variable '{variable}', "
                   f"and it {what}",
             hint=f"{got}; set '{variable}' in .dstack/variables.yaml or pass --{variable} VALUE" if got else None)
+    if phrase == _PLAIN["string_type"] and isinstance(err.get("input"), dict) and len(err["input"]) == 1:
+        # `- echo step: one`: YAML reads text with ": " in it as a mapping
+        (key, value), = err["input"].items()
+        line = f"{key}: {value}" if value is not None else f"{key}:"
+        return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}' must be text, but YAML read "
+                                         f"it as a mapping: a ': ' (or a trailing ':') in it makes one",
+                                   hint=f"quote the line: - {json.dumps(line, ensure_ascii=False)}")
     if phrase:
         return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}' {phrase}", hint=got)
     return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}': {msg}", hint=got)

@@ -18,7 +18,7 @@ from dstack.core.resources import RunnerResources
 from dstack.runner import workspace
 from dstack.runner.client import RETRYABLE, ServerClient, ServerError
 from dstack.runner.code import recreate
-from dstack.runner.logs import LogShipper
+from dstack.runner.logs import AsWritten, LogShipper
 from dstack.storage.blobstore import LocalBlobStore, open_store
 from dstack.storage.save import save_tree
 from dstack.storage.tree import artifact_source
@@ -327,7 +327,8 @@ class Runner:
                          reason="stopped before it started")
             return
         with self._lock:
-            self.execution = executor.start(job, root, mounts, job.env, shipper.write)
+            output = AsWritten(shipper.write)  # the job's bytes, not its terminal's "\r\n"
+            self.execution = executor.start(job, root, mounts, job.env, output)
             if self.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
         started = _started(self.execution)
@@ -342,6 +343,7 @@ class Runner:
             ended.set()
             running.cancel()
             running.join()
+            output.flush()
         started["ended_at"] = time.monotonic()  # what the final status says, however late it lands
         if self.stop_requested == "abort":
             shipper.close()
@@ -356,22 +358,22 @@ class Runner:
                 src = sources[path]
                 if src.exists() and not src.is_dir():
                     not_folders.append(path)
-                    shipper.write(f"dstack: artifact '{path}' is a file, not a folder: not saved\r\n".encode())
+                    shipper.write(f"dstack: artifact '{path}' is a file, not a folder: not saved\n".encode())
                     continue
                 if not src.exists() and (code != 0 or self.stop_requested):
                     # a job that failed (or was stopped) before it made the folder: nothing to save, and no
                     # empty artifact that would pass for its output
-                    shipper.write(f"dstack: artifact '{path}' was not created by the job: nothing saved\r\n"
+                    shipper.write(f"dstack: artifact '{path}' was not created by the job: nothing saved\n"
                                   .encode())
                     continue
                 if not src.exists():
                     shipper.write(f"dstack: artifact '{path}' was not created by the job; saved as an empty "
-                                  f"folder\r\n".encode())
+                                  f"folder\n".encode())
                     src = folder / "empty"
                     src.mkdir(exist_ok=True)
 
                 def warn(message: str, path: str = path) -> None:
-                    shipper.write(f"dstack: artifact '{path}': {message}\r\n".encode())
+                    shipper.write(f"dstack: artifact '{path}': {message}\n".encode())
 
                 # the job is over and its folder goes next: its files may become the blobs themselves,
                 # and the folder the dependency tree (unless another artifact lies inside it or around it)

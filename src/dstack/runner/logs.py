@@ -126,3 +126,28 @@ class LogShipper:
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join()
+
+
+class AsWritten:
+    """A job's output as the job wrote it. Jobs write to a pseudo-terminal (so that programs line-buffer and
+    progress bars redraw), which writes each "\n" as "\r\n" (ONLCR); this turns every "\r\n" back into
+    "\n". That is exact: the terminal adds an "\r" before each "\n" and nowhere else, so a "\r\n" the job
+    wrote itself arrives as "\r\r\n" and leaves as "\r\n", and a lone "\r" (a progress bar) is kept. A
+    chunk's last "\r" waits for the next chunk (it may be half of a pair); flush() lets it go at the end."""
+
+    def __init__(self, write: Callable[[bytes], None]):
+        self._write = write
+        self._held_cr = False
+
+    def __call__(self, data: bytes) -> None:
+        if self._held_cr:
+            data, self._held_cr = b"\r" + data, False
+        if data.endswith(b"\r"):
+            data, self._held_cr = data[:-1], True
+        if data:
+            self._write(data.replace(b"\r\n", b"\n"))
+
+    def flush(self) -> None:
+        if self._held_cr:
+            self._held_cr = False
+            self._write(b"\r")

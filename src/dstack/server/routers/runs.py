@@ -22,10 +22,15 @@ async def run_workflow(req: RunRequest, ctx: Context = Depends(get_ctx)) -> Run:
 
 
 @router.get("/runs")
-async def list_runs(repo_id: str | None = RepoId, limit: int | None = Query(None, ge=1, le=MAX_INT64),
+async def list_runs(response: Response, repo_id: str | None = RepoId,
+                    limit: int | None = Query(None, ge=1, le=MAX_INT64),
                     workflow: str | None = Query(None, max_length=MAX_WORKFLOW_NAME),
                     ctx: Context = Depends(get_ctx)) -> list[Run]:
-    return await runs.list_runs(ctx, repo_id, limit, workflow)
+    """The newest runs (all, or `limit`); `X-Total-Count`: how many there are in all (so a listing can say how
+    many it leaves out)."""
+    found, total = await runs.list_runs(ctx, repo_id, limit, workflow)
+    response.headers["X-Total-Count"] = str(total)
+    return found
 
 
 @router.get("/runs/{name}")

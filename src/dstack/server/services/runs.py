@@ -167,15 +167,22 @@ def _runs_query(repo_id: str | None, with_specs: bool = True):
     return q.where(RunRow.repo_id == repo_id) if repo_id else q
 
 
-async def list_runs(ctx: Context, repo_id: str | None, limit: int | None, workflow: str | None = None) -> list[Run]:
+async def list_runs(ctx: Context, repo_id: str | None, limit: int | None,
+                    workflow: str | None = None) -> tuple[list[Run], int]:
+    """The newest runs (at most `limit`), and how many there are in all."""
     q = _runs_query(repo_id, with_specs=False).order_by(RunRow.submitted_at.desc())
+    count = select(func.count()).select_from(RunRow)
+    if repo_id:
+        count = count.where(RunRow.repo_id == repo_id)
     if workflow:
         q = q.where(RunRow.workflow == workflow)
+        count = count.where(RunRow.workflow == workflow)
     if limit:
         q = q.limit(limit)
     async with ctx.sessions() as s:
         rows = (await s.scalars(q)).all()
-    return [_unrecorded(ctx, run_model(r, with_specs=False)) for r in rows]
+        total = len(rows) if not limit or len(rows) < limit else await s.scalar(count)
+    return [_unrecorded(ctx, run_model(r, with_specs=False)) for r in rows], total
 
 
 def _unrecorded(ctx: Context, run: Run) -> Run:
