@@ -97,3 +97,16 @@ def test_yaml_traps_get_advice(dstack, project):
         assert r.returncode == 2 and ".dstack/workflows.yaml: error: the file defines no workflow" in r.stderr, \
             r.stderr
 
+
+
+def test_a_run_whose_image_is_missing_says_so_in_its_output_and_its_logs(dstack, project, docker_client):
+    """No registry answers here: the pull fails. The job's output says that it pulls, and `dstack logs` of the
+    failed run prints why it failed (not nothing)."""
+    root = project("workflows:\n  - name: a\n    image: dstack-test/not-here:never\n    commands: [echo a]\n")
+    r = dstack("run", "a", cwd=root, timeout=180)
+    assert r.returncode != 0
+    assert "dstack: pulling image dstack-test/not-here:never (it is not on this machine)" in r.stdout, r.stdout
+    name = dstack.runs(root)[0]["run_name"]
+    logs = dstack("logs", name, cwd=root, check=True)
+    assert f"{name} FAILED: image dstack-test/not-here:never not found locally and could not be pulled" \
+        in logs.stderr, logs.stderr

@@ -76,9 +76,10 @@ def test_stop_kills_a_job_that_ignores_sigterm_after_the_grace(dstack, project):
     name = _submit(dstack, root, "sleepy")
     dstack.wait_status(root, name, {"RUNNING"})
     t = time.monotonic()
-    dstack("stop", name, cwd=root, check=True)
+    r = dstack("stop", name, cwd=root, check=True)
     assert time.monotonic() - t < 2 + 8  # DSTACK_STOP_GRACE=2 in this session
     assert dstack.run_info(root, name)["status"] == "STOPPED"
+    assert f"Waiting for {name} to exit (SIGTERM sent; SIGKILL in 2s)" in r.stderr, r.stderr  # not silent
 
 
 def test_abort_saves_no_artifacts(dstack, project):

@@ -25,8 +25,14 @@ def logs(run_or_job: str, follow: bool) -> None:
         sys.exit(follow_run(client, {**run, "jobs": jobs}, interrupt_asks=False))
     out = sys.stdout.buffer
     for job in jobs:
-        offset = 0
+        offset, last = 0, b"\n"
         while chunk := client.logs(job["job_id"], offset).data:
             offset += len(chunk)
             out.write(chunk)
+            last = chunk
         out.flush()
+        if job["status"] in ("FAILED", "STOPPED", "ABORTED") and job.get("reason"):  # why, when it did not end well
+            from dstack.core.names import printable
+
+            own_line = "" if last.endswith(b"\n") else "\n"
+            sys.stderr.write(f"{own_line}{run['run_name']} {job['status']}: {printable(job['reason'])}\n")

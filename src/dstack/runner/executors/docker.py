@@ -242,7 +242,7 @@ class DockerExecutor:
             self._discard(claimed, keep_root=True)  # the job's code is in its folder: started cold below
         client = self.client
         try:
-            image = self._image(job.image)
+            image = self._image(job.image, on_output)
             root = Path(root).resolve()
             volumes = {str(root): {"bind": CONTAINER_ROOT, "mode": "rw"}}
             for mount in mounts:
@@ -435,7 +435,8 @@ class DockerExecutor:
         else:
             warmup.remove_folders(ready)
 
-    def _image(self, name: str):
+    def _image(self, name: str, say=None):
+        """The image, pulled when it is not on this machine (`say` hears that it is, in the job's output)."""
         try:
             return self.client.images.get(name)
         except docker.errors.ImageNotFound:
@@ -444,6 +445,8 @@ class DockerExecutor:
             raise ExecutorError(f"Docker is not reachable: {e}") from e
         except docker.errors.DockerException as e:
             raise ExecutorError(f"Docker could not look up image {name}: {_api_message(e)}") from e
+        if say is not None:
+            say(f"dstack: pulling image {name} (it is not on this machine)\r\n".encode())
         try:
             return self.client.images.pull(name)
         except DOCKER_ERRORS as e:
