@@ -347,3 +347,19 @@ def test_status_says_how_many_runs_it_leaves_out_and_whose_runs_it_shows(dstack,
     elsewhere.mkdir()
     r = dstack("status", cwd=elsewhere, check=True)
     assert f"No .dstack/ folder here or above: the runs of {elsewhere}" in r.stderr, r.stderr
+
+
+def test_a_run_that_waits_for_a_runner_says_so(tmp_path, project):
+    d = Dstack(tmp_path / "home", env={"DSTACK_MAX_LOCAL_RUNNERS": "1"})
+    root = project("workflows:\n  - name: long\n    commands: [sleep 60]\n  - name: quick\n    commands: [echo quick]\n")
+    try:
+        first = _submit(d, root, "long")
+        d.wait_status(root, first, {"RUNNING"})
+        waiting = d.popen("run", "quick", cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(5)  # it waits: the one local runner there may be is busy
+        d("stop", "--abort", first, cwd=root, check=True)
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0 and b"quick" in out, err
+        assert b"waits for a runner that can run it" in err, err
+    finally:
+        d.stop_server()

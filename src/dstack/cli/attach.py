@@ -11,6 +11,8 @@ from dstack.api.client import Client, Unreachable
 from dstack.core.names import printable
 from dstack.core.status import JobStatus
 
+WAIT_NOTICE = 3.0  # seconds a job may wait for a runner before the attached run says that it waits
+
 
 def exit_code_of(job: dict) -> int:
     if job["status"] == JobStatus.DONE:
@@ -47,6 +49,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
     lost: str | None = None  # why the server could not be reached, while it cannot
     at_line_start = True  # the job's output so far ends with a newline: a line of ours needs none before it
+    following_since, said_waiting = time.monotonic(), False
     while len(finished) < len(offsets):
         try:
             if interrupted:
@@ -62,6 +65,13 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                 chunk = client.logs(job_id, offsets[job_id], wait=1.0, status=watch)
                 offsets[job_id] = chunk.next_offset
                 statuses[job_id] = chunk.status
+                if (chunk.status == JobStatus.SUBMITTED and not said_waiting
+                        and time.monotonic() - following_since > WAIT_NOTICE):  # never a silent wait
+                    said_waiting = True
+                    sys.stderr.write(f"{'' if at_line_start else chr(10)}[dstack: {name} waits for a runner that "
+                                     f"can run it (those that can are busy, or one is starting); `dstack runners` "
+                                     f"lists them]\n")
+                    at_line_start = True
                 if chunk.data:
                     out.write(chunk.data)
                     at_line_start = chunk.data.endswith(b"\n")
