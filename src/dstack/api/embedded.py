@@ -16,8 +16,8 @@ from pathlib import Path
 from dstack import __version__
 from dstack.api.client import Client
 from dstack.core.errors import DstackError
-from dstack.core.home import dstack_home, private_home, write_private
-from dstack.core.processes import read_record, terminate, terminate_all
+from dstack.core.home import SERVER_STOPPED, dstack_home, private_home, write_private
+from dstack.core.processes import read_record, runner_stop_wait, terminate, terminate_all
 from dstack.core.status import JobStatus
 
 START_TIMEOUT = 30.0
@@ -49,10 +49,9 @@ def _served(sdir: Path) -> bool:
 
 def _server_record(sdir: Path) -> dict | None:
     """server.json, when the process it names is still our server (its pid alone may be another program's now)."""
-    raw = _read_json(sdir / "server.json") or {}
     # a record of dstack before 0.3.1 (no start time): this home's server, by its command line
     info = read_record(sdir / "server.json", legacy=f"dstack.server.main --home {sdir.parent} ")
-    if info is None or raw.get("started") is None:
+    if info is None or info.get("legacy"):
         return info  # a server of dstack before 0.3.1 holds no lock: its record and command line tell
     return info if _served(sdir) else None
 
@@ -126,9 +125,6 @@ def _current_local_server(home: Path | None = None) -> tuple[str, str] | None:
     return None
 
 
-STOPPED = "stopped"  # in DSTACK_HOME/server: the server was stopped on purpose (not restarted as crashed)
-
-
 def start_local_server(home: Path | None = None, unless_stopped: bool = False,
                        say: Callable[[str], None] | None = None) -> tuple[str, str]:
     """The local server, started in the background unless one runs. `unless_stopped`: not when it was
@@ -141,7 +137,7 @@ def start_local_server(home: Path | None = None, unless_stopped: bool = False,
         running = local_server(home)
         if running:
             return running
-        if unless_stopped and (sdir / STOPPED).exists():
+        if unless_stopped and (sdir / SERVER_STOPPED).exists():
             raise DstackError("the local server was stopped (`dstack server stop`, or Ctrl-C on `dstack server`)",
                               hint="the jobs of its local runners were stopped with it, a job on a self-hosted "
                                    "runner goes on; `dstack status RUN` (which starts the server again) says what "
@@ -151,7 +147,7 @@ def start_local_server(home: Path | None = None, unless_stopped: bool = False,
                 f"its log: {sdir / 'server.log'})" if unless_stopped else
                 f"Starting the local dstack server in the background (state in {home}; `dstack server stop` "
                 f"stops it)")
-        (sdir / STOPPED).unlink(missing_ok=True)
+        (sdir / SERVER_STOPPED).unlink(missing_ok=True)
         log = open(sdir / "server.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "dstack.server.main", "--home", str(home)],
@@ -200,14 +196,13 @@ def stop_local_server(home: Path | None = None, timeout: float = 30.0) -> bool:
     if not sdir.is_dir():
         return False
     with _start_lock(sdir):  # no start half-way meanwhile, nor an attached run's restart of what is stopped
-        write_private(sdir / STOPPED, "")
+        write_private(sdir / SERVER_STOPPED, "")
         info = _server_record(sdir)
         stopped = bool(info) and terminate(int(info["pid"]), info.get("started"), grace=timeout)
         (sdir / "server.json").unlink(missing_ok=True)
         runners = [read_record(path) for path in sorted((home / "runners").glob("*/runner.json"))]
         found = [(int(r["pid"]), r.get("started")) for r in runners if r is not None]
-        grace = float(os.environ.get("DSTACK_STOP_GRACE", "10")) + 10  # their jobs' stop grace, and a report
-        return terminate_all(found, grace=grace) > 0 or stopped
+        return terminate_all(found, grace=runner_stop_wait()) > 0 or stopped
 
 
 def connect() -> Client:

@@ -18,8 +18,16 @@ from functools import cached_property
 from pathlib import Path
 
 from dstack.backends.base import Bootstrap, Instance
-from dstack.core.processes import is_running, read_record, record, signal_recorded, terminate_all
+from dstack.core.processes import (
+    is_running,
+    read_record,
+    record,
+    runner_stop_wait,
+    signal_recorded,
+    terminate_all,
+)
 from dstack.core.resources import RunnerResources
+from dstack.runner.workspace import remove
 
 RECORD = "runner.json"
 
@@ -100,8 +108,6 @@ class LocalBackend:
                 if item.name == "runner.log":
                     continue
                 if item.is_dir() and not item.is_symlink():
-                    from dstack.runner.workspace import remove
-
                     remove(item)
                 else:
                     item.unlink(missing_ok=True)
@@ -118,7 +124,7 @@ class LocalBackend:
         """SIGTERM every runner (its job is stopped, its artifacts saved, its container removed), SIGKILL those
         left after `grace` (default: the stop grace of jobs and 10 s more)."""
         if grace is None:
-            grace = float(os.environ.get("DSTACK_STOP_GRACE", "10")) + 10
+            grace = runner_stop_wait()
         entries = [e for e in self._procs.values() if self._running(*e)]
         for proc, _, _ in entries:
             if proc is not None:

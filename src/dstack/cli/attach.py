@@ -47,15 +47,21 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     announced: set[str] = set()
     statuses = {j["job_id"]: j["status"] for j in run["jobs"]}  # as seen last
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
-    lost: str | None = None  # why the server could not be reached, while it cannot
+    lost = False  # the server cannot be reached (now)
     at_line_start = True  # the job's output so far ends with a newline: a line of ours needs none before it
     following_since, said_waiting = time.monotonic(), False
+
+    def note(text: str) -> None:
+        """A line of dstack's own among the job's output, on a line of its own."""
+        nonlocal at_line_start
+        sys.stderr.write(f"{'' if at_line_start else chr(10)}[dstack: {text}]\n")
+        at_line_start = True
     while len(finished) < len(offsets):
         try:
             if interrupted:
                 interrupted = False
                 raise KeyboardInterrupt
-            if lost is not None:
+            if lost:
                 time.sleep(1)
             for job_id in offsets:
                 if job_id in finished:
@@ -68,10 +74,8 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                 if (chunk.status == JobStatus.SUBMITTED and not said_waiting
                         and time.monotonic() - following_since > WAIT_NOTICE):  # never a silent wait
                     said_waiting = True
-                    sys.stderr.write(f"{'' if at_line_start else chr(10)}[dstack: {name} waits for a runner that "
-                                     f"can run it (those that can are busy, or one is starting); `dstack runners` "
-                                     f"lists them]\n")
-                    at_line_start = True
+                    note(f"{name} waits for a runner that can run it (those that can are busy, or one is "
+                         f"starting); `dstack runners` lists them")
                 if chunk.data:
                     out.write(chunk.data)
                     at_line_start = chunk.data.endswith(b"\n")
@@ -83,16 +87,13 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                 if chunk.status.finished and not chunk.more:
                     finished[job_id] = {"status": chunk.status, "exit_code": chunk.exit_code,
                                         "reason": chunk.reason, "seconds": chunk.seconds}
-            if lost is not None:
-                lost = None
-                sys.stderr.write(f"{'' if at_line_start else chr(10)}[dstack: reconnected to {client.url}]\n")
-                at_line_start = True
+            if lost:
+                lost = False
+                note(f"reconnected to {client.url}")
         except Unreachable as e:  # the job goes on without the server; its output waits on its runner
-            if lost is None:
-                sys.stderr.write(f"{'' if at_line_start else chr(10)}[dstack: lost the server ({e.message}); "
-                                 f"waiting for it to come back (Ctrl-C to stop following)]\n")
-                at_line_start = True
-            lost = e.message
+            if not lost:
+                note(f"lost the server ({e.message}); waiting for it to come back (Ctrl-C to stop following)")
+            lost = True
         except KeyboardInterrupt:
             if not interrupt_asks:
                 sys.stderr.write(f"\nStopped following {name}; it goes on (`dstack stop {name}` "

@@ -12,11 +12,11 @@ import click
 def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
     """Stop a run or one of its jobs: SIGTERM, then SIGKILL after a grace period; artifacts are saved
     unless --abort."""
-    import os
     import time
 
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
+    from dstack.core.processes import stop_grace
     from dstack.core.status import JobStatus
 
     client = connect()
@@ -24,7 +24,7 @@ def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
     run = client.stop(rid, run_or_job, abort=abort)
     # the runner sends SIGTERM, then SIGKILL after its grace: by then (and a report) the job has ended, or
     # something is wrong that waiting longer would not mend
-    grace = 0.0 if abort else float(os.environ.get("DSTACK_STOP_GRACE", "10"))
+    grace = 0.0 if abort else stop_grace()
     if not no_wait and not JobStatus(run["status"]).finished:
         click.echo(f"Waiting for {run['run_name']} to exit" + (f" (SIGTERM sent; SIGKILL in {grace:g}s)" if grace
                                                                else " (SIGKILL sent)"), err=True)

@@ -10,6 +10,11 @@ PRIVATE_UMASK = 0o077
 JOB_UMASK_ENV = "DSTACK_JOB_UMASK"
 
 
+# in DSTACK_HOME/server: the local server was stopped on purpose (`dstack server stop`, a signal), so that an
+# attached run does not start it again as it does a server that was killed or crashed
+SERVER_STOPPED = "stopped"
+
+
 def dstack_home() -> Path:
     return Path(os.environ.get("DSTACK_HOME") or Path.home() / ".dstack").expanduser()
 

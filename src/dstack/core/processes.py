@@ -10,14 +10,23 @@ import time
 from pathlib import Path
 
 
+def stop_grace() -> float:
+    """Seconds between SIGTERM and SIGKILL when a job is stopped (DSTACK_STOP_GRACE, 10)."""
+    return float(os.environ.get("DSTACK_STOP_GRACE", "10"))
+
+
+def runner_stop_wait() -> float:
+    """How long a runner told to stop is given before SIGKILL: its job's stop grace, and 10 s more to report
+    and to remove the job's container."""
+    return stop_grace() + 10
+
+
 def start_time(pid: int) -> int | None:
     """The process's start time (clock ticks since boot, field 22 of /proc/PID/stat); None when it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    except OSError:
+    except OSError:  # gone, or not ours to read
         return None
     # the command name (field 2) is in parentheses and may hold spaces or ')': split after the last ')'
     fields = stat[stat.rfind(b")") + 2:].split()
@@ -47,14 +56,15 @@ def read_record(path: Path, legacy: str | None = None) -> dict | None:
     """A record written by `record`, if it is there and its process still runs. `legacy`: a record of an older
     dstack has no start time; it counts when that process's command line holds `legacy` (e.g. the server's
     own `--home PATH `: this home's server, no other) and it is given the start time, so that it can be
-    signalled as any other."""
+    signalled as any other; `legacy` is then True in it."""
     try:
         info = json.loads(path.read_text())
         pid, started = int(info["pid"]), info.get("started")
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if started is None and legacy is not None and legacy.encode() in _cmdline(pid) + b" ":
-        info["started"] = started = start_time(pid)
+        info.update(started=start_time(pid), legacy=True)
+        started = info["started"]
     return info if is_running(pid, started) else None
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import socket
 import threading
@@ -14,6 +13,7 @@ import httpx
 
 from dstack.core.errors import DstackError
 from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
+from dstack.core.processes import stop_grace
 from dstack.core.resources import RunnerResources
 from dstack.runner import workspace
 from dstack.runner.client import RETRYABLE, ServerClient, ServerError
@@ -30,7 +30,7 @@ RUNNING_REPORT_DELAY = 0.1  # seconds after the start: a job that ends sooner is
 MAX_REPORT_PAUSE = 5.0  # between two tries of a report the server could not take
 SERVER_ERROR_TRIES = 5  # a 500 is tried this often; a server that cannot take it now (503, unreachable) is waited for
 LEAVING_REPORT_WAIT = 5.0  # a runner on its way out (SIGTERM) gives up a report after this long
-STOP_GRACE = float(os.environ.get("DSTACK_STOP_GRACE", "10"))
+STOP_GRACE = stop_grace()
 
 
 
@@ -100,10 +100,14 @@ class Runner:
                 if since is None:
                     since = time.monotonic()
                     log.warning("could not register with the server: %s; trying again until it answers", e)
-                if self.server_lost_timeout is not None and time.monotonic() - since > self.server_lost_timeout:
+                if self._lost_for_good(since):
                     raise
                 if self._stopping.wait(1):
                     raise
+
+    def _lost_for_good(self, since: float) -> bool:
+        """Whether the server, unreachable since `since`, has been away too long to wait for (with no job)."""
+        return self.server_lost_timeout is not None and time.monotonic() - since > self.server_lost_timeout
 
     def shutdown(self) -> bool:
         """Stop taking jobs; stop the current one (its artifacts are saved). True when idle and not on the
@@ -145,8 +149,7 @@ class Runner:
                     if unreachable_since is None:
                         log.warning("waiting for the server: %s", e)
                     unreachable_since = unreachable_since or time.monotonic()
-                    if (self.server_lost_timeout is not None
-                            and time.monotonic() - unreachable_since > self.server_lost_timeout):
+                    if self._lost_for_good(unreachable_since):
                         log.error("server unreachable for %ss; exiting", self.server_lost_timeout)
                         return
                     self._stopping.wait(1)
@@ -242,8 +245,8 @@ class Runner:
         by the server and changes nothing."""
         self._report(job, status, kw)
 
-    def _report(self, job: JobSpec, status: JobStatus, kw: dict, ended: threading.Event | None = None
-                ) -> JobStatus | None:
+    def _report(self, job: JobSpec, status: JobStatus, kw: dict, ended: threading.Event | None = None,
+                fail: bool = False) -> JobStatus | None:
         """Every status report goes this way (see _patiently). Returns the status the server has for the job
         then (None when not delivered)."""
         kw = dict(kw)
@@ -253,7 +256,7 @@ class Runner:
             ago = None if ended_at is None else max(0.0, time.monotonic() - ended_at)
             return self.client.update(self.name, job.job_id, JobUpdate(status=status, ended_ago=ago, **kw))
 
-        return self._patiently(f"report {status.value} for job {job.job_id}", send, ended)
+        return self._patiently(f"report {status.value} for job {job.job_id}", send, ended, fail)
 
     def _fetch_code(self, digest: str) -> bytes:
         """A blob of the job's code, fetched patiently (the server may be restarting)."""
@@ -408,8 +411,7 @@ class Runner:
         PROVISIONING until its end); never after the job's end. A job the server has ended meanwhile (it gave
         the runner up for lost) is aborted: it must not run on beside its next try."""
         try:
-            answer = self._patiently(f"report RUNNING for job {job.job_id}", lambda: self.client.update(
-                self.name, job.job_id, JobUpdate(status=JobStatus.RUNNING, **started)), ended, fail=True)
+            answer = self._report(job, JobStatus.RUNNING, started, ended, fail=True)
         except (httpx.HTTPError, DstackError) as e:  # refused: the job is not this runner's (any more)
             answer, why = None, str(e)
         else:

@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 
 from dstack import __version__
-from dstack.api.embedded import STOPPED
-from dstack.core.home import dstack_home, private_home, private_umask, write_private
+from dstack.core.home import SERVER_STOPPED, dstack_home, private_home, private_umask, write_private
 from dstack.core.names import token as new_token
 from dstack.core.processes import record
 
@@ -70,7 +69,7 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
     # SIGINT does, through the clean-up below, not around it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        make_server(app, config, sdir / STOPPED).run(sockets=[sock])
+        make_server(app, config, sdir / SERVER_STOPPED).run(sockets=[sock])
     finally:
         try:
             if json.loads(info.read_text()).get("pid") == os.getpid():

@@ -112,27 +112,26 @@ def _has_output(ctx: Context, job_id: str) -> bool:
 async def _reconcile(ctx: Context, s, runner: RunnerRow, running: str | None, knows: bool) -> list[str]:
     """The server has `runner.job_id` on `runner`, which runs `running` instead (or nothing). `knows`: the
     runner says it was given that job (so it has ended there); else the answer to its `take` may still be on
-    its way, and the job is taken back only once that cannot be."""
+    its way, and the job is taken back only once that cannot be. Returns the jobs it changed."""
     job = await s.get(JobRow, runner.job_id)
-    if job is None or JobStatus(job.status) in FINISHED or job.runner_name != runner.name:
-        runner.job_id = running
-        runner.status = RunnerStatus.BUSY.value if running else RunnerStatus.READY.value
-        return []
-    if not knows and job.started_at is not None and (now() - job.started_at).total_seconds() < TAKE_LOST_AFTER:
-        return []
-    if job.status == JobStatus.PROVISIONING.value and not _has_output(ctx, job.job_id):
-        # never started there: back in the queue, for this runner or another
-        job.status, job.runner_name, job.started_at, job.runner_resources = (
-            JobStatus.SUBMITTED.value, None, None, None)
-        log.warning("runner %s does not run job %s that it took: queued again", runner.name, job.job_id)
-    else:
-        job.status, job.finished_at = JobStatus.FAILED.value, now()
-        job.reason = (f"runner {runner.name} no longer runs the job, and its end was never reported (the "
-                      f"runner gave up reporting it, or was restarted); its artifacts were not saved")
-    await refresh_run_status(s, job.run_name)
+    changed: list[str] = []
+    if job is not None and JobStatus(job.status) not in FINISHED and job.runner_name == runner.name:
+        if not knows and job.started_at is not None and (now() - job.started_at).total_seconds() < TAKE_LOST_AFTER:
+            return []
+        if job.status == JobStatus.PROVISIONING.value and not _has_output(ctx, job.job_id):
+            # never started there: back in the queue, for this runner or another
+            job.status, job.runner_name, job.started_at, job.runner_resources = (
+                JobStatus.SUBMITTED.value, None, None, None)
+            log.warning("runner %s does not run job %s that it took: queued again", runner.name, job.job_id)
+        else:
+            job.status, job.finished_at = JobStatus.FAILED.value, now()
+            job.reason = (f"runner {runner.name} no longer runs the job, and its end was never reported (the "
+                          f"runner gave up reporting it, or was restarted); its artifacts were not saved")
+        await refresh_run_status(s, job.run_name)
+        changed.append(job.job_id)
     runner.job_id = running
     runner.status = RunnerStatus.BUSY.value if running else RunnerStatus.READY.value
-    return [job.job_id]
+    return changed
 
 
 async def server_started(ctx: Context, local_runners: set[str]) -> None:
