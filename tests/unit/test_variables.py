@@ -7,11 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dstack.config.variables import (
+    Declared,
     apply_overrides,
     as_env_value,
+    declared_variables,
     load_variables,
     parse_cli_args,
     parse_cli_value,
+    references,
     substitute,
     variables_as_args,
 )
@@ -76,7 +79,8 @@ def test_a_flag_without_value_that_is_no_variable_is_named_as_such():
 def test_override_of_an_undeclared_variable_lists_the_declared_ones():
     with pytest.raises(ConfigError, match="'train' has no variable 'gpus'") as info:
         apply_overrides({"gpu": 1, "epochs": 3}, {"gpus": 2}, "train")
-    assert info.value.hint == "did you mean 'gpu'? declared variables: --gpu, --epochs"
+    assert info.value.hint == ("did you mean 'gpu'? declared variables: --gpu, --epochs "
+                               "(`dstack run train --help` lists them)")
     assert info.value.exit_code == 2
 
 
@@ -84,6 +88,41 @@ def test_override_when_nothing_is_declared_says_where_to_declare():
     with pytest.raises(ConfigError) as info:
         apply_overrides({}, {"gpu": 2}, "train")
     assert "none" in info.value.hint and ".dstack/variables.yaml" in info.value.hint
+
+
+def test_override_of_a_variable_the_workflow_needs_and_no_file_declares_is_taken():
+    # what `dstack run WORKFLOW --help` lists as required, and the undefined-variable error offers
+    assert apply_overrides({"epochs": 3}, {"gpu": 2}, "train", required=("gpu",)) == {"epochs": 3, "gpu": 2}
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({"epochs": 3}, {"gpus": 2}, "train", required=("gpu",))
+    assert info.value.hint == ("did you mean 'gpu'? declared variables: --epochs; needed by the workflow, declared "
+                               "nowhere: --gpu (`dstack run train --help` lists them)")
+
+
+def test_references_are_read_as_substitution_reads_them():
+    raw = {"name": "a", "image": "$image", "help": "costs $$5",
+           "commands": ["echo $HOME ${{ lr }} $run_name ${{ run.name }}"], "environment": {"A": "$B"}}
+    found = [(r.name, r.path, r.required) for r in references(raw, ("workflows", 0))]
+    assert found == [("image", ("workflows", 0, "image"), True),
+                     ("HOME", ("workflows", 0, "commands", 0), False),  # the shell's, unless declared
+                     ("lr", ("workflows", 0, "commands", 0), True),
+                     ("B", ("workflows", 0, "environment", "A"), False)]
+
+
+def test_declared_variables_say_where_each_comes_from(project):
+    project.variables("""
+        variables:
+          global:
+            gpu: 1
+            seed: 7
+          train:
+            gpu: 2
+    """)
+    assert declared_variables(project.files(), "train", ["train"]) == {
+        "gpu": Declared(2, "train", (6, 5)), "seed": Declared(7, "global", (4, 5))}
+    assert declared_variables(project.files(), "train", ["train", "eval"])["gpu"].section == "train"
+    project.variables("variables: {}\n")
+    assert declared_variables(project.files(), "train", ["train"]) == {}
 
 
 def test_override_replaces_the_declared_value_and_accepts_dashes_for_underscores():

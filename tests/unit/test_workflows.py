@@ -318,6 +318,9 @@ def test_undefined_variable_outside_commands_is_an_error_at_its_position(project
     err = _error(project, "train")
     assert err.message == "undefined variable 'gpu'"
     assert err.location == ".dstack/workflows.yaml:5:12"
+    assert "pass it as --gpu VALUE" in err.hint  # and that works:
+    assert project.resolve("train", {"gpu": 2}).jobs[0].requirements.gpu.count == 2
+    assert _error(project, "train", {"shell": 1}).message == "'train' has no variable 'shell'"
 
 
 def test_undefined_braced_variable_is_an_error_even_in_commands(project):

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 WORKFLOWS = """\
-# Workflows of this project: `dstack run NAME`. Full syntax: docs/workflows.md of the dstack repository
+# Workflows of this project: `dstack run NAME` (`dstack run NAME --help`: its variables).
+# `dstack docs` shows the full syntax.
 workflows:
   - name: prepare
     help: Writes a small dataset into the artifact `data`
@@ -33,7 +34,7 @@ workflows:
 
 VARIABLES = """\
 # Variables: `$name` or `${{ name }}` in workflows.yaml, exported to jobs as upper-case env vars,
-# overridden on the command line: `dstack run prepare --rows 100`
+# overridden on the command line: `dstack run prepare --rows 100`; `dstack docs` shows the full syntax
 variables:
   global: {}
   prepare:

@@ -27,6 +27,7 @@ COMMANDS = {
     "prune": ("dstack.cli.prune:prune", "Delete untagged runs nothing tagged depends on, and unused data."),
     "runners": ("dstack.cli.runners:runners", "List runners: the machines that execute jobs."),
     "server": ("dstack.cli.server:server", "Run the dstack server in the foreground; `server stop` stops it."),
+    "docs": ("dstack.cli.docs:docs", "Print the syntax of workflow files, or their JSON Schema."),
 }
 ALIASES = {"ps": "status"}
 
@@ -58,7 +59,9 @@ class LazyGroup(click.Group):
             formatter.write_dl([(n, h) for n, (_, h) in COMMANDS.items()])
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="`dstack docs` shows the full syntax of .dstack/*.yaml; `dstack run WORKFLOW --help` shows a "
+                    "workflow's variables and how to set them.")
 @click.version_option(__version__, "--version", prog_name="dstack")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -71,7 +74,7 @@ def cli(ctx: click.Context) -> None:
       dstack tag lazy-bobcat-1 latest
       dstack run train               `dependencies: [prepare:latest]` mounts its artifacts
     """
-    if ctx.invoked_subcommand != "init":  # every other command may make state there (a server, its token)
+    if ctx.invoked_subcommand not in ("init", "docs"):  # the others may make state there (a server, its token)
         from dstack.core.errors import DstackError
         from dstack.core.home import dstack_home, private_home
 

@@ -10,26 +10,33 @@ import click
 from dstack.core.errors import ConfigError, DstackError, MissingCode
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                 "help_option_names": ["-h", "--help"]})
+# `--help` is an option of ours, not click's: after a workflow's name it shows that workflow's help and variables
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.argument("workflow", required=False)
 @click.option("-d", "--detach", is_flag=True, help="Submit and return; don't stream logs.")
 @click.option("--reproduce", "reproduce", metavar="RUN", default=None,
               help="Re-run RUN exactly: its code, variables, image digest and dependency artifacts.")
 @click.option("-t", "--tag", default=None, help="Tag the run as TAG once it is DONE (moves an existing tag).")
 @click.option("--json", "as_json", is_flag=True, help="Print the submitted run as JSON (implies --detach).")
+@click.option("-h", "--help", "show_help", is_flag=True,
+              help="Show this message; after WORKFLOW, its help, its variables and how to set them.")
 @click.pass_context
 def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str | None, tag: str | None,
-        as_json: bool) -> None:
+        as_json: bool, show_help: bool) -> None:
     """Run WORKFLOW of .dstack/workflows.yaml.
 
     Variables of .dstack/variables.yaml are overridden as --NAME VALUE (e.g. `dstack run prepare --gpu 4`);
-    a variable named like an option below (tag, json, detach, help) goes after `--`:
-    `dstack run train -- --tag v2`.
+    `dstack run WORKFLOW --help` lists them. A variable named like an option below (tag, json, detach, help,
+    reproduce) goes after `--`: `dstack run train -- --tag v2`. `dstack docs` shows the full syntax of the files.
+
     Attached by default: logs are streamed and the exit code is the job's. Ctrl-C asks whether to
     stop the run (the default), abort it (no artifacts saved), detach from it, or continue; Ctrl-C at
     that prompt stops it, and once more while it stops aborts it.
     """
+    if show_help:  # from the files alone: no server
+        from dstack.cli.run_help import print_help
+
+        return print_help(ctx, workflow)
     from dstack.api.code_capture import capture
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
@@ -51,7 +58,7 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         if not entries:
             raise ConfigError("the file defines no workflow", file=".dstack/workflows.yaml",
                               hint="add one: `workflows:` then `  - name: hello` and `    commands: [echo hello]` "
-                                   "(`dstack init` writes an example; docs/workflows.md has the syntax)")
+                                   "(`dstack init` writes an example; `dstack docs` has the syntax)")
         listing = "\n".join(f"  {e.name:<20} {e.raw.get('help') or ''}".rstrip() for e in entries)
         raise click.UsageError(f"which workflow? `dstack run WORKFLOW`; the workflows of {project}:\n{listing}")
     client = connect()

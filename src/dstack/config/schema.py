@@ -1,6 +1,7 @@
 """The JSON Schema of `.dstack/workflows.yaml`, generated from the providers' models.
 
-Editors use it for completion, tooltips and squiggles (docs/workflows.md says how to set one up).
+Editors use it for completion, tooltips and squiggles (dstack/docs/workflows.md, `dstack docs`, says how to set
+one up).
 `scripts/gen_schema.py` writes it to `dstack/schemas/workflows.json`; a unit test fails when that
 file no longer matches the models.
 

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shlex
+from dataclasses import dataclass
 from typing import Any
 
 from dstack.config.files import ProjectFiles
@@ -53,6 +54,29 @@ def load_variables(files: ProjectFiles, workflow: str, workflow_names: list[str]
     merged = dict(sections.get("global") or {})
     merged.update(sections.get(workflow) or {})
     return merged, located
+
+
+@dataclass
+class Declared:
+    """A variable of variables.yaml as a workflow sees it: its value, the section it comes from (`global` or the
+    workflow's own), and where it is written (line, column)."""
+
+    value: Any
+    section: str
+    at: tuple[int | None, int | None]
+
+
+def declared_variables(files: ProjectFiles, workflow: str, workflow_names: list[str]) -> dict[str, Declared]:
+    """What `load_variables` gives `workflow`, with where each value comes from."""
+    merged, located = load_variables(files, workflow, workflow_names)
+    if not merged:
+        return {}
+    sections = located.data["variables"]
+    out = {}
+    for name, value in merged.items():
+        section = workflow if name in (sections.get(workflow) or {}) else "global"
+        out[name] = Declared(value, section, located.where(("variables", section, name), key=True))
+    return out
 
 
 def parse_cli_value(text: str) -> Any:
@@ -106,14 +130,21 @@ def parse_cli_args(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(declared: dict, overrides: dict, workflow: str) -> dict:
+def apply_overrides(declared: dict, overrides: dict, workflow: str, required: tuple[str, ...] = ()) -> dict:
+    """`declared` with the command line's `overrides`; an override must name a declared variable, or one of
+    `required`: those the workflow refers to that no file declares (see `references`)."""
     merged = dict(declared)
+    required = tuple(n for n in required if n not in declared)
+    known = [*declared, *required]
     for name, value in overrides.items():
-        key = name if name in declared else name.replace("-", "_")
-        if key not in declared:
+        key = name if name in known else name.replace("-", "_")
+        if key not in known:
             names = ", ".join(f"--{n}" for n in declared) or "none"
-            hint = f"declared variables: {names}" + ("" if declared else " (declare them in .dstack/variables.yaml)")
-            suggestion = did_you_mean(name, declared)
+            hint = f"declared variables: {names}" + ("" if known else " (declare them in .dstack/variables.yaml)")
+            if required:
+                hint += f"; needed by the workflow, declared nowhere: {', '.join(f'--{n}' for n in required)}"
+            hint += f" (`dstack run {workflow} --help` lists them)"
+            suggestion = did_you_mean(name, known)
             raise ConfigError(f"'{workflow}' has no variable '{name}'",
                               hint=f"{suggestion} {hint}" if suggestion else hint)
         if value is NO_VALUE:
@@ -141,10 +172,8 @@ def substitute(value: Any, variables: dict, located: Located, path: tuple, shell
     variable's own YAML type (`gpu: $gpu` with 4 gives 4). `used` collects path -> variable name for
     the values that came from a variable (for error messages)."""
     if isinstance(value, dict):
-        return {
-            k: substitute(v, variables, located, path + (k,), shell or (len(path) == 2 and k in SHELL_FIELDS), used)
-            for k, v in value.items()
-        }
+        return {k: substitute(v, variables, located, path + (k,), _shell(shell, path, k), used)
+                for k, v in value.items()}
     if isinstance(value, list):
         return [substitute(v, variables, located, path + (i,), shell, used) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
@@ -174,3 +203,36 @@ def substitute(value: Any, variables: dict, located: Located, path: tuple, shell
             used[path] = _ALIASES.get(whole.group(1) or whole.group(2), whole.group(1) or whole.group(2))
         return v if found else value
     return _REF.sub(lambda m: as_env_value(lookup(m)[1]), value)
+
+
+def _shell(shell: bool, path: tuple, key: Any) -> bool:
+    """Whether the value under `key` (of the value at `path`; a workflow is at ('workflows', i)) is text for a
+    shell: there an undefined `$NAME` is the shell's."""
+    return shell or (len(path) == 2 and key in SHELL_FIELDS)
+
+
+@dataclass
+class Reference:
+    """`$name` or `${{ name }}` in a workflow. `required`: undefined, it is an error (not the shell's `$NAME`)."""
+
+    name: str
+    path: tuple
+    required: bool
+
+
+def references(value: Any, path: tuple, shell: bool = False) -> list[Reference]:
+    """The variables that `value` (at `path`) refers to, in the order written, read as `substitute` reads them;
+    system variables (`run_name`, `job_id`, `variables_as_args`) left out."""
+    if isinstance(value, dict):
+        return [r for k, v in value.items() for r in references(v, path + (k,), _shell(shell, path, k))]
+    if isinstance(value, list):
+        return [r for i, v in enumerate(value) for r in references(v, path + (i,), shell)]
+    if not isinstance(value, str) or "$" not in value:
+        return []
+    found = []
+    for m in _REF.finditer(value):
+        name = m.group(1) or m.group(2)
+        name = _ALIASES.get(name, name)
+        if name and name not in SYSTEM_VARIABLES:
+            found.append(Reference(name, path, required=not (shell and m.group(2))))
+    return found

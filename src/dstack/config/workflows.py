@@ -11,9 +11,13 @@ from pydantic import ValidationError
 
 from dstack.config.files import ProjectFiles
 from dstack.config.variables import (
+    Declared,
+    Reference,
     apply_overrides,
     as_env_value,
+    declared_variables,
     load_variables,
+    references,
     substitute,
     variables_as_args,
 )
@@ -313,11 +317,43 @@ def _env_name(variable: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in variable).upper()
 
 
+def required_variables(entry: WorkflowEntry, declared: dict) -> dict[str, Reference]:
+    """The variables `entry` refers to that no file declares, each where it is first written: the command line
+    must give them (`--gpu VALUE`), or its run is an error."""
+    out: dict[str, Reference] = {}
+    for r in references(entry.raw, entry.path):
+        if r.required and r.name not in declared:
+            out.setdefault(r.name, r)
+    return out
+
+
+@dataclass
+class WorkflowVariables:
+    """What `dstack run WORKFLOW --help` shows: the workflow, its help text, its declared variables (with where
+    each is written) and the variables it needs from the command line."""
+
+    entry: WorkflowEntry
+    help: str | None
+    declared: dict[str, Declared]
+    required: dict[str, Reference]
+    provider: str
+
+
+def describe_workflow(files: ProjectFiles, name: str) -> WorkflowVariables:
+    """The workflow `name` and its variables, without resolving it (no provider validation, no job specs)."""
+    entries = load_workflows(files)
+    entry = find_workflow(entries, name)
+    declared = declared_variables(files, name, [e.name for e in entries])
+    text = entry.raw.get("help")  # as written, as `dstack run` lists it: its variables are listed beside it
+    return WorkflowVariables(entry=entry, help=None if text is None else str(text), declared=declared,
+                             required=required_variables(entry, declared), provider=provider_name(entry.raw))
+
+
 def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], run_name: str) -> ResolvedWorkflow:
     entries = load_workflows(files)
     entry = find_workflow(entries, name)
     declared, _ = load_variables(files, name, [e.name for e in entries])
-    variables = apply_overrides(declared, overrides, name)
+    variables = apply_overrides(declared, overrides, name, tuple(required_variables(entry, declared)))
     job_id = new_job_id()
     system = {"run_name": run_name, "job_id": job_id, "variables_as_args": variables_as_args(variables)}
     used: dict[tuple, str] = {}
