@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -189,12 +191,20 @@ def test_a_file_declared_as_an_artifact_fails_the_job_loudly(dstack, project):
     assert job["status"] == "FAILED" and [a["path"] for a in job["artifacts"]] == ["out"]
 
 
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout
+
+
 def test_a_dependency_is_never_mounted_through_a_symlink_of_the_code(dstack, project, tmp_path):
     root = project(WORKFLOWS.format(image=""), VARIABLES)
     dstack("run", "make", "-t", "latest", cwd=root, check=True)
     outside = tmp_path / "outside"
     outside.mkdir()
     (root / "out").symlink_to(outside)  # the code's `out` leads outside the job's folder
+    git(root, "init", "--quiet")  # committed (untracked, an artifact folder is not code: it would not travel)
+    git(root, "add", "-A")
+    git(root, "commit", "--quiet", "-m", "a link")
     r = dstack("run", "use", cwd=root)
     assert r.returncode == 1 and "leads outside the job's folder" in r.stderr
     assert list(outside.iterdir()) == []
@@ -265,3 +275,64 @@ def test_saved_outputs_become_blobs_and_trees_without_copies_nested_artifacts_to
     r = dstack("run", "read", cwd=root, check=True)
     out = r.stdout.replace("\r\n", "\n")
     assert "inner\nsolo\n" in out and "top.bin" in out
+
+
+TOUR = """\
+workflows:
+  - name: prepare
+    commands: [mkdir -p data, echo "1,2" > data/rows.csv]
+    artifacts: [data]
+  - name: train
+    dependencies: [prepare:latest]
+    commands: [ls data, mkdir -p checkpoint, cp data/rows.csv checkpoint/model.txt]
+    artifacts: [checkpoint]
+"""
+
+
+def _saved(dstack, root: Path, run_name: str) -> list[str]:
+    listed = json.loads(dstack("artifacts", "list", run_name, "--files", "--json", cwd=root, check=True).stdout)
+    return sorted(f"{a['path']}/{e['path']}" for a in listed for e in a["entries"] if e["kind"] == "file")
+
+
+def test_artifacts_downloaded_into_the_project_are_not_code_of_the_next_run(dstack, project):
+    """Artifact folders are outputs, never code: a past run's artifacts downloaded into the project (where
+    `dstack artifacts download` writes by default), with a file added to them, neither travel into the next
+    run's artifact nor are shipped where the dependency is mounted."""
+    root = project(TOUR)
+    dstack("run", "prepare", "-t", "latest", cwd=root, check=True)
+    prepared = last_run(dstack, root)["run_name"]
+    dstack("run", "train", cwd=root, check=True)
+    trained = last_run(dstack, root)["run_name"]
+    dstack("artifacts", "download", trained, cwd=root, check=True)
+    dstack("artifacts", "download", prepared, cwd=root, check=True)
+    assert (root / "checkpoint" / "model.txt").is_file() and (root / "data" / "rows.csv").is_file()
+    (root / "checkpoint" / "extra.txt").write_text("added by hand\n")
+    (root / "data" / "stale.csv").write_text("a local copy\n")
+
+    r = dstack("run", "train", cwd=root)
+
+    assert r.returncode == 0, r.stderr
+    assert "rows.csv" in r.stdout and "stale.csv" not in r.stdout
+    again = last_run(dstack, root)
+    assert _saved(dstack, root, again["run_name"]) == ["checkpoint/model.txt"]
+    assert again["code"]["files"] == 1  # .dstack/workflows.yaml: nothing of checkpoint/ or data/
+
+
+def test_files_git_tracks_in_an_artifact_folder_are_code_and_said_to_be_saved(dstack, project):
+    root = project(TOUR)
+    (root / "checkpoint").mkdir()
+    (root / "checkpoint" / "README.md").write_text("what the checkpoints are\n")
+    git(root, "init", "--quiet")
+    git(root, "add", "-A")
+    git(root, "commit", "--quiet", "-m", "init")
+    dstack("run", "prepare", "-t", "latest", cwd=root, check=True)
+    (root / "checkpoint" / "stale.txt").write_text("untracked: left out\n")
+
+    r = dstack("run", "train", cwd=root)
+
+    assert r.returncode == 0, r.stderr
+    assert ("warning: git tracks 1 file in checkpoint/, an artifact folder of 'train': tracked files are code, so "
+            "they travel with the run and are saved in its artifact with what the job writes") in r.stderr
+    assert _saved(dstack, root, last_run(dstack, root)["run_name"]) == ["checkpoint/README.md",
+                                                                         "checkpoint/model.txt"]
+    assert "warning" not in dstack("run", "prepare", cwd=root, check=True).stderr  # prepare saves data/ only

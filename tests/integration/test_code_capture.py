@@ -313,6 +313,75 @@ def test_commit_pushed_to_another_branch_is_fetched_from_it(tmp_path: Path) -> N
     assert (root / "a.py").read_text() == "2\n"
 
 
+def outputs_roundtrip(project: Path, dest: Path, folders: list[str]) -> tuple[CodeSnapshot, Path, dict[str, int]]:
+    """`roundtrip` with these artifact folders; also the folders in which git tracks files, and how many."""
+    tracked: dict[str, int] = {}
+    snap, blobs = capture(project, lambda: folders, tracked.__setitem__)
+    return snap, recreate(snap, blobs.__getitem__, dest), tracked
+
+
+def downloaded_outputs(root: Path) -> None:
+    """Past runs' artifacts in the project (`dstack artifacts download` writes there), a file added to one, and
+    code whose names merely start like theirs."""
+    write(root / "checkpoint/model.pt", "a past run's checkpoint\n")
+    write(root / "checkpoint/extra.txt", "added by hand\n")
+    write(root / "checkpoint/sub/deep.bin", b"\0" * 100)
+    write(root / "data/rows.csv", "a dependency's artifact, downloaded\n")
+    write(root / "checkpointer/x.py", "code\n")
+    write(root / "data.py", "code\n")
+
+
+def test_artifact_folders_are_left_out_in_git_mode_except_what_git_tracks(tmp_path: Path) -> None:
+    work, _ = repo_with_remote(tmp_path)
+    write(work / "train.py", "print(1)\n")
+    write(work / "checkpoint/README.md", "tracked: the commit's, so captured (and said so)\n")
+    write(work / "checkpoint/config.json", "{}\n")
+    commit_all(work)
+    git(work, "push", "--quiet", "-u", "origin", "main")
+    downloaded_outputs(work)
+    write(work / "checkpoint/config.json", '{"changed": true}\n')  # a tracked change travels in the diff
+    write(work / "notes.md", "untracked code\n")
+
+    snap, root, tracked = outputs_roundtrip(work, tmp_path / "job", ["checkpoint", "data"])
+
+    assert snap.mode == "git"
+    assert sorted(tree(root)) == ["checkpoint/README.md", "checkpoint/config.json", "checkpointer/x.py",
+                                  "data.py", "notes.md", "train.py"]
+    assert (root / "checkpoint/config.json").read_text() == '{"changed": true}\n'
+    assert tracked == {"checkpoint": 2}
+    assert sorted(tree(outputs_roundtrip(work, tmp_path / "all", [])[1])) == sorted(tree(work)), "none: all"
+
+
+def test_artifact_folders_are_left_out_of_a_repo_without_remote_in_a_subfolder(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    git(tmp_path, "init", "--quiet", "-b", "main", str(work))
+    write(work / "proj/.dstack/workflows.yaml", "workflows: []\n")
+    write(work / "proj/checkpoint/.gitkeep", "")
+    write(work / "checkpoint/top.txt", "not the project's artifact folder: code\n")
+    commit_all(work)
+    downloaded_outputs(work / "proj")
+
+    snap, root, tracked = outputs_roundtrip(work / "proj", tmp_path / "job", ["checkpoint", "data"])
+
+    assert (snap.mode, snap.subdir) == ("archive", "proj")
+    assert sorted(tree(tmp_path / "job")) == ["checkpoint/top.txt", "proj/.dstack/workflows.yaml",
+                                              "proj/checkpoint/.gitkeep", "proj/checkpointer/x.py",
+                                              "proj/data.py"]
+    assert tracked == {"checkpoint": 1}
+
+
+def test_artifact_folders_are_left_out_of_a_folder_without_git(tmp_path: Path) -> None:
+    make_folder(tmp_path / "proj")
+    downloaded_outputs(tmp_path / "proj")
+    write(tmp_path / "proj/sub/out/result.txt", "an artifact folder under working_dir sub\n")
+
+    snap, root, tracked = outputs_roundtrip(tmp_path / "proj", tmp_path / "job", ["checkpoint", "data", "sub/out"])
+
+    assert (snap.mode, snap.commit) == ("archive", None)
+    assert sorted(tree(root)) == sorted([*FOLDER_FILES, "checkpointer/x.py", "data.py"])
+    assert tracked == {}
+
+
 def make_folder(root: Path) -> None:
     for rel in ["main.py", "run.sh", "empty.txt", "mod.pyc", "keep.pyc", "rooted.txt", "sub/rooted.txt",
                 "data/x.csv", "sub/data/y.csv", "sub/cache/c", "a/b/cache/c", "sub/local.tmp", "sub/ok.py",

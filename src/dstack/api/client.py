@@ -84,6 +84,16 @@ class Client:
         """POST /api/runs with the fields of a `RunRequest`: the server resolves and queues the workflow."""
         return self._call("POST", "/api/runs", json=request).json()
 
+    def artifact_folders(self, files: dict[str, str], workflow: str | None) -> dict:
+        """POST /api/artifact-folders: the project's folders that hold outputs (`ArtifactFolders`), which code
+        capture leaves out; none from a server older than this call."""
+        try:
+            return self._call("POST", "/api/artifact-folders", json={"files": files, "workflow": workflow}).json()
+        except DstackError as e:
+            if type(e) is DstackError and e.message.startswith("the server answered 404:"):  # no such path there
+                return {"folders": [], "saved": []}
+            raise
+
     def runs(self, repo_id: str | None, limit: int | None = None, workflow: str | None = None) -> list[dict]:
         """Runs as the API gives them (JSON objects of `Run`, without job specs): a listing is printed,
         not computed on, and skipping the models keeps `dstack status` quick."""

@@ -5,6 +5,11 @@ diff). Anything else (no git, no commits, no remote, a commit not pushed): a tar
 work tree the whole work tree is captured, and `subdir` says where the project lies in it. .gitignore
 and .dstackignore are honoured (.dstackignore only leaves out files that git does not track).
 
+Artifact folders are outputs, never code: what git does not track in the folders that the project's
+workflows declare under `artifacts:` (or mount their dependencies at) is left out, so that a past run's
+artifacts downloaded into the project neither travel into the next run's artifact nor hide its dependency.
+What git tracks there is the commit's code, and is captured.
+
 The blobs (diff, tars) are returned by their sha256 for the caller to upload; the snapshot refers to
 them by hash."""
 
@@ -19,6 +24,8 @@ import stat
 import subprocess
 import tarfile
 import zlib
+from bisect import bisect_left
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from dstack.core.code import (
@@ -43,21 +50,30 @@ def _git_env() -> dict[str, str]:
     return {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
 
 
-def capture(project: Path) -> tuple[CodeSnapshot, dict[str, bytes]]:
-    """The snapshot of `project`'s code and the blobs it refers to, by hash."""
+def capture(project: Path, artifact_folders: Callable[[], Iterable[str]] | None = None,
+            on_tracked: Callable[[str, int], None] | None = None) -> tuple[CodeSnapshot, dict[str, bytes]]:
+    """The snapshot of `project`'s code and the blobs it refers to, by hash. `artifact_folders()`: the project's
+    artifact folders (relative to it), called once git has answered (the caller may ask the server meanwhile);
+    what git does not track in them is left out. `on_tracked(folder, count)`: for each of them in which git
+    tracks files (captured all the same)."""
     project = Path(project).resolve()
     try:
         repo = _read_repo(project)
         if repo is not None and repo.subdir != "." and not any(
                 f.startswith(repo.prefix) for f in (*repo.tracked, *repo.untracked)):
             repo = None  # the project's folder is ignored by git: it is a folder of its own
+        folders = sorted(set(artifact_folders())) if artifact_folders is not None else []
         if repo is None:
-            root, subdir, files = project, ".", walk_folder(project)
-        elif repo.commit and repo.remote_url:
-            return _capture_git(repo)
+            root, subdir, files = project, ".", walk_folder(project, leave_out=folders)
         else:
+            outputs = _Outputs(repo, folders)
+            for folder in folders if on_tracked is not None else ():
+                if count := outputs.tracked(folder):
+                    on_tracked(folder, count)
+            if repo.commit and repo.remote_url:
+                return _capture_git(repo, outputs)
             root, subdir = repo.top, repo.subdir
-            files = sorted(set(repo.tracked + repo.untracked))
+            files = sorted(set(repo.tracked + [f for f in repo.untracked if not outputs.holds(f)]))
             ignore = _dstackignore(root, files, also=repo.subdir)
             files = [f for f in files if not ignore.excluded(f)]
         data, entries, size = _tar(root, files)
@@ -71,7 +87,7 @@ def capture(project: Path) -> tuple[CodeSnapshot, dict[str, bytes]]:
     return snap, {digest: data}
 
 
-def _capture_git(repo: _Repo) -> tuple[CodeSnapshot, dict[str, bytes]]:
+def _capture_git(repo: _Repo, outputs: _Outputs) -> tuple[CodeSnapshot, dict[str, bytes]]:
     # changed files too large for a diff (git tries a binary delta: seconds for tens of MB) travel whole
     heavy = [p for p in repo.changed if _size(repo.top / p) > HEAVY]
     blobs: dict[str, bytes] = {}
@@ -81,7 +97,7 @@ def _capture_git(repo: _Repo) -> tuple[CodeSnapshot, dict[str, bytes]]:
         diff = _start_git(repo.top, *diff_args)
     try:
         ignore = _dstackignore(repo.top, repo.tracked + repo.untracked, also=repo.subdir)
-        whole = [f for f in repo.untracked if not ignore.excluded(f)] + heavy
+        whole = [f for f in repo.untracked if not ignore.excluded(f) and not outputs.holds(f)] + heavy
         entries: list[Entry] = []
         size = 0
         files_hash = diff_hash = None
@@ -110,6 +126,32 @@ def _capture_git(repo: _Repo) -> tuple[CodeSnapshot, dict[str, bytes]]:
                         tree_hash=tree_digest(entries), files=len(entries), size=size,
                         local_repo=str(repo.top), machine_id=machine_id())
     return snap, blobs
+
+
+class _Outputs:
+    """The project's artifact folders in a git work tree: the untracked files they hold are left out."""
+
+    def __init__(self, repo: _Repo, folders: list[str]) -> None:
+        self.repo = repo
+        self.paths = {repo.prefix + f for f in folders}
+
+    def tracked(self, folder: str) -> int:
+        """How many files git tracks in the project's `folder` (or as it)."""
+        path, tracked = self.repo.prefix + folder, self.repo.tracked  # sorted: the folder's files are a range
+        count = bisect_left(tracked, path + "0") - bisect_left(tracked, path + "/")  # "0" is the next after "/"
+        i = bisect_left(tracked, path)
+        return count + (i < len(tracked) and tracked[i] == path)
+
+    def holds(self, rel: str) -> bool:
+        """Whether the path (relative to the work tree) is one of the folders or lies in one."""
+        if not self.paths:
+            return False
+        i = rel.find("/")
+        while i >= 0:
+            if rel[:i] in self.paths:
+                return True
+            i = rel.find("/", i + 1)
+        return rel in self.paths
 
 
 def _size(path: Path) -> int:
@@ -491,9 +533,11 @@ def _dstackignore(root: Path, files: list[str], also: str = "") -> Ignore:
     return ignore
 
 
-def walk_folder(project: Path) -> list[str]:
+def walk_folder(project: Path, leave_out: Collection[str] = ()) -> list[str]:
     """The folder's files and symlinks, without git: .gitignore and .dstackignore files are honoured
-    (a path is left out if either ignores it) and `.git` is always left out."""
+    (a path is left out if either ignores it), `.git` is always left out, and so are the paths of `leave_out`
+    (relative to the folder) and all they hold."""
+    leave_out = set(leave_out)
     gitignore, dstackignore = Ignore(), Ignore()
     out: list[str] = []
     stack = [""]
@@ -515,7 +559,7 @@ def walk_folder(project: Path) -> list[str]:
                 continue
             rel = f"{folder}/{e.name}" if folder else e.name
             is_dir = e.is_dir(follow_symlinks=False)
-            if gitignore.matches(rel, is_dir) or dstackignore.matches(rel, is_dir):
+            if rel in leave_out or gitignore.matches(rel, is_dir) or dstackignore.matches(rel, is_dir):
                 continue
             if is_dir:
                 subdirs.append(rel)

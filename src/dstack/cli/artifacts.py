@@ -63,7 +63,10 @@ def list_(run_or_job: str, show_files: bool, as_json: bool) -> None:
 def download(run_or_job: str, path: str | None, output: str) -> None:
     """Download the artifacts of a run or job (or only PATH, an artifact or a file/folder in one).
 
-    Files already there with the right content are skipped, and an interrupted download resumes."""
+    Files already there with the right content are skipped, and an interrupted download resumes.
+    Downloading into the project is safe: artifact folders are outputs, never code. `dstack run` leaves
+    out what git does not track in them, so downloaded files never reach the next run's artifacts, nor
+    hide the dependencies mounted there."""
     from pathlib import Path
 
     from dstack.cli.download import download_artifacts

@@ -62,23 +62,24 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         listing = "\n".join(f"  {e.name:<20} {e.raw.get('help') or ''}".rstrip() for e in entries)
         raise click.UsageError(f"which workflow? `dstack run WORKFLOW`; the workflows of {project}:\n{listing}")
     client = connect()
-    identity: list = []  # git is asked for the repo's identity while it is asked for the code
+    # while git is asked for the code: git for the repo's identity, and the server for the project's artifact
+    # folders (outputs, never code: capture leaves out what git does not track there)
+    identity = _meanwhile(lambda: repo_id(project))
+    outputs = _meanwhile(lambda: client.artifact_folders(files.texts, workflow)) \
+        if any("artifacts" in text for text in files.texts.values()) else (lambda: {})
+    tracked: dict[str, int] = {}
+    code, blobs = capture(project, lambda: outputs().get("folders", []), tracked.__setitem__)
+    for folder in outputs().get("saved", []):
+        if folder in tracked:
+            from dstack.cli.output import plural
+            from dstack.core.names import printable
 
-    def ask() -> None:
-        try:
-            identity.append(repo_id(project))
-        except Exception as e:  # raised here, in the main thread, below
-            identity.append(e)
-
-    asking = threading.Thread(target=ask, daemon=True)
-    asking.start()
-    code, blobs = capture(project)
-    asking.join()
-    if isinstance(identity[0], Exception):
-        raise identity[0]
+            click.echo(f"warning: git tracks {plural(tracked[folder], 'file')} in {printable(folder)}/, an artifact "
+                       f"folder of '{printable(workflow)}': tracked files are code, so they travel with the run "
+                       "and are saved in its artifact with what the job writes", err=True)
     # the server resolves the workflow (variables, provider, jobs) and points at the files where it is wrong;
     # it asks for the code's blobs it lacks only once the run is otherwise sound
-    request = {"repo_id": identity[0], "workflow": workflow, "args": ctx.args, "files": files.texts,
+    request = {"repo_id": identity(), "workflow": workflow, "args": ctx.args, "files": files.texts,
                "project": str(project), "code": code.to_dict(), "tag": tag}
     try:
         submitted, interrupted = _deferring_interrupts(lambda: client.submit(request))
@@ -101,6 +102,29 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
             sys.exit(130)
         submitted, interrupted = _deferring_interrupts(lambda: client.submit(request))
     _attach(client, submitted, workflow, detach, as_json, interrupted)
+
+
+def _meanwhile(work):
+    """Starts `work()` in a thread; returns a function that waits for its result (or raises its error)."""
+    done: list = []
+
+    def run() -> None:
+        try:
+            done.append((work(), None))
+        except Exception as e:  # raised by the caller, in the main thread
+            done.append((None, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        value, error = done[0]
+        if error is not None:
+            raise error
+        return value
+
+    return result
 
 
 def _deferring_interrupts(submit):

@@ -109,6 +109,22 @@ class RunRequest(Body):
     tag: TagName | None = None  # tag the run with this once it is DONE
 
 
+class ArtifactFoldersRequest(Body):
+    """POST /api/artifact-folders: which folders of the project whose `.dstack/*.yaml` texts travel in `files`
+    hold outputs, which code capture leaves out; `workflow`: the one about to run."""
+
+    files: dict[str, str] = {}
+    workflow: WorkflowName | None = None
+
+
+class ArtifactFolders(Model):
+    """`folders`: relative to the project, those that a workflow saves as an artifact or where it mounts a
+    dependency's; `saved`: those of them that the request's workflow saves."""
+
+    folders: list[str] = []
+    saved: list[str] = []
+
+
 class RunSubmission(Model):
     """A resolved workflow (variables substituted, jobs made by its provider), to be checked, linked to its
     dependencies and queued: what a RunRequest becomes, and what `--reproduce` makes of a past run."""

@@ -4,7 +4,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Path, Query, Response
 
-from dstack.core.models import Job, JobStatus, Run, RunRequest
+from dstack.core.models import ArtifactFolders, ArtifactFoldersRequest, Job, JobStatus, Run, RunRequest
 from dstack.core.names import MAX_INT64, MAX_JOB_ID, MAX_REPO_ID, MAX_RUN_NAME, MAX_WORKFLOW_NAME
 from dstack.server.context import Context
 from dstack.server.routers.deps import get_ctx
@@ -19,6 +19,13 @@ Ref = Path(max_length=MAX_RUN_NAME)  # a run's name (or a job's id)
 @router.post("/runs")
 async def run_workflow(req: RunRequest, ctx: Context = Depends(get_ctx)) -> Run:
     return await runs.run_workflow(ctx, req)
+
+
+@router.post("/artifact-folders")
+async def artifact_folders(req: ArtifactFoldersRequest) -> ArtifactFolders:
+    """The folders of the project that hold outputs (its workflows' artifacts, its dependencies' mounts): the CLI
+    leaves what git does not track in them out of the code it captures."""
+    return await runs.artifact_folders(req)
 
 
 @router.get("/runs")

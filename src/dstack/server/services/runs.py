@@ -8,11 +8,22 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
+from dstack.config import outputs
 from dstack.config.files import ProjectFiles, require_unicode
 from dstack.config.variables import parse_cli_args
 from dstack.config.workflows import ResolvedWorkflow, resolve_workflow
 from dstack.core.errors import ConfigError, Conflict, DstackError, MissingCode, NotFound, did_you_mean
-from dstack.core.models import FINISHED, DependencyRef, Job, JobStatus, Run, RunRequest, RunSubmission
+from dstack.core.models import (
+    FINISHED,
+    ArtifactFolders,
+    ArtifactFoldersRequest,
+    DependencyRef,
+    Job,
+    JobStatus,
+    Run,
+    RunRequest,
+    RunSubmission,
+)
 from dstack.core.names import job_id as new_job_id
 from dstack.core.names import random_base
 from dstack.server.context import Context
@@ -249,3 +260,11 @@ async def stop(ctx: Context, repo_id: str | None, ref: str, abort: bool) -> Run:
     for job_id in job_ids:
         ctx.signals.notify(f"job:{job_id}")
     return await get_run(ctx, repo_id, run.run_name)
+
+
+async def artifact_folders(req: ArtifactFoldersRequest) -> ArtifactFolders:
+    """The project's artifact folders, which the CLI leaves out of the code it captures (config.outputs)."""
+    files = ProjectFiles(texts=req.files)
+    files.check()
+    folders, saved = await asyncio.to_thread(outputs.artifact_folders, files, req.workflow)
+    return ArtifactFolders(folders=folders, saved=saved)
