@@ -7,7 +7,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from dstack.core.resources import Gpu, Requirements, RunnerResources, format_mib, missing, parse_size_mib
+from dstack.core.resources import (
+    Gpu,
+    Requirements,
+    RunnerResources,
+    format_mib,
+    missing,
+    most_offered,
+    parse_size_mib,
+    visible_gpus_env,
+)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +67,9 @@ def test_parse_size_mib_gives_a_non_negative_int_or_a_value_error(value):
 
 
 def test_format_mib():
-    assert [format_mib(m) for m in (512, 1024, 16384, 1536)] == ["512MB", "1GB", "16GB", "1.5GB"]
+    assert [format_mib(m) for m in (512, 1024, 16384, 1536, 24105, 2047)] == [
+        "512 MB", "1 GB", "16 GB", "1.5 GB", "23.5 GB", "1.9 GB"]
+    assert all(parse_size_mib(format_mib(m)) <= m for m in range(1, 5000, 7))  # a size read back always fits
 
 
 def test_short_gpu_form_names_the_gpu():
@@ -99,7 +110,7 @@ def test_cpu_mapping_form():
 
 def test_describe():
     req = Requirements.model_validate({"cpu": 4, "memory": "16GB", "gpu": {"count": 2, "name": "A100", "memory": "40GB"}})
-    assert req.describe() == "4 CPU, 16GB memory, 2 A100 GPU (40GB)"
+    assert req.describe() == "4 CPUs, 16 GB memory, 2 A100 GPUs (40 GB)"
     assert Requirements().describe() == "no specific resources"
 
 
@@ -119,8 +130,8 @@ def test_missing_names_everything_the_runner_lacks():
     assert lacks == [
         "Docker (the workflow has an image)",
         "16 CPUs (has 8)",
-        "64GB memory (has 32GB)",
-        "4 GPUs with 80GB (has 0 matching)",
+        "64 GB memory (has 32 GB)",
+        "4 GPUs with 80 GB (has 0 matching)",
     ]
 
 
@@ -130,4 +141,48 @@ def test_gpu_name_matches_case_insensitively_as_a_substring():
 
 
 def test_runner_describe():
-    assert RUNNER.describe() == "8 CPU, 32GB, 2x NVIDIA A100-SXM4-40GB, docker"
+    assert RUNNER.describe() == "8 CPU, 32 GB, 2x NVIDIA A100-SXM4-40GB, docker"
+
+
+def test_most_offered_says_what_would_fit_of_each_resource_none_has():
+    small = RunnerResources(cpus=4, memory_mib=8192)
+    req = Requirements.model_validate({"cpu": 16, "memory": "64GB", "v100/gpu": 2})
+    assert most_offered(req, [RUNNER, small]) == {"gpu": 0, "gpu.name": ["NVIDIA A100-SXM4-40GB"], "cpu": 8,
+                                                  "memory": 32768}
+    assert most_offered(Requirements.model_validate({"gpu": 3}), [RUNNER, small]) == {"gpu": 2}
+    assert most_offered(Requirements.model_validate({"gpu": {"count": 1, "memory": "80GB"}}), [RUNNER]) == {
+        "gpu": 0, "gpu.memory": 40960}
+    assert most_offered(Requirements.model_validate({"a100/gpu": 2, "cpu": 8}), [RUNNER]) == {}
+    assert most_offered(Requirements.model_validate({"gpu": 1}), []) == {"gpu": 0}
+
+
+def test_counts_of_gpus_are_plural_in_words():
+    assert Requirements.model_validate({"gpu": 1}).describe() == "1 GPU"
+    assert Requirements.model_validate({"v100/gpu": 3}).describe() == "3 v100 GPUs"
+
+
+def test_a_gpu_model_is_asked_for_by_its_short_name():
+    from dstack.server.services.refusals import _short_name
+
+    assert _short_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert _short_name("NVIDIA H200") == "h200"
+    assert _short_name("Tesla V100-PCIE-16GB") == "v100"
+    assert _short_name("NVIDIA GeForce RTX 4090") == "rtx"
+
+
+def test_a_job_on_the_host_sees_only_the_gpus_it_asked_for():
+    gpus = [Gpu(name="NVIDIA A100-SXM4-40GB", memory_mib=40960), Gpu(name="NVIDIA H100 80GB HBM3", memory_mib=81559),
+            Gpu(name="NVIDIA A100-SXM4-40GB", memory_mib=40960)]
+
+    def visible(resources: dict) -> str:
+        env = visible_gpus_env(Requirements.model_validate(resources), gpus)
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"  # CUDA numbers GPUs as nvidia-smi does
+        return env["CUDA_VISIBLE_DEVICES"]
+
+    assert visible({"gpu": 1}) == "0"
+    assert visible({"gpu": 3}) == "0,1,2"
+    assert visible({"h100/gpu": 1}) == "1"
+    assert visible({"a100/gpu": 2}) == "0,2"
+    assert visible({"gpu": {"count": 1, "memory": "60GB"}}) == "1"
+    assert visible({}) == ""  # asked for none: sees none
+    assert visible_gpus_env(Requirements.model_validate({"gpu": 1}), []) == {}  # a machine without GPUs

@@ -23,6 +23,8 @@ class LogChunk(NamedTuple):
     exit_code: int | None = None
     reason: str | None = None
     seconds: float | None = None  # from its start to its end
+    runner: str | None = None  # once it has one
+    host_user: str | None = None  # whom a job without an image runs as on that runner
 
 
 IDEMPOTENT = ("GET", "HEAD", "PUT", "DELETE")  # sent again after a restart: twice is as once
@@ -131,7 +133,8 @@ class Client:
         return LogChunk(r.content, int(h["x-next-offset"]), JobStatus(h["x-job-status"]), "x-more-logs" in h,
                         int(h["x-job-exit-code"]) if "x-job-exit-code" in h else None,
                         unquote(h["x-job-reason"]) if "x-job-reason" in h else None,
-                        float(h["x-job-seconds"]) if "x-job-seconds" in h else None)
+                        float(h["x-job-seconds"]) if "x-job-seconds" in h else None,
+                        h.get("x-job-runner"), unquote(h["x-job-host-user"]) if "x-job-host-user" in h else None)
 
     # tags
     def tag(self, repo_id: str, run_name: str, tag: str) -> tuple[Tag, str | None]:

@@ -47,6 +47,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     announced: set[str] = set()
     statuses = {j["job_id"]: j["status"] for j in run["jobs"]}  # as seen last
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
+    on_host = {j["job_id"] for j in run["jobs"] if not (j.get("spec") or {}).get("image")}  # announced as root
     lost = False  # the server cannot be reached (now)
     at_line_start = True  # the job's output so far ends with a newline: a line of ours needs none before it
     following_since, said_waiting = time.monotonic(), False
@@ -76,6 +77,11 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                     said_waiting = True
                     note(f"{name} waits for a runner that can run it (those that can are busy, or one is "
                          f"starting); `dstack runners` lists them")
+                if job_id in on_host and chunk.runner:
+                    on_host.discard(job_id)
+                    if chunk.host_user == "root":
+                        note(f"{name} runs on the host of runner {printable(chunk.runner)} as root: its commands "
+                             "can change that machine (give the workflow an `image` to run it in a container)")
                 if chunk.data:
                     out.write(chunk.data)
                     at_line_start = chunk.data.endswith(b"\n")

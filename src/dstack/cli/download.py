@@ -8,10 +8,9 @@ from pathlib import Path
 from blake3 import blake3
 
 from dstack.api.client import Client
-from dstack.cli.output import plural
 from dstack.core.errors import DstackError, NotFound
 from dstack.core.manifest import Entry, validate_relative_path
-from dstack.core.sizes import human_size
+from dstack.core.sizes import human_size, plural
 
 
 def _hash(path: Path) -> str:

@@ -15,9 +15,12 @@ def logs(run_or_job: str, follow: bool) -> None:
     """Print the output of a run (all its jobs) or of one job."""
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
+    from dstack.cli.output import say_if_other_project
 
     client = connect()
-    run = client.run(repo_id(find_project()), run_or_job)
+    rid = repo_id(find_project())
+    run = client.run(rid, run_or_job)
+    say_if_other_project(run, rid)
     jobs = [j for j in run["jobs"] if j["job_id"] == run_or_job] or run["jobs"]
     if follow:
         from dstack.cli.attach import follow_run

@@ -17,6 +17,16 @@ def print_error(e: DstackError) -> None:
         sys.stderr.write(f"  {dim}hint:{off} {e.hint.strip()}\n")
 
 
+def say_if_other_project(run: dict, repo_id: str) -> None:
+    """A run named here that belongs to another project is said to (run names are unique on a server, so the
+    server finds it anyway): the user may have typed a name from another folder's runs."""
+    if run.get("repo_id") and run["repo_id"] != repo_id:
+        from dstack.core.names import printable
+
+        sys.stderr.write(f"note: {run['run_name']} is a run of another project ({printable(run['repo_id'])}), "
+                         f"not of this one ({printable(repo_id)})\n")
+
+
 def ago(t: datetime | None) -> str:
     """`5 mins ago`; a week on, the local date and time. `t` without a zone is UTC."""
     if t is None:
@@ -58,7 +68,3 @@ def format_overrides(overrides: dict) -> str:
         return str(v).lower() if isinstance(v, bool) else str(v)
 
     return " ".join(f"--{k} {text(v)}" for k, v in overrides.items())
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"

@@ -13,8 +13,7 @@ def prune(dry_run: bool, as_json: bool) -> None:
     (directly or through other runs), with their logs; then delete the stored data nothing references."""
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
-    from dstack.cli.output import plural
-    from dstack.core.sizes import human_size
+    from dstack.core.sizes import human_size, plural
 
     result = connect().prune(repo_id(find_project()), dry_run)
     if as_json:

@@ -6,10 +6,10 @@ import sys
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from dstack.cli.output import STATUS_STYLE, ago, format_overrides, local_time, plural
+from dstack.cli.output import STATUS_STYLE, ago, format_overrides, local_time
 from dstack.cli.table import paint, print_table
 from dstack.core.names import printable
-from dstack.core.sizes import human_size
+from dstack.core.sizes import human_size, plural
 from dstack.core.status import JobStatus
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ import threading
 import click
 
 from dstack.core.errors import ConfigError, DstackError, MissingCode
+from dstack.core.names import printable
 
 
 # `--help` is an option of ours, not click's: after a workflow's name it shows that workflow's help and variables
@@ -71,8 +72,8 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
     code, blobs = capture(project, lambda: outputs().get("folders", []), tracked.__setitem__)
     for folder in outputs().get("saved", []):
         if folder in tracked:
-            from dstack.cli.output import plural
             from dstack.core.names import printable
+            from dstack.core.sizes import plural
 
             click.echo(f"warning: git tracks {plural(tracked[folder], 'file')} in {printable(folder)}/, an artifact "
                        f"folder of '{printable(workflow)}': tracked files are code, so they travel with the run "
@@ -89,8 +90,7 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
             raise DstackError("the server asks for code this run did not capture", hint="run it again") from None
         total = sum(len(b) for b in missing.values())
         if total > 20 * 1024 * 1024:
-            from dstack.cli.output import plural
-            from dstack.core.sizes import human_size
+            from dstack.core.sizes import human_size, plural
 
             click.echo(f"Uploading the code: {human_size(total)} ({plural(code.files, 'file')}). Large data belongs "
                        "in artifacts; list it in .dstackignore (or .gitignore) to leave it out.", err=True)
@@ -102,6 +102,14 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
             sys.exit(130)
         submitted, interrupted = _deferring_interrupts(lambda: client.submit(request))
     _attach(client, submitted, workflow, detach, as_json, interrupted)
+
+
+def _where(run: dict) -> str:
+    """`: on the host of a runner` or `: in image X`: where its jobs run is never a surprise."""
+    images = {(job.get("spec") or {}).get("image") for job in run.get("jobs") or []}
+    if images == {None}:
+        return "; it runs on the host of a runner (the workflow has no `image`)"
+    return f"; it runs in image {printable(', '.join(sorted(i for i in images if i)))}" if images else ""
 
 
 def _meanwhile(work):
@@ -149,7 +157,9 @@ def _attach(client, submitted: dict, what: str, detach: bool, as_json: bool, int
 
         click.echo(json.dumps(submitted, indent=2, ensure_ascii=False))
     else:
-        click.echo(f"Run {name} ({what}) submitted", err=True)
+        for warning in submitted.get("warnings") or []:
+            click.echo(printable(warning), err=True)
+        click.echo(f"Run {name} ({what}) submitted{_where(submitted)}", err=True)
     if interrupted and (detach or as_json):
         client.stop(None, name)
         click.echo(f"Interrupted: stopping {name} (`dstack status {name}` shows it)", err=True)

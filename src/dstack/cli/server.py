@@ -46,7 +46,9 @@ def stop(force: bool) -> None:
     if running and not force:
         busy = unfinished_runs(Client(*running))
         if busy:
-            raise click.ClickException(f"{len(busy)} run(s) not finished: {', '.join(busy[:5])}; stopping the "
+            from dstack.core.sizes import plural
+
+            raise click.ClickException(f"{plural(len(busy), 'run')} not finished: {', '.join(busy[:5])}; stopping the "
                                        "server now would lose them. Stop them first (`dstack stop RUN`), "
                                        "or use --force")
     click.echo("stopped" if stop_local_server() else "no local server is running")

@@ -20,6 +20,9 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
     rid = repo_id(project)
     if run:
         found = client.run(rid, run)
+        from dstack.cli.output import say_if_other_project
+
+        say_if_other_project(found, rid)
         if as_json:
             import json
 

@@ -22,6 +22,9 @@ def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
     client = connect()
     rid = repo_id(find_project())
     run = client.stop(rid, run_or_job, abort=abort)
+    from dstack.cli.output import say_if_other_project
+
+    say_if_other_project(run, rid)
     # the runner sends SIGTERM, then SIGKILL after its grace: by then (and a report) the job has ended, or
     # something is wrong that waiting longer would not mend
     grace = 0.0 if abort else stop_grace()

@@ -4,6 +4,7 @@ variables, validate it with its provider's model, and make its job specs."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
@@ -49,6 +50,28 @@ class ResolvedWorkflow:
     # where each dependency was written, to point at it when the server cannot resolve it
     dependency_errors: dict[str, ConfigError] = field(default_factory=dict)
     workflow_names: list[str] = field(default_factory=list)  # all of the project's, for hints
+    warnings: list[str] = field(default_factory=list)  # `file:line:column: warning: ...`, lines to show as they are
+    entry: WorkflowEntry | None = None
+    used: dict[tuple, str] = field(default_factory=dict)  # where a value came from a variable -> its name
+
+    def resource_source(self, what: str) -> tuple[ConfigError | None, str | None, str]:
+        """Where the resource `what` (`gpu` for the count, `gpu.name`, `gpu.memory`, `cpu`, `memory`) is written
+        (an empty ConfigError that holds the place), the variable that set it if one did, and the key as written
+        (`v100/gpu`, `gpu.count`, `memory`)."""
+        if self.entry is None:
+            return None, None, what
+        base = self.entry.path + ("resources",)
+        written = self.entry.raw.get("resources")
+        written = written if isinstance(written, dict) else {}
+        top, _, sub = what.partition(".")
+        key = next((k for k in written if isinstance(k, str) and k.endswith("/gpu")), "gpu") if top == "gpu" else top
+        path = base + (key,)
+        if isinstance(written.get(key), dict):
+            path += (sub or ("count" if top in ("gpu", "cpu") else ""),)
+        elif sub and key != "gpu":  # `v100/gpu: N` has no memory; its name is the key's
+            path = base + (key,)
+        label = ".".join(str(p) for p in path[len(base):] if p)
+        return self.entry.located.error(path, ""), self.used.get(path), label
 
 
 def load_workflows(files: ProjectFiles) -> list[WorkflowEntry]:
@@ -390,4 +413,39 @@ def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], 
             job.env["JOB_ID"] = job.job_id
     return ResolvedWorkflow(name=name, provider=pname, variables=variables, overrides=overrides,
                             dependencies=deps, jobs=jobs, help=spec.help, dependency_errors=where,
-                            workflow_names=[e.name for e in entries])
+                            workflow_names=[e.name for e in entries], warnings=_host_warnings(entry, jobs),
+                            entry=entry, used=used)
+
+
+# commands that change a machine (its packages): written for a container, they would change the runner's host
+_SYSTEM_CHANGES = re.compile(r"(?:^|[;&|(]\s*|\bsudo\s+)(?:sudo\s|apt-get\s|apt\s+install|yum\s|dnf\s|apk\s+add|"
+                             r"conda\s+(?:install|create)|mamba\s+(?:install|create)|pip3?\s+install\s+.*--system)")
+
+
+def _host_warnings(entry: WorkflowEntry, jobs: list[JobSpec]) -> list[str]:
+    """What a workflow without an image asks for that the host will not give it, or should not: shared memory
+    of a size (the host's /dev/shm is the machine's), and commands that install system packages (they would
+    change the runner's machine: a workflow written for a container belongs in one)."""
+    if any(job.image for job in jobs):
+        return []
+    warnings = []
+
+    def at(path: tuple) -> str:
+        line, column = entry.located.where(path)
+        return f"{entry.located.file}:{line}:{column}" if line else entry.located.file
+
+    resources = entry.raw.get("resources")
+    if isinstance(resources, dict) and "shm_size" in resources:
+        warnings.append(f"{at(entry.path + ('resources', 'shm_size'))}: warning: `shm_size` has no effect: workflow "
+                        f"'{entry.name}' has no `image`, so it runs on the host, whose /dev/shm is the machine's "
+                        "own; give it an `image` to have shared memory of that size")
+    for key in ("before_run", "setup", "commands"):
+        lines = entry.raw.get(key)
+        for i, line in enumerate([lines] if isinstance(lines, str) else lines if isinstance(lines, list) else []):
+            if isinstance(line, str) and _SYSTEM_CHANGES.search(line):
+                path = entry.path + ((key,) if isinstance(lines, str) else (key, i))
+                warnings.append(f"{at(path)}: warning: workflow '{entry.name}' has no `image`, so `{line.strip()[:80]}` "
+                                "runs on the runner's host and changes that machine; give the workflow an "
+                                "`image` to run it in a container")
+                break
+    return warnings

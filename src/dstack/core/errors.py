@@ -68,12 +68,17 @@ class Conflict(DstackError):
     kind = "conflict"
 
 
-class Unsatisfiable(DstackError):
-    """No runner and no backend can ever provide what a job asks for."""
+class Unsatisfiable(ConfigError):
+    """No runner and no backend can ever provide what a job asks for. `most`: of each resource asked for that
+    none has, the most one has (see core.resources.most_offered), for the hint that says what would fit."""
 
     exit_code = 2
     http_status = 422
     kind = "unsatisfiable"
+
+    def __init__(self, message: str, hint: str | None = None, most: dict | None = None, **where):
+        super().__init__(message, hint, **where)
+        self.most = most or {}
 
 
 class MissingCode(DstackError):
@@ -115,7 +120,7 @@ ERROR_KINDS: dict[str, type[DstackError]] = {
 def error_from_dict(data: dict) -> DstackError:
     cls = ERROR_KINDS.get(data.get("kind", "error"), DstackError)
     kwargs = {"hint": data.get("hint")}
-    if cls is ConfigError:
+    if issubclass(cls, ConfigError):
         kwargs.update(file=data.get("file"), line=data.get("line"), column=data.get("column"))
     if cls is MissingCode:
         kwargs.update(blobs=list(data.get("blobs") or []))

@@ -177,6 +177,9 @@ class Run(Model):
     used_by: list[str] = []  # runs that consumed this run's artifacts
     reproduces: str | None = None  # the run this one re-ran (`dstack run --reproduce`)
     tag_when_done: str | None = None  # `dstack run -t TAG`: the tag it gets once DONE
+    # in the answer to its submission only: lines (`file:line:column: warning: ...`) on what its jobs asked for
+    # and will not get, or should not
+    warnings: list[str] = []
 
 
 class Tag(Model):

@@ -33,11 +33,13 @@ def parse_size_mib(value: Any) -> int:
 
 
 def format_mib(mib: int) -> str:
-    if mib >= 1024 and mib % 1024 == 0:
-        return f"{mib // 1024}GB"
-    if mib >= 1024:
-        return f"{mib / 1024:.1f}GB"
-    return f"{mib}MB"
+    """16384 -> '16 GB', 24105 -> '23.5 GB': written as every size is (core.sizes.human_size), rounded down, so
+    that a value read back (`memory: 23.5 GB`) is never more than there is."""
+    if mib < 1024:
+        return f"{mib} MB"
+    if mib % 1024 == 0:
+        return f"{mib // 1024} GB"
+    return f"{math.floor(mib / 102.4) / 10:g} GB"
 
 
 class Gpu(Model):
@@ -104,14 +106,14 @@ class Requirements(Model):
     def describe(self) -> str:
         parts = []
         if self.cpu:
-            parts.append(f"{self.cpu} CPU")
+            parts.append(f"{self.cpu} CPU{'' if self.cpu == 1 else 's'}")
         if self.memory_mib:
             parts.append(f"{format_mib(self.memory_mib)} memory")
         if self.gpu_count:
             g = self.gpu
             name = f" {g.name}" if g.name else ""
             mem = f" ({format_mib(g.memory_mib)})" if g.memory_mib else ""
-            parts.append(f"{g.count}{name} GPU{mem}")
+            parts.append(f"{g.count}{name} GPU{'' if g.count == 1 else 's'}{mem}")
         if self.shm_size_mib:
             parts.append(f"{format_mib(self.shm_size_mib)} shared memory")
         if self.interruptible:
@@ -125,10 +127,56 @@ class RunnerResources(Model):
     gpus: list[Gpu] = Field([], max_length=1024)
     docker: bool = False
     interruptible: bool = False
+    host_user: str | None = Field(None, max_length=200)  # whom a job without an image runs as on this machine
 
     def describe(self) -> str:
         gpus = f", {len(self.gpus)}x {self.gpus[0].name}" if self.gpus else ""
         return f"{self.cpus} CPU, {format_mib(self.memory_mib)}{gpus}{', docker' if self.docker else ''}"
+
+
+def _matching_gpus(req: Requirements, res: RunnerResources) -> list[Gpu]:
+    return [res.gpus[i] for i in matching_gpu_indexes(req, res.gpus)]
+
+
+def matching_gpu_indexes(req: Requirements, gpus: list[Gpu]) -> list[int]:
+    """The indexes (as NVML and nvidia-smi number them) of the GPUs of `gpus` that `req`'s GPU asks for."""
+    if not req.gpu_count:
+        return []
+    return [i for i, g in enumerate(gpus)
+            if (not req.gpu.name or req.gpu.name.lower() in g.name.lower())
+            and (not req.gpu.memory_mib or g.memory_mib >= req.gpu.memory_mib)]
+
+
+def visible_gpus_env(req: Requirements, gpus: list[Gpu]) -> dict[str, str]:
+    """What a job without an image is told of the machine's GPUs: only those it asked for are visible to CUDA
+    (the first that match, numbered as nvidia-smi numbers them), none when it asked for none. Nothing on a
+    machine without GPUs."""
+    if not gpus:
+        return {}
+    chosen = matching_gpu_indexes(req, gpus)[: req.gpu_count]
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
+
+
+def most_offered(req: Requirements, offers: list[RunnerResources]) -> dict[str, Any]:
+    """For each resource that `req` asks more of than any of `offers` has: the most that one has, which is what
+    the workflow could ask instead. Keys: `gpu` (a count), `gpu.name` (the GPU models there are), `gpu.memory`,
+    `cpu`, `memory` (MiB), `docker` (False)."""
+    best: dict[str, Any] = {}
+    if req.gpu_count:
+        most = max((len(_matching_gpus(req, o)) for o in offers), default=0)
+        if most < req.gpu_count:
+            best["gpu"] = most
+        models = sorted({g.name for o in offers for g in o.gpus})
+        if req.gpu.name and not any(req.gpu.name.lower() in m.lower() for m in models):
+            best["gpu.name"] = models
+        memory = max((g.memory_mib for o in offers for g in o.gpus), default=0)
+        if req.gpu.memory_mib and memory < req.gpu.memory_mib:
+            best["gpu.memory"] = memory
+    if req.cpu and (most := max((o.cpus for o in offers), default=0)) < req.cpu:
+        best["cpu"] = most
+    if req.memory_mib and (most := max((o.memory_mib for o in offers), default=0)) < req.memory_mib:
+        best["memory"] = most
+    return best
 
 
 def missing(req: Requirements, res: RunnerResources, needs_docker: bool) -> list[str]:
@@ -141,18 +189,11 @@ def missing(req: Requirements, res: RunnerResources, needs_docker: bool) -> list
     if req.memory_mib and req.memory_mib > res.memory_mib:
         lacks.append(f"{format_mib(req.memory_mib)} memory (has {format_mib(res.memory_mib)})")
     if req.gpu_count:
-        gpus = [
-            g
-            for g in res.gpus
-            if (not req.gpu.name or req.gpu.name.lower() in g.name.lower())
-            and (not req.gpu.memory_mib or g.memory_mib >= req.gpu.memory_mib)
-        ]
+        gpus = _matching_gpus(req, res)
         if len(gpus) < req.gpu_count:
             what = f"{req.gpu_count} {req.gpu.name + ' ' if req.gpu.name else ''}GPU"
             what += "s" if req.gpu_count > 1 else ""
             if req.gpu.memory_mib:
                 what += f" with {format_mib(req.gpu.memory_mib)}"
             lacks.append(f"{what} (has {len(gpus)} matching)")
-    if req.interruptible and not res.interruptible:
-        pass  # an on-demand machine may run an interruptible job
-    return lacks
+    return lacks  # an on-demand machine may run an interruptible job

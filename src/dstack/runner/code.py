@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dstack.core.code import CodeError, CodeSnapshot, blob_hash, machine_id, tree_hash, walk_tree
+from dstack.core.sizes import plural
 
 GIT_TIMEOUT = 600  # a clone may be large
 
@@ -49,8 +50,8 @@ def recreate(snapshot: CodeSnapshot, fetch: Callable[[str], bytes], dest: Path) 
     actual = tree_hash(dest, files)
     if actual != snapshot.tree_hash:
         raise CodeError(
-            f"the recreated code differs from what was captured: {len(files)} files with tree hash "
-            f"{actual[:12]}, captured {snapshot.files} files with tree hash {snapshot.tree_hash[:12]}",
+            f"the recreated code differs from what was captured: {plural(len(files), 'file')} with tree hash "
+            f"{actual[:12]}, captured {plural(snapshot.files, 'file')} with tree hash {snapshot.tree_hash[:12]}",
             hint="a .gitattributes filter (e.g. git-lfs), end-of-line conversion or a file changed while "
                  "`dstack run` read it can cause this; commit or stash such changes and run again")
     root = _inside(dest, snapshot.subdir)

@@ -30,7 +30,18 @@ def detect_resources() -> RunnerResources:
         memory_mib=detect_memory_mib(),
         gpus=detect_gpus(),
         docker=docker_available(),
+        host_user=host_user(),
     )
+
+
+def host_user() -> str | None:
+    """The user this runner runs as, and so the user jobs without an image run as."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a name (a container's)
+        return f"uid {os.geteuid()}"
 
 
 def detect_cpus() -> int:

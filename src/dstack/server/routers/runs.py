@@ -66,13 +66,19 @@ async def logs(job_id: str = Path(max_length=MAX_JOB_ID), offset: int = Query(0,
                wait: float = Query(0, ge=0, le=30),
                status: JobStatus | None = None, ctx: Context = Depends(get_ctx)) -> Response:
     """Raw log bytes from `offset`; the next offset and the job's status come in headers, `X-More-Logs: 1`
-    when more bytes follow these, and once the job has finished its exit code, reason and duration too (so
+    when more bytes follow these, its runner (`X-Job-Runner`, and `X-Job-Host-User`: the user that a job
+    without an image runs as there) once it has one, and once the job has finished its exit code, reason and
+    duration too (so
     that a follower needs no other request). `wait`: seconds to wait for bytes or the end; with `status`
     (the one the caller saw last), also for the job's status to change from it."""
     data, job, more = await jobs.wait_logs(ctx, job_id, offset, wait, status)
     headers = {"X-Next-Offset": str(offset + len(data)), "X-Job-Status": job.status.value}
     if more:
         headers["X-More-Logs"] = "1"
+    if job.runner:  # where it runs, and as whom when it runs on the runner's host (it has no image)
+        headers["X-Job-Runner"] = job.runner
+        if job.runner_resources is not None and job.runner_resources.host_user:
+            headers["X-Job-Host-User"] = quote(job.runner_resources.host_user)
     if job.status.finished:
         headers.update(final_headers(job))
     return Response(content=data, media_type="application/octet-stream", headers=headers)

@@ -12,7 +12,15 @@ from dstack.config import outputs
 from dstack.config.files import ProjectFiles, require_unicode
 from dstack.config.variables import parse_cli_args
 from dstack.config.workflows import ResolvedWorkflow, resolve_workflow
-from dstack.core.errors import ConfigError, Conflict, DstackError, MissingCode, NotFound, did_you_mean
+from dstack.core.errors import (
+    ConfigError,
+    Conflict,
+    DstackError,
+    MissingCode,
+    NotFound,
+    Unsatisfiable,
+    did_you_mean,
+)
 from dstack.core.models import (
     FINISHED,
     ArtifactFolders,
@@ -26,9 +34,10 @@ from dstack.core.models import (
 )
 from dstack.core.names import job_id as new_job_id
 from dstack.core.names import random_base
+from dstack.core.sizes import plural
 from dstack.server.context import Context
 from dstack.server.db.tables import InputRow, JobRow, RunnerRow, RunRow
-from dstack.server.services import dependencies, scheduler, tags
+from dstack.server.services import dependencies, refusals, scheduler, tags
 from dstack.server.services.convert import job_model, run_model
 from dstack.server.services.run_state import now, refresh_run_status
 
@@ -54,11 +63,13 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
                             provider=resolved.provider, variables=resolved.variables, overrides=overrides,
                             dependencies=resolved.dependencies, jobs=resolved.jobs, code=req.code, tag=req.tag)
         try:
-            return await submit(ctx, sub)
+            run = await submit(ctx, sub)
         except NameTaken:
             continue  # another submission took the name meanwhile
         except DstackError as e:
             raise _located(e, resolved) from None
+        run.warnings = resolved.warnings + run.warnings
+        return run
     raise Conflict("could not find a free run name", hint="submit again")
 
 
@@ -75,7 +86,10 @@ class NameTaken(Conflict):
 
 def _located(e: DstackError, resolved: ResolvedWorkflow) -> DstackError:
     """A dependency that could not be resolved, pointed at where the workflow names it; when it names a
-    workflow the project does not have, the hint says so rather than "run it first"."""
+    workflow the project does not have, the hint says so rather than "run it first". Resources that no runner
+    has, pointed at where the workflow asks for them, with what would fit."""
+    if isinstance(e, Unsatisfiable) and resolved.entry is not None:
+        return refusals.located(e, resolved)
     for ref, loc in resolved.dependency_errors.items():
         if f"'{ref}'" in e.message:
             hint = e.hint
@@ -91,14 +105,15 @@ def _located(e: DstackError, resolved: ResolvedWorkflow) -> DstackError:
 async def submit(ctx: Context, sub: RunSubmission) -> Run:
     if sub.tag is not None:
         tags.check_name(sub.tag)
+    warnings = []
     for job in sub.jobs:
-        await scheduler.check_satisfiable(ctx, job)
+        warnings += await scheduler.check_satisfiable(ctx, job)
     async with ctx.sessions() as s:
         resolved = await dependencies.resolve(s, sub.repo_id, sub.dependencies)
         # last of the checks: a client uploads the code only for a run that is otherwise sound
         missing = [h for h in (sub.code.blob_hashes() if sub.code else []) if not ctx.code.has(h)]
         if missing:
-            raise MissingCode(f"the server lacks {len(missing)} blob(s) of the run's code", blobs=missing,
+            raise MissingCode(f"the server lacks {plural(len(missing), 'blob')} of the run's code", blobs=missing,
                               hint="upload them (PUT /api/code/HASH) and submit again")
         try:
             row = await _insert(s, sub, resolved)
@@ -110,6 +125,7 @@ async def submit(ctx: Context, sub: RunSubmission) -> Run:
             raise NameTaken(f"a run named '{sub.run_name}' exists already", hint="submit again") from None
         run = run_model(row)  # as get_run would read it back
     ctx.signals.notify("jobs")
+    run.warnings = list(dict.fromkeys(warnings))
     return run
 
 

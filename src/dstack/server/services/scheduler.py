@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 
 from dstack.core.errors import Unavailable, Unsatisfiable
 from dstack.core.models import JobSpec, JobStatus, RunnerStatus
-from dstack.core.resources import RunnerResources, missing
+from dstack.core.resources import RunnerResources, missing, most_offered
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow
 from dstack.server.services.run_state import now, refresh_run_status
@@ -22,32 +22,45 @@ def fits(job: JobSpec, res: RunnerResources) -> list[str]:
     return missing(job.requirements, res, needs_docker=bool(job.image))
 
 
-async def check_satisfiable(ctx: Context, job: JobSpec) -> None:
-    """Fail now, naming what is missing, when no live runner and no backend could ever run `job`."""
+async def check_satisfiable(ctx: Context, job: JobSpec) -> list[str]:
+    """Fail now, naming what is missing, when no live runner and no backend could ever run `job`; else the
+    warnings about what it asks for that it will not get."""
     async with ctx.sessions() as s:
         runners = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE)))).all()
-    candidates: list[tuple[str, list[str]]] = []
-    for r in runners:
-        lacks = fits(job, RunnerResources.model_validate(r.resources))
-        if not lacks:
-            return
-        candidates.append((f"runner {r.name}", lacks))
+    offers = [(f"runner {r.name}", RunnerResources.model_validate(r.resources)) for r in runners]
     for backend in ctx.backends:
-        for offer in await asyncio.to_thread(backend.offers):
-            lacks = fits(job, offer)
-            if not lacks:
-                return
-            candidates.append((f"backend {backend.name}", lacks))
-    if not candidates:
+        offers += [(f"backend {backend.name}", offer) for offer in await asyncio.to_thread(backend.offers)]
+    lacking: dict[tuple[str, ...], list[str]] = {}  # what they lack -> who lacks it: alike machines said once
+    for who, res in offers:
+        lacks = fits(job, res)
+        if not lacks:
+            return _warnings(job, [res for _, res in offers])
+        lacking.setdefault(tuple(lacks), []).append(who)
+    if not offers:
         raise Unsatisfiable("no runner is registered and no backend is configured",
                             hint="start one with `dstack-runner start --server URL --token TOKEN`")
-    detail = "; ".join(f"{who} lacks {', '.join(lacks)}" for who, lacks in candidates)
+    detail = "; ".join(f"{_names(whos)} {'lacks' if len(whos) == 1 else 'each lack'} {', '.join(lacks)}"
+                       for lacks, whos in lacking.items())
     raise Unsatisfiable(
-        f"no runner and no backend can provide what '{job.workflow}' needs ({job.requirements.describe()})"
-        f": {detail}",
+        f"no runner and no backend can provide what '{job.workflow}' needs ({job.requirements.describe()}): "
+        f"{detail}",
         hint="ask for less in the workflow's `resources` (or in the variables they use), or add a runner "
              "that has it: `dstack-runner start --server URL --token TOKEN` on such a machine",
+        most=most_offered(job.requirements, [res for _, res in offers]),
     )
+
+
+def _names(whos: list[str], shown: int = 3) -> str:
+    if len(whos) <= shown:
+        return " and ".join([", ".join(whos[:-1]), whos[-1]] if len(whos) > 1 else whos)
+    return f"{', '.join(whos[:shown])} and {len(whos) - shown} more"
+
+
+def _warnings(job: JobSpec, offers: list[RunnerResources]) -> list[str]:
+    if job.requirements.interruptible and not any(o.interruptible for o in offers):
+        return [f"warning: '{job.workflow}' asks for an interruptible (spot) machine, and no runner or backend here has "
+                "one: it runs on an on-demand machine"]
+    return []
 
 
 async def take_job(ctx: Context, runner_name: str, wait: float,

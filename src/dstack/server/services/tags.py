@@ -18,8 +18,11 @@ async def add_tag(ctx: Context, repo_id: str, run_name: str, tag: str) -> tuple[
     check_name(tag)
     async with ctx.sessions() as s:
         run = await s.get(RunRow, run_name)
-        if run is None or run.repo_id != repo_id:
+        if run is None:
             raise NotFound(f"no run named '{run_name}'", hint="`dstack status` lists runs")
+        if run.repo_id != repo_id:  # tags name runs of their own project: say where this one is
+            raise NotFound(f"{run_name} is a run of another project ({run.repo_id}), not of this one ({repo_id})",
+                           hint="tag it from that project's folder; `dstack status` lists this one's runs")
         if run.status != JobStatus.DONE.value:
             finished = JobStatus(run.status).finished
             raise Conflict(f"run {run_name} is {run.status}; only DONE runs can be tagged",
