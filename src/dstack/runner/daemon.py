@@ -14,7 +14,7 @@ import httpx
 from dstack.core.errors import DstackError
 from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
 from dstack.core.processes import stop_grace
-from dstack.core.resources import RunnerResources
+from dstack.core.resources import RunnerResources, visible_gpus_env
 from dstack.runner import workspace
 from dstack.runner.client import RETRYABLE, ServerClient, ServerError
 from dstack.runner.code import recreate
@@ -331,7 +331,9 @@ class Runner:
             return
         with self._lock:
             output = AsWritten(shipper.write)  # the job's bytes, not its terminal's "\r\n"
-            self.execution = executor.start(job, root, mounts, job.env, output)
+            # a job on the host sees only the GPUs it asked for (in a container, Docker attaches them)
+            env = job.env if job.image else {**job.env, **visible_gpus_env(job.requirements, self.resources.gpus)}
+            self.execution = executor.start(job, root, mounts, env, output)
             if self.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
         started = _started(self.execution)
