@@ -17,9 +17,17 @@ def _client_and_repo():
     return connect(), repo_id(find_project())
 
 
+def _artifacts(client, rid: str, ref: str) -> list[dict]:
+    """The artifacts of the run or job `ref` (a name, a job id, or `WORKFLOW:TAG` as in `dependencies`)."""
+    from dstack.cli.refs import run_name
+
+    return client.artifacts(rid, run_name(client, rid, ref))
+
+
 @click.group(context_settings=CTX)
 def artifacts() -> None:
-    """The saved outputs (artifacts) of runs: list, download, compare."""
+    """The saved outputs (artifacts) of runs: list, download, compare. A run is its name, a job id, or its
+    tag as `dependencies` write it: `dstack artifacts download prepare:latest`."""
 
 
 @artifacts.command("list", context_settings=CTX)
@@ -27,9 +35,9 @@ def artifacts() -> None:
 @click.option("--files", "show_files", is_flag=True, help="List every file of every artifact.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(run_or_job: str, show_files: bool, as_json: bool) -> None:
-    """The artifacts of a run (or of one job): path, files, size, manifest hash."""
+    """The artifacts of a run (or of one job; or WORKFLOW:TAG): path, files, size, manifest hash."""
     client, rid = _client_and_repo()
-    found = client.artifacts(rid, run_or_job)
+    found = _artifacts(client, rid, run_or_job)
     if as_json:
         import json
 
@@ -61,7 +69,8 @@ def list_(run_or_job: str, show_files: bool, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Folder to download into; each artifact lands at OUTPUT/<its path>.")
 def download(run_or_job: str, path: str | None, output: str) -> None:
-    """Download the artifacts of a run or job (or only PATH, an artifact or a file/folder in one).
+    """Download the artifacts of a run or job, or of WORKFLOW:TAG (or only PATH, an artifact or a file/folder
+    in one).
 
     Files already there with the right content are skipped, and an interrupted download resumes.
     Downloading into the project is safe: artifact folders are outputs, never code. `dstack run` leaves
@@ -72,7 +81,7 @@ def download(run_or_job: str, path: str | None, output: str) -> None:
     from dstack.cli.download import download_artifacts
 
     client, rid = _client_and_repo()
-    found = client.artifacts(rid, run_or_job)
+    found = _artifacts(client, rid, run_or_job)
     if not found:
         raise click.ClickException(f"{run_or_job} saved no artifacts")
     download_artifacts(client, found, Path(output), path)
@@ -88,7 +97,7 @@ def diff(run_a: str, run_b: str, as_json: bool) -> None:
 
     def files(run: str) -> dict[str, tuple]:
         out = {}
-        for a in client.artifacts(rid, run):
+        for a in _artifacts(client, rid, run):
             for e in client.manifest(a["manifest"]).entries:
                 if e.kind != "dir":
                     out[f"{a['path']}/{e.path}"] = (e.kind, e.hash or e.target, e.size, e.mode)

@@ -12,14 +12,17 @@ import click
 @click.option("-f", "--follow", is_flag=True,
               help="Keep printing new output until the run ends (Ctrl-C stops following, not the run).")
 def logs(run_or_job: str, follow: bool) -> None:
-    """Print the output of a run (all its jobs) or of one job."""
+    """Print the output of a run (all its jobs) or of one job. A run may be named by its tag, as
+    `dependencies` do: `prepare:latest`."""
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
     from dstack.cli.output import say_if_other_project
 
     client = connect()
     rid = repo_id(find_project())
-    run = client.run(rid, run_or_job)
+    from dstack.cli.refs import run_name
+
+    run = client.run(rid, run_name(client, rid, run_or_job))
     say_if_other_project(run, rid)
     jobs = [j for j in run["jobs"] if j["job_id"] == run_or_job] or run["jobs"]
     if follow:

@@ -47,9 +47,13 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
     if reproduce:
         if workflow or ctx.args:
             raise click.UsageError("--reproduce RUN takes no workflow and no variables: it re-runs RUN as it was")
-        client = connect()
-        submitted, interrupted = _deferring_interrupts(lambda: client.reproduce(repo_id(project), reproduce))
-        return _attach(client, submitted, f"reproduces {reproduce}", detach, as_json, interrupted)
+        from dstack.cli.refs import run_name
+
+        client, rid = connect(), repo_id(project)
+        name = run_name(client, rid, reproduce)
+        submitted, interrupted = _deferring_interrupts(lambda: client.reproduce(rid, name))
+        what = reproduce if name == reproduce else f"{reproduce} ({name})"
+        return _attach(client, submitted, f"reproduces {what}", detach, as_json, interrupted)
     files = ProjectFiles.read(project)
     files.require_workflows()  # before any server starts
     if not workflow:

@@ -11,7 +11,8 @@ import click
 @click.option("-a", "--all", "show_all", is_flag=True, help="Show all runs of this project (default: the last 10).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (for scripts).")
 def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) -> None:
-    """Show runs of this project and their jobs (newest first), or one RUN in detail."""
+    """Show runs of this project and their jobs (newest first), or one RUN in detail (RUN may be a
+    tagged run, `prepare:latest`)."""
     from dstack.api.embedded import connect
     from dstack.api.repo import find_project, repo_id
 
@@ -19,7 +20,9 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
     project = find_project()
     rid = repo_id(project)
     if run:
-        found = client.run(rid, run)
+        from dstack.cli.refs import run_name
+
+        found = client.run(rid, run_name(client, rid, run))
         from dstack.cli.output import say_if_other_project
 
         say_if_other_project(found, rid)

@@ -21,7 +21,9 @@ def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
 
     client = connect()
     rid = repo_id(find_project())
-    run = client.stop(rid, run_or_job, abort=abort)
+    from dstack.cli.refs import run_name
+
+    run = client.stop(rid, run_name(client, rid, run_or_job), abort=abort)
     from dstack.cli.output import say_if_other_project
 
     say_if_other_project(run, rid)

@@ -20,8 +20,10 @@ def _client_and_repo():
 def tag(run: str, tag: str) -> None:
     """Name the DONE run RUN as TAG; `WORKFLOW:TAG` then refers to it in dependencies. A tag of the same
     name on another run of the workflow moves to this one."""
+    from dstack.cli.refs import run_name
+
     client, rid = _client_and_repo()
-    t, moved_from = client.tag(rid, run, tag)
+    t, moved_from = client.tag(rid, run_name(client, rid, run), tag)
     note = f" (moved from {moved_from})" if moved_from else ""
     click.echo(f"{t.workflow}:{t.name} -> {t.run_name}{note}")
 

@@ -1,0 +1,52 @@
+"""A tagged run is named as `dependencies` name it, `prepare:latest` (or `:latest`), wherever a command takes a run."""
+
+from __future__ import annotations
+
+from tests.e2e.conftest import last_run
+
+WORKFLOWS = """\
+workflows:
+  - name: prepare
+    commands:
+      - mkdir -p data && echo rows > data/dataset.txt && echo prepared
+    artifacts:
+      - data
+"""
+
+
+def test_workflow_tag_names_the_tagged_run(dstack, project, tmp_path):
+    root = project(WORKFLOWS)
+    dstack("run", "prepare", "-t", "latest", cwd=root, check=True)
+    name = last_run(dstack, root)["run_name"]
+
+    out = tmp_path / "out"
+    r = dstack("artifacts", "download", "prepare:latest", "-o", str(out), cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert (out / "data" / "dataset.txt").read_text() == "rows\n"
+
+    r = dstack("artifacts", "list", "prepare:latest", cwd=root, check=True)
+    assert "data" in r.stdout
+    r = dstack("artifacts", "diff", "prepare:latest", name, cwd=root, check=True)
+    assert "0 changed, 1 unchanged" in r.stdout
+    r = dstack("logs", ":latest", cwd=root, check=True)
+    assert r.stdout == "prepared\n"
+    r = dstack("status", "prepare:latest", cwd=root, check=True)
+    assert name in r.stdout
+    r = dstack("tag", "prepare:latest", "best", cwd=root, check=True)
+    assert r.stdout.strip() == f"prepare:best -> {name}"
+
+
+def test_a_tag_on_no_run_is_said(dstack, project, tmp_path):
+    root = project(WORKFLOWS)
+    dstack("run", "prepare", "-t", "latest", cwd=root, check=True)
+
+    r = dstack("artifacts", "download", "prepare:nope", "-o", str(tmp_path / "out"), cwd=root)
+    assert r.returncode == 2
+    assert "no run of 'prepare' is tagged 'nope'" in r.stderr
+    assert "prepare:latest" in r.stderr  # the tags it has
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+    r = dstack("logs", "train:latest", cwd=root)
+    assert r.returncode == 2
+    assert "no run of 'train' is tagged 'latest'" in r.stderr and "dstack tag RUN latest" in r.stderr
