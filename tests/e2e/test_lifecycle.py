@@ -341,7 +341,9 @@ def test_status_says_how_many_runs_it_leaves_out_and_whose_runs_it_shows(dstack,
     for _ in range(4):
         dstack("run", "a", "-d", cwd=root, check=True)
     r = dstack("status", "-n", "3", cwd=root, check=True)
-    assert "1 more: `dstack status -n 4`, or `dstack status -a` for all 4" in r.stderr, r.stderr
+    assert "1 more: `dstack status -n 4` or `dstack status -a` shows all 4" in r.stderr, r.stderr
+    r = dstack("status", "-n", "1", cwd=root, check=True)  # -n 2 would not show the 3 it leaves out: said
+    assert "3 more: `dstack status -n 2` shows 1 of them, `dstack status -a` all 4" in r.stderr, r.stderr
     assert "more:" not in dstack("status", "-a", cwd=root, check=True).stderr
     elsewhere = tmp_path / "no-project"
     elsewhere.mkdir()

@@ -50,5 +50,8 @@ def status(run: str | None, limit: int | None, show_all: bool, as_json: bool) ->
     print_runs(runs)
     if total is not None and total > len(runs):
         more = total - len(runs)
-        click.echo(f"{more} more: `dstack status -n {min(total, len(runs) * 2)}`, or `dstack status -a` for all "
-                   f"{total}", err=True)
+        if more <= len(runs):  # -n twice as many shows them all
+            click.echo(f"{more} more: `dstack status -n {total}` or `dstack status -a` shows all {total}", err=True)
+        else:  # say what the larger -n shows: not all of them
+            click.echo(f"{more} more: `dstack status -n {len(runs) * 2}` shows {len(runs)} of them, `dstack status "
+                       f"-a` all {total}", err=True)
