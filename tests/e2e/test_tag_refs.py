@@ -50,3 +50,16 @@ def test_a_tag_on_no_run_is_said(dstack, project, tmp_path):
     r = dstack("logs", "train:latest", cwd=root)
     assert r.returncode == 2
     assert "no run of 'train' is tagged 'latest'" in r.stderr and "dstack tag RUN latest" in r.stderr
+
+
+def test_artifacts_of_a_run_of_another_project_say_so(dstack, project, tmp_path):
+    root = project(WORKFLOWS)
+    dstack("run", "prepare", cwd=root, check=True)
+    name = last_run(dstack, root)["run_name"]
+    other = project("workflows:\n  - name: hi\n    commands: [echo hi]\n", name="other")
+
+    for args in (("list", name), ("download", name, "-o", str(tmp_path / "out")), ("diff", name, name)):
+        r = dstack("artifacts", *args, cwd=other, check=True)
+        assert f"note: {name} is a run of another project" in r.stderr, (args, r.stderr)
+    assert (tmp_path / "out" / "data" / "dataset.txt").is_file()
+    assert "another project" not in dstack("artifacts", "list", name, cwd=root, check=True).stderr

@@ -18,10 +18,14 @@ def _client_and_repo():
 
 
 def _artifacts(client, rid: str, ref: str) -> list[dict]:
-    """The artifacts of the run or job `ref` (a name, a job id, or `WORKFLOW:TAG` as in `dependencies`)."""
+    """The artifacts of the run or job `ref` (a name, a job id, or `WORKFLOW:TAG` as in `dependencies`); a run of
+    another project is said to be one, as `status` and `logs` say it."""
+    from dstack.cli.output import say_if_other_project
     from dstack.cli.refs import run_name
 
-    return client.artifacts(rid, run_name(client, rid, ref))
+    name = run_name(client, rid, ref)
+    say_if_other_project(client.run(rid, name), rid)
+    return client.artifacts(rid, name)
 
 
 @click.group(context_settings=CTX)
