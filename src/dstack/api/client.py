@@ -161,6 +161,14 @@ class Client:
         r = self._call("GET", "/api/runners", params={"all": include_gone})
         return [RunnerInfo.model_validate(x) for x in r.json()]
 
+    def add_runner(self, name: str | None, labels: dict[str, str]) -> dict:
+        """A new runner identity: {name, token, labels}; the token is in this answer only."""
+        return self._call("POST", "/api/runners/tokens", json={"name": name, "labels": labels}).json()
+
+    def remove_runner(self, name: str, force: bool = False) -> dict:
+        """The runner as it is now (draining), or {} when it is gone."""
+        return self._call("POST", f"/api/runners/{name}/remove", params={"force": force}).json()
+
     # artifacts
     def artifacts(self, repo_id: str | None, ref: str) -> list[dict]:
         params = {"repo_id": repo_id} if repo_id else {}

@@ -40,3 +40,6 @@ class Backend(Protocol):
 
     def release_jobs(self, job_ids: list[str]) -> None:
         """The runners of these jobs were lost: make sure nothing of the jobs runs on."""
+
+    def describe_failure(self, runner_name: str) -> str:
+        """Why the runner it started ended before it registered, as far as the backend can tell (where to look)."""

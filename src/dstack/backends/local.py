@@ -55,10 +55,17 @@ class LocalBackend:
         workdir = self.home / bootstrap.runner_name
         workdir.mkdir(parents=True, exist_ok=True)
         log = open(workdir / "runner.log", "ab")
-        env = {**os.environ, "DSTACK_TOKEN": bootstrap.token}
+        # its token in a file only it may read, which it removes once read: never in an environment, where a
+        # job could read it (/proc/PID/environ)
+        token_file = workdir / "runner.token"
+        token_file.unlink(missing_ok=True)
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(bootstrap.token)
+        env = {k: v for k, v in os.environ.items() if k not in ("DSTACK_TOKEN", "DSTACK_SERVER_TOKEN")}
         cmd = [sys.executable, "-m", "dstack.runner.main", "start", "--server", bootstrap.server_url,
                "--name", bootstrap.runner_name, "--backend", self.name, "--workdir", str(workdir),
-               "--idle-timeout", str(bootstrap.idle_timeout)]
+               "--idle-timeout", str(bootstrap.idle_timeout), "--token-file", str(token_file)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         log.close()
@@ -111,6 +118,14 @@ class LocalBackend:
                     remove(item)
                 else:
                     item.unlink(missing_ok=True)
+
+    def describe_failure(self, runner_name: str) -> str:
+        log = self.home / runner_name / "runner.log"
+        try:
+            lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return f"no log at {log}"
+        return f"its log {log} ends: {lines[-1][:300]}" if lines else f"its log {log} is empty"
 
     def release_jobs(self, job_ids: list[str]) -> None:
         """Jobs whose runner died: their containers (if any) must not run on."""

@@ -102,6 +102,14 @@ class Unauthorized(DstackError):
     kind = "unauthorized"
 
 
+class Forbidden(DstackError):
+    """The caller is known, and may not do this: a runner's token used for anything but a runner's work."""
+
+    exit_code = 1
+    http_status = 403
+    kind = "forbidden"
+
+
 class Unavailable(DstackError):
     """The server cannot do it now (it is stopping, or it cannot write what it must keep): try again later.
     Runners retry what they report until it is taken; the CLI says what is wrong."""
@@ -113,7 +121,7 @@ class Unavailable(DstackError):
 
 ERROR_KINDS: dict[str, type[DstackError]] = {
     cls.kind: cls for cls in (DstackError, ConfigError, NotFound, Conflict, Unsatisfiable, MissingCode, Unauthorized,
-                              Unavailable)
+                              Forbidden, Unavailable)
 }
 
 

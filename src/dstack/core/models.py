@@ -206,13 +206,37 @@ class RunnerInfo(Model):
     registered_at: UtcTime
     last_seen_at: UtcTime
     job_id: str | None = None
+    labels: dict[str, str] = {}
+    version: str | None = None
+    draining: bool = False  # `dstack runners remove`: it takes no new job, and goes once its jobs have ended
+
+
+Labels = Annotated[dict[Annotated[str, Field(min_length=1, max_length=100)], Annotated[str, Field(max_length=200)]],
+                   Field(max_length=50)]
+
+
+class RunnerTokenRequest(Body):
+    """POST /api/runners/tokens (the admin's): a token for a runner of that name (generated when absent)."""
+
+    name: RunnerName | None = None
+    labels: Labels = {}
+
+
+class RunnerToken(Model):
+    """A runner's token, in the answer that issues it only: the server keeps only its hash."""
+
+    name: str
+    token: str
+    labels: dict[str, str] = {}
 
 
 class RunnerRegistration(Body):
     hostname: str = Field(max_length=300)  # shown as it is sent, escaped (see core.names.printable)
     resources: RunnerResources
     backend: Backend | None = None
-    name: RunnerName | None = None
+    name: RunnerName | None = None  # that of its token; a runner token names its runner
+    labels: Labels = {}  # added to its token's
+    version: str | None = Field(None, max_length=50)
 
 
 class Heartbeat(Body):

@@ -99,3 +99,14 @@ def check_tag(tag: str) -> str:
     if not tag or ":" in tag or any(c.isspace() for c in tag):
         raise BadName(f"'{tag}' is not a tag name", hint="use letters, digits, '-', '_' or '.'")
     return tag
+
+
+def parse_labels(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """`("gpu-vendor=nvidia", "zone=a")` -> a dict; a pair without `=` or a key is a ValueError that says how."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--labels {pair}: write it as KEY=VALUE, e.g. --labels gpu-vendor=nvidia")
+        out[key] = value
+    return out

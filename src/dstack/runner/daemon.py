@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from dstack.core.errors import DstackError
+from dstack import __version__
+from dstack.core.errors import DstackError, Unauthorized
 from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
 from dstack.core.processes import stop_grace
 from dstack.core.resources import RunnerResources, visible_gpus_env
@@ -38,8 +39,9 @@ STOP_GRACE = stop_grace()
 class Runner:
     def __init__(self, client: ServerClient, resources: RunnerResources, workdir: Path, name: str | None = None,
                  backend: str | None = None, idle_timeout: float | None = None,
-                 server_lost_timeout: float | None = 60.0):
+                 server_lost_timeout: float | None = 60.0, labels: dict[str, str] | None = None):
         self.client = client
+        self.labels = labels or {}
         self.resources = resources
         self.workdir = Path(workdir)
         self.name = name
@@ -82,7 +84,8 @@ class Runner:
 
     def register(self) -> None:
         info = self.client.register(RunnerRegistration(
-            hostname=socket.gethostname(), resources=self.resources, backend=self.backend, name=self.name))
+            hostname=socket.gethostname(), resources=self.resources, backend=self.backend, name=self.name,
+            labels=self.labels, version=__version__))
         self.name = info.name
         # a server before 0.3 ignores output that travels with a final status: it gets it on its own
         self.inline_logs = self.client.version() >= (0, 3)
@@ -180,6 +183,10 @@ class Runner:
                 reply = self.client.heartbeat(self.name, job.job_id if job else None, last_taken)
             except RETRYABLE:
                 continue
+            except Unauthorized as e:  # its token works no more (`dstack runners remove`): nothing to wait for
+                log.error("the server no longer takes this runner's token (%s); exiting", e)
+                self.shutdown()
+                return
             except DstackError as e:  # e.g. forgotten by a server that lost its database: register again
                 log.warning("heartbeat refused: %s", e)
                 try:
@@ -191,6 +198,9 @@ class Runner:
                 continue
             if reply.stop and job is not None:
                 self._request_stop(reply.stop, job.job_id)
+            if reply.terminate and job is None:  # removed (`dstack runners remove`) and idle: leave
+                log.info("removed from the server; exiting")
+                self.shutdown()
             if self._stopping.is_set() and self.execution is None:
                 return
 
@@ -312,19 +322,22 @@ class Runner:
             return False
         return time.monotonic() - self._leaving_since > LEAVING_REPORT_WAIT
 
+    def _trees(self) -> tuple[bool, Path]:
+        """Whether the store is on this disk, and where dependency trees go: next to the store's blobs when it
+        is (shared by the runners of this machine, hard links), else in this runner's folder."""
+        local = isinstance(self.store, LocalBlobStore)
+        return local, self.store.root / "trees" if local else self.workdir / "trees"
+
     def _run(self, job: JobSpec, folder: Path, shipper: LogShipper, executor) -> None:
-        store = self.store
         if job.code is not None:
             root = recreate(job.code, self._fetch_code, folder / "code")
         else:
             root = folder / "code"
             root.mkdir(parents=True, exist_ok=True)
         (root / job.working_dir).mkdir(parents=True, exist_ok=True)
-        # dependency trees: next to the store's blobs when it is on this disk (shared by the runners of
-        # this machine, hard links), else in this runner's folder with the blobs it fetched
-        local = isinstance(store, LocalBlobStore)
-        trees = store.root / "trees" if local else self.workdir / "trees"
-        mounts = workspace.dependency_mounts(job, root, store, trees, self.workdir / "blobs")
+        mounts = []  # the store is opened only for a job that has dependencies or artifacts
+        if job.dependencies:
+            mounts = workspace.dependency_mounts(job, root, self.store, self._trees()[1], self.workdir / "blobs")
         if self.stop_requested:
             self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,
                          reason="stopped before it started")
@@ -358,6 +371,7 @@ class Runner:
         artifacts, not_folders = [], []
         if job.artifacts:
             self._report(job, JobStatus.UPLOADING, {"exit_code": code, **started})
+            local, trees = self._trees()
             sources = {path: artifact_source(root / job.working_dir, path) for path in job.artifacts}
             for path in job.artifacts:
                 src = sources[path]
@@ -383,7 +397,7 @@ class Runner:
                 # the job is over and its folder goes next: its files may become the blobs themselves,
                 # and the folder the dependency tree (unless another artifact lies inside it or around it)
                 nested = any(p != path and (o.is_relative_to(src) or src.is_relative_to(o)) for p, o in sources.items())
-                manifest = save_tree(store, src, adopt=local and not nested, trees=None if nested else trees,
+                manifest = save_tree(self.store, src, adopt=local and not nested, trees=None if nested else trees,
                                      cache=self.workdir / "blobs", warn=warn)
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})

@@ -33,8 +33,14 @@ def check() -> None:
 
 @cli.command()
 @click.option("--server", "server_url", envvar="DSTACK_SERVER_URL", required=True, help="URL of the dstack server.")
-@click.option("--token", envvar="DSTACK_TOKEN", required=True, help="Server token (or env DSTACK_TOKEN).")
-@click.option("--name", default=None, help="Runner name (default: generated).")
+@click.option("--token", envvar="DSTACK_TOKEN", default=None,
+              help="This runner's token, from `dstack runners add` (or env DSTACK_TOKEN).")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Read the token from this file, and remove it once read.")
+@click.option("--token-fd", type=int, default=None, hidden=True)  # the token, from the process before exec
+@click.option("--name", default=None, help="Runner name (default: its token's, or generated).")
+@click.option("--labels", "labels", multiple=True, metavar="KEY=VALUE",
+              help="A label that workflows may ask for (repeatable); added to those of its token.")
 @click.option("--backend", default=None, hidden=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where job folders live (default: DSTACK_HOME/runner).")
@@ -43,9 +49,17 @@ def check() -> None:
               help="Exit after the server has been unreachable this many seconds while no job runs (default: "
                    "wait for it forever; 60 with --idle-timeout). A job's reports wait for the server anyway.")
 @click.option("--no-docker", is_flag=True, help="Run host jobs only, even if Docker is available.")
-def start(server_url: str, token: str, name: str | None, backend: str | None, workdir: Path | None,
-          idle_timeout: float | None, server_lost_timeout: float | None, no_docker: bool) -> None:
+def start(server_url: str, token: str | None, token_file: Path | None, token_fd: int | None, name: str | None,
+          labels: tuple[str, ...], backend: str | None, workdir: Path | None, idle_timeout: float | None,
+          server_lost_timeout: float | None, no_docker: bool) -> None:
     """Register with a server and execute the jobs it hands out."""
+    if token_fd is not None:
+        with os.fdopen(token_fd) as f:
+            token = f.read()
+    elif token is not None:
+        _start_without_token_in_sight(token)  # does not return
+    token = _token(token, token_file)
+    hide_secrets()
     from dstack.runner.client import ServerClient
     from dstack.runner.daemon import Runner
     from dstack.runner.resources import detect_resources
@@ -59,7 +73,8 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
     if server_lost_timeout is None and idle_timeout is not None:
         server_lost_timeout = 60.0  # an on-demand runner does not wait forever for a server that is gone
     runner = Runner(ServerClient(server_url, token), resources, workdir or dstack_home() / "runner", name=name,
-                    backend=backend, idle_timeout=idle_timeout, server_lost_timeout=server_lost_timeout)
+                    backend=backend, idle_timeout=idle_timeout, server_lost_timeout=server_lost_timeout,
+                    labels=_labels(labels))
 
     def _term(signum, _frame):
         logging.getLogger("dstack.runner").info("signal %s: stopping the current job (if any) and exiting", signum)
@@ -82,6 +97,63 @@ def start(server_url: str, token: str, name: str | None, backend: str | None, wo
         raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
     except DstackError as e:
         raise click.ClickException(f"{e.message}" + (f" ({e.hint})" if e.hint else "")) from None
+
+
+def _token(token: str | None, token_file: Path | None) -> str:
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            raise click.UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+        token_file.unlink(missing_ok=True)
+    if not token:
+        raise click.UsageError("a token is needed: --token TOKEN (from `dstack runners add` on the server's "
+                               "machine), env DSTACK_TOKEN, or --token-file PATH")
+    return token
+
+
+def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    from dstack.core.names import parse_labels
+
+    try:
+        return parse_labels(pairs)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def _start_without_token_in_sight(token: str) -> None:
+    """A token given by --token or DSTACK_TOKEN is in this process's command line (which every user of the
+    machine can read: `ps`) or in its environment (which a job of the same user can read, /proc/PID/environ)
+    for as long as it lives. So the runner starts itself again at once, without either: the token goes to the
+    new process through a pipe."""
+    read, write = os.pipe()
+    os.write(write, token.encode())
+    os.close(write)
+    os.set_inheritable(read, True)
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--token":
+            skip = True
+        elif not arg.startswith("--token="):
+            argv.append(arg)
+    env = {k: v for k, v in os.environ.items() if k not in ("DSTACK_TOKEN", "DSTACK_SERVER_TOKEN")}
+    os.execve(sys.executable, [sys.executable, "-m", "dstack.runner.main", *argv, "--token-fd", str(read)], env)
+
+
+def hide_secrets() -> None:
+    """The token leaves the environment (children do not inherit it), and this process is not dumpable: a job
+    that runs as the same user can read neither its /proc/PID/environ nor its memory (Linux)."""
+    os.environ.pop("DSTACK_TOKEN", None)
+    os.environ.pop("DSTACK_SERVER_TOKEN", None)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):  # not Linux
+        pass
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from dstack.server.background.loops import run_loops
 from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
 from dstack.server.routers import artifacts, code, runners, runs, tags
-from dstack.server.routers.deps import authorized
+from dstack.server.routers.deps import RUNNER_API, authorized
 from dstack.server.services import runners as runner_service
 from dstack.server.services.code import CodeBlobs
 from dstack.server.services.disk import disk_full, is_disk_full
@@ -62,7 +62,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
     for r in (runs.router, runners.router, tags.router, code.router, artifacts.router):
         app.include_router(r)
 
-    @app.get("/api/healthz", tags=["server"])
+    @app.get("/api/healthz", tags=["server", RUNNER_API])
     async def healthz() -> dict:
         return {"version": __version__}
 

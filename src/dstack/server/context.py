@@ -105,6 +105,12 @@ class Context:
     unrecorded: dict[str, str] = field(default_factory=dict)
     # runner name -> when its last heartbeat came (monotonic), whether or not the database could record it
     heard: dict[str, float] = field(default_factory=dict)
+    # the hash of a runner's token -> its runner's name, for the tokens seen (the database has them all)
+    runner_tokens: dict[str, str] = field(default_factory=dict)
+    # runners a backend started that have not registered yet: name -> backend; a backend whose runners exit
+    # before they register: backend -> (failures in a row, when to try again, why), said as queued jobs' reason
+    starting: dict[str, str] = field(default_factory=dict)
+    start_failures: dict[str, tuple[int, float, str]] = field(default_factory=dict)
 
     def stop(self) -> None:
         self.stopping = True

@@ -12,8 +12,8 @@ from dstack.backends.base import Bootstrap
 from dstack.core.models import JobSpec, JobStatus, RunnerStatus
 from dstack.core.resources import RunnerResources
 from dstack.server.context import Context
-from dstack.server.db.tables import JobRow, RunnerRow
-from dstack.server.services import runners
+from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
+from dstack.server.services import runner_tokens, runners
 from dstack.server.services.scheduler import fits
 
 log = logging.getLogger("dstack.server")
@@ -34,10 +34,13 @@ async def autoscale(ctx: Context) -> None:
             .order_by(JobRow.submitted_at))).all()
         if not queued:
             return
-    idle = [RunnerResources.model_validate(r.resources) for r in live if not r.job_id]
+        draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
+    idle = [RunnerResources.model_validate(r.resources) for r in live if not r.job_id and r.name not in draining]
     registered = {r.name for r in live}
     for backend in ctx.backends:
         instances = backend.list()
+        _count_failed_starts(ctx, backend, {i.runner_name for i in instances}, registered)
+        _, retry_at, _ = ctx.start_failures.get(backend.name, (0, 0.0, ""))
         starting = [i for i in instances if i.runner_name not in registered
                     and time.monotonic() - i.started_at < STARTUP_GRACE]
         alive = len(instances)
@@ -50,18 +53,38 @@ async def autoscale(ctx: Context) -> None:
             if spare > 0:
                 spare -= 1
                 continue
-            if alive >= backend.max_runners:
+            if alive >= backend.max_runners or time.monotonic() < retry_at:
                 break
             offer = next((o for o in backend.offers() if not fits(job, o)), None)
             if offer is None:
                 continue
-            async with ctx.sessions() as s:
-                name = await runners.new_name(s, exclude={i.runner_name for i in instances})
+            # a token of its own, never the admin's: it can do a runner's work and nothing else
+            identity = await runner_tokens.issue(ctx, None, {}, issued_by=backend.name)
             instances.append(backend.create(offer, Bootstrap(
-                server_url=ctx.settings.url, token=ctx.settings.token, runner_name=name,
+                server_url=ctx.settings.url, token=identity.token, runner_name=identity.name,
                 idle_timeout=ctx.settings.runner_idle_timeout)))
-            log.info("started %s runner %s for job %s", backend.name, name, row.job_id)
+            ctx.starting[identity.name] = backend.name
+            log.info("started %s runner %s for job %s", backend.name, identity.name, row.job_id)
             alive += 1
+
+
+def _count_failed_starts(ctx: Context, backend, running: set[str], registered: set[str]) -> None:
+    """A runner the backend started that is gone before it registered failed to start: the next one is started
+    only after a back-off (1, 2, 4 ... 60 s), and queued jobs say why they wait. One that registers ends it."""
+    for name, of in list(ctx.starting.items()):
+        if of != backend.name:
+            continue
+        if name in registered:
+            del ctx.starting[name]
+            ctx.start_failures.pop(backend.name, None)
+        elif name not in running:
+            del ctx.starting[name]
+            failures = ctx.start_failures.get(backend.name, (0, 0.0, ""))[0] + 1
+            delay = min(60.0, 2.0 ** (failures - 1))
+            why = (f"the {backend.name} backend's runner {name} exited before it registered "
+                   f"({failures} in a row; {backend.describe_failure(name)}); trying again in {delay:g} s")
+            ctx.start_failures[backend.name] = (failures, time.monotonic() + delay, why)
+            log.warning("%s", why)
 
 
 async def run_loops(ctx: Context, interval: float = 0.5) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -95,3 +95,19 @@ class RunnerRow(Base):
     registered_at: Mapped[datetime] = mapped_column(DateTime)
     last_seen_at: Mapped[datetime] = mapped_column(DateTime)
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    labels: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    version: Mapped[str | None] = mapped_column(String(50), nullable=True)
+
+
+class RunnerTokenRow(Base):
+    """A runner's identity: the hash of its token (the token is shown once, when issued), its labels, who issued
+    it (`admin`, or the backend that started the runner), and whether it is being drained."""
+
+    __tablename__ = "runner_tokens"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labels: Mapped[dict] = mapped_column(JSON, default=dict)
+    issued_by: Mapped[str] = mapped_column(String(50))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)

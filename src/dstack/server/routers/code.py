@@ -4,7 +4,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse
 
 from dstack.server.context import Context
-from dstack.server.routers.deps import get_ctx
+from dstack.server.routers.deps import RUNNER_API, caller_runner, get_ctx
+from dstack.server.services import jobs
 
 router = APIRouter(prefix="/api/code", tags=["code"])
 
@@ -21,6 +22,10 @@ async def put(digest: str, request: Request, ctx: Context = Depends(get_ctx)) ->
     return {}
 
 
-@router.get("/{digest}")
-async def get(digest: str, ctx: Context = Depends(get_ctx)) -> FileResponse:
+@router.get("/{digest}", tags=[RUNNER_API])
+async def get(request: Request, digest: str, ctx: Context = Depends(get_ctx)) -> FileResponse:
+    """A code blob; a runner gets only the code of its own unfinished jobs."""
+    runner = caller_runner(request)
+    if runner is not None:
+        await jobs.runner_may_read_code(ctx, runner, digest)
     return FileResponse(ctx.code.file(digest), media_type="application/octet-stream")

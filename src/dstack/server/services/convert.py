@@ -53,7 +53,7 @@ def tag_model(row: TagRow) -> Tag:
                created_at=row.created_at)
 
 
-def runner_model(row: RunnerRow) -> RunnerInfo:
+def runner_model(row: RunnerRow, draining: bool = False) -> RunnerInfo:
     return RunnerInfo(
         name=row.name,
         hostname=row.hostname,
@@ -63,4 +63,7 @@ def runner_model(row: RunnerRow) -> RunnerInfo:
         registered_at=row.registered_at,
         last_seen_at=row.last_seen_at,
         job_id=row.job_id,
+        labels=row.labels or {},
+        version=row.version,
+        draining=draining,
     )

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from sqlalchemy import select
 
-from dstack.core.errors import Conflict, NotFound
+from dstack.core.errors import Conflict, Forbidden, NotFound
 from dstack.core.models import FINISHED, Job, JobStatus, JobUpdate, RunnerStatus
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow, RunRow
@@ -157,3 +157,15 @@ async def _job(ctx: Context, job_id: str) -> Job:
 
 def ensure_dirs(ctx: Context) -> None:
     os.makedirs(ctx.settings.logs_dir, exist_ok=True)
+
+
+async def runner_may_read_code(ctx: Context, runner: str, digest: str) -> None:
+    """A runner reads only the code of the jobs it was given and that have not ended."""
+    async with ctx.sessions() as s:
+        specs = (await s.scalars(select(JobRow.spec).where(
+            JobRow.runner_name == runner, JobRow.status.not_in([j.value for j in FINISHED])))).all()
+    for spec in specs:
+        code = spec.get("code") or {}
+        if digest in (code.get("diff_hash"), code.get("files_hash"), code.get("archive_hash")):
+            return
+    raise Forbidden(f"runner {runner} runs no job whose code is {digest[:12]}")

@@ -19,7 +19,8 @@ from dstack.core.models import (
 )
 from dstack.core.names import random_base
 from dstack.server.context import Context
-from dstack.server.db.tables import JobRow, RunnerRow
+from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
+from dstack.server.services import runner_tokens
 from dstack.server.services.convert import runner_model
 from dstack.server.services.jobs import log_path
 from dstack.server.services.run_state import now, refresh_run_status
@@ -50,9 +51,12 @@ async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
             raise Conflict(f"runner {name} is registered already and runs job {row.job_id}",
                            hint=f"start this runner with another --name; if that runner is gone, the server gives "
                                 f"it up {timeout:g} s after its last heartbeat")
+        identity = await s.get(RunnerTokenRow, name)
         if row is None:
             row = RunnerRow(name=name, registered_at=t)
             s.add(row)
+        row.labels = {**(identity.labels if identity is not None else {}), **reg.labels}
+        row.version = reg.version
         row.hostname, row.backend = reg.hostname, reg.backend
         row.resources = reg.resources.model_dump()
         row.status, row.last_seen_at, row.job_id = RunnerStatus.READY.value, t, None
@@ -93,6 +97,8 @@ async def heartbeat(ctx: Context, name: str, job_id: str | None, last_taken: str
                     reply.stop = reply.stop or "abort"
             if row.job_id and row.job_id != job_id:
                 failed = await _reconcile(ctx, s, row, job_id, knows=last_taken == row.job_id)
+            identity = await s.get(RunnerTokenRow, name)
+            reply.terminate = bool(identity is not None and identity.draining and not job_id and not row.job_id)
         row.last_seen_at = now()
         await s.commit()
     for failed_id in failed:
@@ -163,7 +169,8 @@ async def terminated(ctx: Context, names: list[str]) -> None:
 
 
 async def deregister(ctx: Context, name: str) -> None:
-    """A runner leaves; a job it took and did not finish fails (it will not come back to it)."""
+    """A runner leaves; a job it took and did not finish fails (it will not come back to it). The token of a
+    runner that a backend started, or that was removed (drained), works no more."""
     failed = []
     async with ctx.sessions() as s:
         row = await s.get(RunnerRow, name)
@@ -171,6 +178,10 @@ async def deregister(ctx: Context, name: str) -> None:
             row.status, row.job_id = RunnerStatus.TERMINATED.value, None
             failed = await _fail_jobs_of(s, name, f"runner {name} exited before the job ended")
             await s.commit()
+        identity = await s.get(RunnerTokenRow, name)
+        done_with = identity is not None and (identity.draining or identity.issued_by != runner_tokens.ADMIN)
+    if done_with:
+        await runner_tokens.revoke(ctx, name)
     for job_id in failed:
         ctx.signals.notify(f"job:{job_id}")
     ctx.signals.notify("runners")
@@ -200,7 +211,32 @@ async def list_runners(ctx: Context, include_gone: bool = False) -> list[RunnerI
     if not include_gone:
         q = q.where(RunnerRow.status.in_((RunnerStatus.READY.value, RunnerStatus.BUSY.value)))
     async with ctx.sessions() as s:
-        return [runner_model(r) for r in (await s.scalars(q)).all()]
+        draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
+        return [runner_model(r, r.name in draining) for r in (await s.scalars(q)).all()]
+
+
+async def remove(ctx: Context, name: str, force: bool) -> RunnerInfo | dict:
+    """`dstack runners remove`: a runner that runs takes no new job and goes once its job has ended (with
+    `force`, its job is stopped now, artifacts saved); its token works no more once it has gone. One that does
+    not run is removed at once. Returns the runner as it is now, or {} when it is gone."""
+    from dstack.server.services import runs
+
+    async with ctx.sessions() as s:
+        row = await s.get(RunnerRow, name)
+        live = row is not None and row.status in (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
+        job_id = row.job_id if live else None
+    if not live:
+        if await runner_tokens.identity(ctx, name) is None and row is None:
+            raise NotFound(f"no runner named '{name}'", hint="`dstack runners -a` lists them")
+        if await runner_tokens.identity(ctx, name) is not None:
+            await runner_tokens.revoke(ctx, name)
+        return {}
+    await runner_tokens.drain(ctx, name)
+    if force and job_id:
+        await runs.stop(ctx, None, job_id, abort=False)
+    ctx.signals.notify("runners")
+    ctx.signals.notify("jobs")  # its long poll for a job answers now
+    return next(r for r in await list_runners(ctx, include_gone=True) if r.name == name)
 
 
 async def reap_lost(ctx: Context) -> list[str]:

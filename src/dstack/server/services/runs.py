@@ -213,10 +213,14 @@ async def list_runs(ctx: Context, repo_id: str | None, limit: int | None,
 
 
 def _unrecorded(ctx: Context, run: Run) -> Run:
-    """An unfinished job whose end its runner reported but the server could not write down says so."""
+    """An unfinished job whose end its runner reported but the server could not write down says so; a queued
+    job, why no runner has been started for it (a backend whose runners exit at once)."""
+    waiting = "; ".join(why for _, _, why in ctx.start_failures.values())
     for job in run.jobs:
         if job.job_id in ctx.unrecorded and not job.status.finished:
             job.reason = ctx.unrecorded[job.job_id]
+        elif waiting and job.status == JobStatus.SUBMITTED and job.runner is None:
+            job.reason = waiting
     return run
 
 

@@ -12,7 +12,7 @@ from dstack.core.errors import Unavailable, Unsatisfiable
 from dstack.core.models import JobSpec, JobStatus, RunnerStatus
 from dstack.core.resources import RunnerResources, missing, most_offered
 from dstack.server.context import Context
-from dstack.server.db.tables import JobRow, RunnerRow
+from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
 from dstack.server.services.run_state import now, refresh_run_status
 
 LIVE = (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
@@ -27,7 +27,9 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[str]:
     warnings about what it asks for that it will not get."""
     async with ctx.sessions() as s:
         runners = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE)))).all()
-    offers = [(f"runner {r.name}", RunnerResources.model_validate(r.resources)) for r in runners]
+        draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
+    offers = [(f"runner {r.name}", RunnerResources.model_validate(r.resources)) for r in runners
+              if r.name not in draining]
     for backend in ctx.backends:
         offers += [(f"backend {backend.name}", offer) for offer in await asyncio.to_thread(backend.offers)]
     lacking: dict[tuple[str, ...], list[str]] = {}  # what they lack -> who lacks it: alike machines said once
@@ -74,10 +76,17 @@ async def take_job(ctx: Context, runner_name: str, wait: float,
             raise Unavailable("the server is stopping", hint="a runner waits for it to come back")
         if gone is not None and await gone():
             return None
+        if await _draining(ctx, runner_name):
+            return None  # `dstack runners remove`: it takes no new job
         job = await _try_take(ctx, runner_name)
         if job is not None or time.monotonic() >= deadline:
             return job
         await ctx.signals.wait(queued, deadline - time.monotonic())
+
+
+async def _draining(ctx: Context, runner_name: str) -> bool:
+    async with ctx.sessions() as s:
+        return bool(await s.scalar(select(RunnerTokenRow.draining).where(RunnerTokenRow.name == runner_name)))
 
 
 async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
