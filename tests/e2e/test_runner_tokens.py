@@ -103,7 +103,9 @@ def test_a_self_hosted_runner_joins_with_its_own_token_and_is_removed(server, tm
     root = project("workflows:\n  - name: peek\n    commands:\n"
                    "      - env | grep -c DSTACK_TOKEN || true\n"
                    "      - tr '\\0' '\\n' < /proc/$PPID/environ | grep -c DSTACK_TOKEN || true\n"
-                   "  - name: long\n    commands: [sleep 30]\n")
+                   "  - name: long\n    commands: [sleep 30]\n"
+                   "  - name: zoned\n    commands: [echo in zone a]\n    resources:\n      labels: {zone: a}\n"
+                   "  - name: elsewhere\n    commands: [echo never]\n    resources:\n      labels: {zone: b}\n")
     issued = add_runner(client, root, "--name", "gpu-box", "--labels", "zone=a")
     shown = client("runners", "add", "--name", "second", cwd=root, check=True)
     assert "its token is shown this once" in shown.stdout and f"dstack-runner start --server {url} --token" \
@@ -129,6 +131,11 @@ def test_a_self_hosted_runner_joins_with_its_own_token_and_is_removed(server, tm
 
         r = client("run", "peek", cwd=root, check=True)
         assert r.stdout.split() == ["0", "0"], r.stdout  # no token in the job's environment, nor its runner's
+        # labels: a workflow that asks for them runs only where they are
+        assert "in zone a" in client("run", "zoned", cwd=root, check=True).stdout
+        refused = client("run", "elsewhere", cwd=root)
+        assert refused.returncode == 2 and refused.stderr.startswith(".dstack/workflows.yaml:15:15: error: ")
+        assert "runner gpu-box lacks the label zone=b" in refused.stderr, refused.stderr
 
         client("run", "long", "-d", cwd=root, check=True)
         run = client.runs(root)[0]["run_name"]

@@ -194,6 +194,8 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
                                                   "properties": {"path": RELATIVE_PATH}}]}}, NULL),
     (CommandsSpec, "working_dir"): lambda s: _either({**s, **RELATIVE_PATH}, NULL),
     (CommandsSpec, "resources"): lambda s: _either(s, NULL),
+    # Requirements `_labels`: null for none; any scalar as a label's value
+    (Requirements, "labels"): lambda s: _either({**s, "additionalProperties": SCALAR}, NULL),
     # BashSpec `_required`: at least one command
     (BashSpec, "commands"): lambda s: _instead(s, {**LINES, "minItems": 1}, STRING),
     # DockerSpec `_image`: a name without blanks
@@ -248,7 +250,7 @@ _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
     (CommandsSpec, "artifacts"): "Folders (relative to working_dir) saved when the job ends, as immutable "
                                  "artifacts.",
     (CommandsSpec, "resources"): "What the job needs of a runner: cpu, memory, gpu (or <name>/gpu: N), "
-                                 "shm_size, interruptible.",
+                                 "shm_size, interruptible, labels.",
     (BashSpec, "image"): "A Docker image to run the commands in; without one they run on the runner's host.",
     (DockerSpec, "image"): "The Docker image to run the commands in (its own command when there are none).",
     (Requirements, "cpu"): "The number of CPUs.",
@@ -257,6 +259,7 @@ _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
     (Requirements, "gpu"): "GPUs: a count, or {count, name, memory}.",
     (Requirements, "interruptible"): "The job may run on an interruptible (spot) machine.",
     (Requirements, "local"): "Reserved; has no effect yet.",
+    (Requirements, "labels"): "Labels the runner must have (`dstack runners add --labels zone=lab`): {zone: lab}.",
     (GpuRequirement, "count"): "The number of GPUs.",
     (GpuRequirement, "name"): "A GPU model, matched as a substring of the runner's GPU name (v100, A100).",
     (GpuRequirement, "memory_mib"): "Memory of each GPU: 40GB, or a number of MB.",

@@ -71,6 +71,16 @@ class Requirements(Model):
     shm_size_mib: int | None = Field(None, alias="shm_size", serialization_alias="shm_size_mib")
     interruptible: bool = False
     local: bool = False
+    labels: dict[str, str] = Field({}, max_length=50)  # a runner's labels that the job needs, each as given
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if isinstance(v, dict):  # `gpu-type: 1` is the label's text "1"
+            return {str(k): str(x).lower() if isinstance(x, bool) else str(x) for k, x in v.items()}
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -118,6 +128,8 @@ class Requirements(Model):
             parts.append(f"{format_mib(self.shm_size_mib)} shared memory")
         if self.interruptible:
             parts.append("interruptible")
+        if self.labels:
+            parts.append("labels " + ",".join(f"{k}={v}" for k, v in self.labels.items()))
         return ", ".join(parts) or "no specific resources"
 
 
@@ -179,8 +191,9 @@ def most_offered(req: Requirements, offers: list[RunnerResources]) -> dict[str, 
     return best
 
 
-def missing(req: Requirements, res: RunnerResources, needs_docker: bool) -> list[str]:
-    """What `res` lacks to run a job with `req`; empty when it fits."""
+def missing(req: Requirements, res: RunnerResources, needs_docker: bool,
+            labels: dict[str, str] | None = None) -> list[str]:
+    """What `res` (a runner with `labels`) lacks to run a job with `req`; empty when it fits."""
     lacks = []
     if needs_docker and not res.docker:
         lacks.append("Docker (the workflow has an image)")
@@ -196,4 +209,7 @@ def missing(req: Requirements, res: RunnerResources, needs_docker: bool) -> list
             if req.gpu.memory_mib:
                 what += f" with {format_mib(req.gpu.memory_mib)}"
             lacks.append(f"{what} (has {len(gpus)} matching)")
+    wrong = [f"{k}={v}" for k, v in req.labels.items() if (labels or {}).get(k) != v]
+    if wrong:
+        lacks.append(f"the label{'s' if len(wrong) > 1 else ''} {', '.join(wrong)}")
     return lacks  # an on-demand machine may run an interruptible job

@@ -35,7 +35,8 @@ async def autoscale(ctx: Context) -> None:
         if not queued:
             return
         draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
-    idle = [RunnerResources.model_validate(r.resources) for r in live if not r.job_id and r.name not in draining]
+    idle = [(RunnerResources.model_validate(r.resources), r.labels) for r in live
+            if not r.job_id and r.name not in draining]
     registered = {r.name for r in live}
     for backend in ctx.backends:
         instances = backend.list()
@@ -47,7 +48,7 @@ async def autoscale(ctx: Context) -> None:
         spare = len(idle) + len(starting)
         for row in queued:
             job = JobSpec.model_validate(row.spec)
-            if any(not fits(job, res) for res in idle):
+            if any(not fits(job, res, labels) for res, labels in idle):
                 spare -= 1  # an idle runner will take it
                 continue
             if spare > 0:

@@ -23,6 +23,11 @@ def located(e: Unsatisfiable, resolved: ResolvedWorkflow) -> Unsatisfiable:
         place, variable, key = resolved.resource_source(what)
         where = where or place
         fixes.append(_fix(resolved, what, most, variable, key))
+    if "the label" in e.message:
+        entry = resolved.entry
+        where = where or entry.located.error(entry.path + ("resources", "labels"), "")
+        fixes.append("start a runner with those labels (`dstack runners add --labels KEY=VALUE`, then "
+                     "`dstack-runner start` with its token), or change `labels`")
     if "Docker" in e.message:
         entry = resolved.entry
         where = where or entry.located.error(entry.path + ("image",), "")

@@ -18,8 +18,9 @@ from dstack.server.services.run_state import now, refresh_run_status
 LIVE = (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
 
 
-def fits(job: JobSpec, res: RunnerResources) -> list[str]:
-    return missing(job.requirements, res, needs_docker=bool(job.image))
+def fits(job: JobSpec, res: RunnerResources, labels: dict[str, str] | None = None) -> list[str]:
+    """What a runner with `res` and `labels` lacks to run `job`: empty when it fits."""
+    return missing(job.requirements, res, needs_docker=bool(job.image), labels=labels)
 
 
 async def check_satisfiable(ctx: Context, job: JobSpec) -> list[str]:
@@ -28,15 +29,15 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[str]:
     async with ctx.sessions() as s:
         runners = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE)))).all()
         draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
-    offers = [(f"runner {r.name}", RunnerResources.model_validate(r.resources)) for r in runners
+    offers = [(f"runner {r.name}", RunnerResources.model_validate(r.resources), r.labels) for r in runners
               if r.name not in draining]
     for backend in ctx.backends:
-        offers += [(f"backend {backend.name}", offer) for offer in await asyncio.to_thread(backend.offers)]
+        offers += [(f"backend {backend.name}", offer, {}) for offer in await asyncio.to_thread(backend.offers)]
     lacking: dict[tuple[str, ...], list[str]] = {}  # what they lack -> who lacks it: alike machines said once
-    for who, res in offers:
-        lacks = fits(job, res)
+    for who, res, labels in offers:
+        lacks = fits(job, res, labels)
         if not lacks:
-            return _warnings(job, [res for _, res in offers])
+            return _warnings(job, [res for _, res, _ in offers])
         lacking.setdefault(tuple(lacks), []).append(who)
     if not offers:
         raise Unsatisfiable("no runner is registered and no backend is configured",
@@ -48,7 +49,7 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[str]:
         f"{detail}",
         hint="ask for less in the workflow's `resources` (or in the variables they use), or add a runner "
              "that has it: `dstack-runner start --server URL --token TOKEN` on such a machine",
-        most=most_offered(job.requirements, [res for _, res in offers]),
+        most=most_offered(job.requirements, [res for _, res, _ in offers]),
     )
 
 
@@ -101,7 +102,7 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
         )).all()
         for row in queued:
             spec = JobSpec.model_validate(row.spec)
-            if fits(spec, res):
+            if fits(spec, res, runner.labels):
                 continue
             taken = await s.execute(
                 update(JobRow)
