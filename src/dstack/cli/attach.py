@@ -29,9 +29,12 @@ def _ask(run_name: str) -> str:
     sys.stderr.write(f"\nStop {run_name}? [S]top (save artifacts) / [a]bort / [d]etach / [c]ontinue: ")
     sys.stderr.flush()
     try:
-        answer = sys.stdin.readline().strip().lower()
+        line = sys.stdin.readline()
     except KeyboardInterrupt:
-        return "stop"
+        line = ""
+    if not line.endswith("\n"):  # Ctrl-C (the terminal echoed ^C) or Ctrl-D: what follows starts a line of its own
+        sys.stderr.write("\n")
+    answer = line.strip().lower()
     return {"": "stop", "s": "stop", "a": "abort", "d": "detach", "c": "continue"}.get(answer[:1], "stop")
 
 
