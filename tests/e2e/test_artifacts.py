@@ -82,6 +82,8 @@ def test_list_download_resume_and_diff(dstack, project, tmp_path):
     assert sorted(p.name for p in one.rglob("*") if p.is_file()) == ["note.txt"]
     r = dstack("artifacts", "download", first, "nope", "-o", str(one), cwd=root)
     assert r.returncode == 2 and "nothing at 'nope'" in r.stderr
+    r = dstack("artifacts", "download", first, "sub/note.txt", "-o", str(one), cwd=root)  # without its artifact
+    assert r.returncode == 2 and "did you mean 'out/sub/note.txt'? PATH starts with the artifact's folder" in r.stderr
 
     diff = json.loads(dstack("artifacts", "diff", first, second, "--json", cwd=root, check=True).stdout)
     assert diff["changed"] == ["out/big.bin", "out/sub/note.txt"] and diff["added"] == diff["removed"] == []

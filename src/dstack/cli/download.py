@@ -39,9 +39,10 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
     plan: list[tuple[Path, Entry]] = []
     links: list[tuple[Path, Entry]] = []
     dirs: list[Path] = []
+    entries = {a["manifest"]: client.manifest(a["manifest"]).entries for a in artifacts}
     for a in artifacts:
         base = output / validate_relative_path(a["path"], "artifact path") if a["path"] != "." else output
-        for e in _selected(a["path"], client.manifest(a["manifest"]).entries, only):
+        for e in _selected(a["path"], entries[a["manifest"]], only):
             dest = base / e.path
             if e.kind == "dir":
                 dirs.append(dest)
@@ -51,7 +52,7 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
                 plan.append((dest, e))
     if only is not None and not (plan or links or dirs):
         names = ", ".join(a["path"] for a in artifacts)
-        raise NotFound(f"nothing at '{only}' in these artifacts", hint=f"artifacts: {names}")
+        raise NotFound(f"nothing at '{only}' in these artifacts", hint=_near(artifacts, entries, only) + names)
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     todo = []
@@ -74,6 +75,20 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
         os.symlink(e.target, dest)
     skipped = len(plan) - len(todo)
     print(f"{plural(len(plan), 'file')} in {output}" + (f" ({skipped} already there)" if skipped else ""))
+
+
+def _near(artifacts: list[dict], entries: dict[str, list[Entry]], only: str) -> str:
+    """`data/dataset.csv` for `dataset.csv`: PATH written without its artifact's folder (the first few that end
+    so), as the start of the hint."""
+    inner = only.strip("/")
+    near = [f"{a['path']}/{e.path}" if a["path"] != "." else e.path for a in artifacts for e in entries[a["manifest"]]
+            if e.path == inner or e.path.endswith("/" + inner)][:3]
+    if not near:
+        return "artifacts: "
+    from dstack.core.names import printable
+
+    quoted = " or ".join(f"'{printable(n)}'" for n in near)
+    return f"did you mean {quoted}? PATH starts with the artifact's folder; artifacts: "
 
 
 def _fetch(client: Client, dest: Path, e: Entry, advance) -> None:
