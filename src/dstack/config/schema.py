@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 
+from dstack.core.models import RetryPolicy
 from dstack.core.resources import _SIZE, GpuRequirement, Requirements
 from dstack.providers.base import CommandsSpec, WorkflowSpec, providers
 from dstack.providers.bash import BashSpec
@@ -180,6 +181,9 @@ Transform = Callable[[Schema], Schema]
 _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
     # `_deps`: null for none, one dependency for a list of one; the mapping form is parsed by
     # config/workflows.py
+    # `_retry`: a count (the limit, on a lost runner) or a boolean; `on` one word for a list of one
+    (WorkflowSpec, "retry"): lambda s: _either(s, {"type": "integer", "minimum": 0, "maximum": 100},
+                                              {"type": "boolean"}, NULL),
     (WorkflowSpec, "dependencies"): lambda s: _either(
         {**s, "items": {"anyOf": [STRING, _own(DEPENDENCY)]}}, STRING, _own(DEPENDENCY), NULL),
     # `_lines`: one line for a list of one; numbers and booleans as text
@@ -233,6 +237,8 @@ _SPELLINGS: dict[tuple[type[BaseModel], str], list[str]] = {(WorkflowSpec, "depe
 _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
     (WorkflowSpec, "name"): "The workflow's name: `dstack run NAME`.",
     (WorkflowSpec, "help"): "A line that describes the workflow.",
+    (WorkflowSpec, "retry"): "Start the job again, at most `limit` more times, when its runner is lost (and, with "
+                             "`on: [runner-lost, error]`, when it fails): `retry: 2`.",
     (WorkflowSpec, "provider"): "What runs the workflow: a provider's name. Default: `docker` when the "
                                 "workflow has an `image`, else `bash`.",
     (WorkflowSpec, "dependencies"): "Runs whose artifacts this workflow needs, mounted read-only at the "
@@ -260,6 +266,9 @@ _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
     (Requirements, "interruptible"): "The job may run on an interruptible (spot) machine.",
     (Requirements, "local"): "Reserved; has no effect yet.",
     (Requirements, "labels"): "Labels the runner must have (`dstack runners add --labels zone=lab`): {zone: lab}.",
+    (RetryPolicy, "limit"): "How many more times the job may start again (1 to 100).",
+    (RetryPolicy, "on"): "What starts it again: runner-lost (its runner stopped answering or went away), error "
+                         "(it failed).",
     (GpuRequirement, "count"): "The number of GPUs.",
     (GpuRequirement, "name"): "A GPU model, matched as a substring of the runner's GPU name (v100, A100).",
     (GpuRequirement, "memory_mib"): "Memory of each GPU: 40GB, or a number of MB.",

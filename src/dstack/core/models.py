@@ -5,9 +5,9 @@ from __future__ import annotations
 import base64
 import enum
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, PlainSerializer
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, PlainSerializer
 
 from dstack.core.base import Body, Model
 from dstack.core.code import CodeSnapshot
@@ -75,6 +75,16 @@ class DependencyRef(Model):
     manifests: dict[str, str] = {}  # artifact path -> manifest digest: exactly what was consumed
 
 
+class RetryPolicy(Model):
+    """`retry:` of a workflow: how many more times its job starts again, and on what (`runner-lost`: its runner
+    stopped answering or went away; `error`: it exited with an error)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(1, ge=1, le=100)
+    on: list[Literal["runner-lost", "error"]] = Field(["runner-lost"], min_length=1)
+
+
 class JobSpec(Model):
     """Everything a runner needs to execute one job. Produced by a provider, completed by the server."""
 
@@ -92,6 +102,9 @@ class JobSpec(Model):
     dependencies: list[DependencyRef] = []
     code: CodeSnapshot | None = None
     master: bool = True
+    retry: RetryPolicy | None = None
+    attempt: int = 1  # counts the starts again (`retry`)
+    log_base: int = 0  # where this attempt's output starts in the job's log (earlier attempts' output before it)
 
 
 class RunRequest(Body):

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dstack.core.errors import ConfigError, did_you_mean
-from dstack.core.models import JobSpec
+from dstack.core.models import JobSpec, RetryPolicy
 from dstack.core.resources import Requirements
 
 
@@ -42,6 +42,25 @@ class WorkflowSpec(BaseModel):
     @classmethod
     def _deps(cls, v: Any) -> Any:
         return [] if v is None else [v] if isinstance(v, str | dict) else v
+
+    retry: RetryPolicy | None = None
+
+    @field_validator("retry", mode="before")
+    @classmethod
+    def _retry(cls, v: Any) -> Any:
+        """`retry: 2` is `{limit: 2}` (on a lost runner); `retry: true` is `{limit: 1}`; false or 0: none."""
+        if v is None or v is False or v == 0:
+            return None
+        if v is True:
+            return {"limit": 1}
+        if isinstance(v, int):
+            return {"limit": v}
+        if isinstance(v, dict):
+            if True in v and "on" not in v:  # YAML 1.1 reads the key `on` as the boolean true
+                v = {("on" if k is True else k): x for k, x in v.items()}
+            if isinstance(v.get("on"), str):
+                v = {**v, "on": [v["on"]]}
+        return v
 
 
 class CommandsSpec(WorkflowSpec):
@@ -134,6 +153,7 @@ class CommandsProvider(Provider):
                 artifacts=spec.artifacts,
                 ports=spec.ports,
                 requirements=spec.resources,
+                retry=spec.retry,
             )
         ]
 

@@ -48,11 +48,25 @@ async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUp
         again = finished and (job.status, job.exit_code) == (upd.status.value, upd.exit_code)
         if upd.logs and not again:  # before the status: a follower that sees the job finished has all its
             # output; it is woken once, when both are there
-            append_logs(ctx, job_id, upd.logs, notify=False, offset=upd.logs_offset)
+            offset = None if upd.logs_offset is None else upd.logs_offset + _log_base(job.spec)
+            append_logs(ctx, job_id, upd.logs, notify=False, offset=offset)
         if finished:
             if upd.logs and not again:
                 ctx.signals.notify(f"job:{job_id}")
             return JobStatus(job.status)  # e.g. failed by the janitor meanwhile: the first word stands
+        if upd.status == JobStatus.FAILED:
+            from dstack.server.services import retries
+
+            code = f" (exit code {upd.exit_code})" if upd.exit_code else ""
+            if retries.requeue(ctx, job, retries.ERROR, f"it failed on runner {runner_name}{code}"):
+                runner = await s.get(RunnerRow, runner_name)
+                if runner is not None and runner.job_id == job_id:
+                    runner.job_id, runner.status = None, RunnerStatus.READY.value
+                await refresh_run_status(s, job.run_name)
+                await s.commit()
+                ctx.signals.notify(f"job:{job_id}")
+                ctx.signals.notify("jobs")
+                return upd.status
         job.status = upd.status.value
         if upd.exit_code is not None:
             job.exit_code = upd.exit_code
@@ -87,14 +101,21 @@ async def append_runner_logs(ctx: Context, runner_name: str, job_id: str, data: 
     to, and only while the job has not finished (its last output travels with its final status instead, see
     update_status); no log is made for a job the server does not know. `append`: append_logs's options."""
     async with ctx.sessions() as s:
-        job = (await s.execute(select(JobRow.runner_name, JobRow.status).where(JobRow.job_id == job_id))).first()
+        job = (await s.execute(select(JobRow.runner_name, JobRow.status, JobRow.spec)
+                                .where(JobRow.job_id == job_id))).first()
     if job is None:
         raise NotFound(f"no job '{job_id}'")
     if job.runner_name != runner_name:
         raise Conflict(f"job {job_id} is not assigned to runner {runner_name}; its output comes from its own runner")
     if JobStatus(job.status) in FINISHED:
         raise Conflict(f"job {job_id} is {job.status}: its log takes no more output")
+    if append.get("offset") is not None:  # the runner counts from this attempt's start (see services/retries)
+        append["offset"] += _log_base(job.spec)
     append_logs(ctx, job_id, data, **append)
+
+
+def _log_base(spec: dict | None) -> int:
+    return int((spec or {}).get("log_base") or 0)
 
 
 def log_path(ctx: Context, job_id: str):

@@ -150,12 +150,14 @@ async def server_started(ctx: Context, local_runners: set[str]) -> None:
         for r in live:
             if r.backend == "local" and r.name not in local_runners:
                 r.status, r.job_id = RunnerStatus.TERMINATED.value, None
-                failed += await _fail_jobs_of(s, r.name, f"runner {r.name} ended while the server was down")
+                failed += await _fail_jobs_of(s, r.name, f"runner {r.name} ended while the server was down", ctx)
             else:
                 r.last_seen_at = now()
         await s.commit()
     for job_id in failed:
         ctx.signals.notify(f"job:{job_id}")
+    if failed:
+        ctx.signals.notify("jobs")  # some may be queued again (retry)
 
 
 async def terminated(ctx: Context, names: list[str]) -> None:
@@ -176,7 +178,7 @@ async def deregister(ctx: Context, name: str) -> None:
         row = await s.get(RunnerRow, name)
         if row is not None:
             row.status, row.job_id = RunnerStatus.TERMINATED.value, None
-            failed = await _fail_jobs_of(s, name, f"runner {name} exited before the job ended")
+            failed = await _fail_jobs_of(s, name, f"runner {name} exited before the job ended", ctx)
             await s.commit()
         identity = await s.get(RunnerTokenRow, name)
         done_with = identity is not None and (identity.draining or identity.issued_by != runner_tokens.ADMIN)
@@ -184,6 +186,8 @@ async def deregister(ctx: Context, name: str) -> None:
         await runner_tokens.revoke(ctx, name)
     for job_id in failed:
         ctx.signals.notify(f"job:{job_id}")
+    if failed:
+        ctx.signals.notify("jobs")  # some may be queued again (retry)
     ctx.signals.notify("runners")
 
 
@@ -195,13 +199,18 @@ async def fail_jobs_of(ctx: Context, runner_names: list[str], reason: str) -> No
         await s.commit()
 
 
-async def _fail_jobs_of(s, runner_name: str, reason: str) -> list[str]:
+async def _fail_jobs_of(s, runner_name: str, reason: str, ctx: Context | None = None) -> list[str]:
+    """The unfinished jobs of a runner that is gone FAIL with `reason`; given `ctx`, those whose workflow says
+    `retry` go back to the queue instead (services/retries)."""
+    from dstack.server.services import retries
+
     jobs = (await s.scalars(select(JobRow).where(
         JobRow.runner_name == runner_name, JobRow.status.notin_([x.value for x in FINISHED])))).all()
     for job in jobs:
-        job.status = JobStatus.FAILED.value
-        job.finished_at = now()
-        job.reason = reason
+        if ctx is None or not retries.requeue(ctx, job, retries.RUNNER_LOST, reason):
+            job.status = JobStatus.FAILED.value
+            job.finished_at = now()
+            job.reason = reason
         await refresh_run_status(s, job.run_name)
     return [j.job_id for j in jobs]
 
@@ -253,8 +262,10 @@ async def reap_lost(ctx: Context) -> list[str]:
                 continue  # heard from lately: only the database missed it (it could not write)
             r.status, r.job_id = RunnerStatus.OFFLINE.value, None
             failed += await _fail_jobs_of(s, r.name, f"runner {r.name} stopped responding "
-                                                     f"(no heartbeat for {timeout:g}s)")
+                                                     f"(no heartbeat for {timeout:g}s)", ctx)
         await s.commit()
     for job_id in failed:
         ctx.signals.notify(f"job:{job_id}")
+    if failed:
+        ctx.signals.notify("jobs")  # some may be queued again (retry)
     return failed
