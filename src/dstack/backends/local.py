@@ -62,7 +62,9 @@ class LocalBackend:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(bootstrap.token)
-        env = {k: v for k, v in os.environ.items() if k not in ("DSTACK_TOKEN", "DSTACK_SERVER_TOKEN")}
+        # nor the server's cloud credentials: a runner reaches an S3 store by presigned URLs alone
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DSTACK_TOKEN", "DSTACK_SERVER_TOKEN") and not k.startswith("AWS_")}
         cmd = [sys.executable, "-m", "dstack.runner.main", "start", "--server", bootstrap.server_url,
                "--name", bootstrap.runner_name, "--backend", self.name, "--workdir", str(workdir),
                "--idle-timeout", str(bootstrap.idle_timeout), "--token-file", str(token_file)]

@@ -25,23 +25,28 @@ TEMPORARY = (502, 503, 504, 507)
 RETRYABLE = (httpx.TransportError, ServerTrouble)  # errors after which a report is sent again, for as long as needed
 
 
+def raise_for(r: httpx.Response) -> httpx.Response:
+    """`r`, unless the server refused or failed the request: then its error, as ours (ServerTrouble: try again)."""
+    if r.status_code >= 400:
+        try:
+            error = error_from_dict(r.json()["error"])
+        except (ValueError, KeyError, TypeError):
+            error = DstackError(f"server answered {r.status_code}: {r.text[:200]}")
+        if r.status_code in TEMPORARY:
+            raise ServerTrouble(error.message, r.status_code)
+        if r.status_code >= 500:
+            raise ServerError(error.message, r.status_code)
+        raise error
+    return r
+
+
 class ServerClient:
     def __init__(self, url: str, token: str, timeout: float = 30.0):
         self.http = httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"},
                                  timeout=timeout)
 
     def _check(self, r: httpx.Response) -> httpx.Response:
-        if r.status_code >= 400:
-            try:
-                error = error_from_dict(r.json()["error"])
-            except (ValueError, KeyError, TypeError):
-                error = DstackError(f"server answered {r.status_code}: {r.text[:200]}")
-            if r.status_code in TEMPORARY:
-                raise ServerTrouble(error.message, r.status_code)
-            if r.status_code >= 500:
-                raise ServerError(error.message, r.status_code)
-            raise error
-        return r
+        return raise_for(r)
 
     def register(self, reg: RunnerRegistration) -> RunnerInfo:
         return RunnerInfo.model_validate(self._check(self.http.post("/api/runners/register",

@@ -16,11 +16,13 @@ from dstack.core.errors import DstackError, Unauthorized
 from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
 from dstack.core.processes import stop_grace
 from dstack.core.resources import RunnerResources, visible_gpus_env
-from dstack.runner import workspace
+from dstack.core.sizes import human_size
+from dstack.runner import transfer, workspace
 from dstack.runner.client import RETRYABLE, ServerClient, ServerError
 from dstack.runner.code import recreate
 from dstack.runner.logs import AsWritten, LogShipper
-from dstack.storage.blobstore import LocalBlobStore, open_store
+from dstack.storage.blobstore import BlobStore, LocalBlobStore
+from dstack.storage.cache import DEFAULT_CACHE_SIZE, BlobCache
 from dstack.storage.save import save_tree
 from dstack.storage.tree import artifact_source
 
@@ -39,7 +41,8 @@ STOP_GRACE = stop_grace()
 class Runner:
     def __init__(self, client: ServerClient, resources: RunnerResources, workdir: Path, name: str | None = None,
                  backend: str | None = None, idle_timeout: float | None = None,
-                 server_lost_timeout: float | None = 60.0, labels: dict[str, str] | None = None):
+                 server_lost_timeout: float | None = 60.0, labels: dict[str, str] | None = None,
+                 cache_size: int | None = DEFAULT_CACHE_SIZE):
         self.client = client
         self.labels = labels or {}
         self.resources = resources
@@ -59,6 +62,8 @@ class Runner:
         self._executors: dict[bool, object] = {}
         self.inline_logs = False  # whether the last output may travel with the final status (server >= 0.3)
         self._store = None
+        self.cache_size = cache_size  # bytes of fetched blobs the runner keeps (a store it reaches over HTTP)
+        self._cache: BlobCache | None = None
 
     def executor_for(self, job: JobSpec):
         """One executor of each kind per runner (a Docker client is worth keeping)."""
@@ -75,10 +80,36 @@ class Runner:
         return self._executors[kind]
 
     @property
-    def store(self):
+    def store(self) -> LocalBlobStore | transfer.Transfers:
+        """The store's folder (on the server's machine, where the runner may use it), else transfers through the
+        server; asked for once, when the first job needs it."""
         if self._store is None:
-            self._store = open_store(self.client.store_config())
+            self._store = transfer.open_store(self.client, self.workdir)
         return self._store
+
+    @property
+    def cache(self) -> BlobCache:
+        if self._cache is None:
+            self._cache = BlobCache(self.workdir / "blobs", self.cache_size)
+        return self._cache
+
+    def _job_store(self, job: JobSpec) -> BlobStore:
+        store = self.store
+        return store if isinstance(store, LocalBlobStore) else store.for_job(self.name, job.job_id)
+
+    def _mounted(self, job: JobSpec, store: BlobStore) -> None:
+        """After a job's dependencies are in place: say what they cost, and keep the blob cache within its
+        bound (the trees that jobs mount now stay)."""
+        if isinstance(store, transfer.JobStore):
+            st = store.stats
+            log.info("job %s: dependencies ready: downloaded %d blobs (%s, %d bytes)%s", job.job_id, st.downloaded,
+                     human_size(st.downloaded_bytes), st.downloaded_bytes,
+                     f", resumed after {human_size(st.resumed_bytes)} kept from a cut" if st.resumed_bytes else "")
+            if st.downloaded:
+                pruned = self.cache.prune(self._trees()[1], workspace.trees_in_use(self.workdir))
+                if pruned.bytes:
+                    log.info("blob cache: removed %d blobs and %d trees (%s) to stay within %s", pruned.blobs,
+                             pruned.trees, human_size(pruned.bytes), human_size(self.cache.limit or 0))
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -337,7 +368,9 @@ class Runner:
         (root / job.working_dir).mkdir(parents=True, exist_ok=True)
         mounts = []  # the store is opened only for a job that has dependencies or artifacts
         if job.dependencies:
-            mounts = workspace.dependency_mounts(job, root, self.store, self._trees()[1], self.workdir / "blobs")
+            store = self._job_store(job)
+            mounts = workspace.dependency_mounts(job, root, store, self._trees()[1], self.cache)
+            self._mounted(job, store)
         if self.stop_requested:
             self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,
                          reason="stopped before it started")
@@ -372,6 +405,7 @@ class Runner:
         if job.artifacts:
             self._report(job, JobStatus.UPLOADING, {"exit_code": code, **started})
             local, trees = self._trees()
+            store = self._job_store(job)
             sources = {path: artifact_source(root / job.working_dir, path) for path in job.artifacts}
             for path in job.artifacts:
                 src = sources[path]
@@ -397,10 +431,13 @@ class Runner:
                 # the job is over and its folder goes next: its files may become the blobs themselves,
                 # and the folder the dependency tree (unless another artifact lies inside it or around it)
                 nested = any(p != path and (o.is_relative_to(src) or src.is_relative_to(o)) for p, o in sources.items())
-                manifest = save_tree(self.store, src, adopt=local and not nested, trees=None if nested else trees,
-                                     cache=self.workdir / "blobs", warn=warn)
+                manifest = save_tree(store, src, adopt=local and not nested, trees=None if nested else trees,
+                                     cache=self.cache, warn=warn)
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})
+            if isinstance(store, transfer.JobStore):
+                log.info("job %s: artifacts saved: uploaded %d blobs (%s)", job.job_id, store.stats.uploaded,
+                         human_size(store.stats.uploaded_bytes))
         if self.inline_logs:  # the last output goes with the final status, stored before it
             logs_offset, logs = shipper.drain()
         else:

@@ -49,9 +49,12 @@ def check() -> None:
               help="Exit after the server has been unreachable this many seconds while no job runs (default: "
                    "wait for it forever; 60 with --idle-timeout). A job's reports wait for the server anyway.")
 @click.option("--no-docker", is_flag=True, help="Run host jobs only, even if Docker is available.")
+@click.option("--cache-size", default="20GB", show_default=True, metavar="SIZE",
+              help="Dependency blobs downloaded through the server are kept up to this size (e.g. 500MB, 1TB); "
+                   "the least recently used go first.")
 def start(server_url: str, token: str | None, token_file: Path | None, token_fd: int | None, name: str | None,
           labels: tuple[str, ...], backend: str | None, workdir: Path | None, idle_timeout: float | None,
-          server_lost_timeout: float | None, no_docker: bool) -> None:
+          server_lost_timeout: float | None, no_docker: bool, cache_size: str) -> None:
     """Register with a server and execute the jobs it hands out."""
     if token_fd is not None:
         with os.fdopen(token_fd) as f:
@@ -59,6 +62,12 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
     elif token is not None:
         _start_without_token_in_sight(token)  # does not return
     token = _token(token, token_file)
+    from dstack.storage.cache import parse_size
+
+    try:
+        cache_bytes = parse_size(cache_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--cache-size") from None
     hide_secrets()
     from dstack.runner.client import ServerClient
     from dstack.runner.daemon import Runner
@@ -74,7 +83,7 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
         server_lost_timeout = 60.0  # an on-demand runner does not wait forever for a server that is gone
     runner = Runner(ServerClient(server_url, token), resources, workdir or dstack_home() / "runner", name=name,
                     backend=backend, idle_timeout=idle_timeout, server_lost_timeout=server_lost_timeout,
-                    labels=_labels(labels))
+                    labels=_labels(labels), cache_size=cache_bytes)
 
     def _term(signum, _frame):
         logging.getLogger("dstack.runner").info("signal %s: stopping the current job (if any) and exiting", signum)

@@ -11,6 +11,7 @@ from dstack.core.errors import NotFound
 from dstack.core.models import JobSpec
 from dstack.runner.executors.base import Mount
 from dstack.storage.blobstore import BlobStore
+from dstack.storage.cache import BlobCache
 from dstack.storage.tree import artifact_source, remove_tree, tree_cache
 
 log = logging.getLogger("dstack.runner")
@@ -25,10 +26,16 @@ def job_path(job: JobSpec, path: str) -> str:
     return os.path.normpath(os.path.join(job.working_dir, path))
 
 
-def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, cache: Path) -> list[Mount]:
+IN_USE = "trees-in-use"  # beside the job's code folder: the dependency trees it mounts, one digest a line
+
+
+def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, cache: BlobCache) -> list[Mount]:
     """Each dependency artifact as a read-only folder to mount at its path: built once per manifest
     (hard links to the store's blobs when it is on this disk, else to blobs fetched into `cache`).
-    A path that leads outside the job's folder through a symlink of the code is refused."""
+    A path that leads outside the job's folder through a symlink of the code is refused. The trees are
+    recorded beside the job's code (`trees_in_use`), so that pruning the cache leaves them while it runs."""
+    digests = [d for dep in job.dependencies for d in dep.manifests.values()]
+    (root.parent / IN_USE).write_text("".join(f"{d}\n" for d in digests))
     mounts = []
     for dep in job.dependencies:
         for path in dep.artifacts:
@@ -43,6 +50,17 @@ def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, c
                                      "store (pruned?)") from None
             mounts.append(Mount(source=src, target=job_path(job, path), read_only=True))
     return mounts
+
+
+def trees_in_use(workdir: Path) -> set[str]:
+    """The dependency trees that the jobs in the runner's folder mount (its own and those of runners sharing it)."""
+    found: set[str] = set()
+    for record in (workdir / "jobs").glob(f"*/{IN_USE}"):
+        try:
+            found |= set(record.read_text().split())
+        except OSError:  # its job ended just now
+            continue
+    return found
 
 
 def use_workdir(workdir: Path):

@@ -104,6 +104,24 @@ class BlobStore(Protocol):
     def delete_stale_upload(self, name: str) -> None: ...
 
 
+@runtime_checkable
+class Presigns(Protocol):
+    """A store that can hand out presigned URLs (S3): a runner moves blobs with them, never holding the store's
+    credentials. The server gives a runner only URLs of its own jobs' blobs."""
+
+    def presign_get(self, h: str) -> str: ...
+
+    def presign_put(self, h: str, size: int) -> str: ...
+
+    def start_parts(self, h: str) -> str: ...
+
+    def uploaded_parts(self, h: str, upload_id: str) -> dict[int, tuple[str, int]]: ...
+
+    def presign_part(self, h: str, upload_id: str, number: int) -> str: ...
+
+    def finish_parts(self, h: str, upload_id: str, size: int) -> None: ...
+
+
 # ---- hashing and copying, shared by the backends and the tree walker ----
 
 

@@ -27,6 +27,7 @@ from dstack.storage.blobstore import TOUCH_AFTER, BlobInfo, ingest_fd, parse_man
 from dstack.storage.hashing import IntegrityError, check_hash, hash_bytes, hash_fd
 
 MiB = 1 << 20
+PRESIGN_EXPIRES = 3600  # seconds a presigned URL works
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 
 
@@ -138,6 +139,67 @@ class S3BlobStore:
 
     def local_path(self, h: str) -> Path | None:
         return None
+
+    # ---- presigned URLs: what a runner may do with one blob, without the store's credentials ----
+
+    def presign_get(self, h: str, expires: int = PRESIGN_EXPIRES) -> str:
+        """A URL that GETs blob `h` (Range too) for `expires` seconds."""
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._blob(h)},
+                                                  ExpiresIn=expires)
+
+    def presign_put(self, h: str, size: int, expires: int = PRESIGN_EXPIRES) -> str:
+        """A URL that PUTs blob `h` (exactly `size` bytes) in one request."""
+        return self.client.generate_presigned_url(
+            "put_object", Params={"Bucket": self.bucket, "Key": self._blob(h), "ContentLength": size},
+            ExpiresIn=expires)
+
+    def start_parts(self, h: str) -> str:
+        """The id of a multipart upload of blob `h` (resumed when one is under way): parts go up by
+        presign_part's URLs, then finish_parts publishes the blob."""
+        key = self._blob(h)
+        with self._s3(f"listing of the uploads of {key}"):
+            ups = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=key).get("Uploads", [])
+        mine = sorted((u for u in ups if u["Key"] == key), key=lambda u: u["Initiated"])
+        if mine:
+            return mine[-1]["UploadId"]
+        with self._s3(f"start of the upload of {key}"):
+            return self.client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+
+    def uploaded_parts(self, h: str, upload_id: str) -> dict[int, tuple[str, int]]:
+        """The parts of an upload that S3 has: number -> (ETag, size)."""
+        parts: dict[int, tuple[str, int]] = {}
+        try:
+            with self._s3("listing of parts"):
+                for page in self.client.get_paginator("list_parts").paginate(
+                        Bucket=self.bucket, Key=self._blob(h), UploadId=upload_id):
+                    for p in page.get("Parts", []):
+                        parts[p["PartNumber"]] = (p["ETag"], p["Size"])
+        except _Missing:
+            raise NotFound(f"no upload {upload_id} of blob {h}") from None
+        return parts
+
+    def presign_part(self, h: str, upload_id: str, number: int, expires: int = PRESIGN_EXPIRES) -> str:
+        return self.client.generate_presigned_url(
+            "upload_part", Params={"Bucket": self.bucket, "Key": self._blob(h), "UploadId": upload_id,
+                                   "PartNumber": number}, ExpiresIn=expires)
+
+    def finish_parts(self, h: str, upload_id: str, size: int) -> None:
+        """Publish blob `h` from the parts S3 has of the upload (all of them, `size` bytes in all)."""
+        parts = self.uploaded_parts(h, upload_id)
+        got = sum(n for _etag, n in parts.values())
+        if got != size or sorted(parts) != list(range(1, len(parts) + 1)):
+            raise IntegrityError(f"the upload of blob {h} has {len(parts)} parts and {got} bytes, not {size}")
+        try:
+            with self._s3(f"completion of the upload of blob {h}"):
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=self._blob(h), UploadId=upload_id,
+                    MultipartUpload={"Parts": [{"PartNumber": n, "ETag": parts[n][0]} for n in sorted(parts)]})
+        except _Missing:
+            raise NotFound(f"no upload {upload_id} of blob {h}") from None
+
+    def blob_size(self, h: str) -> int | None:
+        head = self._head(self._blob(h))
+        return None if head is None else head["ContentLength"]
 
     def put_manifest(self, m: Manifest) -> str:
         digest = m.digest()

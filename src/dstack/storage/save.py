@@ -53,8 +53,9 @@ from dstack.core.manifest import (
     unresolved_symlinks,
 )
 from dstack.storage.blobstore import TOUCH_AFTER, BlobStore, LocalBlobStore, file_identity
+from dstack.storage.cache import BlobCache
 from dstack.storage.hashing import SMALL_FILE, IntegrityError, hash_bytes, hash_fd, read_exactly
-from dstack.storage.tree import BlobCache, TreeBuilder, remove_tree
+from dstack.storage.tree import TreeBuilder, remove_tree
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Saved trees on a runner: build the tree of a manifest again (hard links where the blobs are on the
-same disk, a runner-side cache of fetched blobs elsewhere), keep built trees for reuse, remove and
-verify them. Saving is in dstack.storage.save."""
+same disk, a runner-side cache of fetched blobs elsewhere: dstack.storage.cache), keep built trees for
+reuse, remove and verify them. Saving is in dstack.storage.save."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from pathlib import Path
 from dstack.core.errors import DstackError
 from dstack.core.manifest import Entry, Manifest, UnsafePath, normalize_relative_path
 from dstack.storage.blobstore import BlobStore
-from dstack.storage.hashing import copy_fd, hash_fd
+from dstack.storage.cache import BlobCache, copy_file
+from dstack.storage.hashing import hash_fd
 
 
 def artifact_source(job_root: Path, path: str) -> Path:
@@ -32,35 +33,6 @@ def artifact_source(job_root: Path, path: str) -> Path:
 
 
 # ---- build ----
-
-
-class BlobCache:
-    """Blobs fetched from a remote store, on the runner's disk: <root>/<h[:2]>/<h> (0444), plus
-    `<h>.x` (0555) for content that is linked as an executable. Written atomically, verified on
-    fetch, so whatever is in it is right; safe to share between processes."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, h: str, executable: bool = False) -> Path:
-        return self.root / h[:2] / (f"{h}.x" if executable else h)
-
-    def ensure(self, store: BlobStore, h: str) -> Path:
-        """The cached blob; fetched once if absent."""
-        p = self.path(h)
-        if not p.exists():
-            p.parent.mkdir(exist_ok=True)
-            store.fetch(h, p)
-        return p
-
-    def executable(self, source: Path, h: str) -> Path:
-        """A 0555 copy of blob `h` (from `source`), to hard-link where the manifest says +x."""
-        p = self.path(h, executable=True)
-        if not p.exists():
-            p.parent.mkdir(exist_ok=True)
-            _copy_file(source, p, 0o555, atomic=True)
-        return p
 
 
 def materialise(store: BlobStore, manifest: Manifest, dest: Path, cache: BlobCache | Path | None = None,
@@ -173,7 +145,7 @@ class TreeBuilder:
         assert h is not None
         target = self.dest / e.path
         if self.cache is not None and self.cache.path(h).exists():
-            _copy_file(self.cache.path(h), target, self.mode(e))
+            copy_file(self.cache.path(h), target, self.mode(e))
         else:
             self.store.fetch(h, target)  # verified
             os.chmod(target, self.mode(e))
@@ -183,34 +155,16 @@ def _device(path: Path) -> int:
     return os.stat(path).st_dev
 
 
-def _copy_file(src: Path, dst: Path, mode: int, atomic: bool = False) -> None:
-    final = dst
-    if atomic:
-        dst = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.part")
-    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            copy_fd(fin, out, os.fstat(fin).st_size)
-            os.fchmod(out, mode)
-        finally:
-            os.close(out)
-        if atomic:
-            os.rename(dst, final)
-    except BaseException:
-        if atomic and dst.exists():
-            dst.unlink()
-        raise
-    finally:
-        os.close(fin)
-
-
 def tree_cache(store: BlobStore, digest: str, trees_root: Path, cache: BlobCache | Path | None = None) -> Path:
     """A read-only folder holding the tree of manifest `digest`, built once per runner (atomically)
     and reused: mounting the same dependency again costs one stat. Bind-mount it read-only."""
     trees_root = Path(trees_root)
     final = trees_root / digest
     if final.is_dir():
+        try:
+            os.utime(final)  # mounted now: the last tree a bounded cache prunes
+        except OSError:
+            pass
         return final
     manifest = store.get_manifest(digest)
     trees_root.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,10 @@ from dstack.core.models import (
     RunnerTokenRequest,
 )
 from dstack.core.names import MAX_JOB_ID, MAX_RUNNER_NAME
+from dstack.core.transfers import StoreAccess
 from dstack.server.context import Context
 from dstack.server.routers.deps import RUNNER_API, acting_as, caller_runner, get_ctx
-from dstack.server.services import jobs, runner_tokens, runners, scheduler
+from dstack.server.services import jobs, runner_tokens, runners, scheduler, transfers
 
 router = APIRouter(prefix="/api/runners", tags=["runners"])
 
@@ -97,6 +98,7 @@ async def job_logs(request: Request, name: str = Own, job_id: str = JobId,
 
 
 @router.get("/store", tags=[RUNNER_API])
-async def store(ctx: Context = Depends(get_ctx)) -> dict:
-    """Where runners save and read artifacts (S3 credentials come from the runner's own environment)."""
-    return ctx.settings.store_config
+async def store(ctx: Context = Depends(get_ctx)) -> StoreAccess:
+    """How a runner reaches the artifact store: the folder itself on the server's machine, else the transfer API
+    (routers/transfers.py; never the store's credentials)."""
+    return transfers.store_access(ctx)

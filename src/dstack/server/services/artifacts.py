@@ -12,8 +12,9 @@ from dstack.core.models import FINISHED, JobStatus
 from dstack.server.context import Context
 from dstack.server.db.tables import InputRow, JobRow, RunRow, TagRow
 from dstack.server.services import runs
+from dstack.storage.cache import BlobCache
 from dstack.storage.gc import collect
-from dstack.storage.tree import BlobCache, remove_tree
+from dstack.storage.tree import remove_tree
 
 
 async def list_artifacts(ctx: Context, repo_id: str | None, ref: str) -> list[dict]:

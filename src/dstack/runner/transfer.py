@@ -1,0 +1,398 @@
+"""How a runner reaches the artifact store: the store's folder itself when it runs on the server's machine and
+may open it (zero-copy: hard links), else the server's transfer API (server/routers/transfers.py) for one job
+at a time, with presigned URLs of an S3 store where the server hands them out. The runner never holds the
+store's credentials or relies on its paths.
+
+Transfers are content-addressed, verified and resumable: a download is written to `.<name>.part` beside its
+destination and goes on from there after a cut (a Range request; the bytes there are hashed again first), and
+the whole is checked against the blob's BLAKE3 before it is renamed into place; an upload goes on from the
+offset the server says it holds. Blobs move in parallel (the callers' thread pools, `concurrency` threads)."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+from blake3 import blake3
+
+from dstack.core.errors import Conflict, DstackError
+from dstack.core.manifest import Manifest
+from dstack.core.transfers import MAX_BLOBS, DownloadUrls, StoreAccess, UploadPlan, UploadPlans
+from dstack.runner.client import RETRYABLE, ServerClient, ServerTrouble, raise_for
+from dstack.storage.blobstore import LocalBlobStore, ingest_fd, parse_manifest
+from dstack.storage.hashing import CHUNK, IntegrityError, check_hash, hash_bytes
+
+log = logging.getLogger("dstack.runner")
+
+PIECE = 1 << 20  # bytes per read and write of a transfer
+PATIENCE = 600.0  # seconds a transfer waits for a server (or S3) that cannot take it, without progress
+URL_LIFETIME = 3000.0  # seconds a presigned URL is used (the server signs them for 3600)
+
+
+def open_store(client: ServerClient, workdir: Path, workers: int = 8) -> LocalBlobStore | Transfers:
+    """The store's folder when the server says where it is, this is its machine and the runner can use it;
+    otherwise transfers through the server."""
+    access = StoreAccess.model_validate(client.store_config())
+    local = usable_folder(access)
+    if local is not None:
+        log.info("artifact store: %s (on this machine: hard links, no copies)", local)
+        return LocalBlobStore(local)
+    log.info("artifact store: through the server%s", " (presigned URLs of its S3 store)" if access.presigned else "")
+    return Transfers(client, access.presigned, workers)
+
+
+def usable_folder(access: StoreAccess) -> Path | None:
+    """The store's folder, if it is on this machine and this runner may read and write it."""
+    if access.type != "local" or not access.path:
+        return None
+    if access.machine_id and access.machine_id != _machine_id():
+        return None
+    root = Path(access.path)
+    for sub in ("blobs", "manifests", "tmp"):
+        if not os.access(root / sub, os.R_OK | os.W_OK | os.X_OK):
+            return None
+    return root
+
+
+def _machine_id() -> str | None:
+    try:
+        return Path("/etc/machine-id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+class Transfers:
+    """The runner's connections for transfers; `for_job` gives the store of one job."""
+
+    def __init__(self, client: ServerClient, presigned: bool, workers: int = 8):
+        limits = httpx.Limits(max_connections=2 * workers, max_keepalive_connections=2 * workers)
+        timeout = httpx.Timeout(60.0, connect=10.0)
+        self.server = httpx.Client(base_url=client.http.base_url, headers=dict(client.http.headers),
+                                   timeout=timeout, limits=limits)
+        self.direct = httpx.Client(timeout=timeout, limits=limits) if presigned else None  # no token to S3
+        self.workers = workers
+
+    def for_job(self, runner: str, job_id: str) -> JobStore:
+        return JobStore(self, runner, job_id)
+
+    def close(self) -> None:
+        self.server.close()
+        if self.direct is not None:
+            self.direct.close()
+
+
+class Stats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.downloaded = self.downloaded_bytes = self.resumed_bytes = 0
+        self.uploaded = self.uploaded_bytes = 0
+
+    def add(self, **kw: int) -> None:
+        with self._lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+class JobStore:
+    """The store as one job of this runner sees it through the server: it saves that job's artifacts and reads
+    its dependencies (a BlobStore for save_tree, materialise and tree_cache)."""
+
+    def __init__(self, transfers: Transfers, runner: str, job_id: str):
+        self.t = transfers
+        self.concurrency = transfers.workers
+        self.base = f"/api/runners/{runner}/jobs/{job_id}"
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._stored: set[str] = set()
+        self._wanted: set[str] = set()  # blobs of the manifests read: their URLs are asked for together
+        self._urls: dict[str, tuple[str, float]] = {}
+        self._direct = transfers.direct is not None
+
+    def __repr__(self) -> str:
+        return f"JobStore({self.t.server.base_url}{self.base})"
+
+    # -- the server's answers, patiently --
+
+    def _call(self, what: str, fn: Callable[[], httpx.Response]) -> httpx.Response:
+        """fn()'s answer, tried again while the server cannot take it (unreachable, restarting, stopping)."""
+        pause, since = 0.2, time.monotonic()
+        while True:
+            try:
+                return raise_for(fn())
+            except RETRYABLE as e:
+                if time.monotonic() - since > PATIENCE:
+                    raise DstackError(f"could not {what}: {e}") from None
+                log.warning("could not %s: %s; trying again", what, e)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    def _plans(self, blobs: list[tuple[str, int | None]]) -> list[UploadPlan]:
+        body = {"blobs": [{"hash": h, "size": n} for h, n in blobs]}
+        r = self._call("ask which blobs the store lacks", lambda: self.t.server.post(f"{self.base}/uploads", json=body))
+        return UploadPlans.model_validate(r.json()).blobs
+
+    # -- saving --
+
+    def has(self, h: str, *, touch: bool = False) -> bool:
+        if h in self._stored:
+            return True
+        if self._plans([(check_hash(h), None)])[0].stored:
+            self._stored.add(h)
+            return True
+        return False
+
+    def ingest(self, fd: int, size: int, check: Callable[[], None] | None = None) -> str:
+        return ingest_fd(self, fd, size, check)
+
+    def put_bytes(self, data: bytes, h: str, *, trusted: bool = False) -> None:
+        if not trusted and hash_bytes(data) != check_hash(h):
+            raise IntegrityError(f"data given as blob {h} has another hash")
+        view = memoryview(data)
+        plan = UploadPlan(hash=h) if not self._direct else self._plans([(h, len(data))])[0]
+        self._upload(plan, len(data), lambda start, end: view[start:end])
+
+    def put_file(self, fd: int, h: str, size: int, check: Callable[[], None] | None = None) -> None:
+        self._upload(self._plans([(check_hash(h), size)])[0], size, lambda start, end: os.pread(fd, end - start, start))
+        if check is not None:
+            check()
+
+    def _upload(self, plan: UploadPlan, size: int, read: Callable[[int, int], bytes]) -> None:
+        h = plan.hash
+        if plan.stored:
+            self._stored.add(h)
+            return
+        sent = None
+        if self._direct and (plan.url or plan.upload_id):
+            sent = self._upload_direct(plan, size, read)
+        if sent is None:
+            sent = self._upload_to_server(h, plan.offset if not plan.url else 0, size, read)
+        self._stored.add(h)
+        self.stats.add(uploaded=1, uploaded_bytes=sent)
+
+    def _upload_to_server(self, h: str, offset: int, size: int, read: Callable[[int, int], bytes]) -> int:
+        """PUT the blob's bytes from `offset`; after a cut, on from where the server says it is. Bytes sent."""
+        sent, pause, since = 0, 0.2, time.monotonic()
+        while True:
+            try:
+                r = self.t.server.put(f"{self.base}/blobs/{h}", params={"offset": offset, "size": size},
+                                      content=_pieces(read, offset, size, PIECE),
+                                      headers={"Content-Length": str(size - offset),
+                                               "Content-Type": "application/octet-stream"})
+                raise_for(r)
+                return sent + size - offset
+            except (*RETRYABLE, Conflict) as e:  # a cut, the server away, another upload of it under way
+                if time.monotonic() - since > PATIENCE:
+                    raise DstackError(f"could not upload blob {h[:12]}: {e}") from None
+                log.warning("upload of blob %s broke off (%s); going on", h[:12], e)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+            plan = self._plans([(h, size)])[0]
+            if plan.stored:
+                return sent
+            if plan.offset > offset:
+                since = time.monotonic()  # progress
+            sent += max(0, plan.offset - offset)
+            offset = plan.offset
+
+    def _upload_direct(self, plan: UploadPlan, size: int, read: Callable[[int, int], bytes]) -> int | None:
+        """Up by the presigned URLs of the plan: the whole blob, or its missing parts then `complete`. None when
+        S3 cannot be reached from here (the server takes it instead)."""
+        h = plan.hash
+        try:
+            if plan.url:
+                self._put_direct(plan.url, read, 0, size)
+                return size
+            starts, at = {}, 0
+            part_size = max((p.size for p in plan.parts), default=size)
+            for number in range(1, len(plan.parts) + len(plan.done) + 1):
+                starts[number], at = at, at + part_size
+            for p in plan.parts:
+                self._put_direct(p.url, read, starts[p.number], starts[p.number] + p.size)
+        except httpx.ConnectError as e:
+            log.warning("cannot reach the store's presigned URLs (%s): blobs go through the server", e)
+            self._direct = False
+            return None
+        self._call(f"complete the upload of blob {h[:12]}", lambda: self.t.server.post(
+            f"{self.base}/blobs/{h}/complete", json={"upload_id": plan.upload_id, "size": size}))
+        return sum(p.size for p in plan.parts)
+
+    def _put_direct(self, url: str, read: Callable[[int, int], bytes], start: int, end: int) -> None:
+        pause, since = 0.2, time.monotonic()
+        while True:
+            try:
+                r = self.t.direct.put(url, content=_pieces(read, start, end, PIECE),  # type: ignore[union-attr]
+                                      headers={"Content-Length": str(end - start)})
+                if r.status_code >= 300:
+                    raise DstackError(f"the store refused an upload: {r.status_code} {r.text[:200]}")
+                return
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.TimeoutException) as e:
+                if time.monotonic() - since > PATIENCE:
+                    raise DstackError(f"could not upload to the store: {e}") from None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    def put_manifest(self, m: Manifest) -> str:
+        digest, data = m.digest(), m.canonical_json()
+        self._call(f"save manifest {digest[:12]}", lambda: self.t.server.put(
+            f"{self.base}/manifests/{digest}", content=data, headers={"Content-Type": "application/json"}))
+        return digest
+
+    # -- reading dependencies --
+
+    def get_manifest(self, digest: str) -> Manifest:
+        r = self._call(f"read manifest {digest[:12]}", lambda: self.t.server.get(f"{self.base}/manifests/{digest}"))
+        manifest = parse_manifest(r.content, check_hash(digest))
+        with self._lock:
+            self._wanted |= {e.hash for e in manifest.entries if e.kind == "file" and e.size and e.hash}
+        return manifest
+
+    def local_path(self, h: str) -> Path | None:
+        return None
+
+    def _url(self, h: str) -> tuple[httpx.Client, str]:
+        """Where to GET blob `h`: a presigned URL (asked for with those of the other blobs of the manifests
+        read, in one request), or the server."""
+        if not self._direct:
+            return self.t.server, f"{self.base}/blobs/{h}"
+        now = time.monotonic()
+        with self._lock:
+            known = self._urls.get(h)
+            if known is not None and now - known[1] < URL_LIFETIME:
+                return self.t.direct, known[0]  # type: ignore[return-value]
+            ask = [h] + sorted(x for x in self._wanted - {h}
+                               if x not in self._urls or now - self._urls[x][1] >= URL_LIFETIME)[:MAX_BLOBS - 1]
+            r = self._call("ask for download URLs", lambda: self.t.server.post(f"{self.base}/downloads",
+                                                                             json={"hashes": ask}))
+            urls = DownloadUrls.model_validate(r.json()).urls
+            self._urls.update({x: (u, now) for x, u in urls.items()})
+            if h not in urls:
+                self._direct = False
+                return self.t.server, f"{self.base}/blobs/{h}"
+            return self.t.direct, urls[h]  # type: ignore[return-value]
+
+    def fetch(self, h: str, dest: Path) -> None:
+        """Blob `h` into the new file `dest` (0444), verified; resumed from `.<name>.part` beside it, which a
+        cut (or a runner killed) leaves behind."""
+        check_hash(h)
+        dest = Path(dest)
+        part = dest.with_name(f".{dest.name}.part")
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another thread or runner fetching it: wait, then it is there
+            if dest.exists():
+                return
+            kept = os.fstat(fd).st_size
+            got, hasher, kept = self._download(h, fd, kept)
+            if hasher.hexdigest() != h and kept:
+                log.warning("the %d bytes of blob %s kept from a cut download were wrong: fetching it afresh",
+                            kept, h[:12])
+                os.ftruncate(fd, 0)
+                more, hasher, kept = self._download(h, fd, 0)
+                got += more
+            if hasher.hexdigest() != h:
+                os.ftruncate(fd, 0)
+                raise IntegrityError(f"blob {h} is corrupt: what came hashes to {hasher.hexdigest()}")
+            self.stats.add(downloaded=1, downloaded_bytes=got, resumed_bytes=kept)
+            os.fchmod(fd, 0o444)
+            os.rename(part, dest)
+        finally:
+            os.close(fd)
+
+    def _download(self, h: str, fd: int, have: int) -> tuple[int, blake3, int]:
+        """Write the blob from byte `have` (the bytes `fd` holds) on, going on after cuts. Returns the bytes
+        downloaded, the hash of the whole, and how many bytes of what `fd` held were kept."""
+        hasher, kept = blake3(), have
+        _hash_prefix(fd, have, hasher)
+        got, pause, since, total = 0, 0.2, time.monotonic(), None
+        while total is None or have < total:
+            http, url = self._url(h)
+            try:
+                with http.stream("GET", url, headers={"Range": f"bytes={have}-"} if have else {}) as r:
+                    if r.status_code == 416 and have:  # nothing after `have`: it was all there
+                        break
+                    if r.status_code == 200 and have:  # the whole blob came: start over
+                        os.ftruncate(fd, 0)
+                        hasher, have, kept = blake3(), 0, 0
+                    if r.status_code >= 400:
+                        r.read()
+                        if http is not self.t.server and r.status_code in (400, 403):  # an expired URL
+                            self._urls.pop(h, None)
+                            raise httpx.ReadError(f"the store refused a presigned URL ({r.status_code})")
+                        raise_for(r)
+                    total = _total(r, have)
+                    for piece in r.iter_raw(PIECE):
+                        _write(fd, piece, have)
+                        hasher.update(piece)
+                        have += len(piece)
+                        got += len(piece)
+                        since = time.monotonic()
+                    continue
+            except httpx.ConnectError as e:
+                if http is not self.t.server:
+                    log.warning("cannot reach the store's presigned URLs (%s): blobs come through the server", e)
+                    self._direct = False
+                    continue
+                error: Exception = e
+            except (httpx.TransportError, ServerTrouble) as e:
+                error = e
+            if time.monotonic() - since > PATIENCE:
+                raise DstackError(f"could not download blob {h[:12]}: {error}") from None
+            log.warning("download of blob %s broke off at %d bytes (%s); going on", h[:12], have, error)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+        return got, hasher, kept
+
+    # -- what a runner does not do --
+
+    def _not_here(self, *_a, **_kw):
+        raise DstackError("a runner cannot list or delete what the store holds")
+
+    has_manifest = iter_blobs = delete_blobs = iter_manifests = delete_manifest = _not_here
+    iter_stale_uploads = delete_stale_upload = _not_here
+
+
+def _total(r: httpx.Response, have: int) -> int:
+    """The blob's size, from a 206's Content-Range (`bytes A-B/TOTAL`) or a 200's Content-Length."""
+    if r.status_code == 206:
+        text = r.headers.get("content-range", "")
+        start, _, total = text.removeprefix("bytes ").partition("/")
+        if not total.isdigit() or int(start.split("-")[0] or -1) != have:
+            raise DstackError(f"a download answered with Content-Range '{text}', not from byte {have}")
+        return int(total)
+    length = r.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise DstackError("a download answered without its length")
+    return int(length)
+
+
+def _pieces(read: Callable[[int, int], bytes], start: int, end: int, size: int) -> Iterator[bytes]:
+    while start < end:
+        n = min(size, end - start)
+        piece = read(start, start + n)
+        if len(piece) != n:
+            raise IntegrityError("a file shrank while it was uploaded")
+        yield bytes(piece) if isinstance(piece, memoryview) else piece
+        start += n
+
+
+def _write(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _hash_prefix(fd: int, size: int, hasher: blake3) -> None:
+    pos = 0
+    while pos < size:
+        data = os.pread(fd, min(CHUNK, size - pos), pos)
+        if not data:
+            break
+        hasher.update(data)
+        pos += len(data)
