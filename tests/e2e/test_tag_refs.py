@@ -63,3 +63,17 @@ def test_artifacts_of_a_run_of_another_project_say_so(dstack, project, tmp_path)
         assert f"note: {name} is a run of another project" in r.stderr, (args, r.stderr)
     assert (tmp_path / "out" / "data" / "dataset.txt").is_file()
     assert "another project" not in dstack("artifacts", "list", name, cwd=root, check=True).stderr
+
+
+def test_reproducing_a_run_of_another_project_says_so(dstack, project):
+    root = project(WORKFLOWS)
+    dstack("run", "prepare", "-t", "latest", cwd=root, check=True)
+    name = last_run(dstack, root)["run_name"]
+    other = project("workflows:\n  - name: hi\n    commands: [echo hi]\n", name="other")
+
+    r = dstack("run", "--reproduce", name, "-d", cwd=other, check=True)
+    again = last_run(dstack, root)["run_name"]
+    assert again != name
+    assert f"note: {name} is a run of another project" in r.stderr and f"so is {again}, which reproduces it" in r.stderr
+    r = dstack("run", "--reproduce", "prepare:latest", "-d", cwd=root, check=True)  # by its tag, in its project
+    assert f"reproduces prepare:latest ({name})" in r.stderr and "another project" not in r.stderr

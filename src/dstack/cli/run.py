@@ -53,6 +53,9 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
         name = run_name(client, rid, reproduce)
         submitted, interrupted = _deferring_interrupts(lambda: client.reproduce(rid, name))
         what = reproduce if name == reproduce else f"{reproduce} ({name})"
+        if not as_json and submitted.get("repo_id") and submitted["repo_id"] != rid:  # as status and logs say it
+            click.echo(f"note: {name} is a run of another project ({printable(submitted['repo_id'])}), not of this one "
+                       f"({printable(rid)}); so is {submitted['run_name']}, which reproduces it", err=True)
         return _attach(client, submitted, f"reproduces {what}", detach, as_json, interrupted)
     files = ProjectFiles.read(project)
     files.require_workflows()  # before any server starts
@@ -76,7 +79,6 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
     code, blobs = capture(project, lambda: outputs().get("folders", []), tracked.__setitem__)
     for folder in outputs().get("saved", []):
         if folder in tracked:
-            from dstack.core.names import printable
             from dstack.core.sizes import plural
 
             click.echo(f"warning: git tracks {plural(tracked[folder], 'file')} in {printable(folder)}/, an artifact "
