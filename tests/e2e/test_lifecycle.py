@@ -82,6 +82,15 @@ def test_stop_kills_a_job_that_ignores_sigterm_after_the_grace(dstack, project):
     assert f"Waiting for {name} to exit (SIGTERM sent; SIGKILL in 2s)" in r.stderr, r.stderr  # not silent
 
 
+def test_stopping_a_run_that_has_ended_says_so(dstack, project):
+    root = project("workflows:\n  - name: quick\n    commands: [echo quick]\n")
+    dstack("run", "quick", cwd=root, check=True)
+    name = last_run(dstack, root)["run_name"]
+    r = dstack("stop", name, cwd=root, check=True)
+    assert r.stdout.strip() == f"{name} had already ended: DONE; nothing to stop"
+    assert dstack.run_info(root, name)["status"] == "DONE"
+
+
 def test_abort_saves_no_artifacts(dstack, project):
     root = project(SLEEPY.format(image="", sleep="mkdir -p out && sleep 300"))
     name = _submit(dstack, root, "sleepy")

@@ -27,6 +27,9 @@ def stop(run_or_job: str, abort: bool, no_wait: bool) -> None:
     from dstack.cli.output import say_if_other_project
 
     say_if_other_project(run, rid)
+    if run["status"] in (JobStatus.DONE, JobStatus.FAILED):  # it ended on its own: stopping changed nothing
+        click.echo(f"{run['run_name']} had already ended: {run['status']}; nothing to stop")
+        return
     # the runner sends SIGTERM, then SIGKILL after its grace: by then (and a report) the job has ended, or
     # something is wrong that waiting longer would not mend
     grace = 0.0 if abort else stop_grace()
