@@ -56,18 +56,18 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
           labels: tuple[str, ...], backend: str | None, workdir: Path | None, idle_timeout: float | None,
           server_lost_timeout: float | None, no_docker: bool, cache_size: str) -> None:
     """Register with a server and execute the jobs it hands out."""
-    if token_fd is not None:
-        with os.fdopen(token_fd) as f:
-            token = f.read()
-    elif token is not None:
-        _start_without_token_in_sight(token)  # does not return
-    token = _token(token, token_file)
     from dstack.storage.cache import parse_size
 
     try:
         cache_bytes = parse_size(cache_size)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--cache-size") from None
+    if token_fd is not None:
+        with os.fdopen(token_fd) as f:
+            token = f.read()
+    elif token is not None:
+        _start_without_token_in_sight(token)  # does not return
+    token = _token(token, token_file)
     hide_secrets()
     from dstack.runner.client import ServerClient
     from dstack.runner.daemon import Runner
