@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 
 log() { echo "test.sh: $*" >&2; }
 
-# --- system packages: Docker Engine and a static busybox for locally built test images ---
+# --- system packages: Docker Engine, a static busybox for locally built test images, PostgreSQL (its programs
+# only: the tests start a cluster of their own, tests/postgres.py; no service is started) ---
 pkgs=()
 command -v dockerd >/dev/null 2>&1 || pkgs+=(docker.io)
+compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || pkgs+=(postgresql)
 [ -x /bin/busybox ] || pkgs+=(busybox-static)
 python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3.11-venv)
 command -v unshare >/dev/null 2>&1 || pkgs+=(util-linux)
@@ -20,8 +22,17 @@ if [ "${#pkgs[@]}" -gt 0 ]; then
     sleep 2
   done
   log "installing ${pkgs[*]}"
+  # no package may start its service (postgresql's would start a cluster on port 5432): invoke-rc.d asks
+  # policy-rc.d, and 101 means "not now"; one that is there already (Docker images have one) is kept
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  if [ -n "$policy" ]; then rm -f "$policy"; trap - EXIT; fi
 fi
 
 # --- Docker Engine: started in the background when it is not running ---

@@ -84,6 +84,29 @@ def busybox_image(docker_client) -> str:
     return BUSYBOX_IMAGE
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """The session's own PostgreSQL cluster (tests/postgres.py), started when a test first asks for it, stopped
+    and removed at the session's end; fails (never skips) when PostgreSQL is not installed."""
+    from tests.postgres import Cluster
+
+    try:
+        cluster = Cluster.start()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """The server's database, once SQLite (a file of the test's own) and once PostgreSQL (a database of the
+    test's own in the session's cluster): an async SQLAlchemy URL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'dstack.db'}"
+    return request.getfixturevalue("postgres").database()
+
+
 @pytest.fixture
 def dstack_home(tmp_path_factory, monkeypatch) -> Path:
     """A fresh, empty DSTACK_HOME for one test."""

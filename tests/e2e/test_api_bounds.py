@@ -1,8 +1,8 @@
 """Bad input to the HTTP API is a 4xx that says what is wrong, never a server error: every parameter is
 bounded (ints that SQLite can hold, sizes >= 0, names by their rules), a job's log takes output only from its
 runner while it runs, and a busy runner's name is not taken over. Then an API fuzzer (schemathesis, over the
-app's own OpenAPI) finds no 5xx. A real server on loopback in a DSTACK_HOME of its own; runners are played over
-HTTP, as dstack-runner talks to the server."""
+app's own OpenAPI) finds no 5xx. A real server on loopback in a DSTACK_HOME of its own, once on SQLite and once on
+PostgreSQL; runners are played over HTTP, as dstack-runner talks to the server."""
 
 from __future__ import annotations
 
@@ -53,11 +53,14 @@ class Api:
         return self.http.post(f"/api/runners/{runner}/jobs/{job_id}/logs", content=data)
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api(request, tmp_path_factory):
     home = tmp_path_factory.mktemp("bounds-home")
     env = {**os.environ, "DSTACK_HOME": str(home), "DSTACK_MAX_LOCAL_RUNNERS": "0",
            "DSTACK_RUNNER_TIMEOUT": "600"}  # the runners played here send no heartbeats
+    env.pop("DSTACK_DATABASE_URL", None)
+    if request.param == "postgresql":
+        env["DSTACK_DATABASE_URL"] = request.getfixturevalue("postgres").database()
     server = subprocess.Popen([sys.executable, "-m", "dstack.server.main", "--home", str(home)], env=env,
                               stdout=subprocess.DEVNULL, stderr=open(home / "stderr.log", "wb"))
     info = home / "server" / "server.json"
@@ -66,6 +69,7 @@ def api(tmp_path_factory):
         assert time.monotonic() < deadline and server.poll() is None, (home / "stderr.log").read_text()
         time.sleep(0.05)
     api = Api(home, json.loads(info.read_text())["url"], (home / "server" / "token").read_text().strip())
+    api.database = request.param
     yield api
     server.terminate()
     server.wait(timeout=30)
@@ -147,7 +151,28 @@ def test_names_with_control_characters_are_refused_over_http(api):
     assert _error(r, 400)["kind"] == "config"
 
 
-FUZZ_SECONDS = 40
+def test_an_exit_code_past_32_bits_is_refused_and_a_nul_in_a_reason_is_kept_escaped(api):
+    job = api.job_on("nul-runner")
+    _error(api.report("nul-runner", job, "FAILED", exit_code=2**31), 422)
+    assert api.report("nul-runner", job, "FAILED", exit_code=-(2**31), reason="a\x00b").status_code == 200
+    assert api.http.get(f"/api/jobs/{job}").json()["reason"] == "a\\x00b"  # the runner's report is never refused
+
+
+def test_a_nul_character_that_the_database_cannot_hold_is_a_400(api):
+    """PostgreSQL's text holds no NUL; SQLite's does (there a repo or hostname with one is merely odd)."""
+    responses = [api.http.get("/api/runs", params={"repo_id": "a\x00b"}),
+                 api.http.post("/api/runs", json={"repo_id": "a\x00b", "workflow": "w",
+                                                  "files": {".dstack/workflows.yaml": WORKFLOWS}}),
+                 api.register("nul-host", hostname="h\x00")]
+    if api.database == "sqlite":
+        assert [r.status_code for r in responses] == [200, 200, 200]
+    else:
+        for r in responses:
+            assert _error(r, 400)["message"] == "the request holds a NUL character (\\x00), which the database " \
+                                                "does not store"
+
+
+FUZZ_SECONDS = 25  # on each database
 
 
 def test_the_api_fuzzer_finds_no_server_error(api, tmp_path):

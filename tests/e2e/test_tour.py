@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.e2e.conftest import last_run
+from tests.e2e.conftest import Dstack, last_run
 
 HOST_TOUR = """\
 workflows:
@@ -86,6 +86,17 @@ def _tour(dstack, root):
 
 def test_tour_on_the_host(dstack, project):
     _tour(dstack, project(HOST_TOUR, VARIABLES))
+
+
+def test_tour_on_the_host_against_postgresql(tmp_path_factory, project, postgres):
+    """The same, with the server's state in PostgreSQL (DSTACK_DATABASE_URL): runs, jobs, artifacts, tags."""
+    d = Dstack(tmp_path_factory.mktemp("pg-home"), env={"DSTACK_STOP_GRACE": "2",
+                                                         "DSTACK_DATABASE_URL": postgres.database()})
+    try:
+        _tour(d, project(HOST_TOUR, VARIABLES))
+        assert not (d.home / "server" / "dstack.db").exists()  # nothing went to SQLite
+    finally:
+        d.stop_server()
 
 
 def test_tour_in_docker(dstack, project, busybox_image):

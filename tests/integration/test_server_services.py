@@ -1,5 +1,5 @@
-"""The server's services on a real SQLite database, in this process: submitting a workflow from its files,
-runs that share a name, code the server lacks, and what a finished job's last log poll carries."""
+"""The server's services on a real database, SQLite and PostgreSQL alike, in this process: submitting a workflow
+from its files, runs that share a name, code the server lacks, and what a finished job's last log poll carries."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import event, inspect, select
 
 from dstack.core.code import CodeSnapshot
 from dstack.core.errors import ConfigError, MissingCode, error_from_dict
@@ -18,6 +18,7 @@ from dstack.core.models import Job, JobStatus, JobUpdate, RunnerRegistration, Ru
 from dstack.core.resources import RunnerResources
 from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
+from dstack.server.db.tables import JobRow
 from dstack.server.routers.runs import MAX_REASON, final_headers
 from dstack.server.services import jobs, runners, runs, scheduler
 from dstack.server.services.code import CodeBlobs
@@ -26,9 +27,8 @@ from dstack.storage.blobstore import open_store
 WORKFLOWS = "workflows:\n  - name: a\n    commands: [echo $RUN_NAME]\n    resources: {memory: 1GB}\n"
 
 
-def _serve(tmp_path: Path, body) -> None:
+def _serve(tmp_path: Path, body, url: str) -> None:
     async def main():
-        url = f"sqlite+aiosqlite:///{tmp_path / 'dstack.db'}"
         await asyncio.to_thread(migrate, url)
         engine = make_engine(url)
         settings = Settings(home=tmp_path, db_url=url, token="t")
@@ -55,7 +55,7 @@ def _request(**kw) -> RunRequest:
     return RunRequest(**{"repo_id": "repo", "workflow": "a", "files": {".dstack/workflows.yaml": WORKFLOWS}, **kw})
 
 
-def test_a_submitted_run_is_answered_whole_from_the_rows_it_inserted(tmp_path):
+def test_a_submitted_run_is_answered_whole_from_the_rows_it_inserted(tmp_path, db_url):
     async def body(ctx):
         run = await runs.run_workflow(ctx, _request())
         assert run.jobs[0].spec.env["RUN_NAME"] == run.run_name
@@ -68,10 +68,10 @@ def test_a_submitted_run_is_answered_whole_from_the_rows_it_inserted(tmp_path):
             await s.commit()
             assert not inspect(row).unloaded and not inspect(row.jobs[0]).unloaded  # nothing to load lazily
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
 
 
-def test_submissions_that_take_one_name_at_once_are_told_to_retry(tmp_path):
+def test_submissions_that_take_one_name_at_once_are_told_to_retry(tmp_path, db_url):
     async def body(ctx):
         first = await runs.run_workflow(ctx, _request())
         old = await runs.get_run(ctx, None, first.run_name)
@@ -81,10 +81,10 @@ def test_submissions_that_take_one_name_at_once_are_told_to_retry(tmp_path):
         results = await asyncio.gather(runs.submit(ctx, sub), runs.submit(ctx, other), return_exceptions=True)
         assert sorted(type(r).__name__ for r in results) == ["NameTaken", "Run"], results
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
 
 
-def test_code_the_server_lacks_is_asked_for_once_the_run_is_sound(tmp_path):
+def test_code_the_server_lacks_is_asked_for_once_the_run_is_sound(tmp_path, db_url):
     blob = hashlib.sha256(b"tar").hexdigest()
     code = CodeSnapshot(mode="archive", archive_hash=blob, tree_hash="0" * 64)
 
@@ -98,7 +98,7 @@ def test_code_the_server_lacks_is_asked_for_once_the_run_is_sound(tmp_path):
         await ctx.code.put(blob, _chunks(b"tar"))
         assert (await runs.run_workflow(ctx, _request(code=code))).code == code
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
 
 
 @pytest.mark.parametrize(("files", "message"), [
@@ -106,12 +106,12 @@ def test_code_the_server_lacks_is_asked_for_once_the_run_is_sound(tmp_path):
     ({"../../etc/passwd": "x"}, "not a file of .dstack/"),
     ({".dstack/workflows.yaml": "#" * (1 << 20) + "\n"}, "larger than 1 MiB"),
 ])
-def test_files_from_the_network_are_checked(tmp_path, files, message):
+def test_files_from_the_network_are_checked(tmp_path, db_url, files, message):
     async def body(ctx):
         with pytest.raises(ConfigError, match=message):
             await runs.run_workflow(ctx, _request(files=files))
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
 
 
 def test_a_finished_jobs_outcome_survives_the_headers():
@@ -125,7 +125,7 @@ def test_a_finished_jobs_outcome_survives_the_headers():
     assert unquote(headers["X-Job-Reason"]) == reason[:MAX_REASON]
 
 
-def test_the_last_output_sent_with_the_final_status_reaches_a_follower_in_one_answer(tmp_path):
+def test_the_last_output_sent_with_the_final_status_reaches_a_follower_in_one_answer(tmp_path, db_url):
     async def body(ctx):
         run = await runs.run_workflow(ctx, _request())
         job_id = run.jobs[0].job_id
@@ -142,10 +142,10 @@ def test_the_last_output_sent_with_the_final_status_reaches_a_follower_in_one_an
         assert (data, job.status, more) == (b"last \xff\r\n", JobStatus.DONE, False)
         assert jobs.read_logs(ctx, job_id, 0) == b"first\r\nlast \xff\r\n"
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
 
 
-def test_a_follower_that_names_the_status_it_saw_learns_of_a_change_it_missed_between_polls(tmp_path):
+def test_a_follower_that_names_the_status_it_saw_learns_of_a_change_it_missed_between_polls(tmp_path, db_url):
     async def body(ctx):
         run = await runs.run_workflow(ctx, _request())
         job_id = run.jobs[0].job_id
@@ -160,10 +160,10 @@ def test_a_follower_that_names_the_status_it_saw_learns_of_a_change_it_missed_be
         data, job, _ = await jobs.wait_logs(ctx, job_id, 0, 0.2)  # without it: only bytes or the end answer
         assert job.status == JobStatus.RUNNING
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
 
 
-def test_a_final_report_sent_again_adds_no_output_and_a_late_one_after_the_janitor_adds_its_output(tmp_path):
+def test_a_final_report_sent_again_adds_no_output_and_a_late_one_after_the_janitor_adds_its_output(tmp_path, db_url):
     async def body(ctx):
         for first, then, logged in [
             # the runner retried a report that had arrived: nothing twice
@@ -185,10 +185,10 @@ def test_a_final_report_sent_again_adds_no_output_and_a_late_one_after_the_janit
                                                                                          docker=False)))
             assert jobs.read_logs(ctx, job_id, 0) == logged
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
 
 
-def test_output_sent_again_from_its_offset_is_appended_once(tmp_path):
+def test_output_sent_again_from_its_offset_is_appended_once(tmp_path, db_url):
     """A batch the runner sends again (its answer was lost) adds only the bytes the log lacks, whether the
     first send arrived whole or not."""
     async def body(ctx):
@@ -201,10 +201,10 @@ def test_output_sent_again_from_its_offset_is_appended_once(tmp_path):
         jobs.append_logs(ctx, job_id, b"D", offset=16)
         assert jobs.read_logs(ctx, job_id, 0) == b"A" * 10 + b"B" * 5 + b"C" + b"D"
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
 
 
-def test_a_heartbeat_that_runs_no_job_gets_back_the_job_it_was_given_and_never_started(tmp_path):
+def test_a_heartbeat_that_runs_no_job_gets_back_the_job_it_was_given_and_never_started(tmp_path, db_url):
     """The runner was given a job (it says so) but runs none: the job never started there (no output), so it
     is queued again; a job it started (it has output) fails, saying that its end was never reported."""
     async def body(ctx):
@@ -225,4 +225,57 @@ def test_a_heartbeat_that_runs_no_job_gets_back_the_job_it_was_given_and_never_s
         job = await runs.get_job(ctx, job_id)
         assert job.status == JobStatus.FAILED and "never reported" in job.reason
 
-    _serve(tmp_path, body)
+    _serve(tmp_path, body, db_url)
+
+
+def test_many_runners_taking_at_once_never_get_one_job_twice(tmp_path, db_url):
+    """20 runners poll `take` at once, again and again, until 60 queued jobs are gone: each job goes to exactly
+    one runner, and no runner holds two (on PostgreSQL the sessions interleave for real)."""
+    names = [f"r-{i}" for i in range(20)]
+
+    async def body(ctx):
+        for name in names:
+            await runners.register(ctx, RunnerRegistration(name=name, hostname="h", backend="local",
+                                                           resources=RunnerResources(cpus=2, memory_mib=4096,
+                                                                                     docker=False)))
+        submitted = {(await runs.run_workflow(ctx, _request())).jobs[0].job_id for _ in range(60)}
+        given: list[tuple[str, str]] = []
+        lost = []  # takes that found their job taken by another meanwhile: the race did happen
+
+        @event.listens_for(ctx.sessions.kw["bind"].sync_engine, "after_cursor_execute")
+        def _count(_conn, cursor, statement, *_):
+            if statement.startswith("UPDATE jobs") and "runner_name" in statement.split("WHERE")[0]:
+                lost.extend([1] if cursor.rowcount == 0 else [])
+
+        async def poll(name: str) -> None:
+            while True:
+                job = await scheduler.take_job(ctx, name, 0)
+                if job is None:
+                    return
+                given.append((job.job_id, name))
+                await jobs.update_status(ctx, name, job.job_id, JobUpdate(status=JobStatus.DONE, exit_code=0))
+
+        await asyncio.gather(*(poll(name) for name in names))
+        assert sorted(j for j, _ in given) == sorted(submitted)  # every job once
+        async with ctx.sessions() as s:
+            rows = (await s.scalars(select(JobRow))).all()
+        assert {r.job_id: r.runner_name for r in rows} == dict(given)
+        assert len({name for _, name in given}) > 1 and lost
+
+    _serve(tmp_path, body, db_url)
+
+
+def test_a_runs_jobs_keep_their_order_after_updates(tmp_path, db_url):
+    """A run's jobs are listed in the order its provider made them, also once some were updated (PostgreSQL
+    returns rows that tie on the ordering column in the order that its last updates left them)."""
+    async def body(ctx):
+        spec = (await runs.run_workflow(ctx, _request())).jobs[0].spec
+        ids = [f"{i:012x}" for i in (9, 3, 7, 1)]
+        await runs.submit(ctx, runs.RunSubmission(
+            run_name="multi-1", repo_id="repo", workflow="a", provider="bash",
+            jobs=[spec.model_copy(update={"job_id": i, "run_name": "multi-1"}) for i in ids]))
+        for job_id in ids[:2]:
+            await runs.stop(ctx, None, job_id, abort=False)
+        assert [j.job_id for j in (await runs.get_run(ctx, None, "multi-1")).jobs] == ids
+
+    _serve(tmp_path, body, db_url)

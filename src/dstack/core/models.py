@@ -46,6 +46,11 @@ Base64Data = Annotated[bytes, BeforeValidator(_from_base64),
 # what the API takes: ints the database can hold, names by the rules of core.names, texts of bounded length
 Int64 = Annotated[int, Field(ge=-MAX_INT64 - 1, le=MAX_INT64)]
 Count = Annotated[int, Field(ge=0, le=MAX_INT64)]
+# a process's exit status: 32 bits (waitpid's int; PostgreSQL's integer column holds no more)
+ExitCode = Annotated[int, Field(ge=-2**31, le=2**31 - 1)]
+# text that a runner reports of its job (why it failed): a NUL character, which PostgreSQL's text cannot hold,
+# is written as the escape \x00, so that the report is never refused for it
+ReportedText = Annotated[str, AfterValidator(lambda v: v.replace("\x00", "\\x00"))]
 WorkflowName = Annotated[str, Field(min_length=1, max_length=MAX_WORKFLOW_NAME),
                          AfterValidator(lambda v: check_text(v, "the workflow name"))]
 TagName = Annotated[str, Field(min_length=1, max_length=MAX_TAG), AfterValidator(check_tag)]
@@ -277,8 +282,8 @@ def _saved_artifact(v: Any) -> dict:
 
 class JobUpdate(Body):
     status: JobStatus
-    exit_code: Int64 | None = None
-    reason: str | None = Field(None, max_length=64 * 1024)
+    exit_code: ExitCode | None = None
+    reason: ReportedText | None = Field(None, max_length=64 * 1024)
     image_digest: str | None = Field(None, max_length=200)
     # with the final status: what was saved
     artifacts: list[Annotated[dict, AfterValidator(_saved_artifact)]] | None = Field(None, max_length=10_000)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from dstack import __version__
 from dstack.backends.local import LocalBackend
@@ -77,6 +77,14 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
         return JSONResponse(status_code=400, content={"error": {
             "kind": "config", "message": "the request holds text that is not Unicode (a lone surrogate such as "
                                         "\\udcff)", "hint": "send UTF-8 text"}})
+
+    @app.exception_handler(DBAPIError)
+    async def _database_refused(request: Request, exc: DBAPIError) -> JSONResponse:
+        if getattr(exc.orig, "sqlstate", None) == "22021":  # PostgreSQL's text holds no NUL (SQLite's does)
+            return JSONResponse(status_code=400, content={"error": {
+                "kind": "config", "message": "the request holds a NUL character (\\x00), which the database does "
+                                            "not store", "hint": "send text without NUL characters"}})
+        return await _disk_full(request, exc)
 
     @app.exception_handler(OSError)
     @app.exception_handler(OperationalError)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from dstack import __version__
+from dstack.core.errors import Unavailable
 from dstack.core.home import SERVER_STOPPED, dstack_home, private_home, private_umask, write_private
 from dstack.core.names import token as new_token
 from dstack.core.processes import record
@@ -46,12 +47,14 @@ def serve(home: Path, host: str = "127.0.0.1", port: int = 0, db_url: str | None
 
     from dstack.server.app import create_app
     from dstack.server.context import Settings
+    from dstack.server.db.session import database_url, prepare
 
     sdir = server_dir(home)
     sdir.mkdir(parents=True, exist_ok=True)
     lock = hold_lock(sdir)  # for the process's lifetime: closed (released) only when it exits
     token = os.environ.get("DSTACK_SERVER_TOKEN") or load_or_create_token(home)
-    db_url = db_url or os.environ.get("DSTACK_DATABASE_URL") or f"sqlite+aiosqlite:///{sdir / 'dstack.db'}"
+    db_url = database_url(db_url or os.environ.get("DSTACK_DATABASE_URL") or f"sqlite:///{sdir / 'dstack.db'}")
+    prepare(db_url)  # DatabaseUnreachable, saying why, before the server listens
     sock = listen(host, port, sdir / "port")
     port = sock.getsockname()[1]
     settings = Settings(home=home, db_url=db_url, token=token, host=host, port=port)
@@ -161,6 +164,9 @@ def main() -> None:
             raise
         sys.stderr.write(f"error: {a.host}:{a.port} is taken: another program listens there; pick another "
                          "port with --port (0: the last one, else any free one)\n")
+        sys.exit(1)
+    except Unavailable as e:  # its database (DSTACK_DATABASE_URL) cannot be used
+        sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
         sys.exit(1)
     except AlreadyServed:
         info = server_dir(home) / "server.json"

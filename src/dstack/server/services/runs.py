@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -163,12 +164,14 @@ async def _insert(s, sub: RunSubmission, resolved: list[DependencyRef], reproduc
         raise NameTaken(f"a run named '{sub.run_name}' exists already", hint="submit again for a new name")
     submitted = now()
     rows = []
-    for job in sub.jobs:
+    for i, job in enumerate(sub.jobs):
         job.dependencies = resolved
         job.code = sub.code
         rows.append(JobRow(
-            job_id=job.job_id, run_name=sub.run_name, workflow=sub.workflow,
-            status=JobStatus.SUBMITTED.value, submitted_at=submitted, spec=job.model_dump(mode="json"),
+            # a microsecond apart, in the provider's order: a run's jobs are read back ordered by this time, and a
+            # tie is no order at all (PostgreSQL returns tied rows in whatever order its last updates left them)
+            job_id=job.job_id, run_name=sub.run_name, workflow=sub.workflow, status=JobStatus.SUBMITTED.value,
+            submitted_at=submitted + timedelta(microseconds=i), spec=job.model_dump(mode="json"),
             started_at=None, finished_at=None, runner_name=None, exit_code=None, reason=None,
             stop_requested=None, image_digest=None, saved_artifacts=[], ports=[], runner_resources=None,
         ))
