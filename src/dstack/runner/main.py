@@ -2,6 +2,7 @@
 
     dstack-runner start --server URL --token TOKEN     # self-hosted: serve jobs until stopped
     dstack-runner check                                # what this machine offers
+    dstack-runner install --server URL --token TOKEN   # a systemd unit that starts it at every boot
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import click
 
 from dstack.core.home import dstack_home, job_umask, private_home
+from dstack.runner.systemd import TOKENS, UNIT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,6 +108,76 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
         raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
     except DstackError as e:
         raise click.ClickException(f"{e.message}" + (f" ({e.hint})" if e.hint else "")) from None
+
+
+@cli.command()
+@click.option("--server", "server_url", envvar="DSTACK_SERVER_URL", required=True, help="URL of the dstack server.")
+@click.option("--token", envvar="DSTACK_TOKEN", default=None,
+              help="This runner's token, from `dstack runners add` (or env DSTACK_TOKEN).")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Read the token from this file (it is left as it is).")
+@click.option("--name", default=None, help="Runner name (default: its token's).")
+@click.option("--labels", "labels", multiple=True, metavar="KEY=VALUE", help="A label (repeatable), as for start.")
+@click.option("--user", default=None, help="Run the runner as this user (default: root; it needs Docker's socket "
+                                           "for jobs with an image).")
+@click.option("--output", type=click.Path(path_type=Path, dir_okay=False), default=str(UNIT),
+              show_default=True, help="Where to write the unit; its file name names the service.")
+@click.option("--env-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help=f"Where to write the token (mode 0600) [default: {TOKENS}/<service>.env].")
+@click.option("--force", is_flag=True, help="Replace a unit that is there already.")
+@click.argument("start_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- START OPTIONS]")
+def install(server_url: str, token: str | None, token_file: Path | None, name: str | None, labels: tuple[str, ...],
+            user: str | None, output: Path, env_file: Path | None, force: bool, start_args: tuple[str, ...]) -> None:
+    """Write a systemd unit that runs `dstack-runner start` on this machine at every boot, and again whenever it
+    exits; options after `--` go to `start` as they are (e.g. -- --no-docker --cache-size 100GB)."""
+    from dstack.core.home import write_private
+    from dstack.runner import systemd
+
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            raise click.UsageError(f"cannot read --token-file {token_file}: {e.strerror}") from None
+    if not token:
+        raise click.UsageError("a token is needed: --token TOKEN (from `dstack runners add` on the server's "
+                               "machine), env DSTACK_TOKEN, or --token-file PATH")
+    if any(a == "--token" or a.startswith(("--token=", "--token-file", "--token-fd")) for a in start_args):
+        raise click.UsageError("the token goes to install's own --token or --token-file, not after --")
+    args = [*(["--name", name] if name else []), *(x for label in labels for x in ("--labels", label)), *start_args]
+    _labels(labels)
+    try:  # what start would refuse is refused now, not at every restart
+        start.make_context("start", ["--server", server_url, "--token", "-", *args])
+    except click.ClickException as e:
+        raise click.UsageError(f"dstack-runner start would refuse {' '.join(args)}: {e.format_message()}") from None
+    if not output.name.endswith(".service"):
+        raise click.UsageError(f"--output {output}: a systemd service's file name ends with .service")
+    if not output.parent.is_dir():
+        raise click.ClickException(f"{output.parent} does not exist: is systemd this machine's init? (--output PATH "
+                                   "writes the unit elsewhere)")
+    if output.exists() and not force:
+        raise click.ClickException(f"{output} exists already; --force replaces it")
+    env_file = env_file or TOKENS / (output.name.removesuffix(".service") + ".env")
+    cmd = systemd.command(server_url, args)
+    try:
+        text = systemd.unit(cmd, env_file, server_url, user)
+        secret = systemd.environment(token)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        env_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(env_file, secret)
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.replace(output)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {e.filename or output}: {e.strerror} (as root, or --output and "
+                                   "--env-file elsewhere)") from None
+    click.echo(f"wrote {output}: runs {' '.join(cmd[3:])}\n"
+               f"  as {user or 'root'}, its state in /var/lib/{systemd.STATE_DIRECTORY}, restarted whenever it exits; "
+               f"its token is in {env_file} (0600)")
+    click.echo(f"enable and start it (it starts at every boot then):\n  {systemd.enable_hint(output)}")
+    click.echo(f"its log: journalctl -u {output.name.removesuffix('.service')} -f")
 
 
 def _token(token: str | None, token_file: Path | None) -> str:
