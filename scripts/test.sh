@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 log() { echo "test.sh: $*" >&2; }
 
 # --- system packages: Docker Engine, a static busybox for locally built test images, PostgreSQL (its programs
-# only: the tests start a cluster of their own, tests/postgres.py; no service is started) ---
+# only: the tests start a cluster of their own, tests/postgres.py; no service is started), systemd's tools ---
 pkgs=()
 command -v dockerd >/dev/null 2>&1 || pkgs+=(docker.io)
 compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null || pkgs+=(postgresql)
+command -v systemd-analyze >/dev/null 2>&1 || pkgs+=(systemd)  # `verify` of dstack-runner install's unit
 [ -x /bin/busybox ] || pkgs+=(busybox-static)
 python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3.11-venv)
 command -v unshare >/dev/null 2>&1 || pkgs+=(util-linux)
