@@ -54,6 +54,7 @@ class UploadPlan(Model):
     offset: int = 0
     url: str | None = None
     upload_id: str | None = None
+    part_size: int = 0  # part N holds bytes [(N - 1) * part_size, N * part_size)
     parts: list[Part] = []
     done: list[int] = []
 

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,13 +24,13 @@ from blake3 import blake3
 from dstack.core.errors import Conflict, DstackError
 from dstack.core.manifest import Manifest
 from dstack.core.transfers import MAX_BLOBS, DownloadUrls, StoreAccess, UploadPlan, UploadPlans
+from dstack.runner.blob_http import CUT, Connections, Refused, Restart, Unreachable, get_into, put_from
 from dstack.runner.client import RETRYABLE, ServerClient, ServerTrouble, raise_for
 from dstack.storage.blobstore import LocalBlobStore, ingest_fd, parse_manifest
 from dstack.storage.hashing import CHUNK, IntegrityError, check_hash, hash_bytes
 
 log = logging.getLogger("dstack.runner")
 
-PIECE = 1 << 20  # bytes per read and write of a transfer
 PATIENCE = 600.0  # seconds a transfer waits for a server (or S3) that cannot take it, without progress
 URL_LIFETIME = 3000.0  # seconds a presigned URL is used (the server signs them for 3600)
 
@@ -72,10 +72,12 @@ class Transfers:
 
     def __init__(self, client: ServerClient, presigned: bool, workers: int = 8):
         limits = httpx.Limits(max_connections=2 * workers, max_keepalive_connections=2 * workers)
-        timeout = httpx.Timeout(60.0, connect=10.0)
         self.server = httpx.Client(base_url=client.http.base_url, headers=dict(client.http.headers),
-                                   timeout=timeout, limits=limits)
-        self.direct = httpx.Client(timeout=timeout, limits=limits) if presigned else None  # no token to S3
+                                   timeout=httpx.Timeout(60.0, connect=10.0), limits=limits)  # requests in JSON
+        self.url = str(client.http.base_url).rstrip("/")
+        self.auth = {"Authorization": client.http.headers["authorization"]}
+        self.conns = Connections()  # blobs' bytes
+        self.presigned = presigned
         self.workers = workers
 
     def for_job(self, runner: str, job_id: str) -> JobStore:
@@ -83,8 +85,6 @@ class Transfers:
 
     def close(self) -> None:
         self.server.close()
-        if self.direct is not None:
-            self.direct.close()
 
 
 class Stats:
@@ -112,7 +112,7 @@ class JobStore:
         self._stored: set[str] = set()
         self._wanted: set[str] = set()  # blobs of the manifests read: their URLs are asked for together
         self._urls: dict[str, tuple[str, float]] = {}
-        self._direct = transfers.direct is not None
+        self._direct = transfers.presigned
 
     def __repr__(self) -> str:
         return f"JobStore({self.t.server.base_url}{self.base})"
@@ -153,68 +153,68 @@ class JobStore:
     def put_bytes(self, data: bytes, h: str, *, trusted: bool = False) -> None:
         if not trusted and hash_bytes(data) != check_hash(h):
             raise IntegrityError(f"data given as blob {h} has another hash")
-        view = memoryview(data)
         plan = UploadPlan(hash=h) if not self._direct else self._plans([(h, len(data))])[0]
-        self._upload(plan, len(data), lambda start, end: view[start:end])
+        self._upload(plan, len(data), memoryview(data))
 
     def put_file(self, fd: int, h: str, size: int, check: Callable[[], None] | None = None) -> None:
-        self._upload(self._plans([(check_hash(h), size)])[0], size, lambda start, end: os.pread(fd, end - start, start))
+        self._upload(self._plans([(check_hash(h), size)])[0], size, fd)
         if check is not None:
             check()
 
-    def _upload(self, plan: UploadPlan, size: int, read: Callable[[int, int], bytes]) -> None:
+    def _upload(self, plan: UploadPlan, size: int, source: int | memoryview) -> None:
         h = plan.hash
         if plan.stored:
             self._stored.add(h)
             return
         sent = None
         if self._direct and (plan.url or plan.upload_id):
-            sent = self._upload_direct(plan, size, read)
+            sent = self._upload_direct(plan, size, source)
         if sent is None:
-            sent = self._upload_to_server(h, plan.offset if not plan.url else 0, size, read)
+            sent = self._upload_to_server(h, plan.offset if not (plan.url or plan.upload_id) else 0, size, source)
         self._stored.add(h)
         self.stats.add(uploaded=1, uploaded_bytes=sent)
 
-    def _upload_to_server(self, h: str, offset: int, size: int, read: Callable[[int, int], bytes]) -> int:
+    def _upload_to_server(self, h: str, offset: int, size: int, source: int | memoryview) -> int:
         """PUT the blob's bytes from `offset`; after a cut, on from where the server says it is. Bytes sent."""
         sent, pause, since = 0, 0.2, time.monotonic()
         while True:
+            url = f"{self.t.url}{self.base}/blobs/{h}?offset={offset}&size={size}"
             try:
-                r = self.t.server.put(f"{self.base}/blobs/{h}", params={"offset": offset, "size": size},
-                                      content=_pieces(read, offset, size, PIECE),
-                                      headers={"Content-Length": str(size - offset),
-                                               "Content-Type": "application/octet-stream"})
-                raise_for(r)
+                put_from(self.t.conns, url, {**self.t.auth, "Content-Type": "application/octet-stream"}, source,
+                         offset, size)
                 return sent + size - offset
-            except (*RETRYABLE, Conflict) as e:  # a cut, the server away, another upload of it under way
-                if time.monotonic() - since > PATIENCE:
-                    raise DstackError(f"could not upload blob {h[:12]}: {e}") from None
-                log.warning("upload of blob %s broke off (%s); going on", h[:12], e)
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+            except Refused as e:
+                try:
+                    e.raise_as_ours()
+                except (ServerTrouble, Conflict) as ours:  # away for now; another upload of it under way
+                    error: Exception = ours
+            except (*CUT, Unreachable) as e:  # a cut, the server away
+                error = e
+            if time.monotonic() - since > PATIENCE:
+                raise DstackError(f"could not upload blob {h[:12]}: {error}") from None
+            log.warning("upload of blob %s broke off (%s); going on", h[:12], error)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
             plan = self._plans([(h, size)])[0]
             if plan.stored:
                 return sent
             if plan.offset > offset:
                 since = time.monotonic()  # progress
-            sent += max(0, plan.offset - offset)
+                sent += plan.offset - offset
             offset = plan.offset
 
-    def _upload_direct(self, plan: UploadPlan, size: int, read: Callable[[int, int], bytes]) -> int | None:
+    def _upload_direct(self, plan: UploadPlan, size: int, source: int | memoryview) -> int | None:
         """Up by the presigned URLs of the plan: the whole blob, or its missing parts then `complete`. None when
         S3 cannot be reached from here (the server takes it instead)."""
         h = plan.hash
         try:
             if plan.url:
-                self._put_direct(plan.url, read, 0, size)
+                self._put_direct(plan.url, source, 0, size)
                 return size
-            starts, at = {}, 0
-            part_size = max((p.size for p in plan.parts), default=size)
-            for number in range(1, len(plan.parts) + len(plan.done) + 1):
-                starts[number], at = at, at + part_size
             for p in plan.parts:
-                self._put_direct(p.url, read, starts[p.number], starts[p.number] + p.size)
-        except httpx.ConnectError as e:
+                start = (p.number - 1) * plan.part_size
+                self._put_direct(p.url, source, start, start + p.size)
+        except Unreachable as e:
             log.warning("cannot reach the store's presigned URLs (%s): blobs go through the server", e)
             self._direct = False
             return None
@@ -222,16 +222,15 @@ class JobStore:
             f"{self.base}/blobs/{h}/complete", json={"upload_id": plan.upload_id, "size": size}))
         return sum(p.size for p in plan.parts)
 
-    def _put_direct(self, url: str, read: Callable[[int, int], bytes], start: int, end: int) -> None:
+    def _put_direct(self, url: str, source: int | memoryview, start: int, end: int) -> None:
         pause, since = 0.2, time.monotonic()
         while True:
             try:
-                r = self.t.direct.put(url, content=_pieces(read, start, end, PIECE),  # type: ignore[union-attr]
-                                      headers={"Content-Length": str(end - start)})
-                if r.status_code >= 300:
-                    raise DstackError(f"the store refused an upload: {r.status_code} {r.text[:200]}")
+                put_from(self.t.conns, url, {}, source, start, end)
                 return
-            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.TimeoutException) as e:
+            except Refused as e:
+                raise DstackError(f"the store refused an upload: {e.message}") from None
+            except CUT as e:
                 if time.monotonic() - since > PATIENCE:
                     raise DstackError(f"could not upload to the store: {e}") from None
                 time.sleep(pause)
@@ -255,26 +254,27 @@ class JobStore:
     def local_path(self, h: str) -> Path | None:
         return None
 
-    def _url(self, h: str) -> tuple[httpx.Client, str]:
-        """Where to GET blob `h`: a presigned URL (asked for with those of the other blobs of the manifests
-        read, in one request), or the server."""
+    def _url(self, h: str) -> tuple[str, dict[str, str]]:
+        """Where to GET blob `h`, and with which headers: a presigned URL (asked for with those of the other
+        blobs of the manifests read, in one request), or the server."""
+        server = (f"{self.t.url}{self.base}/blobs/{h}", self.t.auth)
         if not self._direct:
-            return self.t.server, f"{self.base}/blobs/{h}"
+            return server
         now = time.monotonic()
         with self._lock:
             known = self._urls.get(h)
             if known is not None and now - known[1] < URL_LIFETIME:
-                return self.t.direct, known[0]  # type: ignore[return-value]
+                return known[0], {}
             ask = [h] + sorted(x for x in self._wanted - {h}
                                if x not in self._urls or now - self._urls[x][1] >= URL_LIFETIME)[:MAX_BLOBS - 1]
             r = self._call("ask for download URLs", lambda: self.t.server.post(f"{self.base}/downloads",
                                                                              json={"hashes": ask}))
             urls = DownloadUrls.model_validate(r.json()).urls
             self._urls.update({x: (u, now) for x, u in urls.items()})
-            if h not in urls:
+            if h not in urls:  # the store has no presigned URLs after all
                 self._direct = False
-                return self.t.server, f"{self.base}/blobs/{h}"
-            return self.t.direct, urls[h]  # type: ignore[return-value]
+                return server
+            return urls[h], {}
 
     def fetch(self, h: str, dest: Path) -> None:
         """Blob `h` into the new file `dest` (0444), verified; resumed from `.<name>.part` beside it, which a
@@ -311,36 +311,37 @@ class JobStore:
         _hash_prefix(fd, have, hasher)
         got, pause, since, total = 0, 0.2, time.monotonic(), None
         while total is None or have < total:
-            http, url = self._url(h)
+            url, headers = self._url(h)
+            direct = not headers
+            before = have
             try:
-                with http.stream("GET", url, headers={"Range": f"bytes={have}-"} if have else {}) as r:
-                    if r.status_code == 416 and have:  # nothing after `have`: it was all there
-                        break
-                    if r.status_code == 200 and have:  # the whole blob came: start over
-                        os.ftruncate(fd, 0)
-                        hasher, have, kept = blake3(), 0, 0
-                    if r.status_code >= 400:
-                        r.read()
-                        if http is not self.t.server and r.status_code in (400, 403):  # an expired URL
-                            self._urls.pop(h, None)
-                            raise httpx.ReadError(f"the store refused a presigned URL ({r.status_code})")
-                        raise_for(r)
-                    total = _total(r, have)
-                    for piece in r.iter_raw(PIECE):
-                        _write(fd, piece, have)
-                        hasher.update(piece)
-                        have += len(piece)
-                        got += len(piece)
-                        since = time.monotonic()
-                    continue
-            except httpx.ConnectError as e:
-                if http is not self.t.server:
+                have, total = get_into(self.t.conns, url, headers, fd, have, hasher)
+                got += have - before
+                continue
+            except Restart:
+                hasher, have, kept = blake3(), 0, 0
+                continue
+            except Unreachable as e:
+                if direct:
                     log.warning("cannot reach the store's presigned URLs (%s): blobs come through the server", e)
                     self._direct = False
                     continue
                 error: Exception = e
-            except (httpx.TransportError, ServerTrouble) as e:
+            except Refused as e:
+                if direct and e.status in (400, 403):  # an expired URL: ask again
+                    self._urls.pop(h, None)
+                    error = e
+                else:
+                    try:
+                        e.raise_as_ours()
+                    except ServerTrouble as ours:
+                        error = ours
+            except CUT as e:
                 error = e
+            got += max(0, _held(fd) - before)
+            have = _held(fd)
+            if have > before:
+                since = time.monotonic()
             if time.monotonic() - since > PATIENCE:
                 raise DstackError(f"could not download blob {h[:12]}: {error}") from None
             log.warning("download of blob %s broke off at %d bytes (%s); going on", h[:12], have, error)
@@ -357,35 +358,8 @@ class JobStore:
     iter_stale_uploads = delete_stale_upload = _not_here
 
 
-def _total(r: httpx.Response, have: int) -> int:
-    """The blob's size, from a 206's Content-Range (`bytes A-B/TOTAL`) or a 200's Content-Length."""
-    if r.status_code == 206:
-        text = r.headers.get("content-range", "")
-        start, _, total = text.removeprefix("bytes ").partition("/")
-        if not total.isdigit() or int(start.split("-")[0] or -1) != have:
-            raise DstackError(f"a download answered with Content-Range '{text}', not from byte {have}")
-        return int(total)
-    length = r.headers.get("content-length")
-    if length is None or not length.isdigit():
-        raise DstackError("a download answered without its length")
-    return int(length)
-
-
-def _pieces(read: Callable[[int, int], bytes], start: int, end: int, size: int) -> Iterator[bytes]:
-    while start < end:
-        n = min(size, end - start)
-        piece = read(start, start + n)
-        if len(piece) != n:
-            raise IntegrityError("a file shrank while it was uploaded")
-        yield bytes(piece) if isinstance(piece, memoryview) else piece
-        start += n
-
-
-def _write(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _held(fd: int) -> int:
+    return os.fstat(fd).st_size
 
 
 def _hash_prefix(fd: int, size: int, hasher: blake3) -> None:

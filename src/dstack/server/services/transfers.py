@@ -175,7 +175,7 @@ async def plan_uploads(ctx: Context, runner: str, job_id: str, req: UploadReques
                 n = min(part, size - start)
                 if done.get(i, ("", -1))[1] != n:
                     parts.append(Part(number=i, url=store.presign_part(h, upload_id, i), size=n))
-            return UploadPlan(hash=h, upload_id=upload_id, parts=parts, done=sorted(done))
+            return UploadPlan(hash=h, upload_id=upload_id, part_size=part, parts=parts, done=sorted(done))
         try:
             have = _partial(ctx, h).stat().st_size
         except FileNotFoundError:
@@ -243,28 +243,37 @@ async def receive_blob(ctx: Context, runner: str, job_id: str, h: str, offset: i
 async def _append(fd: int, hasher: blake3, have: int, size: int, chunks: AsyncIterable[bytes]) -> int:
     """Write and hash what arrives after the `have` bytes the file holds; what arrived stays when the
     stream breaks off (the rest comes later). Returns the bytes held then."""
-    buf = bytearray()
+    batch: list[bytes] = []
+    batched = 0
     try:
         async for chunk in chunks:
-            if have + len(buf) + len(chunk) > size:
+            if have + batched + len(chunk) > size:
                 raise IntegrityError(f"more bytes than the {size} announced")
-            buf += chunk
-            if len(buf) >= WRITE_SIZE:
-                await asyncio.to_thread(_write, fd, hasher, buf, have)
-                have, buf = have + len(buf), bytearray()
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= WRITE_SIZE:
+                await asyncio.to_thread(_write, fd, hasher, batch, have)
+                have, batch, batched = have + batched, [], 0
     finally:
-        if buf and have + len(buf) <= size:
-            await asyncio.to_thread(_write, fd, hasher, buf, have)
-            have += len(buf)
+        if batch:
+            await asyncio.to_thread(_write, fd, hasher, batch, have)
+            have += batched
     return have
 
 
-def _write(fd: int, hasher: blake3, data: bytearray, offset: int) -> None:
-    hasher.update(data)
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _write(fd: int, hasher: blake3, chunks: list[bytes], offset: int) -> None:
+    """Hash and write the chunks at `offset` (one writev, no copy into a buffer of our own)."""
+    for c in chunks:
+        hasher.update(c)
+    views = [memoryview(c) for c in chunks]
+    while views:
+        n = os.pwritev(fd, views[:1024], offset)  # IOV_MAX
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def _hash_prefix(fd: int, size: int, hasher: blake3) -> None:
