@@ -153,6 +153,9 @@ def test_the_tour_with_an_s3_store(tmp_path, project, s3_config):  # noqa: F811
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_config["bucket"])["Contents"]]
         assert any("/blobs/" in k for k in keys) and any("/manifests/" in k for k in keys)
         assert not (d.home / "storage" / "blobs").exists()  # nothing went to the local folder
+        # its local runners hold no credentials (none in their environment): they used presigned URLs
+        logs = "".join(p.read_text() for p in (d.home / "runners").glob("*/runner.log"))
+        assert "artifact store: through the server (presigned URLs of its S3 store)" in logs, logs
         out = tmp_path / "dl"
         d("artifacts", "download", last_run(d, root)["dependencies"][0]["run_name"], "-o", str(out), cwd=root,
           check=True)
