@@ -104,6 +104,20 @@ class Cluster:
         self.sql(f"CREATE DATABASE {name}")
         return self.url(name)
 
+    def _pg_ctl(self, *args: str) -> None:
+        self._as_owner([self.bindir / "pg_ctl", "-D", str(self.data), "-l", str(self.folder / "log"), "-w",
+                        "-t", "60", *args])
+
+    def pause(self) -> None:
+        """Stop the database server (its connections break), keeping its data: `resume()` starts it again."""
+        self._pg_ctl("-m", "fast", "stop")
+
+    def resume(self) -> None:
+        self._pg_ctl("-o", f"-p {self.port}", "start")
+
+    def restart(self) -> None:
+        self._pg_ctl("-m", "fast", "-o", f"-p {self.port}", "restart")
+
     def stop(self) -> None:
         _stop(self.folder, self.bindir)
 

@@ -154,8 +154,10 @@ def make_engine(url: str) -> AsyncEngine:
     if not url.startswith("sqlite"):
         # pre-ping: a database server that restarted left the pool's connections dead; they are replaced on use
         # rather than failing a request each
-        return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
-                                   connect_args={"timeout": CONNECT_TIMEOUT} if "+asyncpg" in url else {})
+        engine = create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                                     connect_args={"timeout": CONNECT_TIMEOUT} if "+asyncpg" in url else {})
+        _unreachable_is_unavailable(engine, url)
+        return engine
     engine = create_async_engine(url)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -168,6 +170,27 @@ def make_engine(url: str) -> AsyncEngine:
         cur.close()
 
     return engine
+
+
+def _unreachable_is_unavailable(engine: AsyncEngine, url: str) -> None:
+    """A database server that does not answer (down, restarting, cut off) is DatabaseUnreachable, which the API
+    answers with 503 naming the database: runners keep their reports and send them again once it is back (a 500
+    would end a report after a few tries), and the CLI says what is wrong."""
+    def unreachable(e: BaseException) -> DatabaseUnreachable:
+        return DatabaseUnreachable(f"the server cannot reach its database at {shown(url)}: {_first_line(e)}",
+                                   hint="the database server is down or cut off; the server goes on once it answers")
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connect(dialect, _record, cargs, cparams):
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except (OSError, dialect.loaded_dbapi.Error) as e:  # refused, unresolvable, timed out, starting up
+            raise unreachable(e) from e
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _lost(context):  # a connection that broke during a statement (the server stopped, the network cut)
+        if context.is_disconnect and not context.is_pre_ping:  # a failed pre-ping connects again by itself
+            raise unreachable(context.original_exception) from context.original_exception
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
