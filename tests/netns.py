@@ -72,8 +72,8 @@ def _free_subnet() -> int:
 
 
 class Host:
-    def __init__(self, name: str, netns: str, address: str, veth: str):
-        self.name, self.netns, self.address, self.veth = name, netns, address, veth
+    def __init__(self, name: str, netns: str, address: str, veth: str, peer: str):
+        self.name, self.netns, self.address, self.veth, self.peer = name, netns, address, veth, peer
 
     def run(self, argv: list[str]) -> list[str]:
         """`argv` as a command line that runs inside this host's namespace."""
@@ -90,13 +90,20 @@ class Host:
         """Abort this host's TCP connections to address `to` (a cut that the host's programs notice at once)."""
         subprocess.run(self.run(["ss", "-K", "dst", to]), capture_output=True, timeout=30)
 
-    def shape(self, rate: str) -> None:
-        """Traffic towards this host at most `rate` (tc's words: 400mbit)."""
-        subprocess.run(["tc", "qdisc", "replace", "dev", self.veth, "root", "tbf", "rate", rate, "burst", "256kb",
+    def _tc(self, outgoing: bool) -> list[str]:
+        """tc on the link's end that sends: the bridge's for traffic towards this host, the host's own else."""
+        return self.run(["tc"]) + ["qdisc"] if outgoing else ["tc", "qdisc"]
+
+    def shape(self, rate: str, outgoing: bool = False) -> None:
+        """Traffic towards this host (`outgoing`: from it) at most `rate` (tc's words: 400mbit)."""
+        dev = self.peer if outgoing else self.veth
+        subprocess.run([*self._tc(outgoing), "replace", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
                         "latency", "100ms"], check=True, capture_output=True, timeout=30)
 
     def unshape(self) -> None:
-        subprocess.run(["tc", "qdisc", "del", "dev", self.veth, "root"], capture_output=True, timeout=30)
+        for outgoing in (False, True):
+            subprocess.run([*self._tc(outgoing), "del", "dev", self.peer if outgoing else self.veth, "root"],
+                           capture_output=True, timeout=30)
 
 
 class Hosts:
@@ -126,7 +133,7 @@ class Hosts:
         netns, veth, peer = f"dstack-{self.tag}-{name}", f"dsv{self.tag}{i}", f"dsp{self.tag}{i}"
         address = f"10.77.{self.subnet}.{i + 1}"
         _ip("netns", "add", netns)
-        host = Host(name, netns, address, veth)
+        host = Host(name, netns, address, veth, peer)
         self.hosts[name] = host
         _ip("link", "add", veth, "type", "veth", "peer", "name", peer)
         _ip("link", "set", veth, "master", self.bridge)

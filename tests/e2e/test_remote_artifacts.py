@@ -128,10 +128,24 @@ def test_an_artifact_saved_on_one_host_is_mounted_on_another_through_the_server(
 
         r1 = remote(h1, server.url, token(server, "h1"))
         r1.wait_registered(server, "h1")
-        client("run", "prepare", cwd=root, check=True, timeout=300)
+        h1.shape("400mbit", outgoing=True)  # time to cut the upload halfway
+        try:
+            run = client.popen("run", "prepare", cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            uploads = server.home / "storage" / "tmp"
+            deadline = time.monotonic() + 120
+            while not any(p.stat().st_size > 20_000_000 for p in uploads.glob("*.upload")):
+                assert time.monotonic() < deadline and run.poll() is None, r1.log()
+                time.sleep(0.05)
+            h1.kill_connections(hosts.address)
+            out, err = run.communicate(timeout=300)
+        finally:
+            h1.unshape()
+        assert run.returncode == 0, (out, err, r1.log())
         r1.stop()
-        assert "artifact store: through the server" in r1.log()
-        assert "artifacts saved: uploaded 2 blobs" in r1.log(), r1.log()
+        log = r1.log()
+        assert "artifact store: through the server" in log and "upload of blob" in log and "broke off" in log, log
+        # nothing twice: the bytes uploaded are the artifact's
+        assert f"artifacts saved: uploaded 2 blobs ({human_size(BIG + TOOL)}, {BIG + TOOL} bytes)" in log, log
 
         r2 = remote(h2, server.url, token(server, "h2"))
         r2.wait_registered(server, "h2")

@@ -6,16 +6,18 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 from tests.dstack_server import Server
 
+from dstack.core.errors import DstackError, Forbidden
 from dstack.core.manifest import Entry, Manifest
 from dstack.runner.client import ServerClient
 from dstack.runner.transfer import JobStore, Transfers
 from dstack.storage.cache import BlobCache
-from dstack.storage.hashing import hash_bytes
+from dstack.storage.hashing import IntegrityError, hash_bytes
 from dstack.storage.save import save_tree
 from dstack.storage.tree import tree_cache, verify_tree
 
@@ -255,3 +257,44 @@ class open_upload:
 
         self.sock.close()
         time.sleep(0.5)  # the server has noticed
+
+
+def test_a_download_that_does_not_match_its_hash_is_refused(server, tmp_path):
+    manifest, _h1, h2, train = prepared(server, tmp_path)
+    big = next(e.hash for e in manifest.entries if e.size == BIG)
+    stored = server.home / "storage" / "blobs" / big[:2] / big
+    stored.chmod(0o644)
+    with open(stored, "r+b") as f:  # the store's copy rots
+        f.write(b"rot")
+    store = job_store(server, h2, "h2", train["job_id"])
+    with pytest.raises(IntegrityError, match=f"blob {big} is corrupt"):
+        store.fetch(big, tmp_path / "got")
+    assert not (tmp_path / "got").exists() and (tmp_path / ".got.part").stat().st_size == 0
+
+
+def test_a_runner_fetches_nothing_its_job_does_not_depend_on(server, tmp_path):
+    manifest, h1, _h2, _train = prepared(server, tmp_path)
+    big = next(e.hash for e in manifest.entries if e.size == BIG)
+    server.submit(WORKFLOWS, "plain")
+    plain = server.take(h1, "h1")
+    store = job_store(server, h1, "h1", plain["job_id"])
+    with pytest.raises(Forbidden, match="is in no dependency of job"):
+        store.fetch(big, tmp_path / "got")
+    with pytest.raises(Forbidden, match="is not a dependency of job"):
+        store.get_manifest(manifest.digest())
+    with pytest.raises(Forbidden, match="saves no artifacts"):
+        store.put_bytes(b"x", hash_bytes(b"x"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_a_runner_whose_disk_is_full_says_so(server, tmp_path):
+    manifest, _h1, h2, train = prepared(server, tmp_path)
+    big = next(e.hash for e in manifest.entries if e.size == BIG)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(DstackError, match="cannot write a downloaded blob: No space left on device"):
+            job_store(server, h2, "h2", train["job_id"]).fetch(big, small / "got")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -38,9 +38,13 @@ class Refused(DstackError):
         super().__init__(f"answered {status}: {body[:200].decode(errors='replace')}")
         self.status, self.body, self.headers = status, body, headers
 
-    def raise_as_ours(self) -> None:
-        """The server's own error (its JSON), as dstack.runner.client raises it."""
-        raise_for(httpx.Response(self.status, content=self.body, headers=self.headers))
+    def as_ours(self) -> DstackError:
+        """The server's own error (its JSON), as dstack.runner.client raises it (ServerTrouble: try again)."""
+        try:
+            raise_for(httpx.Response(self.status, content=self.body, headers=self.headers))
+        except DstackError as e:
+            return e
+        return self  # a redirection: not the server's way
 
 
 class Connections(threading.local):

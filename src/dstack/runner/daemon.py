@@ -436,8 +436,8 @@ class Runner:
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
                                   "size": manifest.size})
             if isinstance(store, transfer.JobStore):
-                log.info("job %s: artifacts saved: uploaded %d blobs (%s)", job.job_id, store.stats.uploaded,
-                         human_size(store.stats.uploaded_bytes))
+                log.info("job %s: artifacts saved: uploaded %d blobs (%s, %d bytes)", job.job_id,
+                         store.stats.uploaded, human_size(store.stats.uploaded_bytes), store.stats.uploaded_bytes)
         if self.inline_logs:  # the last output goes with the final status, stored before it
             logs_offset, logs = shipper.drain()
         else:

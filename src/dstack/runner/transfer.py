@@ -184,10 +184,9 @@ class JobStore:
                          offset, size)
                 return sent + size - offset
             except Refused as e:
-                try:
-                    e.raise_as_ours()
-                except (ServerTrouble, Conflict) as ours:  # away for now; another upload of it under way
-                    error: Exception = ours
+                error: Exception = e.as_ours()
+                if not isinstance(error, (ServerTrouble, Conflict)):  # away for now; another upload under way
+                    raise error from None
             except (*CUT, Unreachable) as e:  # a cut, the server away
                 error = e
             if time.monotonic() - since > PATIENCE:
@@ -332,10 +331,9 @@ class JobStore:
                     self._urls.pop(h, None)
                     error = e
                 else:
-                    try:
-                        e.raise_as_ours()
-                    except ServerTrouble as ours:
-                        error = ours
+                    error = e.as_ours()
+                    if not isinstance(error, ServerTrouble):
+                        raise error from None
             except CUT as e:
                 error = e
             got += max(0, _held(fd) - before)
