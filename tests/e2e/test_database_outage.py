@@ -1,6 +1,6 @@
 """A server on PostgreSQL whose database goes away for a while (stopped, restarted): the API answers 503 naming the
 database meanwhile, never 500, so that a runner keeps the report of a job that ended then and sends it again until
-it lands; a restart of the database is not noticed at all. A cluster of the test's own (it is stopped here), a
+it lands; after a restart of the database, one answer at most is such a 503. A cluster of the test's own (it is stopped here), a
 real server and a real self-hosted runner."""
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def test_a_job_that_ends_while_the_database_is_down_is_recorded_once_it_is_back(
             assert time.monotonic() < deadline, "the runner did not register"
             time.sleep(0.1)
 
-        cluster.restart()  # the pool's connections are dead now: replaced, unnoticed
-        assert api.get("/api/runs").status_code == 200
+        cluster.restart()  # the pool's connections are dead now: the first that is used says so, then all are new
+        assert [api.get("/api/runs").status_code for _ in range(3)] in ([503, 200, 200], [200, 200, 200])
 
         run = api.post("/api/runs", json={"repo_id": "r", "workflow": "w",
                                           "files": {".dstack/workflows.yaml": WORKFLOWS}}).raise_for_status().json()

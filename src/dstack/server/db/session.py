@@ -152,9 +152,10 @@ def _stored_revisions(url: str) -> set[str]:
 
 def make_engine(url: str) -> AsyncEngine:
     if not url.startswith("sqlite"):
-        # pre-ping: a database server that restarted left the pool's connections dead; they are replaced on use
-        # rather than failing a request each
-        engine = create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+        # no pre-ping (a round trip more per session: a quarter of the wall time of bench/many_jobs.py on 2 cores):
+        # after a restart of the database, the first statement on a dead connection fails (503, see below) and
+        # the whole pool is replaced at once
+        engine = create_async_engine(url, pool_size=10, max_overflow=20,
                                      connect_args={"timeout": CONNECT_TIMEOUT} if "+asyncpg" in url else {})
         _unreachable_is_unavailable(engine, url)
         return engine
@@ -189,7 +190,7 @@ def _unreachable_is_unavailable(engine: AsyncEngine, url: str) -> None:
 
     @event.listens_for(engine.sync_engine, "handle_error")
     def _lost(context):  # a connection that broke during a statement (the server stopped, the network cut)
-        if context.is_disconnect and not context.is_pre_ping:  # a failed pre-ping connects again by itself
+        if context.is_disconnect:
             raise unreachable(context.original_exception) from context.original_exception
 
 
