@@ -18,7 +18,7 @@ from blake3 import blake3
 from dstack.core.errors import DstackError
 from dstack.runner.client import raise_for
 
-PIECE = 1 << 20  # bytes per read and write
+PIECE = 128 << 10  # bytes per read, write and hash: they stay in the CPU cache between the three (1 MiB: 2x slower)
 TIMEOUT = 60.0  # seconds without a byte before a transfer counts as cut
 CUT = (OSError, http.client.HTTPException)  # a connection that broke: go on from where it stopped
 
