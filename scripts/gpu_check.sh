@@ -63,6 +63,13 @@ workflows:
     commands: [echo never]
     resources:
       gpu: 2
+  - name: hold
+    commands:
+      - echo "start $(date +%s.%N) gpus=$CUDA_VISIBLE_DEVICES"
+      - sleep 3
+      - echo "end $(date +%s.%N)"
+    resources:
+      gpu: 1
 YAML
 cat > "$project/.dstack/variables.yaml" <<'YAML'
 variables:
@@ -76,6 +83,24 @@ step "dstack run by-name (h200/gpu: 1)"; dstack run by-name 2>&1 | tee /tmp/byna
 step "dstack run wrong-model (a100/gpu: 1): refused"; dstack run wrong-model 2>&1 | tee /tmp/wrong.out
 step "dstack run too-many (gpu: 2): refused"; dstack run too-many 2>&1 | tee /tmp/many.out
 step "dstack run matmul --gpu 0 (no GPU asked for)"; dstack run matmul --gpu 0 2>&1 | tee /tmp/nogpu.out
+step "two gpu: 1 jobs at once on one GPU: the second waits for the first"
+dstack run hold -d && dstack run hold -d
+python3 - > /tmp/hold.out <<'PY'
+import json, subprocess, time
+deadline = time.time() + 60
+while time.time() < deadline:
+    runs = [r for r in json.loads(subprocess.run(["dstack", "status", "--json"], capture_output=True, text=True).stdout)
+            if r["workflow"] == "hold"]
+    if len(runs) == 2 and all(r["status"] in ("DONE", "FAILED") for r in runs):
+        break
+    time.sleep(0.5)
+logs = [subprocess.run(["dstack", "logs", r["run_name"]], capture_output=True, text=True).stdout for r in runs]
+print(logs)
+spans = sorted((float(l.split("start ")[1].split()[0]), float(l.split("end ")[1].split()[0])) for l in logs)
+print("apart" if spans[1][0] >= spans[0][1] else "overlapping", spans)
+print("gpus", sorted(l.split("gpus=")[1].split()[0] for l in logs))
+PY
+cat /tmp/hold.out
 step "dstack status"; dstack status
 step "dstack runners"; dstack runners
 step "artifact"
@@ -90,4 +115,6 @@ check "a100/gpu: 1 is refused, naming the GPUs there are" "the GPUs there are NV
 check "gpu: 2 is refused with what fits" "\`gpu: 1\` fits" /tmp/many.out
 check "gpu: 0 sees no GPU" "CUDA_VISIBLE_DEVICES=''" /tmp/nogpu.out
 check "gpu: 0 has no CUDA device" "cuda False 0" /tmp/nogpu.out
+check "two gpu: 1 jobs never share the one GPU" "apart" /tmp/hold.out
+check "each had GPU 0" "gpus ['0', '0']" /tmp/hold.out
 exit 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -91,3 +92,33 @@ def gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A server in the foreground (no local runners), and a client of it with the admin's token: (url, client)."""
+    home = tmp_path / "server-home"
+    env = {**os.environ, "DSTACK_HOME": str(home), "DSTACK_MAX_LOCAL_RUNNERS": "0"}
+    proc = subprocess.Popen([str(BIN / "dstack"), "server", "--port", "0"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        info = home / "server" / "server.json"
+        deadline = time.monotonic() + 30
+        while not info.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
+            time.sleep(0.1)
+        url = json.loads(info.read_text())["url"]
+        client = Dstack(tmp_path / "client-home")
+        client.env.update({"DSTACK_SERVER_URL": url, "DSTACK_TOKEN": (home / "server" / "token").read_text().strip()})
+        yield url, client
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def add_runner(client: Dstack, cwd: Path, *args: str) -> dict:
+    """`dstack runners add --json ARGS`: {name, token, labels}."""
+    return json.loads(client("runners", "add", "--json", *args, cwd=cwd, check=True).stdout)

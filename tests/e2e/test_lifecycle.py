@@ -362,7 +362,9 @@ def test_status_says_how_many_runs_it_leaves_out_and_whose_runs_it_shows(dstack,
 
 def test_a_run_that_waits_for_a_runner_says_so(tmp_path, project):
     d = Dstack(tmp_path / "home", env={"DSTACK_MAX_LOCAL_RUNNERS": "1"})
-    root = project("workflows:\n  - name: long\n    commands: [sleep 60]\n  - name: quick\n    commands: [echo quick]\n")
+    cpus = len(os.sched_getaffinity(0))  # the long job takes every CPU of the one runner: the quick one waits
+    root = project(f"workflows:\n  - name: long\n    commands: [sleep 60]\n    resources: {{cpu: {cpus}}}\n"
+                   "  - name: quick\n    commands: [echo quick]\n")
     try:
         first = _submit(d, root, "long")
         d.wait_status(root, first, {"RUNNING"})

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BIN
-from tests.e2e.test_runner_tokens import add_runner, server  # noqa: F401  (fixture)
+from tests.e2e.conftest import BIN, add_runner
 
 
 def install(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,36 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import BIN, Dstack
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A server in the foreground (no local runners), and a client of it with the admin's token."""
-    home = tmp_path / "server-home"
-    env = {**os.environ, "DSTACK_HOME": str(home), "DSTACK_MAX_LOCAL_RUNNERS": "0"}
-    proc = subprocess.Popen([str(BIN / "dstack"), "server", "--port", "0"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        info = home / "server" / "server.json"
-        deadline = time.monotonic() + 30
-        while not info.exists():
-            assert time.monotonic() < deadline and proc.poll() is None, "the server did not start"
-            time.sleep(0.1)
-        url = json.loads(info.read_text())["url"]
-        client = Dstack(tmp_path / "client-home")
-        client.env.update({"DSTACK_SERVER_URL": url, "DSTACK_TOKEN": (home / "server" / "token").read_text().strip()})
-        yield url, client
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def add_runner(client: Dstack, cwd: Path, *args: str) -> dict:
-    return json.loads(client("runners", "add", "--json", *args, cwd=cwd, check=True).stdout)
+from tests.e2e.conftest import BIN, add_runner
 
 
 def test_a_runner_token_is_refused_by_every_route_but_a_runners_own(server, tmp_path):

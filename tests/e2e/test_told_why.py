@@ -65,8 +65,8 @@ def test_what_a_host_job_will_not_get_is_said_and_where_it_runs(dstack, project)
         in r.stderr
     assert (".dstack/workflows.yaml:14:9: warning: workflow 'host' has no `image`, so `apt-get --version > "
             "/dev/null` runs on the runner's host") in r.stderr
-    assert "warning: 'host' asks for an interruptible (spot) machine, and no runner or backend here has one" \
-        in r.stderr
+    assert (".dstack/workflows.yaml:18:22: warning: 'host' asks for an interruptible (spot) machine, and no runner "
+            "or backend here has one") in r.stderr, r.stderr
     assert re.search(r"Run \S+ \(host\) submitted; it runs on the host of a runner \(the workflow has no "
                      r"`image`\)", r.stderr), r.stderr
     as_root = re.search(r"\[dstack: \S+ runs on the host of runner \S+ as root: its commands can change that "

@@ -214,14 +214,14 @@ def test_a_heartbeat_that_runs_no_job_gets_back_the_job_it_was_given_and_never_s
         run = await runs.run_workflow(ctx, _request())
         job_id = run.jobs[0].job_id
         await scheduler.take_job(ctx, "r-1", 0)
-        await runners.heartbeat(ctx, "r-1", None, last_taken=None)  # the take's answer may be on its way
+        await runners.heartbeat(ctx, "r-1", [], last_taken=None)  # the take's answer may be on its way
         assert (await runs.get_job(ctx, job_id)).status == JobStatus.PROVISIONING
-        await runners.heartbeat(ctx, "r-1", None, last_taken=job_id)
+        await runners.heartbeat(ctx, "r-1", [], last_taken=job_id)
         job = await runs.get_job(ctx, job_id)
         assert job.status == JobStatus.SUBMITTED and job.runner is None
         assert await scheduler.take_job(ctx, "r-1", 0) is not None  # and it can be taken again
         jobs.append_logs(ctx, job_id, b"started\n")
-        await runners.heartbeat(ctx, "r-1", None, last_taken=job_id)
+        await runners.heartbeat(ctx, "r-1", [], last_taken=job_id)
         job = await runs.get_job(ctx, job_id)
         assert job.status == JobStatus.FAILED and "never reported" in job.reason
 

@@ -141,7 +141,7 @@ def test_gpu_name_matches_case_insensitively_as_a_substring():
 
 
 def test_runner_describe():
-    assert RUNNER.describe() == "8 CPU, 32 GB, 2x NVIDIA A100-SXM4-40GB, docker"
+    assert RUNNER.describe() == "8 CPUs, 32 GB, 2x NVIDIA A100-SXM4-40GB, docker"
 
 
 def test_most_offered_says_what_would_fit_of_each_resource_none_has():
@@ -186,3 +186,29 @@ def test_a_job_on_the_host_sees_only_the_gpus_it_asked_for():
     assert visible({"gpu": {"count": 1, "memory": "60GB"}}) == "1"
     assert visible({}) == ""  # asked for none: sees none
     assert visible_gpus_env(Requirements.model_validate({"gpu": 1}), []) == {}  # a machine without GPUs
+
+
+def test_jobs_share_a_runner_while_its_cpus_memory_and_gpus_allow_and_never_share_a_gpu():
+    from dstack.core.resources import Usage, place
+
+    res = RunnerResources(cpus=4, memory_mib=16384, gpus=[Gpu(name="NVIDIA A100", memory_mib=40960)] * 2
+                          + [Gpu(name="NVIDIA H100", memory_mib=81559)])
+    used = Usage()
+    one = Requirements.model_validate({"a100/gpu": 1})
+    assert place(one, res, used) == [0]
+    used.add(one, [0])
+    assert place(one, res, used) == [1]  # not GPU 0: it is taken
+    used.add(one, [1])
+    assert place(one, res, used) is None  # both A100s are taken; the H100 is not an A100
+    assert place(Requirements.model_validate({"gpu": 1}), res, used) == [2]
+    assert place(Requirements(), res, used) == []  # a job without GPUs still fits: 2 of 4 CPUs are taken
+    used.add(Requirements(), [])
+    used.add(Requirements(), [])
+    assert place(Requirements(), res, used) is None  # a job that does not say takes one CPU: none left
+    small = Usage()
+    assert place(Requirements.model_validate({"memory": "20GB"}), res, small) is None
+    small.add(Requirements.model_validate({"memory": "12GB"}), [])
+    assert place(Requirements.model_validate({"memory": "8GB"}), res, small) is None
+    assert place(Requirements.model_validate({"memory": "4GB"}), res, small) == []
+    free = used.free(res)
+    assert (free.cpus, [g.name for g in free.gpus]) == (0, ["NVIDIA H100"])

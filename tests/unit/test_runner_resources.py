@@ -200,3 +200,11 @@ def test_this_machine_reports_cpus_and_memory():
     assert resources.cpus >= 1
     assert resources.memory_mib > 0
     assert isinstance(resources.docker, bool)
+
+
+def test_a_captured_inventory_stands_for_the_gpus(tmp_path, monkeypatch):
+    from dstack.runner.resources import detect_gpus
+
+    (tmp_path / "smi.xml").write_text(NVIDIA_SMI_V100_X2)
+    monkeypatch.setenv("DSTACK_GPU_INVENTORY", str(tmp_path / "smi.xml"))
+    assert [g.name for g in detect_gpus()] == ["Tesla V100-SXM2-16GB"] * 2

@@ -35,7 +35,7 @@ RECORD = "runner.json"
 class LocalBackend:
     name = "local"
 
-    def __init__(self, home: Path, max_runners: int = 4):
+    def __init__(self, home: Path, max_runners: int = 1):
         self.home = Path(home)
         self.max_runners = max_runners
         self._procs: dict[str, tuple[subprocess.Popen | None, Instance, int | None]] = {}  # id -> (child, ., start)

@@ -39,9 +39,13 @@ def runners(ctx: click.Context, show_all: bool, as_json: bool) -> None:
     def labels(r) -> str:
         return ",".join(f"{k}={v}" for k, v in r.labels.items())
 
-    print_table(("RUNNER", "HOST", "BACKEND", "RESOURCES", "LABELS", "STATUS", "JOB", "VERSION", "HEARTBEAT"),
-                [(r.name, r.hostname, r.backend or "self-hosted", r.resources.describe(), labels(r), status(r),
-                  r.job_id or "", r.version or "", ago(r.last_seen_at)) for r in found])
+    def free(r) -> str:
+        return r.free.describe().removesuffix(", docker") if r.free is not None and r.jobs else "all"
+
+    print_table(("RUNNER", "HOST", "BACKEND", "RESOURCES", "FREE", "LABELS", "STATUS", "JOBS", "VERSION",
+                 "HEARTBEAT"),
+                [(r.name, r.hostname, r.backend or "self-hosted", r.resources.describe(), free(r), labels(r),
+                  status(r), ", ".join(r.jobs), r.version or "", ago(r.last_seen_at)) for r in found])
 
 
 @runners.command()

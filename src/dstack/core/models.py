@@ -108,6 +108,7 @@ class JobSpec(Model):
     code: CodeSnapshot | None = None
     master: bool = True
     retry: RetryPolicy | None = None
+    gpu_indexes: list[int] | None = None  # the runner's GPUs the job was given (by the server, when taken)
     attempt: int = 1  # counts the starts again (`retry`)
     log_base: int = 0  # where this attempt's output starts in the job's log (earlier attempts' output before it)
 
@@ -223,7 +224,9 @@ class RunnerInfo(Model):
     resources: RunnerResources
     registered_at: UtcTime
     last_seen_at: UtcTime
-    job_id: str | None = None
+    job_id: str | None = None  # the last job it was given
+    jobs: list[str] = []  # the jobs it runs now
+    free: RunnerResources | None = None  # what of its resources these jobs leave
     labels: dict[str, str] = {}
     version: str | None = None
     draining: bool = False  # `dstack runners remove`: it takes no new job, and goes once its jobs have ended
@@ -258,12 +261,14 @@ class RunnerRegistration(Body):
 
 
 class Heartbeat(Body):
-    job_id: JobId | None = None  # the job the runner runs now
+    job_ids: list[JobId] = Field([], max_length=1024)  # the jobs the runner runs now
+    job_id: JobId | None = None  # a runner before 0.4: the one job it runs
     last_taken: JobId | None = None  # the last job the runner was given (so it knows of it)
 
 
 class HeartbeatReply(Model):
-    stop: str | None = None  # "stop" | "abort" for the current job
+    stops: dict[str, str] = {}  # job id -> "stop" | "abort"
+    stop: str | None = None  # for a runner before 0.4: that of its one job
     terminate: bool = False
 
 

@@ -143,7 +143,8 @@ class RunnerResources(Model):
 
     def describe(self) -> str:
         gpus = f", {len(self.gpus)}x {self.gpus[0].name}" if self.gpus else ""
-        return f"{self.cpus} CPU, {format_mib(self.memory_mib)}{gpus}{', docker' if self.docker else ''}"
+        cpus = f"{self.cpus} CPU{'' if self.cpus == 1 else 's'}"
+        return f"{cpus}, {format_mib(self.memory_mib)}{gpus}{', docker' if self.docker else ''}"
 
 
 def _matching_gpus(req: Requirements, res: RunnerResources) -> list[Gpu]:
@@ -159,13 +160,13 @@ def matching_gpu_indexes(req: Requirements, gpus: list[Gpu]) -> list[int]:
             and (not req.gpu.memory_mib or g.memory_mib >= req.gpu.memory_mib)]
 
 
-def visible_gpus_env(req: Requirements, gpus: list[Gpu]) -> dict[str, str]:
-    """What a job without an image is told of the machine's GPUs: only those it asked for are visible to CUDA
-    (the first that match, numbered as nvidia-smi numbers them), none when it asked for none. Nothing on a
-    machine without GPUs."""
+def visible_gpus_env(req: Requirements, gpus: list[Gpu], given: list[int] | None = None) -> dict[str, str]:
+    """What a job without an image is told of the machine's GPUs: only those it was given (`given`, by the
+    server; else the first that match) are visible to CUDA, numbered as nvidia-smi numbers them; none when it
+    asked for none. Nothing on a machine without GPUs."""
     if not gpus:
         return {}
-    chosen = matching_gpu_indexes(req, gpus)[: req.gpu_count]
+    chosen = given if given is not None else matching_gpu_indexes(req, gpus)[: req.gpu_count]
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
 
 
@@ -198,7 +199,7 @@ def missing(req: Requirements, res: RunnerResources, needs_docker: bool,
     if needs_docker and not res.docker:
         lacks.append("Docker (the workflow has an image)")
     if req.cpu and req.cpu > res.cpus:
-        lacks.append(f"{req.cpu} CPUs (has {res.cpus})")
+        lacks.append(f"{req.cpu} CPU{'' if req.cpu == 1 else 's'} (has {res.cpus})")
     if req.memory_mib and req.memory_mib > res.memory_mib:
         lacks.append(f"{format_mib(req.memory_mib)} memory (has {format_mib(res.memory_mib)})")
     if req.gpu_count:
@@ -213,3 +214,36 @@ def missing(req: Requirements, res: RunnerResources, needs_docker: bool,
     if wrong:
         lacks.append(f"the label{'s' if len(wrong) > 1 else ''} {', '.join(wrong)}")
     return lacks  # an on-demand machine may run an interruptible job
+
+
+class Usage:
+    """What the jobs that run on a runner take of it: CPUs (a job that does not say takes one), memory (what
+    the jobs asked for) and GPUs (by index)."""
+
+    def __init__(self) -> None:
+        self.cpus, self.memory_mib, self.gpus = 0, 0, set[int]()
+
+    def add(self, req: Requirements, gpu_indexes: list[int] | None) -> None:
+        self.cpus += req.cpu or 1
+        self.memory_mib += req.memory_mib or 0
+        self.gpus.update(gpu_indexes or [])
+
+    def free(self, res: RunnerResources) -> RunnerResources:
+        """What is left of `res`."""
+        return res.model_copy(update={
+            "cpus": max(0, res.cpus - self.cpus), "memory_mib": max(0, res.memory_mib - self.memory_mib),
+            "gpus": [g for i, g in enumerate(res.gpus) if i not in self.gpus]})
+
+
+def place(req: Requirements, res: RunnerResources, used: Usage) -> list[int] | None:
+    """Whether a job that asks for `req` fits now on a runner that has `res`, of which `used` is taken: the
+    indexes of the GPUs it gets (the first free ones that match; [] when it asks for none), or None when it does
+    not fit now. A GPU is never given to two jobs."""
+    if used.cpus + (req.cpu or 1) > max(res.cpus, 1):
+        return None
+    if req.memory_mib and used.memory_mib + req.memory_mib > res.memory_mib:
+        return None
+    if not req.gpu_count:
+        return []
+    free = [i for i in matching_gpu_indexes(req, res.gpus) if i not in used.gpus]
+    return free[: req.gpu_count] if len(free) >= req.gpu_count else None

@@ -52,9 +52,10 @@ class ServerClient:
         return RunnerInfo.model_validate(self._check(self.http.post("/api/runners/register",
                                                                     json=reg.model_dump(mode="json"))).json())
 
-    def heartbeat(self, name: str, job_id: str | None, last_taken: str | None = None) -> HeartbeatReply:
-        r = self._check(self.http.post(f"/api/runners/{name}/heartbeat", json={"job_id": job_id,
-                                       "last_taken": last_taken}, timeout=5))
+    def heartbeat(self, name: str, job_ids: list[str], last_taken: str | None = None) -> HeartbeatReply:
+        """`job_ids`: the jobs it runs (`job_id` too, the first: for a server before 0.4)."""
+        r = self._check(self.http.post(f"/api/runners/{name}/heartbeat", json={
+            "job_ids": job_ids, "job_id": job_ids[0] if job_ids else None, "last_taken": last_taken}, timeout=5))
         return HeartbeatReply.model_validate(r.json())
 
     def take(self, name: str, wait: float) -> JobSpec | None:

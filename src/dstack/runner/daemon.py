@@ -38,6 +38,15 @@ STOP_GRACE = stop_grace()
 
 
 
+class Slot:
+    """One job of this runner: the job, its execution once started, and whether it was asked to stop."""
+
+    def __init__(self, job: JobSpec) -> None:
+        self.job = job
+        self.execution = None
+        self.stop_requested: str | None = None
+
+
 class Runner:
     def __init__(self, client: ServerClient, resources: RunnerResources, workdir: Path, name: str | None = None,
                  backend: str | None = None, idle_timeout: float | None = None,
@@ -51,9 +60,8 @@ class Runner:
         self.backend = backend
         self.idle_timeout = idle_timeout
         self.server_lost_timeout = server_lost_timeout
-        self.current: JobSpec | None = None
-        self.execution = None
-        self.stop_requested: str | None = None
+        self.slots: dict[str, Slot] = {}  # the jobs it runs now, by id
+        self._threads: list[threading.Thread] = []
         self.last_taken: str | None = None  # the id of the last job `take` gave this runner
         self._stopping = threading.Event()
         self._leaving_since: float | None = None  # when the runner was told to stop (SIGTERM)
@@ -144,18 +152,17 @@ class Runner:
         return self.server_lost_timeout is not None and time.monotonic() - since > self.server_lost_timeout
 
     def shutdown(self) -> bool:
-        """Stop taking jobs; stop the current one (its artifacts are saved). True when idle and not on the
+        """Stop taking jobs; stop the running ones (their artifacts are saved). True when idle and not on the
         way out already (then the caller may interrupt the wait for a job; never the clean-up)."""
         leaving = self._stopping.is_set()
         self._leaving_since = self._leaving_since or time.monotonic()
         self._stopping.set()
         with self._lock:
-            if self.current is not None:  # started, or starting: stopped once it has (see _run)
-                self.stop_requested = self.stop_requested or "stop"
-            if self.execution is not None:
-                threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
-                return False
-            return self.current is None and not leaving
+            for slot in self.slots.values():  # started, or starting: stopped once it has (see _run)
+                slot.stop_requested = slot.stop_requested or "stop"
+                if slot.execution is not None:
+                    threading.Thread(target=slot.execution.stop, args=(STOP_GRACE,), daemon=True).start()
+            return not self.slots and not leaving
 
     def serve(self) -> None:
         self._workdir_lock = workspace.use_workdir(self.workdir)
@@ -173,8 +180,9 @@ class Runner:
             while not self._stopping.is_set():
                 try:
                     job = self.client.take(self.name, TAKE_WAIT)
-                    if job is not None:  # current first: a heartbeat that sees it taken sees it current
-                        self.current = job
+                    if job is not None:  # its slot first: a heartbeat that sees it taken sees it running
+                        with self._lock:
+                            self.slots[job.job_id] = Slot(job)
                         self.last_taken = job.job_id
                     if unreachable_since is not None:
                         log.info("the server is back")
@@ -183,20 +191,28 @@ class Runner:
                     if unreachable_since is None:
                         log.warning("waiting for the server: %s", e)
                     unreachable_since = unreachable_since or time.monotonic()
-                    if self._lost_for_good(unreachable_since):
+                    if not self.slots and self._lost_for_good(unreachable_since):
                         log.error("server unreachable for %ss; exiting", self.server_lost_timeout)
                         return
                     self._stopping.wait(1)
                     continue
                 if job is None:
-                    if self.idle_timeout is not None and time.monotonic() - idle_since > self.idle_timeout:
+                    if self.slots:
+                        idle_since = time.monotonic()
+                    elif self.idle_timeout is not None and time.monotonic() - idle_since > self.idle_timeout:
                         log.info("idle for %ss; exiting", self.idle_timeout)
                         return
                     continue
-                self.run_job(job)
+                # several jobs at once, as the server gives them (it counts what each takes of this machine)
+                thread = threading.Thread(target=self.run_job, args=(self.slots[job.job_id],), daemon=True)
+                thread.start()
+                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
                 idle_since = time.monotonic()
         finally:
             self._stopping.set()
+            self.shutdown()
+            for thread in self._threads:  # their jobs are stopping: their ends are reported first
+                thread.join()
             for executor in self._executors.values():
                 executor.close()
             for unused in (self.workdir / "jobs").glob("next-*"):  # the folders of containers that waited
@@ -207,11 +223,11 @@ class Runner:
                 pass
 
     def _heartbeats(self) -> None:
-        while not self._stopping.wait(HEARTBEAT_INTERVAL) or self.execution is not None:
-            last_taken = self.last_taken  # before current (see serve): never "taken, yet not running" by mistake
-            job = self.current
+        while not self._stopping.wait(HEARTBEAT_INTERVAL) or self.slots:
+            last_taken = self.last_taken  # before the slots (see serve): never "taken, yet not running" by mistake
+            job_ids = list(self.slots)
             try:
-                reply = self.client.heartbeat(self.name, job.job_id if job else None, last_taken)
+                reply = self.client.heartbeat(self.name, job_ids, last_taken)
             except RETRYABLE:
                 continue
             except Unauthorized as e:  # its token works no more (`dstack runners remove`): nothing to wait for
@@ -227,55 +243,58 @@ class Runner:
                 continue
             except httpx.HTTPError:
                 continue
-            if reply.stop and job is not None:
-                self._request_stop(reply.stop, job.job_id)
-            if reply.terminate and job is None:  # removed (`dstack runners remove`) and idle: leave
+            stops = reply.stops or ({job_ids[0]: reply.stop} if reply.stop and job_ids else {})  # a server < 0.4
+            for job_id, how in stops.items():
+                self._request_stop(how, job_id)
+            if reply.terminate and not job_ids:  # removed (`dstack runners remove`) and idle: leave
                 log.info("removed from the server; exiting")
                 self.shutdown()
-            if self._stopping.is_set() and self.execution is None:
+            if self._stopping.is_set() and not self.slots:
                 return
 
     def _request_stop(self, how: str, job_id: str) -> None:
-        """Stop (or abort) job `job_id`, if it is still the current one (a late heartbeat answer about the last
-        job must not stop the next)."""
+        """Stop (or abort) job `job_id`, if it still runs here (a late heartbeat answer about a job that has
+        ended must not stop another)."""
         with self._lock:
-            if self.current is None or self.current.job_id != job_id:
+            slot = self.slots.get(job_id)
+            if slot is None:
                 return
-            if self.stop_requested == "abort" or (self.stop_requested and how == "stop"):
+            if slot.stop_requested == "abort" or (slot.stop_requested and how == "stop"):
                 return
-            self.stop_requested = how
-            if self.execution is not None:
+            slot.stop_requested = how
+            if slot.execution is not None:
                 grace = 0.0 if how == "abort" else STOP_GRACE
-                threading.Thread(target=self.execution.stop, args=(grace,), daemon=True).start()
+                threading.Thread(target=slot.execution.stop, args=(grace,), daemon=True).start()
 
     # --- one job ---------------------------------------------------------------------------------
 
-    def run_job(self, job: JobSpec) -> None:
+    def run_job(self, slot: Slot) -> None:
         from dstack.runner.executors.base import ExecutorError
 
-        self.current, self.stop_requested = job, None
+        job = slot.job
         executor = self.executor_for(job)
         root = executor.claim(job)  # a container already waits for this job: its code goes there
         folder = root.parent if root is not None else self.workdir / "jobs" / job.job_id
         shipper = LogShipper(lambda offset, data: self.client.logs(self.name, job.job_id, offset, data),
                              retryable=RETRYABLE, give_up=self._leaving_for)
         try:
-            self._run(job, folder, shipper, executor)
+            self._run(slot, folder, shipper, executor)
         except (ExecutorError, workspace.WorkspaceError, DstackError, OSError) as e:
             shipper.close()
-            self._finish(job, JobStatus.FAILED, reason=str(e), **_started(self.execution))
+            self._finish(job, JobStatus.FAILED, reason=str(e), **_started(slot.execution))
         except Exception as e:  # never leave a job hanging in RUNNING
             log.exception("job %s failed", job.job_id)
             shipper.close()
-            self._finish(job, JobStatus.FAILED, reason=f"runner error: {e!r}", **_started(self.execution))
+            self._finish(job, JobStatus.FAILED, reason=f"runner error: {e!r}", **_started(slot.execution))
         finally:
             shipper.close()
             executor.release(job)
             with self._lock:
-                execution, self.execution = self.execution, None
+                execution, slot.execution = slot.execution, None
             if execution is not None:
                 execution.dispose()  # its final status is reported (or could not be): its container goes
-            self.current = None
+            with self._lock:
+                self.slots.pop(job.job_id, None)
             workspace.remove(folder)
         if execution is not None and not self._stopping.is_set():  # the job is reported: get ready for the next one like it
             root = self.workdir / "jobs" / f"next-{secrets.token_hex(6)}" / "code"
@@ -359,7 +378,8 @@ class Runner:
         local = isinstance(self.store, LocalBlobStore)
         return local, self.store.root / "trees" if local else self.workdir / "trees"
 
-    def _run(self, job: JobSpec, folder: Path, shipper: LogShipper, executor) -> None:
+    def _run(self, slot: Slot, folder: Path, shipper: LogShipper, executor) -> None:
+        job = slot.job
         if job.code is not None:
             root = recreate(job.code, self._fetch_code, folder / "code")
         else:
@@ -371,32 +391,33 @@ class Runner:
             store = self._job_store(job)
             mounts = workspace.dependency_mounts(job, root, store, self._trees()[1], self.cache)
             self._mounted(job, store)
-        if self.stop_requested:
-            self._finish(job, JobStatus.ABORTED if self.stop_requested == "abort" else JobStatus.STOPPED,
+        if slot.stop_requested:
+            self._finish(job, JobStatus.ABORTED if slot.stop_requested == "abort" else JobStatus.STOPPED,
                          reason="stopped before it started")
             return
         with self._lock:
             output = AsWritten(shipper.write)  # the job's bytes, not its terminal's "\r\n"
             # a job on the host sees only the GPUs it asked for (in a container, Docker attaches them)
-            env = job.env if job.image else {**job.env, **visible_gpus_env(job.requirements, self.resources.gpus)}
-            self.execution = executor.start(job, root, mounts, env, output)
-            if self.stop_requested:  # asked while the executor was starting
-                threading.Thread(target=self.execution.stop, args=(STOP_GRACE,), daemon=True).start()
-        started = _started(self.execution)
+            env = job.env if job.image else {**job.env, **visible_gpus_env(job.requirements, self.resources.gpus,
+                                                                           job.gpu_indexes)}
+            slot.execution = executor.start(job, root, mounts, env, output)
+            if slot.stop_requested:  # asked while the executor was starting
+                threading.Thread(target=slot.execution.stop, args=(STOP_GRACE,), daemon=True).start()
+        started = _started(slot.execution)
         # RUNNING is reported unless the job ends first: then its final status says it all, in one request
         # fewer while a short job and its container's exit compete for the CPU
         ended = threading.Event()
         running = threading.Timer(RUNNING_REPORT_DELAY, self._report_running, args=(job, started, ended))
         running.start()
         try:
-            code = self.execution.wait()
+            code = slot.execution.wait()
         finally:
             ended.set()
             running.cancel()
             running.join()
             output.flush()
         started["ended_at"] = time.monotonic()  # what the final status says, however late it lands
-        if self.stop_requested == "abort":
+        if slot.stop_requested == "abort":
             shipper.close()
             self._finish(job, JobStatus.ABORTED, exit_code=code, reason="aborted: artifacts were not saved",
                          **started)
@@ -413,7 +434,7 @@ class Runner:
                     not_folders.append(path)
                     shipper.write(f"dstack: artifact '{path}' is a file, not a folder: not saved\n".encode())
                     continue
-                if not src.exists() and (code != 0 or self.stop_requested):
+                if not src.exists() and (code != 0 or slot.stop_requested):
                     # a job that failed (or was stopped) before it made the folder: nothing to save, and no
                     # empty artifact that would pass for its output
                     shipper.write(f"dstack: artifact '{path}' was not created by the job: nothing saved\n"
@@ -443,19 +464,19 @@ class Runner:
         else:
             shipper.close()  # every line of output is on the server before the final status
             logs_offset, logs = None, None
-        if job.artifacts and not_folders and not self.stop_requested:
+        if job.artifacts and not_folders and not slot.stop_requested:
             names = ", ".join(f"'{p}'" for p in not_folders)
             self._finish(job, JobStatus.FAILED, exit_code=code, artifacts=artifacts, logs=logs,
                          logs_offset=logs_offset, **started,
                          reason=f"artifact {names} is a file; artifacts are folders (write the file into a "
                                 f"folder and declare that folder)")
             return
-        if self.stop_requested:
+        if slot.stop_requested:
             status, reason = JobStatus.STOPPED, "stopped by the user"
         elif code == 0:
             status, reason = JobStatus.DONE, None
         else:
-            status, reason = JobStatus.FAILED, self.execution.failure_reason or f"exited with code {code}"
+            status, reason = JobStatus.FAILED, slot.execution.failure_reason or f"exited with code {code}"
         self._finish(job, status, exit_code=code, reason=reason, artifacts=artifacts, logs=logs,
                      logs_offset=logs_offset, **started)
 

@@ -25,7 +25,9 @@ class Settings:
     runner_timeout: float = float(os.environ.get("DSTACK_RUNNER_TIMEOUT", "10"))
     # local runners exit after this long without a job
     runner_idle_timeout: float = float(os.environ.get("DSTACK_RUNNER_IDLE_TIMEOUT", "300"))
-    max_local_runners: int = int(os.environ.get("DSTACK_MAX_LOCAL_RUNNERS", "4"))
+    # one runner serves this machine (it runs as many jobs at once as its CPUs, memory and GPUs allow); more would
+    # each offer the whole machine
+    max_local_runners: int = int(os.environ.get("DSTACK_MAX_LOCAL_RUNNERS", "1"))
     # while a job runs, prune keeps unreferenced stored data younger than this (it may be a save in flight)
     gc_grace: float = float(os.environ.get("DSTACK_GC_GRACE", "3600"))
     # the artifact store: DSTACK_STORE_URL=s3://bucket/prefix?region=...&endpoint_url=..., else a folder

@@ -466,12 +466,15 @@ def _container_options(job: JobSpec) -> dict[str, Any]:
     """What a job's container is created with, cold or warm, besides its command, folders and names."""
     gpus = job.requirements.gpu_count
     shm = job.requirements.shm_size_mib
+    # the GPUs the server gave it, by index (never one another job has); by count from a server before 0.4
+    devices = (DeviceRequest(device_ids=[str(i) for i in job.gpu_indexes], capabilities=[["gpu"]])
+               if job.gpu_indexes else DeviceRequest(count=gpus, capabilities=[["gpu"]]))
     return {
         "tty": True,
         "init": True,
         "network_mode": "host",
         "shm_size": f"{shm}m" if shm else None,
-        "device_requests": [DeviceRequest(count=gpus, capabilities=[["gpu"]])] if gpus else None,
+        "device_requests": [devices] if gpus else None,
         "auto_remove": False,
     }
 

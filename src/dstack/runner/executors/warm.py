@@ -67,7 +67,8 @@ def kind(job: JobSpec) -> tuple | None:
         return None
     if job.code is not None and job.code.subdir not in ("", "."):
         return None
-    return job.image, job.requirements.gpu_count, job.requirements.shm_size_mib
+    gpus = tuple(job.gpu_indexes) if job.gpu_indexes is not None else job.requirements.gpu_count
+    return job.image, gpus, job.requirements.shm_size_mib
 
 
 class WarmUpFailed(Exception):

@@ -10,11 +10,11 @@ from sqlalchemy import select
 
 from dstack.backends.base import Bootstrap
 from dstack.core.models import JobSpec, JobStatus, RunnerStatus
-from dstack.core.resources import RunnerResources
+from dstack.core.resources import RunnerResources, Usage, place
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
 from dstack.server.services import runner_tokens, runners
-from dstack.server.services.scheduler import fits
+from dstack.server.services.scheduler import fits, usage_of
 
 log = logging.getLogger("dstack.server")
 STARTUP_GRACE = 60.0  # a runner process that has not registered by then is given up
@@ -24,7 +24,7 @@ AFTER_QUEUED = 0.1
 
 
 async def autoscale(ctx: Context) -> None:
-    """Start a runner for each queued job that no idle runner (nor one starting) can take."""
+    """Start a runner for each queued job that no live runner has room for now (nor one starting) can take."""
     async with ctx.sessions() as s:
         # runners first: a job seen queued below was queued while they were as seen here
         live = (await s.scalars(select(RunnerRow).where(
@@ -35,8 +35,10 @@ async def autoscale(ctx: Context) -> None:
         if not queued:
             return
         draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
-    idle = [(RunnerResources.model_validate(r.resources), r.labels) for r in live
-            if not r.job_id and r.name not in draining]
+        used = await usage_of(s, [r.name for r in live])
+    # what live runners have free now; a queued job that fits there is taken by one of them
+    rooms = [(RunnerResources.model_validate(r.resources), r.labels, used.get(r.name, Usage())) for r in live
+             if r.name not in draining]
     registered = {r.name for r in live}
     for backend in ctx.backends:
         instances = backend.list()
@@ -45,11 +47,13 @@ async def autoscale(ctx: Context) -> None:
         starting = [i for i in instances if i.runner_name not in registered
                     and time.monotonic() - i.started_at < STARTUP_GRACE]
         alive = len(instances)
-        spare = len(idle) + len(starting)
+        spare = len(starting)
         for row in queued:
             job = JobSpec.model_validate(row.spec)
-            if any(not fits(job, res, labels) for res, labels in idle):
-                spare -= 1  # an idle runner will take it
+            room = next(((u, gpus) for res, labels, u in rooms if not fits(job, res, labels)
+                         and (gpus := place(job.requirements, res, u)) is not None), None)
+            if room is not None:  # a live runner will take it: its room is counted as taken
+                room[0].add(job.requirements, room[1])
                 continue
             if spare > 0:
                 spare -= 1

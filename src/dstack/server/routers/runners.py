@@ -66,7 +66,8 @@ async def register(request: Request, reg: RunnerRegistration, ctx: Context = Dep
 @router.post("/{name}/heartbeat", tags=[RUNNER_API])
 async def heartbeat(hb: Heartbeat, name: str = Own,
                     ctx: Context = Depends(get_ctx)) -> HeartbeatReply:
-    return await runners.heartbeat(ctx, name, hb.job_id, hb.last_taken)
+    job_ids = hb.job_ids or ([hb.job_id] if hb.job_id else [])  # a runner before 0.4 sends its one job
+    return await runners.heartbeat(ctx, name, job_ids, hb.last_taken)
 
 
 @router.post("/{name}/deregister", tags=[RUNNER_API])

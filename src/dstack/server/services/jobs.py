@@ -60,8 +60,8 @@ async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUp
             code = f" (exit code {upd.exit_code})" if upd.exit_code else ""
             if retries.requeue(ctx, job, retries.ERROR, f"it failed on runner {runner_name}{code}"):
                 runner = await s.get(RunnerRow, runner_name)
-                if runner is not None and runner.job_id == job_id:
-                    runner.job_id, runner.status = None, RunnerStatus.READY.value
+                if runner is not None:
+                    await settle(s, runner)
                 await refresh_run_status(s, job.run_name)
                 await s.commit()
                 ctx.signals.notify(f"job:{job_id}")
@@ -84,8 +84,8 @@ async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUp
                 job.finished_at = max(job.finished_at - timedelta(seconds=upd.ended_ago),
                                       job.started_at or job.finished_at)
             runner = await s.get(RunnerRow, runner_name)
-            if runner is not None and runner.job_id == job_id:
-                runner.job_id, runner.status = None, RunnerStatus.READY.value
+            if runner is not None:
+                await settle(s, runner)
         run_done = await refresh_run_status(s, job.run_name) == JobStatus.DONE
         if run_done:
             run = await s.get(RunRow, job.run_name)
@@ -112,6 +112,15 @@ async def append_runner_logs(ctx: Context, runner_name: str, job_id: str, data: 
     if append.get("offset") is not None:  # the runner counts from this attempt's start (see services/retries)
         append["offset"] += _log_base(job.spec)
     append_logs(ctx, job_id, data, **append)
+
+
+async def settle(s, runner: RunnerRow) -> bool:
+    """The runner is BUSY while a job it was given has not ended, else READY (a live one); whether busy."""
+    busy = bool(await s.scalar(select(JobRow.job_id).where(
+        JobRow.runner_name == runner.name, JobRow.status.not_in([x.value for x in FINISHED])).limit(1)))
+    if runner.status in (RunnerStatus.READY.value, RunnerStatus.BUSY.value):
+        runner.status = RunnerStatus.BUSY.value if busy else RunnerStatus.READY.value
+    return busy
 
 
 def _log_base(spec: dict | None) -> int:
@@ -145,6 +154,8 @@ LOG_CHUNK = 4 * 1024 * 1024
 def read_logs(ctx: Context, job_id: str, offset: int, limit: int = LOG_CHUNK) -> bytes:
     try:
         with open(log_path(ctx, job_id), "rb") as f:
+            if offset >= os.fstat(f.fileno()).st_size:  # past the end: nothing yet (a huge offset is EINVAL)
+                return b""
             f.seek(offset)
             return f.read(limit)
     except FileNotFoundError:

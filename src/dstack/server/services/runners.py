@@ -18,11 +18,12 @@ from dstack.core.models import (
     RunnerStatus,
 )
 from dstack.core.names import random_base
+from dstack.core.resources import Usage
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
 from dstack.server.services import runner_tokens
 from dstack.server.services.convert import runner_model
-from dstack.server.services.jobs import log_path
+from dstack.server.services.jobs import log_path, settle
 from dstack.server.services.run_state import now, refresh_run_status
 
 log = logging.getLogger("dstack.server")
@@ -72,8 +73,8 @@ async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
 TAKE_LOST_AFTER = 60.0
 
 
-async def heartbeat(ctx: Context, name: str, job_id: str | None, last_taken: str | None = None) -> HeartbeatReply:
-    """A runner is alive, and says which job it runs (if any). The reply tells it to stop or abort that job.
+async def heartbeat(ctx: Context, name: str, job_ids: list[str], last_taken: str | None = None) -> HeartbeatReply:
+    """A runner is alive, and says which jobs it runs. The reply tells it which of them to stop or abort.
     Where the runner and the server disagree, the runner is right about what it runs: a job it does not run
     (it gave up on the job's reports, it was restarted, the answer to its `take` was lost) is put back in the
     queue when it never started, else it fails, saying so; a job the server has given up on is aborted."""
@@ -84,21 +85,27 @@ async def heartbeat(ctx: Context, name: str, job_id: str | None, last_taken: str
         if row is None:
             raise NotFound(f"no runner '{name}'", hint="register it again")
         if row.status in (RunnerStatus.OFFLINE.value, RunnerStatus.TERMINATED.value):
-            # it came back after being given up for lost: its old job has failed; forget it
-            reply = HeartbeatReply(stop="abort" if job_id else None)
+            # it came back after being given up for lost: its old jobs have failed; forget them
+            reply = HeartbeatReply(stops={job_id: "abort" for job_id in job_ids})
             row.status, row.job_id = RunnerStatus.READY.value, None
         else:
             reply = HeartbeatReply()
-            if job_id:
+            for job_id in job_ids:
                 job = await s.get(JobRow, job_id)
-                if job is not None and job.stop_requested:
-                    reply.stop = job.stop_requested
+                how = job.stop_requested if job is not None else None
                 if job is None or job.runner_name != name or JobStatus(job.status) in FINISHED:
-                    reply.stop = reply.stop or "abort"
-            if row.job_id and row.job_id != job_id:
-                failed = await _reconcile(ctx, s, row, job_id, knows=last_taken == row.job_id)
+                    how = how or "abort"
+                if how:
+                    reply.stops[job_id] = how
+            ours = (await s.scalars(select(JobRow).where(
+                JobRow.runner_name == name, JobRow.status.not_in([x.value for x in FINISHED])))).all()
+            for job in ours:
+                if job.job_id not in job_ids:
+                    failed += await _reconcile(ctx, s, name, job, knows=last_taken == job.job_id)
+            busy = await settle(s, row)
             identity = await s.get(RunnerTokenRow, name)
-            reply.terminate = bool(identity is not None and identity.draining and not job_id and not row.job_id)
+            reply.terminate = bool(identity is not None and identity.draining and not job_ids and not busy)
+        reply.stop = reply.stops.get(job_ids[0]) if job_ids else None  # a runner before 0.4 runs one job
         row.last_seen_at = now()
         await s.commit()
     for failed_id in failed:
@@ -115,29 +122,23 @@ def _has_output(ctx: Context, job_id: str) -> bool:
         return False
 
 
-async def _reconcile(ctx: Context, s, runner: RunnerRow, running: str | None, knows: bool) -> list[str]:
-    """The server has `runner.job_id` on `runner`, which runs `running` instead (or nothing). `knows`: the
-    runner says it was given that job (so it has ended there); else the answer to its `take` may still be on
-    its way, and the job is taken back only once that cannot be. Returns the jobs it changed."""
-    job = await s.get(JobRow, runner.job_id)
-    changed: list[str] = []
-    if job is not None and JobStatus(job.status) not in FINISHED and job.runner_name == runner.name:
-        if not knows and job.started_at is not None and (now() - job.started_at).total_seconds() < TAKE_LOST_AFTER:
-            return []
-        if job.status == JobStatus.PROVISIONING.value and not _has_output(ctx, job.job_id):
-            # never started there: back in the queue, for this runner or another
-            job.status, job.runner_name, job.started_at, job.runner_resources = (
-                JobStatus.SUBMITTED.value, None, None, None)
-            log.warning("runner %s does not run job %s that it took: queued again", runner.name, job.job_id)
-        else:
-            job.status, job.finished_at = JobStatus.FAILED.value, now()
-            job.reason = (f"runner {runner.name} no longer runs the job, and its end was never reported (the "
-                          f"runner gave up reporting it, or was restarted); its artifacts were not saved")
-        await refresh_run_status(s, job.run_name)
-        changed.append(job.job_id)
-    runner.job_id = running
-    runner.status = RunnerStatus.BUSY.value if running else RunnerStatus.READY.value
-    return changed
+async def _reconcile(ctx: Context, s, runner_name: str, job: JobRow, knows: bool) -> list[str]:
+    """The server has `job` on the runner, which does not run it. `knows`: the runner says it was given that
+    job (so it has ended there); else the answer to its `take` may still be on its way, and the job is taken
+    back only once that cannot be. Returns the jobs it changed."""
+    if not knows and job.started_at is not None and (now() - job.started_at).total_seconds() < TAKE_LOST_AFTER:
+        return []
+    if job.status == JobStatus.PROVISIONING.value and not _has_output(ctx, job.job_id):
+        # never started there: back in the queue, for this runner or another
+        job.status, job.runner_name, job.started_at, job.runner_resources = (
+            JobStatus.SUBMITTED.value, None, None, None)
+        log.warning("runner %s does not run job %s that it took: queued again", runner_name, job.job_id)
+    else:
+        job.status, job.finished_at = JobStatus.FAILED.value, now()
+        job.reason = (f"runner {runner_name} no longer runs the job, and its end was never reported (the "
+                      f"runner gave up reporting it, or was restarted); its artifacts were not saved")
+    await refresh_run_status(s, job.run_name)
+    return [job.job_id]
 
 
 async def server_started(ctx: Context, local_runners: set[str]) -> None:
@@ -219,9 +220,24 @@ async def list_runners(ctx: Context, include_gone: bool = False) -> list[RunnerI
     q = select(RunnerRow).order_by(RunnerRow.registered_at.desc())
     if not include_gone:
         q = q.where(RunnerRow.status.in_((RunnerStatus.READY.value, RunnerStatus.BUSY.value)))
+    from dstack.server.services.scheduler import usage_of
+
     async with ctx.sessions() as s:
         draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
-        return [runner_model(r, r.name in draining) for r in (await s.scalars(q)).all()]
+        rows = (await s.scalars(q)).all()
+        used = await usage_of(s, [r.name for r in rows])
+        jobs: dict[str, list[str]] = {}
+        for runner, job_id in (await s.execute(select(JobRow.runner_name, JobRow.job_id).where(
+                JobRow.runner_name.in_([r.name for r in rows]),
+                JobRow.status.not_in([x.value for x in FINISHED])).order_by(JobRow.started_at))).all():
+            jobs.setdefault(runner, []).append(job_id)
+    infos = []
+    for r in rows:
+        info = runner_model(r, r.name in draining)
+        info.jobs = jobs.get(r.name, [])
+        info.free = used.get(r.name, Usage()).free(info.resources)
+        infos.append(info)
+    return infos
 
 
 async def remove(ctx: Context, name: str, force: bool) -> RunnerInfo | dict:
@@ -233,7 +249,8 @@ async def remove(ctx: Context, name: str, force: bool) -> RunnerInfo | dict:
     async with ctx.sessions() as s:
         row = await s.get(RunnerRow, name)
         live = row is not None and row.status in (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
-        job_id = row.job_id if live else None
+        job_ids = (await s.scalars(select(JobRow.job_id).where(
+            JobRow.runner_name == name, JobRow.status.not_in([x.value for x in FINISHED])))).all() if live else []
     if not live:
         if await runner_tokens.identity(ctx, name) is None and row is None:
             raise NotFound(f"no runner named '{name}'", hint="`dstack runners -a` lists them")
@@ -241,7 +258,7 @@ async def remove(ctx: Context, name: str, force: bool) -> RunnerInfo | dict:
             await runner_tokens.revoke(ctx, name)
         return {}
     await runner_tokens.drain(ctx, name)
-    if force and job_id:
+    for job_id in job_ids if force else []:
         await runs.stop(ctx, None, job_id, abort=False)
     ctx.signals.notify("runners")
     ctx.signals.notify("jobs")  # its long poll for a job answers now

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import func, select
@@ -64,7 +66,7 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
                             provider=resolved.provider, variables=resolved.variables, overrides=overrides,
                             dependencies=resolved.dependencies, jobs=resolved.jobs, code=req.code, tag=req.tag)
         try:
-            run = await submit(ctx, sub)
+            run = await submit(ctx, sub, functools.partial(_at, resolved))
         except NameTaken:
             continue  # another submission took the name meanwhile
         except DstackError as e:
@@ -79,6 +81,12 @@ def _resolve(files: ProjectFiles, req: RunRequest, overrides: dict, run_name: st
     resolved = resolve_workflow(files, req.workflow, overrides, run_name)
     require_unicode([resolved.variables, *(job.model_dump() for job in resolved.jobs)], "the value")
     return resolved
+
+
+def _at(resolved: ResolvedWorkflow, key: str, text: str) -> str:
+    """A warning about resource `key`, at its file:line:column."""
+    place = resolved.resource_source(key)[0] if resolved.entry is not None else None
+    return f"{place.location}: warning: {text}" if place is not None and place.location else f"warning: {text}"
 
 
 class NameTaken(Conflict):
@@ -103,7 +111,9 @@ def _located(e: DstackError, resolved: ResolvedWorkflow) -> DstackError:
     return e
 
 
-async def submit(ctx: Context, sub: RunSubmission) -> Run:
+async def submit(ctx: Context, sub: RunSubmission,
+                 say: Callable[[str, str], str] = lambda _key, text: f"warning: {text}") -> Run:
+    """Queue the run once it is sound. `say(resource, text)`: a warning about a resource, as a line to show."""
     if sub.tag is not None:
         tags.check_name(sub.tag)
     warnings = []
@@ -126,7 +136,7 @@ async def submit(ctx: Context, sub: RunSubmission) -> Run:
             raise NameTaken(f"a run named '{sub.run_name}' exists already", hint="submit again") from None
         run = run_model(row)  # as get_run would read it back
     ctx.signals.notify("jobs")
-    run.warnings = list(dict.fromkeys(warnings))
+    run.warnings = list(dict.fromkeys(say(key, text) for key, text in warnings))
     return run
 
 

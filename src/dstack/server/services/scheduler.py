@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 
 from sqlalchemy import select, update
 
 from dstack.core.errors import Unavailable, Unsatisfiable
-from dstack.core.models import JobSpec, JobStatus, RunnerStatus
-from dstack.core.resources import RunnerResources, missing, most_offered
+from dstack.core.models import FINISHED, JobSpec, JobStatus, RunnerStatus
+from dstack.core.resources import RunnerResources, Usage, missing, most_offered, place
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
 from dstack.server.services.run_state import now, refresh_run_status
@@ -23,9 +24,9 @@ def fits(job: JobSpec, res: RunnerResources, labels: dict[str, str] | None = Non
     return missing(job.requirements, res, needs_docker=bool(job.image), labels=labels)
 
 
-async def check_satisfiable(ctx: Context, job: JobSpec) -> list[str]:
+async def check_satisfiable(ctx: Context, job: JobSpec) -> list[tuple[str, str]]:
     """Fail now, naming what is missing, when no live runner and no backend could ever run `job`; else the
-    warnings about what it asks for that it will not get."""
+    warnings about what it asks for that it will not get: (the resource, as `resources` names it; the text)."""
     async with ctx.sessions() as s:
         runners = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE)))).all()
         draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
@@ -59,10 +60,10 @@ def _names(whos: list[str], shown: int = 3) -> str:
     return f"{', '.join(whos[:shown])} and {len(whos) - shown} more"
 
 
-def _warnings(job: JobSpec, offers: list[RunnerResources]) -> list[str]:
+def _warnings(job: JobSpec, offers: list[RunnerResources]) -> list[tuple[str, str]]:
     if job.requirements.interruptible and not any(o.interruptible for o in offers):
-        return [f"warning: '{job.workflow}' asks for an interruptible (spot) machine, and no runner or backend here has "
-                "one: it runs on an on-demand machine"]
+        return [("interruptible", f"'{job.workflow}' asks for an interruptible (spot) machine, and no runner or "
+                                  "backend here has one: it runs on an on-demand machine")]
     return []
 
 
@@ -90,12 +91,34 @@ async def _draining(ctx: Context, runner_name: str) -> bool:
         return bool(await s.scalar(select(RunnerTokenRow.draining).where(RunnerTokenRow.name == runner_name)))
 
 
+RESERVE_AFTER = float(os.environ.get("DSTACK_RESERVE_AFTER", "60"))  # s a job that fits waits before it is
+# given the next runner where it fits, ahead of the smaller jobs behind it
+
+
+async def usage_of(s, runner_names: list[str] | None = None) -> dict[str, Usage]:
+    """What the unfinished jobs of each runner (of `runner_names`, or all) take of it."""
+    q = select(JobRow.runner_name, JobRow.spec).where(
+        JobRow.runner_name.is_not(None), JobRow.status.not_in([x.value for x in FINISHED]))
+    if runner_names is not None:
+        q = q.where(JobRow.runner_name.in_(runner_names))
+    used: dict[str, Usage] = {}
+    for name, spec in (await s.execute(q)).all():
+        job = JobSpec.model_validate(spec)
+        used.setdefault(name, Usage()).add(job.requirements, job.gpu_indexes)
+    return used
+
+
 async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
+    """The oldest queued job that fits what the runner has free now (backfill: a later job that fits goes ahead
+    of one that does not yet), with the GPUs it gets; none while a job that fits the runner but not its free
+    part has waited past RESERVE_AFTER (the runner is kept for it, so that a stream of small jobs never starves
+    it)."""
     async with ctx.sessions() as s:
         runner = await s.get(RunnerRow, runner_name)
-        if runner is None or runner.status not in LIVE or runner.job_id:
+        if runner is None or runner.status not in LIVE:
             return None
         res = RunnerResources.model_validate(runner.resources)
+        used = (await usage_of(s, [runner_name])).get(runner_name, Usage())
         queued = (await s.scalars(
             select(JobRow).where(JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None))
             .order_by(JobRow.submitted_at)
@@ -103,13 +126,19 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
         for row in queued:
             spec = JobSpec.model_validate(row.spec)
             if fits(spec, res, runner.labels):
+                continue  # never on this runner
+            gpus = place(spec.requirements, res, used)
+            if gpus is None:
+                if (now() - row.submitted_at).total_seconds() > RESERVE_AFTER:
+                    return None  # kept for it
                 continue
+            spec.gpu_indexes = gpus if res.gpus else None
             taken = await s.execute(
                 update(JobRow)
                 .where(JobRow.job_id == row.job_id, JobRow.runner_name.is_(None),
                        JobRow.status == JobStatus.SUBMITTED.value)
                 .values(runner_name=runner_name, status=JobStatus.PROVISIONING.value, started_at=now(),
-                        runner_resources=runner.resources)
+                        runner_resources=runner.resources, spec=spec.model_dump(mode="json"))
             )
             if taken.rowcount != 1:
                 continue
