@@ -93,6 +93,8 @@ async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUp
                 await tags.set_tag(s, run, run.tag_when_done)
         await s.commit()
     ctx.signals.notify(f"job:{job_id}")
+    if upd.status in FINISHED:
+        ctx.signals.notify("jobs")  # what it held of its runner is free: a job that waits for it is taken now
     return upd.status
 
 
