@@ -241,10 +241,12 @@ async def receive_blob(ctx: Context, runner: str, job_id: str, h: str, offset: i
 
 
 async def _append(fd: int, hasher: blake3, have: int, size: int, chunks: AsyncIterable[bytes]) -> int:
-    """Write and hash what arrives after the `have` bytes the file holds; what arrived stays when the
-    stream breaks off (the rest comes later). Returns the bytes held then."""
+    """Write and hash what arrives after the `have` bytes the file holds, a batch at a time in a thread while
+    the next batch arrives; what arrived stays when the stream breaks off (the rest comes later). Returns the
+    bytes held then."""
     batch: list[bytes] = []
     batched = 0
+    writing: asyncio.Future | None = None  # the batch before: written and hashed meanwhile
     try:
         async for chunk in chunks:
             if have + batched + len(chunk) > size:
@@ -252,9 +254,13 @@ async def _append(fd: int, hasher: blake3, have: int, size: int, chunks: AsyncIt
             batch.append(chunk)
             batched += len(chunk)
             if batched >= WRITE_SIZE:
-                await asyncio.to_thread(_write, fd, hasher, batch, have)
+                if writing is not None:
+                    await writing
+                writing = asyncio.ensure_future(asyncio.to_thread(_write, fd, hasher, batch, have))
                 have, batch, batched = have + batched, [], 0
     finally:
+        if writing is not None:
+            await writing
         if batch:
             await asyncio.to_thread(_write, fd, hasher, batch, have)
             have += batched
