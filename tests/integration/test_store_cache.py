@@ -97,3 +97,12 @@ def test_the_runner_refuses_a_cache_size_that_is_not_one(tmp_path):
                         "--token-file", str(tmp_path / "t"), "--cache-size", "lots"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2 and "'lots' is not a size" in p.stderr, p.stderr
+
+
+def test_the_cache_is_not_pruned_while_trees_are_built_from_it(tmp_path):
+    cache = BlobCache(tmp_path / "cache", limit=0)
+    (tmp_path / "cache" / "ab").mkdir()
+    (tmp_path / "cache" / "ab" / ("ab" * 32)).write_bytes(b"x" * 100)  # fetched, not linked by a tree yet
+    with cache.using():
+        assert cache.prune(tmp_path / "trees") == (0, 0, 0) and cache.usage() == 100
+    assert cache.prune(tmp_path / "trees") == (1, 0, 100) and cache.usage() == 0

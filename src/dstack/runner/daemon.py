@@ -389,7 +389,8 @@ class Runner:
         mounts = []  # the store is opened only for a job that has dependencies or artifacts
         if job.dependencies:
             store = self._job_store(job)
-            mounts = workspace.dependency_mounts(job, root, store, self._trees()[1], self.cache)
+            with self.cache.using():  # not pruned while jobs of this runner build their trees from it
+                mounts = workspace.dependency_mounts(job, root, store, self._trees()[1], self.cache)
             self._mounted(job, store)
         if slot.stop_requested:
             self._finish(job, JobStatus.ABORTED if slot.stop_requested == "abort" else JobStatus.STOPPED,

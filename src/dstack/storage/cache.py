@@ -8,10 +8,13 @@ with the blobs only they held, until what the cache holds fits its bound."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -39,6 +42,17 @@ class BlobCache:
         self.root = Path(root)
         self.limit = limit
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        """Hold the cache while trees are built from it: `prune` waits for no one, and prunes nothing meanwhile
+        (a blob just fetched is linked by no tree yet). Shared by any number of builders, threads or processes."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
 
     def path(self, h: str, executable: bool = False) -> Path:
         return self.root / h[:2] / (f"{h}.x" if executable else h)
@@ -86,9 +100,21 @@ class BlobCache:
     def prune(self, trees: Path | None = None, in_use: set[str] = frozenset()) -> Pruned:
         """Bring the cache within its limit: first blobs that no tree links (least recently used first), then
         trees under `trees` not in `in_use` (manifest digests that jobs mount now), least recently mounted
-        first, each with the blobs that only it held."""
+        first, each with the blobs that only it held. Nothing while trees are being built from it (`using`)."""
         if self.limit is None:
             return Pruned(0, 0, 0)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # trees are being built from it: the next prune does it
+            os.close(fd)
+            return Pruned(0, 0, 0)
+        try:
+            return self._prune(trees, in_use)
+        finally:
+            os.close(fd)
+
+    def _prune(self, trees: Path | None, in_use: set[str]) -> Pruned:
         blobs = self._blobs()
         total = sum(st.st_size for _p, st in blobs)
         freed = removed_blobs = removed_trees = 0
