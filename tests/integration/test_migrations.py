@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from dstack.server.db.session import MIGRATIONS, at_head, heads, migrate, sync_url
 from dstack.server.db.tables import Base
@@ -52,6 +52,26 @@ def test_the_migrations_make_the_models_schema_down_and_up_again(db_url):
     assert not at_head(db_url)
     migrate(db_url)
     assert _differences(db_url) == [] and at_head(db_url)
+
+
+def test_a_database_of_an_older_schema_is_brought_up_with_its_rows(db_url):
+    command.upgrade(_config(db_url), "0002")
+    engine = create_engine(sync_url(db_url))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO runs (name, repo_id, workflow, provider, status, submitted_at, variables, "
+                              "overrides, dependencies, code) VALUES ('r-1', 'repo', 'w', 'bash', 'DONE', "
+                              "'2026-12-01 10:00:00', '{}', '{}', '[]', '{}')"))
+            conn.execute(text("INSERT INTO inputs (run_name, input_run, job_id, ref) VALUES ('r-1', 'p-1', 'j', 'p')"))
+        migrate(db_url)
+        assert at_head(db_url) and _differences(db_url) == []
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO inputs (run_name, input_run, job_id, ref) VALUES ('r-1', 'p-1', 'j', "
+                              f"'{'w' * 200}:{'t' * 200}')"))
+            refs = conn.execute(text("SELECT ref FROM inputs ORDER BY id")).scalars().all()
+        assert refs == ["p", f"{'w' * 200}:{'t' * 200}"]
+    finally:
+        engine.dispose()
 
 
 def test_a_database_at_the_newest_schema_is_known_as_such(tmp_path):

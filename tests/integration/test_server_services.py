@@ -20,7 +20,7 @@ from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
 from dstack.server.db.tables import JobRow
 from dstack.server.routers.runs import MAX_REASON, final_headers
-from dstack.server.services import jobs, runners, runs, scheduler
+from dstack.server.services import jobs, runners, runs, scheduler, tags
 from dstack.server.services.code import CodeBlobs
 from dstack.storage.blobstore import open_store
 
@@ -277,5 +277,26 @@ def test_a_runs_jobs_keep_their_order_after_updates(tmp_path, db_url):
         for job_id in ids[:2]:
             await runs.stop(ctx, None, job_id, abort=False)
         assert [j.job_id for j in (await runs.get_run(ctx, None, "multi-1")).jobs] == ids
+
+    _serve(tmp_path, body, db_url)
+
+
+def test_a_dependency_written_with_the_longest_names_is_recorded(tmp_path, db_url):
+    """`workflow:tag` with a workflow name and a tag of the longest lengths (200 each): the run that depends on
+    it records it (PostgreSQL holds a text column to its length, SQLite does not)."""
+    workflow, tag = "w" * 200, "t" * 200
+    files = {".dstack/workflows.yaml": f"workflows:\n  - name: {workflow}\n    commands: [true]\n"
+                                      f"    artifacts: [data]\n  - name: b\n    commands: [true]\n"
+                                      f"    dependencies: ['{workflow}:{tag}']\n"}
+
+    async def body(ctx):
+        first = await runs.run_workflow(ctx, _request(workflow=workflow, files=files))
+        job_id = (await scheduler.take_job(ctx, "r-1", 0)).job_id
+        await jobs.update_status(ctx, "r-1", job_id, JobUpdate(status=JobStatus.DONE, exit_code=0, artifacts=[
+            {"path": "data", "manifest": "0" * 64, "files": 0, "size": 0}]))
+        await tags.add_tag(ctx, "repo", first.run_name, tag)
+        second = await runs.run_workflow(ctx, _request(workflow="b", files=files))
+        assert [d.ref for d in second.dependencies] == [f"{workflow}:{tag}"]
+        assert (await runs.get_run(ctx, None, first.run_name)).used_by == [second.run_name]
 
     _serve(tmp_path, body, db_url)

@@ -45,6 +45,8 @@ MAX_TAG = 200
 MAX_JOB_ID = 32
 MAX_REPO_ID = 500
 MAX_PATH = 4096
+# a dependency as written, when it names a run that exists: at longest `workflow:tag`
+MAX_DEPENDENCY_REF = MAX_WORKFLOW_NAME + 1 + MAX_TAG
 # ints as SQLite keeps them (8 bytes, signed)
 MAX_INT64 = 2**63 - 1
 

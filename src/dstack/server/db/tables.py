@@ -7,6 +7,8 @@ from datetime import datetime
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from dstack.core.names import MAX_DEPENDENCY_REF
+
 
 class Base(DeclarativeBase):
     pass
@@ -66,7 +68,7 @@ class InputRow(Base):
     run_name: Mapped[str] = mapped_column(ForeignKey("runs.name", ondelete="CASCADE"), index=True)
     input_run: Mapped[str] = mapped_column(String(100), index=True)
     job_id: Mapped[str] = mapped_column(String(32))
-    ref: Mapped[str] = mapped_column(String(300))
+    ref: Mapped[str] = mapped_column(String(MAX_DEPENDENCY_REF))
 
 
 class TagRow(Base):
