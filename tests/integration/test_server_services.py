@@ -300,3 +300,29 @@ def test_a_dependency_written_with_the_longest_names_is_recorded(tmp_path, db_ur
         assert (await runs.get_run(ctx, None, first.run_name)).used_by == [second.run_name]
 
     _serve(tmp_path, body, db_url)
+
+
+def test_a_runs_jobs_that_end_at_once_leave_it_done(tmp_path, db_url):
+    """Two jobs of a run, on two runners, report DONE at the same moment: the run is DONE (on PostgreSQL each
+    report's transaction would otherwise read the other job as still running, and the run stay RUNNING)."""
+    async def body(ctx):
+        await runners.register(ctx, RunnerRegistration(name="r-2", hostname="h", backend="local",
+                                                       resources=RunnerResources(cpus=2, memory_mib=4096,
+                                                                                 docker=False)))
+        spec = (await runs.run_workflow(ctx, _request())).jobs[0].spec
+        for n in range(10):
+            name, ids = f"pair-{n}", [f"{n:06x}{i:06x}" for i in (1, 2)]
+            await runs.submit(ctx, runs.RunSubmission(
+                run_name=name, repo_id="repo", workflow="a", provider="bash",
+                jobs=[spec.model_copy(update={"job_id": i, "run_name": name}) for i in ids]))
+            async with ctx.sessions() as s:  # each job running on a runner of its own
+                for job_id, runner in zip(ids, ("r-1", "r-2"), strict=True):
+                    row = await s.get(JobRow, job_id)
+                    row.runner_name, row.status = runner, JobStatus.RUNNING.value
+                await s.commit()
+            await asyncio.gather(*(jobs.update_status(ctx, runner, job_id, JobUpdate(status=JobStatus.DONE,
+                                                                                      exit_code=0))
+                                   for job_id, runner in zip(ids, ("r-1", "r-2"), strict=True)))
+            assert (await runs.get_run(ctx, None, name)).status == JobStatus.DONE, n
+
+    _serve(tmp_path, body, db_url)
