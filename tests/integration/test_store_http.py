@@ -298,3 +298,11 @@ def test_a_runner_whose_disk_is_full_says_so(server, tmp_path):
             job_store(server, h2, "h2", train["job_id"]).fetch(big, small / "got")
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_store_that_is_a_folder_takes_no_uploads_in_parts(server):
+    h1 = server.runner("h1")
+    server.submit(WORKFLOWS, "prepare")
+    base = f"/api/runners/h1/jobs/{server.take(h1, 'h1')['job_id']}"
+    r = h1.post(f"{base}/blobs/{hash_bytes(b'x')}/complete", json={"upload_id": "u", "size": 1})
+    assert r.status_code == 409 and "takes no uploads in parts" in r.text

@@ -168,3 +168,42 @@ def test_reusing_an_old_blob_renews_its_time(s3_store, tmp_path, monkeypatch):
     head = s3_store.client.head_object(Bucket=s3_store.bucket, Key=key)
     assert head["LastModified"] > before and head["ContentLength"] == 600
     assert verify_tree(m, tree_cache(s3_store, m.digest(), tmp_path / "trees", tmp_path / "cache")) == []
+
+
+def test_presigned_urls_move_a_blob_without_credentials(s3_store):
+    """What the server hands a runner: URLs that work with no credentials at all, for one blob each."""
+    import httpx
+
+    from dstack.storage.hashing import hash_bytes
+
+    data = os.urandom(1000)
+    h = hash_bytes(data)
+    assert httpx.put(s3_store.presign_put(h, len(data)), content=data).status_code == 200
+    assert s3_store.has(h)
+    r = httpx.get(s3_store.presign_get(h), headers={"Range": "bytes=10-19"})
+    assert r.status_code == 206 and r.content == data[10:20]
+    assert "X-Amz-Signature=" in s3_store.presign_get(h)  # SigV4, which every AWS region takes
+
+
+def test_a_blob_goes_up_in_parts_by_presigned_urls_and_the_upload_goes_on(s3_store):
+    import httpx
+
+    from dstack.storage.hashing import hash_bytes
+
+    part = 5 * MiB  # S3's smallest part but the last
+    data = os.urandom(2 * part + 1000)
+    h = hash_bytes(data)
+    upload = s3_store.start_parts(h)
+    assert httpx.put(s3_store.presign_part(h, upload, 1), content=data[:part]).status_code == 200
+    # cut here: the next start finds the same upload and the part it has
+    assert s3_store.start_parts(h) == upload and set(s3_store.uploaded_parts(h, upload)) == {1}
+    with pytest.raises(IntegrityError, match="has 1 parts"):
+        s3_store.finish_parts(h, upload, len(data))  # not all there yet: nothing published
+    assert not s3_store.has(h)
+    for number, start in ((2, part), (3, 2 * part)):
+        chunk = data[start:start + part]
+        assert httpx.put(s3_store.presign_part(h, upload, number), content=chunk).status_code == 200
+    s3_store.finish_parts(h, upload, len(data))
+    assert s3_store.has(h) and s3_store.blob_size(h) == len(data)
+    with pytest.raises(NotFound):
+        s3_store.uploaded_parts(h, upload)  # completed: gone

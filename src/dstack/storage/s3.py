@@ -47,8 +47,8 @@ class S3BlobStore:
             "s3",
             region_name=region,
             endpoint_url=endpoint_url,
-            config=Config(max_pool_connections=max(32, 4 * max_concurrency),
-                          retries={"max_attempts": 5, "mode": "standard"}),
+            config=Config(max_pool_connections=max(32, 4 * max_concurrency), signature_version="s3v4",
+                          retries={"max_attempts": 5, "mode": "standard"}),  # s3v4: presigned URLs for every region
         )
         self.transfer = TransferConfig(  # parts of 8 MiB, 8 at once (boto3 grows parts past 10,000)
             multipart_threshold=multipart_threshold,
