@@ -306,3 +306,38 @@ def test_a_store_that_is_a_folder_takes_no_uploads_in_parts(server):
     base = f"/api/runners/h1/jobs/{server.take(h1, 'h1')['job_id']}"
     r = h1.post(f"{base}/blobs/{hash_bytes(b'x')}/complete", json={"upload_id": "u", "size": 1})
     assert r.status_code == 409 and "takes no uploads in parts" in r.text
+
+
+def test_a_large_file_goes_up_while_it_is_hashed_and_stops_when_the_store_has_it(server, tmp_path):
+    h1 = server.runner("h1")
+    server.submit(WORKFLOWS, "prepare")
+    job = server.take(h1, "h1")
+    folder = tmp_path / "large"
+    folder.mkdir()
+    data = os.urandom(70 << 20)  # over SEND_WHILE_HASHING
+    (folder / "weights.bin").write_bytes(data)
+    store = job_store(server, h1, "h1", job["job_id"])
+    save_tree(store, folder)
+    h = hash_bytes(data)
+    assert store.stats.uploaded == 1 and store.stats.uploaded_bytes == len(data)
+    assert (server.home / "storage" / "blobs" / h[:2] / h).read_bytes() == data
+    again = job_store(server, h1, "h1", job["job_id"])
+    save_tree(again, folder)  # the hash shows the store has it: the upload stops
+    assert again.stats.uploaded == 0
+
+
+def test_an_upload_sent_while_hashed_goes_on_from_what_the_server_holds(server):
+    h1 = server.runner("h1")
+    server.submit(WORKFLOWS, "prepare")
+    base = f"/api/runners/h1/jobs/{server.take(h1, 'h1')['job_id']}"
+    data = os.urandom(3 << 20)
+    upload = "ab" * 16
+    assert server.check(h1.get(f"{base}/staged/{upload}")) == {"offset": 0}
+    cut_upload(server.url, h1.headers["authorization"], f"{base}/staged/{upload}?offset=0&size={len(data)}", data,
+               send=1 << 20)
+    held = server.check(h1.get(f"{base}/staged/{upload}"))["offset"]
+    assert held == 1 << 20
+    r = h1.put(f"{base}/staged/{upload}", params={"offset": held, "size": len(data)}, content=data[held:])
+    assert server.check(r) == {"stored": True, "hash": hash_bytes(data)}
+    r = h1.put(f"{base}/staged/not-an-id", params={"size": 1}, content=b"x")
+    assert r.status_code == 400 and "is not an upload id" in r.text

@@ -82,7 +82,7 @@ class Connections(threading.local):
             if send is not None:
                 send(conn.sock)
             return conn.getresponse()
-        except CUT:
+        except BaseException:  # a request broken off leaves the connection unusable
             self.drop(key)
             raise
 
@@ -144,15 +144,25 @@ def get_into(conns: Connections, url: str, headers: dict[str, str], fd: int, hav
     return have, total
 
 
+class Stopped(DstackError):
+    """The caller asked that the upload stop (its connection is dropped)."""
+
+
 def put_from(conns: Connections, url: str, headers: dict[str, str], source: int | memoryview, start: int,
-             end: int) -> bytes:
+             end: int, stop: threading.Event | None = None) -> bytes:
     """PUT bytes [start, end) of `source` (an open file, sent by sendfile, or bytes in memory); the answer's
-    body. Refused for an error status; CUT errors when the connection breaks."""
+    body. Refused for an error status; CUT errors when the connection breaks; Stopped once `stop` is set."""
 
     def send(sock: socket.socket) -> None:
         if isinstance(source, int):  # socket.sendfile: sendfile(2), waiting on a full socket as a send does
-            if sock.sendfile(_Fd(source), start, end - start) != end - start:
-                raise DstackError("a file shrank while it was uploaded")
+            pos = start
+            while pos < end:
+                if stop is not None and stop.is_set():
+                    raise Stopped("the upload was stopped")
+                n = min(end - pos, 16 << 20)
+                if sock.sendfile(_Fd(source), pos, n) != n:
+                    raise DstackError("a file shrank while it was uploaded")
+                pos += n
         else:
             sock.sendall(source[start:end])
 

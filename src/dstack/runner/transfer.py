@@ -11,10 +11,12 @@ offset the server says it holds. Blobs move in parallel (the callers' thread poo
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,13 +26,23 @@ from blake3 import blake3
 from dstack.core.errors import Conflict, DstackError
 from dstack.core.manifest import Manifest
 from dstack.core.transfers import MAX_BLOBS, DownloadUrls, StoreAccess, UploadPlan, UploadPlans
-from dstack.runner.blob_http import CUT, Connections, Refused, Restart, Unreachable, get_into, put_from
+from dstack.runner.blob_http import (
+    CUT,
+    Connections,
+    Refused,
+    Restart,
+    Stopped,
+    Unreachable,
+    get_into,
+    put_from,
+)
 from dstack.runner.client import RETRYABLE, ServerClient, ServerTrouble, raise_for
 from dstack.storage.blobstore import LocalBlobStore, ingest_fd, parse_manifest
-from dstack.storage.hashing import CHUNK, IntegrityError, check_hash, hash_bytes
+from dstack.storage.hashing import CHUNK, IntegrityError, check_hash, hash_bytes, hash_fd
 
 log = logging.getLogger("dstack.runner")
 
+SEND_WHILE_HASHING = 64 << 20  # files from this size on go up while they are hashed
 PATIENCE = 600.0  # seconds a transfer waits for a server (or S3) that cannot take it, without progress
 URL_LIFETIME = 3000.0  # seconds a presigned URL is used (the server signs them for 3600)
 
@@ -148,7 +160,75 @@ class JobStore:
         return False
 
     def ingest(self, fd: int, size: int, check: Callable[[], None] | None = None) -> str:
-        return ingest_fd(self, fd, size, check)
+        """Store the file unless the store has it; its hash. A large one goes to the server while it is hashed
+        (the server names it by the hash of what came, which must be ours), and stops going once the hash
+        shows that the store has it."""
+        if size < SEND_WHILE_HASHING or self._direct:
+            return ingest_fd(self, fd, size, check)
+        hashed: dict = {}
+        stop = threading.Event()
+
+        def hash_then_look() -> None:
+            try:
+                hashed["h"] = hash_fd(fd, size, threads=1)
+                if check is not None:
+                    check()
+                if self.has(hashed["h"]):
+                    stop.set()
+            except BaseException as e:  # raised by the caller, below
+                hashed["error"] = e
+                stop.set()
+
+        hasher = threading.Thread(target=hash_then_look, name="dstack-hash", daemon=True)
+        hasher.start()
+        try:
+            got = self._upload_staged(fd, size, stop)
+        finally:
+            hasher.join()
+        if "error" in hashed:
+            raise hashed["error"]
+        h = hashed["h"]
+        if check is not None:
+            check()
+        if got is not None and got != h:
+            raise IntegrityError(f"the file changed while it was uploaded (the server got {got[:12]}, not {h[:12]})",
+                                 hint="make sure no process of the job still writes to its artifacts when it ends")
+        self._stored.add(h)
+        return h
+
+    def _upload_staged(self, fd: int, size: int, stop: threading.Event) -> str | None:
+        """PUT the file to the server under a name of our own; after a cut, on from where the server says it is.
+        The hash the server stored it under; None when stopped."""
+        upload_id = uuid.uuid4().hex
+        offset, sent, pause, since = 0, 0, 0.2, time.monotonic()
+        while True:
+            url = f"{self.t.url}{self.base}/staged/{upload_id}?offset={offset}&size={size}"
+            try:
+                body = put_from(self.t.conns, url, {**self.t.auth, "Content-Type": "application/octet-stream"}, fd,
+                                offset, size, stop)
+                self.stats.add(uploaded=1, uploaded_bytes=sent + size - offset)
+                return json.loads(body)["hash"]
+            except Stopped:
+                return None
+            except Refused as e:
+                error: Exception = e.as_ours()
+                if not isinstance(error, (ServerTrouble, Conflict)):
+                    raise error from None
+            except (*CUT, Unreachable) as e:
+                error = e
+            if stop.is_set():
+                return None
+            if time.monotonic() - since > PATIENCE:
+                raise DstackError(f"could not upload a file: {error}") from None
+            log.warning("upload of a file broke off (%s); going on", error)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+            r = self._call("ask where an upload stands", lambda: self.t.server.get(f"{self.base}/staged/{upload_id}"))
+            held = int(r.json()["offset"])
+            if held > offset:
+                since = time.monotonic()
+                sent += held - offset
+            offset = held
 
     def put_bytes(self, data: bytes, h: str, *, trusted: bool = False) -> None:
         if not trusted and hash_bytes(data) != check_hash(h):

@@ -45,6 +45,21 @@ async def put_blob(request: Request, name: str = Own, job_id: str = JobId, diges
     return await transfers.receive_blob(ctx, name, job_id, digest, offset, size, request.stream())
 
 
+@router.put("/staged/{upload_id}")
+async def put_staged(request: Request, name: str = Own, job_id: str = JobId, upload_id: str = Path(max_length=32),
+                     offset: int = Query(0, ge=0, le=MAX_BLOB_SIZE), size: int = Query(ge=0, le=MAX_BLOB_SIZE),
+                     ctx: Context = Depends(get_ctx)) -> dict:
+    """A blob whose sender hashes it while it sends it: stored under the hash of what came, which the answer says."""
+    return await transfers.receive_staged(ctx, name, job_id, upload_id, offset, size, request.stream())
+
+
+@router.get("/staged/{upload_id}")
+async def staged(name: str = Own, job_id: str = JobId, upload_id: str = Path(max_length=32),
+                 ctx: Context = Depends(get_ctx)) -> dict:
+    """How many bytes of that upload the server holds (where to go on after a cut)."""
+    return await transfers.staged_offset(ctx, name, job_id, upload_id)
+
+
 @router.post("/blobs/{digest}/complete")
 async def complete(req: CompleteUpload, name: str = Own, job_id: str = JobId, digest: str = Digest,
                    ctx: Context = Depends(get_ctx)) -> dict:

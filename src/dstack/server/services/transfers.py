@@ -24,7 +24,7 @@ from pathlib import Path
 from blake3 import blake3
 from sqlalchemy import select
 
-from dstack.core.errors import Conflict, Forbidden, NotFound
+from dstack.core.errors import ConfigError, Conflict, Forbidden, NotFound
 from dstack.core.models import FINISHED
 from dstack.core.transfers import (
     DownloadUrls,
@@ -209,33 +209,69 @@ async def receive_blob(ctx: Context, runner: str, job_id: str, h: str, offset: i
         async for _ in chunks:
             pass
         return {"stored": True}
-    part = _partial(ctx, h)
+    await _receive(ctx, _partial(ctx, h), f"blob {h[:12]}", h, offset, size, chunks)
+    return {"stored": True}
+
+
+def _staged(ctx: Context, upload_id: str) -> Path:
+    if len(upload_id) != 32 or upload_id.strip("0123456789abcdef"):
+        raise ConfigError(f"'{upload_id[:40]}' is not an upload id (32 hex digits)")
+    return _uploads(ctx) / f"staged-{upload_id}.upload"
+
+
+async def staged_offset(ctx: Context, runner: str, job_id: str, upload_id: str) -> dict:
+    await may_upload(ctx, runner, job_id)
+    try:
+        return {"offset": _staged(ctx, upload_id).stat().st_size}
+    except FileNotFoundError:
+        return {"offset": 0}
+
+
+async def receive_staged(ctx: Context, runner: str, job_id: str, upload_id: str, offset: int, size: int,
+                         chunks: AsyncIterable[bytes]) -> dict:
+    """A blob sent before its sender knows its hash (it hashes the file while it sends it): bytes [offset, ...)
+    of upload `upload_id` (the sender's random name for it), `size` in all. Once all are in, the blob is stored
+    under the hash of what came, which the answer says ({"stored": true, "hash": ...}): the sender checks it
+    against its own."""
+    await may_upload(ctx, runner, job_id)
+    h = await _receive(ctx, _staged(ctx, upload_id), f"upload {upload_id[:12]}", None, offset, size, chunks)
+    return {"stored": True, "hash": h}
+
+
+async def _receive(ctx: Context, part: Path, what: str, expected: str | None, offset: int, size: int,
+                   chunks: AsyncIterable[bytes]) -> str:
+    """Append what arrives to `part` from `offset` (which must be what it holds, or 0 to start over), hashing
+    it; once all `size` bytes are in, store them as the blob their hash names (which must be `expected`, when
+    given). Returns that hash."""
     fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Conflict(f"another upload of blob {h[:12]} is under way", hint="try again shortly") from None
+            raise Conflict(f"another upload of {what} is under way", hint="try again shortly") from None
         have = os.fstat(fd).st_size
         if offset == 0 and have:
             os.ftruncate(fd, 0)  # start over
             have = 0
         elif offset != have:
-            raise Conflict(f"the server holds {have} bytes of blob {h[:12]}, not {offset}",
-                           hint="ask .../uploads where to go on")
+            raise Conflict(f"the server holds {have} bytes of {what}, not {offset}",
+                           hint="ask the server where to go on")
         hasher = blake3()
         if have:
             await asyncio.to_thread(_hash_prefix, fd, have, hasher)
         have = await _append(fd, hasher, have, size, chunks)
         if have != size:
-            raise Conflict(f"the upload of blob {h[:12]} ended at {have} of {size} bytes",
+            raise Conflict(f"the upload of {what} ended at {have} of {size} bytes",
                            hint=f"send the rest from offset {have}")
         got = hasher.hexdigest()
-        if got != h:
+        if expected is not None and got != expected:
             os.ftruncate(fd, 0)
-            raise IntegrityError(f"the bytes sent as blob {h[:12]} hash to {got[:12]}", hint="upload it again")
-        await asyncio.to_thread(_publish, ctx.store, fd, part, h, size)
-        return {"stored": True}
+            raise IntegrityError(f"the bytes sent as {what} hash to {got[:12]}", hint="upload it again")
+        if await asyncio.to_thread(ctx.store.has, got, touch=True):
+            part.unlink(missing_ok=True)
+        else:
+            await asyncio.to_thread(_publish, ctx.store, fd, part, got, size)
+        return got
     finally:
         os.close(fd)
 
