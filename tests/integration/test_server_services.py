@@ -260,7 +260,8 @@ def test_many_runners_taking_at_once_never_get_one_job_twice(tmp_path, db_url):
         async with ctx.sessions() as s:
             rows = (await s.scalars(select(JobRow))).all()
         assert {r.job_id: r.runner_name for r in rows} == dict(given)
-        assert len({name for _, name in given}) > 1 and lost
+        assert len({name for _, name in given}) > 1
+        assert not lost  # takes go one at a time (ctx.take_lock): none found its job taken by another
 
     _serve(tmp_path, body, db_url)
 
@@ -324,5 +325,24 @@ def test_a_runs_jobs_that_end_at_once_leave_it_done(tmp_path, db_url):
                                                                                       exit_code=0))
                                    for job_id, runner in zip(ids, ("r-1", "r-2"), strict=True)))
             assert (await runs.get_run(ctx, None, name)).status == JobStatus.DONE, n
+
+    _serve(tmp_path, body, db_url)
+
+
+def test_takes_of_one_runner_at_once_never_give_one_gpu_twice(tmp_path, db_url):
+    """A runner whose take is sent again while the first is still served (a client-side time-out): the takes
+    go one at a time, so the second counts the GPU the first gave."""
+    from dstack.core.resources import Gpu
+
+    async def body(ctx):
+        await runners.register(ctx, RunnerRegistration(
+            name="one-gpu", hostname="h", backend="local",
+            resources=RunnerResources(cpus=8, memory_mib=4096, gpus=[Gpu(name="NVIDIA A100", memory_mib=40960)])))
+        gpu_job = "workflows:\n  - name: a\n    commands: [nvidia-smi]\n    resources: {gpu: 1}\n"
+        for _ in range(4):
+            await runs.run_workflow(ctx, _request(files={".dstack/workflows.yaml": gpu_job}))
+        taken = await asyncio.gather(*(scheduler.take_job(ctx, "one-gpu", 0) for _ in range(4)))
+        given = [job for job in taken if job is not None]
+        assert len(given) == 1 and given[0].gpu_indexes == [0], given
 
     _serve(tmp_path, body, db_url)

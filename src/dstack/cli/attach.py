@@ -51,6 +51,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     statuses = {j["job_id"]: j["status"] for j in run["jobs"]}  # as seen last
     with_ports = {j["job_id"]: (j.get("spec") or {}).get("ports", 0) for j in run["jobs"]}
     on_host = {j["job_id"] for j in run["jobs"] if not (j.get("spec") or {}).get("image")}  # announced as root
+    said_root: set[str] = set()  # the runners it was said of
     lost = False  # the server cannot be reached (now)
     at_line_start = True  # the job's output so far ends with a newline: a line of ours needs none before it
     following_since, said_waiting = time.monotonic(), False
@@ -82,7 +83,8 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                          f"starting); `dstack runners` lists them")
                 if job_id in on_host and chunk.runner:
                     on_host.discard(job_id)
-                    if chunk.host_user == "root":
+                    if chunk.host_user == "root" and chunk.runner not in said_root:
+                        said_root.add(chunk.runner)
                         note(f"{name} runs on the host of runner {printable(chunk.runner)} as root: its commands "
                              "can change that machine (give the workflow an `image` to run it in a container)")
                 if chunk.data:
@@ -134,7 +136,9 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
             sys.stderr.write(f"Tagged {', '.join(f'{workflow}:{t}' for t in tags)}\n")
         elif final["status"] != JobStatus.DONE:
             sys.stderr.write(f"Not tagged {workflow}:{tag}: the run is {final['status']}\n")
-    return next((c for c in (exit_code_of(j) for j in jobs) if c), 0)
+    # a job that failed says why the run did (a multi-node run's others were stopped for it)
+    failed = [exit_code_of(j) for j in jobs if j["status"] == JobStatus.FAILED]
+    return next((c for c in [*failed, *(exit_code_of(j) for j in jobs)] if c), 0)
 
 
 def _announce_ports(job: dict) -> None:

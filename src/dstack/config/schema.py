@@ -253,6 +253,8 @@ _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
                                    "artifacts and dependencies are relative to it.",
     (CommandsSpec, "ports"): "How many free TCP ports the job needs; the runner picks them and exports "
                              "PORT_0, PORT_1, ...",
+    (CommandsSpec, "nodes"): "A multi-node run: N jobs placed all at once (JOB_RANK, MASTER_ADDR, MASTER_PORT, "
+                             "WORLD_SIZE ...); the master's (rank 0) artifacts are the run's.",
     (CommandsSpec, "artifacts"): "Folders (relative to working_dir) saved when the job ends, as immutable "
                                  "artifacts.",
     (CommandsSpec, "resources"): "What the job needs of a runner: cpu, memory, gpu (or <name>/gpu: N), "

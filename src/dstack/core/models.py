@@ -109,6 +109,9 @@ class JobSpec(Model):
     master: bool = True
     retry: RetryPolicy | None = None
     gpu_indexes: list[int] | None = None  # the runner's GPUs the job was given (by the server, when taken)
+    nodes: int = 1  # a multi-node run: how many jobs it has, placed all at once
+    rank: int = 0  # this job's rank among them (0: the master)
+    delivered: bool = True  # False while a job placed with its run's others waits for its runner's next take
     attempt: int = 1  # counts the starts again (`retry`)
     log_base: int = 0  # where this attempt's output starts in the job's log (earlier attempts' output before it)
 

@@ -140,6 +140,7 @@ class RunnerResources(Model):
     docker: bool = False
     interruptible: bool = False
     host_user: str | None = Field(None, max_length=200)  # whom a job without an image runs as on this machine
+    address: str | None = Field(None, max_length=300)  # where other machines reach it (multi-node runs)
 
     def describe(self) -> str:
         gpus = f", {len(self.gpus)}x {self.gpus[0].name}" if self.gpus else ""

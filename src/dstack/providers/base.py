@@ -71,6 +71,7 @@ class CommandsSpec(WorkflowSpec):
     environment: dict[str, str] = Field(default_factory=dict, alias="env")
     working_dir: str = "."
     ports: int = Field(0, ge=0, le=64)
+    nodes: int = Field(1, ge=1, le=64)
     artifacts: list[str] = []
     resources: Requirements = Requirements()
 
@@ -142,6 +143,7 @@ class CommandsProvider(Provider):
     """One job that runs the workflow's commands, in its image if it has one."""
 
     def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
+        """One job; `nodes: N`, N alike (rank 0 the master), placed all at once (see server/services/gangs)."""
         return [
             JobSpec(
                 workflow=spec.name,
@@ -150,11 +152,15 @@ class CommandsProvider(Provider):
                 commands=[*spec.before_run, *spec.commands],
                 env={**env, **spec.environment},
                 working_dir=spec.working_dir,
-                artifacts=spec.artifacts,
+                artifacts=spec.artifacts if rank == 0 else [],  # the master's artifacts are the run's
                 ports=spec.ports,
                 requirements=spec.resources,
                 retry=spec.retry,
+                nodes=spec.nodes,
+                rank=rank,
+                master=rank == 0,
             )
+            for rank in range(spec.nodes)
         ]
 
 

@@ -181,8 +181,9 @@ class Runner:
                 try:
                     job = self.client.take(self.name, TAKE_WAIT)
                     if job is not None:  # its slot first: a heartbeat that sees it taken sees it running
+                        slot = Slot(job)
                         with self._lock:
-                            self.slots[job.job_id] = Slot(job)
+                            self.slots[job.job_id] = slot
                         self.last_taken = job.job_id
                     if unreachable_since is not None:
                         log.info("the server is back")
@@ -204,7 +205,7 @@ class Runner:
                         return
                     continue
                 # several jobs at once, as the server gives them (it counts what each takes of this machine)
-                thread = threading.Thread(target=self.run_job, args=(self.slots[job.job_id],), daemon=True)
+                thread = threading.Thread(target=self.run_job, args=(slot,), daemon=True)
                 thread.start()
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
                 idle_since = time.monotonic()
@@ -274,7 +275,9 @@ class Runner:
         job = slot.job
         executor = self.executor_for(job)
         root = executor.claim(job)  # a container already waits for this job: its code goes there
-        folder = root.parent if root is not None else self.workdir / "jobs" / job.job_id
+        # a folder of its own for each attempt (`retry`): the last one's may still be being removed
+        name = job.job_id if job.attempt == 1 else f"{job.job_id}.{job.attempt}"
+        folder = root.parent if root is not None else self.workdir / "jobs" / name
         shipper = LogShipper(lambda offset, data: self.client.logs(self.name, job.job_id, offset, data),
                              retryable=RETRYABLE, give_up=self._leaving_for)
         try:
@@ -294,7 +297,8 @@ class Runner:
             if execution is not None:
                 execution.dispose()  # its final status is reported (or could not be): its container goes
             with self._lock:
-                self.slots.pop(job.job_id, None)
+                if self.slots.get(job.job_id) is slot:  # not the next attempt's, taken meanwhile
+                    del self.slots[job.job_id]
             workspace.remove(folder)
         if execution is not None and not self._stopping.is_set():  # the job is reported: get ready for the next one like it
             root = self.workdir / "jobs" / f"next-{secrets.token_hex(6)}" / "code"

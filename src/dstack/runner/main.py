@@ -79,6 +79,7 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat
     resources = detect_resources()
+    resources.address = _address_towards(server_url)
     if no_docker:
         resources.docker = False
     if server_lost_timeout is None and idle_timeout is not None:
@@ -221,6 +222,22 @@ def _start_without_token_in_sight(token: str) -> None:
             argv.append(arg)
     env = {k: v for k, v in os.environ.items() if k not in ("DSTACK_TOKEN", "DSTACK_SERVER_TOKEN")}
     os.execve(sys.executable, [sys.executable, "-m", "dstack.runner.main", *argv, "--token-fd", str(read)], env)
+
+
+def _address_towards(server_url: str) -> str | None:
+    """The address of this machine on the way to the server: where the jobs of a multi-node run on other
+    machines reach its jobs (no packet is sent)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(server_url)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET,
+                           socket.SOCK_DGRAM) as sock:
+            sock.connect((parts.hostname or "127.0.0.1", parts.port or 80))
+            return sock.getsockname()[0]
+    except OSError:
+        return None
 
 
 def hide_secrets() -> None:

@@ -109,6 +109,9 @@ class Context:
     heard: dict[str, float] = field(default_factory=dict)
     # the hash of a runner's token -> its runner's name, for the tokens seen (the database has them all)
     runner_tokens: dict[str, str] = field(default_factory=dict)
+    # a runner's take counts what the jobs placed so far take of each runner: takes go one at a time (one server
+    # process), so that two never count the same free GPU
+    take_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # runners a backend started that have not registered yet: name -> backend; a backend whose runners exit
     # before they register: backend -> (failures in a row, when to try again, why), said as queued jobs' reason
     starting: dict[str, str] = field(default_factory=dict)

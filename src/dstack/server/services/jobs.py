@@ -70,7 +70,7 @@ async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUp
         job.status = upd.status.value
         if upd.exit_code is not None:
             job.exit_code = upd.exit_code
-        if upd.reason:
+        if upd.reason and not (job.stop_requested and job.reason):  # the server's word for a stop it asked for
             job.reason = upd.reason
         if upd.image_digest:
             job.image_digest = upd.image_digest
@@ -86,6 +86,11 @@ async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUp
             runner = await s.get(RunnerRow, runner_name)
             if runner is not None:
                 await settle(s, runner)
+        stopped = []
+        if upd.status == JobStatus.FAILED and (job.spec or {}).get("nodes", 1) > 1:
+            from dstack.server.services.gangs import stop_the_others
+
+            stopped = await stop_the_others(s, job)
         run_done = await refresh_run_status(s, job.run_name) == JobStatus.DONE
         if run_done:
             run = await s.get(RunRow, job.run_name)
@@ -93,6 +98,8 @@ async def _update_status(ctx: Context, runner_name: str, job_id: str, upd: JobUp
                 await tags.set_tag(s, run, run.tag_when_done)
         await s.commit()
     ctx.signals.notify(f"job:{job_id}")
+    for other in stopped:
+        ctx.signals.notify(f"job:{other}")
     if upd.status in FINISHED:
         ctx.signals.notify("jobs")  # what it held of its runner is free: a job that waits for it is taken now
     return upd.status

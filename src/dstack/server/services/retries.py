@@ -23,6 +23,8 @@ def requeue(ctx: Context, job: JobRow, cause: str, why: str) -> bool:
         return False
     if job.stop_requested:
         return False  # the user stopped it: that is not a failure to retry
+    if int(spec.get("nodes") or 1) > 1:
+        return False  # a multi-node run's jobs start together or not at all
     total = int(policy.get("limit", 1)) + 1
     path = log_path(ctx, job.job_id)
     try:

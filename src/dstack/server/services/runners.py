@@ -100,7 +100,7 @@ async def heartbeat(ctx: Context, name: str, job_ids: list[str], last_taken: str
             ours = (await s.scalars(select(JobRow).where(
                 JobRow.runner_name == name, JobRow.status.not_in([x.value for x in FINISHED])))).all()
             for job in ours:
-                if job.job_id not in job_ids:
+                if job.job_id not in job_ids and (job.spec or {}).get("delivered", True) is not False:
                     failed += await _reconcile(ctx, s, name, job, knows=last_taken == job.job_id)
             busy = await settle(s, row)
             identity = await s.get(RunnerTokenRow, name)

@@ -281,7 +281,7 @@ async def stop(ctx: Context, repo_id: str | None, ref: str, abort: bool) -> Run:
             job = await s.get(JobRow, job_id)
             if JobStatus(job.status) in FINISHED:
                 continue
-            if job.runner_name is None:
+            if job.runner_name is None or (job.spec or {}).get("delivered", True) is False:  # never given
                 job.status = final.value
                 job.finished_at = now()
                 job.reason = "stopped before it started" if not abort else "aborted before it started"

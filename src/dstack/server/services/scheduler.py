@@ -14,6 +14,7 @@ from dstack.core.models import FINISHED, JobSpec, JobStatus, RunnerStatus
 from dstack.core.resources import RunnerResources, Usage, missing, most_offered, place
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
+from dstack.server.services import gangs
 from dstack.server.services.run_state import now, refresh_run_status
 
 LIVE = (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
@@ -80,7 +81,8 @@ async def take_job(ctx: Context, runner_name: str, wait: float,
             return None
         if await _draining(ctx, runner_name):
             return None  # `dstack runners remove`: it takes no new job
-        job = await _try_take(ctx, runner_name)
+        async with ctx.take_lock:  # one take at a time: each counts what the others have placed
+            job = await _try_take(ctx, runner_name)
         if job is not None or time.monotonic() >= deadline:
             return job
         await ctx.signals.wait(queued, deadline - time.monotonic())
@@ -118,15 +120,31 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
         if runner is None or runner.status not in LIVE:
             return None
         res = RunnerResources.model_validate(runner.resources)
+        placed = await gangs.deliver(s, runner_name)  # placed here with its run's others: given first
+        if placed is not None:
+            await s.commit()
+            return placed
         used = (await usage_of(s, [runner_name])).get(runner_name, Usage())
-        queued = (await s.scalars(
-            select(JobRow).where(JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None))
+        # the columns alone, not ORM objects: a take costs little however long the queue is
+        queued = (await s.execute(
+            select(JobRow.job_id, JobRow.run_name, JobRow.spec, JobRow.submitted_at)
+            .where(JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None))
             .order_by(JobRow.submitted_at)
         )).all()
         for row in queued:
             spec = JobSpec.model_validate(row.spec)
             if fits(spec, res, runner.labels):
                 continue  # never on this runner
+            if spec.nodes > 1:  # a multi-node run: all its jobs at once, from its master's place in the queue
+                if spec.rank != 0:
+                    continue
+                given = await gangs.place_run(s, runner, row, queued, await usage_of(s), fits)
+                if given is None:
+                    continue
+                await s.commit()
+                ctx.signals.notify("jobs")  # the other runners it placed jobs on take them now
+                ctx.signals.notify(f"job:{row.job_id}")
+                return given
             gpus = place(spec.requirements, res, used)
             if gpus is None:
                 if (now() - row.submitted_at).total_seconds() > RESERVE_AFTER:
@@ -138,7 +156,8 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
                 .where(JobRow.job_id == row.job_id, JobRow.runner_name.is_(None),
                        JobRow.status == JobStatus.SUBMITTED.value)
                 .values(runner_name=runner_name, status=JobStatus.PROVISIONING.value, started_at=now(),
-                        runner_resources=runner.resources, spec=spec.model_dump(mode="json"))
+                        runner_resources=runner.resources, spec=spec.model_dump(mode="json"), reason=None)
+                .execution_options(synchronize_session=False)
             )
             if taken.rowcount != 1:
                 continue
