@@ -1,7 +1,8 @@
 """Upload and download of a 1 GiB artifact through the server, as a runner on another machine does it (its
 JobStore: hash, then PUT to the server; GET, hashed and written, into a fresh blob cache and tree), against
 `curl` of the same file from `python -m http.server` on the same machine, written to a file as ours are. Cases
-alternate round by round (curl, upload, download, curl, ...) after one round that is not counted; medians and the
+alternate round by round (curl, upload, download; then upload, download, curl; ...) after one round that is not
+counted; medians and the
 ratios of the medians. Target: < 1.5x curl each. The upload includes hashing the file (what saving does first).
 Also the CPU seconds each case cost the client and its server (curl and http.server for the baseline), which
 other load on the machine moves less than wall time.
@@ -151,8 +152,10 @@ def main() -> None:
         for fn in cases.values():  # a round not counted: the VM's memory touched once (see bench/README.md)
             fn()
         load_before = os.getloadavg()
-        for _ in range(args.rounds):
-            for name, fn in cases.items():
+        names = list(cases)
+        for i in range(args.rounds):  # each case in each position in turn: what a case leaves (dirty pages in
+            for name in names[i % 3:] + names[:i % 3]:  # writeback) weighs on each of the others alike
+                fn = cases[name]
                 c0 = _cpu(servers[name])
                 t0 = time.perf_counter()
                 fn()
