@@ -32,6 +32,12 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
+def _iptables(*args: str) -> None:
+    """A rule of ours, when iptables is here (no iptables: no firewall to let our traffic through)."""
+    if shutil.which("iptables"):
+        subprocess.run(["iptables", *args], capture_output=True, timeout=30)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -43,8 +49,14 @@ def _alive(pid: int) -> bool:
 
 
 def remove_leftovers() -> list[str]:
-    """Namespaces and links of test runs whose process is gone."""
+    """Namespaces, links and forwarding rules of test runs whose process is gone."""
     removed = []
+    if shutil.which("iptables"):
+        rules = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True, timeout=30).stdout
+        for rule in rules.splitlines():
+            m = re.search(r"-i dsb([0-9a-f]+) ", rule)
+            if m and not _alive(int(m.group(1), 16)):
+                _iptables("-D", *rule.split()[1:])
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = _OURS.match(name)
@@ -122,6 +134,9 @@ class Hosts:
             try:
                 _ip("addr", "add", f"{self.address}/24", "dev", self.bridge)
                 _ip("link", "set", self.bridge, "up")
+                # hosts reach each other across the bridge: Docker's FORWARD policy is DROP, and bridged
+                # traffic goes through iptables (br_netfilter)
+                _iptables("-I", "FORWARD", *self._forward_rule())
             except BaseException:
                 self.close()
                 raise
@@ -144,7 +159,11 @@ class Hosts:
         _ip("-n", netns, "link", "set", "lo", "up")
         return host
 
+    def _forward_rule(self) -> tuple[str, ...]:
+        return ("-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT")
+
     def close(self) -> None:
+        _iptables("-D", "FORWARD", *self._forward_rule())
         for host in self.hosts.values():
             _ip("netns", "delete", host.netns, check=False)  # takes its end of the veth, and so the pair
             _ip("link", "delete", host.veth, check=False)

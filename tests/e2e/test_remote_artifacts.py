@@ -278,3 +278,38 @@ def test_what_a_dead_test_run_left_is_removed():
     removed = remove_leftovers()
     assert f"dstack-{tag}-h1" in removed and f"dsb{tag}" in removed
     assert f"dstack-{tag}-h1" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_a_two_node_run_across_hosts_reaches_itself_over_tcp(hosts, remote, tmp_path, project):  # noqa: F811
+    """Issue 14, point 5, across machines: rank 0 on h1 and rank 1 on h2 (each asks for both CPUs of a host),
+    the worker reaching the master at MASTER_ADDR:MASTER_PORT, h1's own address on the bridge."""
+    from tests.e2e.test_multinode import PAIR
+
+    h1, h2 = hosts.add("h1"), hosts.add("h2")
+    server = Server(tmp_path / "server-home", host=hosts.address)
+    try:
+        client = cli(server, tmp_path)
+        cpus = len(os.sched_getaffinity(0))
+        root = project(f"""\
+        workflows:
+          - name: pair
+            nodes: 2
+            commands:
+              - echo "rank $RANK on $JOB_HOSTNAME, master $MASTER_ADDR"
+              - python3 pair.py
+            resources:
+              cpu: {cpus}
+        """)
+        (root / "pair.py").write_text(PAIR)
+        for host in (h1, h2):
+            remote(host, server.url, token(server, host.name)).wait_registered(server, host.name)
+        r = client("run", "pair", cwd=root, timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "master got: hello from rank 1" in r.stdout and "worker got: hello from rank 0" in r.stdout, r.stdout
+        jobs = json.loads(client("status", "--all", "--json", cwd=root, check=True).stdout)[0]["jobs"]
+        assert sorted(j["runner"] for j in jobs) == ["h1", "h2"], jobs
+        master_host = next(j["runner"] for j in jobs if j["job_id"] == jobs[0]["job_id"])
+        address = {"h1": h1.address, "h2": h2.address}[master_host]
+        assert f"master {address}" in r.stdout and f"rank 0 on {address}" in r.stdout, r.stdout
+    finally:
+        server.stop()
