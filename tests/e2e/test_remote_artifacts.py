@@ -313,3 +313,48 @@ def test_a_two_node_run_across_hosts_reaches_itself_over_tcp(hosts, remote, tmp_
         assert f"master {address}" in r.stdout and f"rank 0 on {address}" in r.stdout, r.stdout
     finally:
         server.stop()
+
+
+def test_a_network_cut_of_30_s_loses_nothing_and_stop_reaches_a_remote_runner(hosts, remote, tmp_path, project):  # noqa: F811
+    """Issue 14, point 4: h1's cable is out for 30 s while its job prints; the job goes on, its output waits
+    on the runner and arrives whole, once, when the cable is back; then `dstack stop` reaches a job on h1."""
+    h1 = hosts.add("h1")
+    server = Server(tmp_path / "server-home", host=hosts.address)
+    try:
+        client = cli(server, tmp_path)
+        root = project("""\
+        workflows:
+          - name: count
+            commands:
+              - for i in $(seq 1 90); do echo "line $i"; sleep 0.5; done
+          - name: long
+            commands: [sleep 300]
+        """)
+        r1 = remote(h1, server.url, token(server, "h1"))
+        r1.wait_registered(server, "h1")
+        client("run", "count", "-d", cwd=root, check=True)
+        name = client.runs(root)[0]["run_name"]
+        deadline = time.monotonic() + 30
+        while "line 3" not in client("logs", name, cwd=root).stdout:
+            assert time.monotonic() < deadline, r1.log()
+            time.sleep(0.2)
+        h1.cut()
+        try:
+            time.sleep(30)
+            assert client.run_info(root, name)["status"] == "RUNNING"  # not given up for lost
+        finally:
+            h1.heal()
+        info = client.wait_status(root, name, {"DONE", "FAILED"}, timeout=120)
+        assert info["status"] == "DONE", (info, r1.log())
+        out = client("logs", name, cwd=root, check=True).stdout
+        assert out == "".join(f"line {i}\n" for i in range(1, 91)), out
+
+        client("run", "long", "-d", cwd=root, check=True)
+        name = client.runs(root)[0]["run_name"]
+        client.wait_status(root, name, {"RUNNING"})
+        started = time.monotonic()
+        client("stop", name, "--abort", cwd=root, check=True)
+        assert client.wait_status(root, name, {"ABORTED"}, timeout=10)["status"] == "ABORTED"
+        assert time.monotonic() - started < 5
+    finally:
+        server.stop()
