@@ -148,9 +148,9 @@ def test_a_killed_runner_fails_its_job_within_the_timeout(tmp_path, project, bus
             deadline = time.monotonic() + 10
             # removed, not only stopped: the wait covers the removal too
             while time.monotonic() < deadline and docker_client.containers.list(
-                    all=True, filters={"name": f"dstack-{job_id}"}):
+                    all=True, sparse=True, filters={"name": f"dstack-{job_id}"}):
                 time.sleep(0.2)
-            assert not docker_client.containers.list(all=True, filters={"name": f"dstack-{job_id}"})
+            assert not docker_client.containers.list(all=True, sparse=True, filters={"name": f"dstack-{job_id}"})
             return
         root = project(SLEEPY.format(image="", sleep="echo $$ > /tmp/dstack-e2e-$JOB_ID.pid; sleep 300"))
         name = _submit(d, root, "sleepy")
