@@ -2,7 +2,7 @@
 shared/DESIGN.md), so that a runner started in one (`ip netns exec`) reaches the server only over the network.
 
     bridge dsb<pid>  10.77.N.1/24   <- a server bound here is reachable from every host
-      veth dsv<pid><i> -- dsp<pid><i> (in namespace dstack-<pid>-<name>)  10.77.N.(i+1)/24
+      veth dsv<pid>x<i> -- dsp<pid>x<i> (in namespace dstack-<pid>-<name>)  10.77.N.(i+1)/24 (the x ends the pid)
 
 Names carry the test process's pid (hex), so parallel runs never clash and a run that died (SIGKILL) leaves
 things that the next run removes (their pid is gone). N is a /24 of 10.77 that no interface of this machine
@@ -145,7 +145,7 @@ class Hosts:
         if name in self.hosts:
             return self.hosts[name]
         i = len(self.hosts) + 1
-        netns, veth, peer = f"dstack-{self.tag}-{name}", f"dsv{self.tag}{i}", f"dsp{self.tag}{i}"
+        netns, veth, peer = f"dstack-{self.tag}-{name}", f"dsv{self.tag}x{i}", f"dsp{self.tag}x{i}"
         address = f"10.77.{self.subnet}.{i + 1}"
         _ip("netns", "add", netns)
         host = Host(name, netns, address, veth, peer)

@@ -358,3 +358,15 @@ def test_a_network_cut_of_30_s_loses_nothing_and_stop_reaches_a_remote_runner(ho
         assert time.monotonic() - started < 5
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (ip netns)")
+def test_the_leftover_sweep_spares_the_hosts_of_a_live_run(hosts):  # noqa: F811
+    """The index after a host's veth name is no part of the pid it carries: a sweep never takes a live
+    run's veth for a dead run's (it once did, and cut every host of the run off)."""
+    from tests.netns import remove_leftovers
+
+    h = hosts.add("h1")
+    remove_leftovers()
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    assert h.veth in links
