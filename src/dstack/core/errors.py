@@ -76,9 +76,11 @@ class Unsatisfiable(ConfigError):
     http_status = 422
     kind = "unsatisfiable"
 
-    def __init__(self, message: str, hint: str | None = None, most: dict | None = None, **where):
+    def __init__(self, message: str, hint: str | None = None, most: dict | None = None,
+                 lacking: set[str] | None = None, **where):
         super().__init__(message, hint, **where)
         self.most = most or {}
+        self.lacking = lacking or set()  # what some runner lacks beyond sizes: "docker", "labels"
 
 
 class MissingCode(DstackError):

@@ -219,6 +219,9 @@ class RunnerStatus(enum.StrEnum):
     TERMINATED = "TERMINATED"
 
 
+LIVE_RUNNERS = (RunnerStatus.READY.value, RunnerStatus.BUSY.value)  # statuses of a runner that may take jobs
+
+
 class RunnerInfo(Model):
     name: str
     hostname: str

@@ -229,6 +229,11 @@ class Usage:
         self.memory_mib += req.memory_mib or 0
         self.gpus.update(gpu_indexes or [])
 
+    def copy(self) -> Usage:
+        other = Usage()
+        other.cpus, other.memory_mib, other.gpus = self.cpus, self.memory_mib, set(self.gpus)
+        return other
+
     def free(self, res: RunnerResources) -> RunnerResources:
         """What is left of `res`."""
         return res.model_copy(update={

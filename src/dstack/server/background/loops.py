@@ -12,7 +12,7 @@ from dstack.backends.base import Bootstrap
 from dstack.core.models import JobSpec, JobStatus, RunnerStatus
 from dstack.core.resources import RunnerResources, Usage, place
 from dstack.server.context import Context
-from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
+from dstack.server.db.tables import JobRow, RunnerRow
 from dstack.server.services import runner_tokens, runners
 from dstack.server.services.scheduler import fits, usage_of
 
@@ -34,7 +34,7 @@ async def autoscale(ctx: Context) -> None:
             .order_by(JobRow.submitted_at))).all()
         if not queued:
             return
-        draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
+        draining = await runner_tokens.draining(s)
         used = await usage_of(s, [r.name for r in live])
     # what live runners have free now; a queued job that fits there is taken by one of them
     rooms = [(RunnerResources.model_validate(r.resources), r.labels, used.get(r.name, Usage())) for r in live

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from sqlalchemy import select, update
 
-from dstack.core.models import FINISHED, JobSpec, JobStatus, RunnerStatus
+from dstack.core.models import FINISHED, LIVE_RUNNERS, JobSpec, JobStatus, RunnerStatus
 from dstack.core.resources import RunnerResources, Usage, place
-from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
+from dstack.server.db.tables import JobRow, RunnerRow
+from dstack.server.services import runner_tokens
 from dstack.server.services.run_state import now, refresh_run_status
-
-LIVE = (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
 
 
 def master_port(master_job_id: str) -> int:
@@ -40,11 +39,11 @@ async def place_run(s, runner: RunnerRow, master, queued: list, usage: dict[str,
     specs = [JobSpec.model_validate(r.spec) for r in members]
     if len(members) != specs[0].nodes:
         return None  # some of them are not queued (stopped meanwhile): not placed at all
-    draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
-    others = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE), RunnerRow.name != runner.name)
+    draining = await runner_tokens.draining(s)
+    others = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE_RUNNERS), RunnerRow.name != runner.name)
                               .order_by(RunnerRow.name))).all()
     candidates = [runner] + [r for r in others if r.name not in draining]
-    trial = {r.name: _copy(usage.get(r.name, Usage())) for r in candidates}
+    trial = {r.name: usage.get(r.name, Usage()).copy() for r in candidates}
     placed: list[tuple[RunnerRow, RunnerResources, list[int]]] = []
     for spec in specs:
         for r in candidates:
@@ -117,8 +116,3 @@ async def stop_the_others(s, failed: JobRow) -> list[str]:
     await refresh_run_status(s, failed.run_name)
     return [j.job_id for j in others]
 
-
-def _copy(used: Usage) -> Usage:
-    trial = Usage()
-    trial.cpus, trial.memory_mib, trial.gpus = used.cpus, used.memory_mib, set(used.gpus)
-    return trial

@@ -23,19 +23,20 @@ def located(e: Unsatisfiable, resolved: ResolvedWorkflow) -> Unsatisfiable:
         place, variable, key = resolved.resource_source(what)
         where = where or place
         fixes.append(_fix(resolved, what, most, variable, key))
-    if "the label" in e.message:
+    if "labels" in e.lacking:
         entry = resolved.entry
         where = where or entry.located.error(entry.path + ("resources", "labels"), "")
         fixes.append("start a runner with those labels (`dstack runners add --labels KEY=VALUE`, then "
                      "`dstack-runner start` with its token), or change `labels`")
-    if "Docker" in e.message:
+    if "docker" in e.lacking:
         entry = resolved.entry
         where = where or entry.located.error(entry.path + ("image",), "")
         fixes.append("drop `image` to run the commands on the host, or start Docker on a runner's machine")
     if where is None:  # nothing to point at but the workflow's resources
         where = resolved.entry.located.error(resolved.entry.path + ("resources",), "")
     hint = f"{'; '.join(fixes)}; or {ADD_RUNNER}" if fixes else e.hint
-    return Unsatisfiable(e.message, hint=hint, most=e.most, file=where.file, line=where.line, column=where.column)
+    return Unsatisfiable(e.message, hint=hint, most=e.most, lacking=e.lacking, file=where.file, line=where.line,
+                         column=where.column)
 
 
 def _fix(resolved: ResolvedWorkflow, what: str, most, variable: str | None, key: str) -> str:

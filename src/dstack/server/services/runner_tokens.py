@@ -58,6 +58,11 @@ async def runner_of(ctx: Context, token: str) -> str | None:
     return name
 
 
+async def draining(s) -> set[str]:
+    """The names of the runners being drained (`dstack runners remove`), read in session `s`."""
+    return set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
+
+
 async def identity(ctx: Context, name: str) -> RunnerTokenRow | None:
     async with ctx.sessions() as s:
         return await s.get(RunnerTokenRow, name)

@@ -223,7 +223,7 @@ async def list_runners(ctx: Context, include_gone: bool = False) -> list[RunnerI
     from dstack.server.services.scheduler import usage_of
 
     async with ctx.sessions() as s:
-        draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
+        draining = await runner_tokens.draining(s)
         rows = (await s.scalars(q)).all()
         used = await usage_of(s, [r.name for r in rows])
         jobs: dict[str, list[str]] = {}

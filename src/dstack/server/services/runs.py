@@ -37,10 +37,11 @@ from dstack.core.models import (
 )
 from dstack.core.names import job_id as new_job_id
 from dstack.core.names import random_base
+from dstack.core.resources import RunnerResources
 from dstack.core.sizes import plural
 from dstack.server.context import Context
 from dstack.server.db.tables import InputRow, JobRow, RunnerRow, RunRow
-from dstack.server.services import dependencies, refusals, scheduler, tags
+from dstack.server.services import dependencies, gangs, refusals, scheduler, tags
 from dstack.server.services.convert import job_model, run_model
 from dstack.server.services.run_state import now, refresh_run_status
 
@@ -267,7 +268,7 @@ async def get_job(ctx: Context, job_id: str) -> Job:
         job = job_model(row)
         runner = await s.get(RunnerRow, row.runner_name) if row.runner_name else None
         if runner is not None:
-            job.hostname = "127.0.0.1" if runner.backend == "local" else runner.hostname
+            job.hostname = gangs.address(runner, RunnerResources.model_validate(runner.resources))
         return job
 
 

@@ -10,14 +10,12 @@ from collections.abc import Awaitable, Callable
 from sqlalchemy import select, update
 
 from dstack.core.errors import Unavailable, Unsatisfiable
-from dstack.core.models import FINISHED, JobSpec, JobStatus, RunnerStatus
-from dstack.core.resources import RunnerResources, Usage, missing, most_offered, place
+from dstack.core.models import FINISHED, LIVE_RUNNERS, JobSpec, JobStatus, RunnerStatus
+from dstack.core.resources import Requirements, RunnerResources, Usage, missing, most_offered, place
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
-from dstack.server.services import gangs
+from dstack.server.services import gangs, runner_tokens
 from dstack.server.services.run_state import now, refresh_run_status
-
-LIVE = (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
 
 
 def fits(job: JobSpec, res: RunnerResources, labels: dict[str, str] | None = None) -> list[str]:
@@ -29,8 +27,8 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[tuple[str, str]]
     """Fail now, naming what is missing, when no live runner and no backend could ever run `job`; else the
     warnings about what it asks for that it will not get: (the resource, as `resources` names it; the text)."""
     async with ctx.sessions() as s:
-        runners = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE)))).all()
-        draining = set((await s.scalars(select(RunnerTokenRow.name).where(RunnerTokenRow.draining))).all())
+        runners = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE_RUNNERS)))).all()
+        draining = await runner_tokens.draining(s)
     offers = [(f"runner {r.name}", RunnerResources.model_validate(r.resources), r.labels) for r in runners
               if r.name not in draining]
     for backend in ctx.backends:
@@ -52,7 +50,18 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[tuple[str, str]]
         hint="ask for less in the workflow's `resources` (or in the variables they use), or add a runner "
              "that has it: `dstack-runner start --server URL --token TOKEN` on such a machine",
         most=most_offered(job.requirements, [res for _, res, _ in offers]),
+        lacking=_lacking_beyond_sizes(job, offers),
     )
+
+
+def _lacking_beyond_sizes(job: JobSpec, offers: list[tuple[str, RunnerResources, dict]]) -> set[str]:
+    """What some runner or offer lacks that is no size: Docker for a job with an image, the job's labels."""
+    lacking = set()
+    if job.image and any(not res.docker for _, res, _ in offers):
+        lacking.add("docker")
+    if any(labels.get(k) != v for _, _, labels in offers for k, v in job.requirements.labels.items()):
+        lacking.add("labels")
+    return lacking
 
 
 def _names(whos: list[str], shown: int = 3) -> str:
@@ -104,9 +113,9 @@ async def usage_of(s, runner_names: list[str] | None = None) -> dict[str, Usage]
     if runner_names is not None:
         q = q.where(JobRow.runner_name.in_(runner_names))
     used: dict[str, Usage] = {}
-    for name, spec in (await s.execute(q)).all():
-        job = JobSpec.model_validate(spec)
-        used.setdefault(name, Usage()).add(job.requirements, job.gpu_indexes)
+    for name, spec in (await s.execute(q)).all():  # on every take: the requirements alone, not the whole spec
+        req = Requirements.model_validate(spec.get("requirements") or {})
+        used.setdefault(name, Usage()).add(req, spec.get("gpu_indexes"))
     return used
 
 
@@ -117,7 +126,7 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
     it)."""
     async with ctx.sessions() as s:
         runner = await s.get(RunnerRow, runner_name)
-        if runner is None or runner.status not in LIVE:
+        if runner is None or runner.status not in LIVE_RUNNERS:
             return None
         res = RunnerResources.model_validate(runner.resources)
         placed = await gangs.deliver(s, runner_name)  # placed here with its run's others: given first
