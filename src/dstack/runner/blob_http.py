@@ -6,7 +6,9 @@ per thread and address. The policy (what to fetch where, resuming, retrying) is 
 from __future__ import annotations
 
 import http.client
+import json
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -37,6 +39,25 @@ class Refused(DstackError):
     def __init__(self, status: int, body: bytes, headers: dict[str, str]):
         super().__init__(f"answered {status}: {body[:200].decode(errors='replace')}")
         self.status, self.body, self.headers = status, body, headers
+
+    @property
+    def kind(self) -> str | None:
+        """The kind of error the server's JSON says (`integrity`: the bytes sent do not hash to their name)."""
+        try:
+            return json.loads(self.body)["error"]["kind"]
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @property
+    def detail(self) -> str:
+        """What the other end said: the server's message, or S3's (its XML's <Message>), or the body's start."""
+        try:
+            return json.loads(self.body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        text = self.body[:2000].decode(errors="replace")
+        found = re.search(r"<Message>(.*?)</Message>", text, re.S)
+        return (found.group(1) if found else text[:200]).strip() or f"status {self.status}"
 
     def as_ours(self) -> DstackError:
         """The server's own error (its JSON), as dstack.runner.client raises it (ServerTrouble: try again)."""
@@ -86,6 +107,12 @@ class Connections(threading.local):
             self.drop(key)
             raise
 
+    def abandon(self, url: str, r: http.client.HTTPResponse) -> None:
+        """Leave an answer unread: its connection goes too (the rest of the body would come before the next)."""
+        r.close()
+        u = urlsplit(url)
+        self.drop((u.scheme, u.netloc))
+
     def drop(self, key: tuple[str, str]) -> None:
         conn = self.conns.pop(key, None)
         if conn is not None:
@@ -101,16 +128,21 @@ def get_into(conns: Connections, url: str, headers: dict[str, str], fd: int, hav
     """GET `url` from byte `have` on into `fd` (which holds `have` bytes, hashed into `hasher` already), writing
     and hashing what comes. Returns (bytes held now, the blob's size). Refused for an error status; CUT errors
     when the connection breaks (what came is written and hashed: go on from there); Restart when the answer
-    would send it all again (the file is emptied: start over)."""
+    would send it all again, or says the blob has another size than the bytes held (the file is emptied: start
+    over)."""
     r = conns.request("GET", url, {**headers, **({"Range": f"bytes={have}-"} if have else {})})
-    if r.status == 416 and have:  # nothing after `have`: it was all there
+    if r.status == 416 and have:  # nothing after `have`: it was all there (the hash says whether it was right)
         r.read()
-        return have, have, False
+        size = (r.getheader("Content-Range") or "").rpartition("/")[2]
+        if size.isdigit() and int(size) != have:  # more bytes held than the blob has
+            os.ftruncate(fd, 0)
+            raise Restart(f"{have} bytes were kept of a blob of {size}")
+        return have, have
     if r.status >= 400:
         raise _refused(r)
     if r.status == 200:
-        if have:  # the whole blob would come: start over, from an empty file and a fresh hash
-            r.close()
+        if have:  # the whole blob would come (a proxy or store that ignores Range): start over, from an empty
+            conns.abandon(url, r)  # file and a fresh hash
             os.ftruncate(fd, 0)
             raise Restart("the answer ignored the Range request")
         total = int(r.getheader("Content-Length") or -1)
@@ -118,11 +150,11 @@ def get_into(conns: Connections, url: str, headers: dict[str, str], fd: int, hav
         text = r.getheader("Content-Range") or ""
         start, _, size = text.removeprefix("bytes ").partition("/")
         if not size.isdigit() or start.split("-")[0] != str(have):
-            r.close()
+            conns.abandon(url, r)
             raise DstackError(f"a download answered with Content-Range '{text}', not from byte {have}")
         total = int(size)
     if total < 0:
-        r.close()
+        conns.abandon(url, r)
         raise DstackError("a download answered without its length")
     buf = bytearray(PIECE)
     view = memoryview(buf)
@@ -140,7 +172,7 @@ def get_into(conns: Connections, url: str, headers: dict[str, str], fd: int, hav
             have += n
     finally:
         if have < total:
-            r.close()
+            conns.abandon(url, r)
     return have, total
 
 

@@ -5,13 +5,15 @@ store's credentials or relies on its paths.
 
 Transfers are content-addressed, verified and resumable: a download is written to `.<name>.part` beside its
 destination and goes on from there after a cut (a Range request; the bytes there are hashed again first), and
-the whole is checked against the blob's BLAKE3 before it is renamed into place; an upload goes on from the
-offset the server says it holds. Blobs move in parallel (the callers' thread pools, `concurrency` threads)."""
+the whole is checked against the blob's BLAKE3 before it is renamed into place (a blob that comes wrong comes
+again, ATTEMPTS times in all); an upload goes on from the offset the server says it holds, and goes again when
+the server refuses bytes that do not hash to their name. An expired presigned URL (S3 refuses it) is asked for
+again; one refused even when fresh, REFUSALS times, ends the transfer with an error that says so. Blobs move in
+parallel (the callers' thread pools, `concurrency` threads)."""
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import threading
@@ -19,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlencode
 
 import httpx
 from blake3 import blake3
@@ -45,6 +48,16 @@ log = logging.getLogger("dstack.runner")
 SEND_WHILE_HASHING = 64 << 20  # files from this size on go up while they are hashed
 PATIENCE = 600.0  # seconds a transfer waits for a server (or S3) that cannot take it, without progress
 URL_LIFETIME = 3000.0  # seconds a presigned URL is used (the server signs them for 3600)
+ATTEMPTS = 3  # times a blob is sent (fetched) while what arrives does not hash to its name
+REFUSALS = 5  # presigned URLs of a blob that the store may refuse in a row, fresh ones too, before giving up
+CLOCKS = ("a presigned URL expires by the clock of the store: the server's clock (which signs them) and the "
+          "store's must agree (NTP); the server's credentials must also allow it to read and write the bucket")
+ALTERED = ("make sure no process of the job still writes to its artifacts when it ends; else something between "
+           "the runner and the server alters what is sent")
+
+
+class Altered(IntegrityError):
+    """The server refused bytes that do not hash to the name they were sent under (it kept none of them)."""
 
 
 def open_store(client: ServerClient, workdir: Path, workers: int = 8) -> LocalBlobStore | Transfers:
@@ -179,45 +192,77 @@ class JobStore:
                 hashed["error"] = e
                 stop.set()
 
+        def digest() -> str:
+            hasher.join()
+            if "error" in hashed:
+                raise hashed["error"]
+            return hashed["h"]
+
         hasher = threading.Thread(target=hash_then_look, name="dstack-hash", daemon=True)
         hasher.start()
         try:
-            got = self._upload_staged(fd, size, stop)
+            self._upload_staged(fd, size, stop, digest, check)
         finally:
             hasher.join()
-        if "error" in hashed:
-            raise hashed["error"]
-        h = hashed["h"]
+        h = digest()
         if check is not None:
             check()
-        if got is not None and got != h:
-            raise IntegrityError(f"the file changed while it was uploaded (the server got {got[:12]}, not {h[:12]})",
-                                 hint="make sure no process of the job still writes to its artifacts when it ends")
         self._stored.add(h)
         return h
 
-    def _upload_staged(self, fd: int, size: int, stop: threading.Event) -> str | None:
-        """PUT the file to the server under a name of our own; after a cut, on from where the server says it is.
-        The hash the server stored it under; None when stopped."""
-        upload_id = uuid.uuid4().hex
-        offset, sent, pause, since = 0, 0, 0.2, time.monotonic()
-        while True:
-            url = f"{self.t.url}{self.base}/staged/{upload_id}?offset={offset}&size={size}"
+    def _upload_staged(self, fd: int, size: int, stop: threading.Event, digest: Callable[[], str],
+                       check: Callable[[], None] | None = None) -> None:
+        """PUT the file to the server under a name of our own while `digest()` hashes it; the server holds the
+        bytes until a last request names their hash, and stores them if they hash to it (else drops them: they
+        go again, with their hash from the start, unless `check` says the file changed). Returns once stored, or
+        stopped (the store has the blob)."""
+        h = None
+        for attempt in range(1, ATTEMPTS + 1):
+            upload_id = uuid.uuid4().hex
             try:
-                body = put_from(self.t.conns, url, {**self.t.auth, "Content-Type": "application/octet-stream"}, fd,
-                                offset, size, stop)
-                self.stats.add(uploaded=1, uploaded_bytes=sent + size - offset)
-                return json.loads(body)["hash"]
+                if h is None:
+                    if not self._send_staged(upload_id, fd, 0, size, stop, {"hold": "true"}):
+                        return
+                    h = digest()
+                    if stop.is_set():  # the store has it
+                        return
+                    self._send_staged(upload_id, fd, size, size, None, {"hash": h})  # held: only its hash goes
+                else:
+                    self._send_staged(upload_id, fd, 0, size, None, {"hash": h})
+                self.stats.add(uploaded=1)
+                return
+            except Altered as e:
+                if attempt == ATTEMPTS:
+                    raise IntegrityError(f"the server refused a file of {size} bytes {ATTEMPTS} times, as what came "
+                                         f"did not hash to {h[:12]}: {e.message}", hint=ALTERED) from None
+                if check is not None:
+                    check()
+                log.warning("the server refused a file of %d bytes (%s); sending it again", size, e.message)
+
+    def _send_staged(self, upload_id: str, fd: int, offset: int, size: int, stop: threading.Event | None,
+                     params: dict[str, str]) -> bool:
+        """PUT the file from `offset` as upload `upload_id`; after a cut, on from where the server says it is.
+        False when stopped; Altered when the server refused what came."""
+        pause, since = 0.2, time.monotonic()
+        while True:
+            url = f"{self.t.url}{self.base}/staged/{upload_id}?offset={offset}&size={size}&{urlencode(params)}"
+            try:
+                put_from(self.t.conns, url, {**self.t.auth, "Content-Type": "application/octet-stream"}, fd,
+                         offset, size, stop)
+                self.stats.add(uploaded_bytes=size - offset)
+                return True
             except Stopped:
-                return None
+                return False
             except Refused as e:
+                if e.kind == IntegrityError.kind:
+                    raise Altered(e.detail) from None
                 error: Exception = e.as_ours()
                 if not isinstance(error, (ServerTrouble, Conflict)):
                     raise error from None
             except (*CUT, Unreachable) as e:
                 error = e
-            if stop.is_set():
-                return None
+            if stop is not None and stop.is_set():
+                return False
             if time.monotonic() - since > PATIENCE:
                 raise DstackError(f"could not upload a file: {error}") from None
             log.warning("upload of a file broke off (%s); going on", error)
@@ -227,7 +272,7 @@ class JobStore:
             held = int(r.json()["offset"])
             if held > offset:
                 since = time.monotonic()
-                sent += held - offset
+                self.stats.add(uploaded_bytes=held - offset)
             offset = held
 
     def put_bytes(self, data: bytes, h: str, *, trusted: bool = False) -> None:
@@ -255,8 +300,9 @@ class JobStore:
         self.stats.add(uploaded=1, uploaded_bytes=sent)
 
     def _upload_to_server(self, h: str, offset: int, size: int, source: int | memoryview) -> int:
-        """PUT the blob's bytes from `offset`; after a cut, on from where the server says it is. Bytes sent."""
-        sent, pause, since = 0, 0.2, time.monotonic()
+        """PUT the blob's bytes from `offset`; after a cut, on from where the server says it is; again from the
+        start when the server refused what came (it did not hash to `h`). Bytes sent."""
+        sent, pause, since, altered = 0, 0.2, time.monotonic(), 0
         while True:
             url = f"{self.t.url}{self.base}/blobs/{h}?offset={offset}&size={size}"
             try:
@@ -264,6 +310,15 @@ class JobStore:
                          offset, size)
                 return sent + size - offset
             except Refused as e:
+                if e.kind == IntegrityError.kind:  # the server dropped all it held of it
+                    altered += 1
+                    sent += size - offset
+                    if altered == ATTEMPTS:
+                        raise IntegrityError(f"the server refused blob {h[:12]} {ATTEMPTS} times, as what came did not "
+                                             f"hash to its name: {e.detail}", hint=ALTERED) from None
+                    log.warning("the server refused blob %s (%s); sending it again", h[:12], e.detail)
+                    offset = 0
+                    continue
                 error: Exception = e.as_ours()
                 if not isinstance(error, (ServerTrouble, Conflict)):  # away for now; another upload under way
                     raise error from None
@@ -283,37 +338,59 @@ class JobStore:
             offset = plan.offset
 
     def _upload_direct(self, plan: UploadPlan, size: int, source: int | memoryview) -> int | None:
-        """Up by the presigned URLs of the plan: the whole blob, or its missing parts then `complete`. None when
-        S3 cannot be reached from here (the server takes it instead)."""
-        h = plan.hash
-        try:
-            if plan.url:
-                self._put_direct(plan.url, source, 0, size)
-                return size
-            for p in plan.parts:
-                start = (p.number - 1) * plan.part_size
-                self._put_direct(p.url, source, start, start + p.size)
-        except Unreachable as e:
-            log.warning("cannot reach the store's presigned URLs (%s): blobs go through the server", e)
-            self._direct = False
-            return None
+        """Up by the presigned URLs of the plan: the whole blob, or its missing parts then `complete`; when the
+        store refuses a URL (expired), by those of a fresh plan. Bytes sent; None when S3 cannot be reached from
+        here (the server takes it instead)."""
+        h, sent, refused, pause = plan.hash, 0, 0, 0.2
+        while True:
+            try:
+                if plan.url:
+                    self._put_direct(plan.url, source, 0, size)
+                    return sent + size
+                for p in plan.parts:
+                    start = (p.number - 1) * plan.part_size
+                    self._put_direct(p.url, source, start, start + p.size)
+                    sent += p.size
+                break
+            except Unreachable as e:
+                log.warning("cannot reach the store's presigned URLs (%s): blobs go through the server", e)
+                self._direct = False
+                return None
+            except Refused as e:  # an expired URL, or an upload in parts that gc aborted: ask for a fresh plan
+                refused += 1
+                if refused == REFUSALS:
+                    raise DstackError(f"the store refused the presigned URLs for blob {h[:12]} {REFUSALS} times, "
+                                      f"fresh ones too ({e.status}: {e.detail})", hint=CLOCKS) from None
+                log.warning("the store refused a presigned URL for blob %s (%d: %s); asking for a fresh one",
+                            h[:12], e.status, e.detail)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                plan = self._plans([(h, size)])[0]
+                if plan.stored:
+                    return sent
+                if not (plan.url or plan.upload_id):
+                    return None
         self._call(f"complete the upload of blob {h[:12]}", lambda: self.t.server.post(
             f"{self.base}/blobs/{h}/complete", json={"upload_id": plan.upload_id, "size": size}))
-        return sum(p.size for p in plan.parts)
+        return sent
 
     def _put_direct(self, url: str, source: int | memoryview, start: int, end: int) -> None:
+        """PUT bytes [start, end) to a presigned URL, again after cuts and 5xx answers; Refused for a 4xx."""
         pause, since = 0.2, time.monotonic()
         while True:
             try:
                 put_from(self.t.conns, url, {}, source, start, end)
                 return
             except Refused as e:
-                raise DstackError(f"the store refused an upload: {e.message}") from None
+                if e.status < 500:
+                    raise
+                error: Exception = e
             except CUT as e:
-                if time.monotonic() - since > PATIENCE:
-                    raise DstackError(f"could not upload to the store: {e}") from None
-                time.sleep(pause)
-                pause = min(pause * 2, 5.0)
+                error = e
+            if time.monotonic() - since > PATIENCE:
+                raise DstackError(f"could not upload to the store: {error}") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     def put_manifest(self, m: Manifest) -> str:
         digest, data = m.digest(), m.canonical_json()
@@ -374,9 +451,18 @@ class JobStore:
                 os.ftruncate(fd, 0)
                 more, hasher, kept = self._download(h, fd, 0)
                 got += more
-            if hasher.hexdigest() != h:
-                os.ftruncate(fd, 0)
-                raise IntegrityError(f"blob {h} is corrupt: what came hashes to {hasher.hexdigest()}")
+            tries = 1
+            while hasher.hexdigest() != h:
+                os.ftruncate(fd, 0)  # nothing of it is kept
+                if tries == ATTEMPTS:
+                    raise IntegrityError(f"blob {h} is corrupt: it came {ATTEMPTS} times, and hashed to "
+                                         f"{hasher.hexdigest()[:12]} the last time", hint="the store's copy may be "
+                                         "damaged, or something between the runner and the store alters what comes")
+                log.warning("blob %s came corrupt (it hashes to %s); fetching it again", h[:12],
+                            hasher.hexdigest()[:12])
+                more, hasher, kept = self._download(h, fd, 0)
+                got += more
+                tries += 1
             self.stats.add(downloaded=1, downloaded_bytes=got, resumed_bytes=kept)
             os.fchmod(fd, 0o444)
             os.rename(part, dest)
@@ -388,7 +474,7 @@ class JobStore:
         downloaded, the hash of the whole, and how many bytes of what `fd` held were kept."""
         hasher, kept = blake3(), have
         _hash_prefix(fd, have, hasher)
-        got, pause, since, total = 0, 0.2, time.monotonic(), None
+        got, pause, since, total, refused = 0, 0.2, time.monotonic(), None, 0
         while total is None or have < total:
             url, headers = self._url(h)
             direct = not headers
@@ -396,6 +482,7 @@ class JobStore:
             try:
                 have, total = get_into(self.t.conns, url, headers, fd, have, hasher)
                 got += have - before
+                refused = 0
                 continue
             except Restart:
                 hasher, have, kept = blake3(), 0, 0
@@ -408,7 +495,12 @@ class JobStore:
                 error: Exception = e
             except Refused as e:
                 if direct and e.status in (400, 403):  # an expired URL: ask again
-                    self._urls.pop(h, None)
+                    refused += 1
+                    if refused == REFUSALS:
+                        raise DstackError(f"the store refused the presigned URLs of blob {h[:12]} {REFUSALS} times, "
+                                          f"fresh ones too ({e.status}: {e.detail})", hint=CLOCKS) from None
+                    with self._lock:
+                        self._urls.pop(h, None)
                     error = e
                 else:
                     error = e.as_ours()

@@ -24,6 +24,8 @@ _ZEROS = memoryview(bytes(CHUNK))
 class IntegrityError(DstackError):
     """Stored data does not match its hash, or a file changed while it was being saved."""
 
+    kind = "integrity"  # how the server's answer says it (a runner sends such bytes again)
+
 
 def hash_bytes(data: bytes | memoryview) -> str:
     return blake3(data).hexdigest()

@@ -48,9 +48,12 @@ async def put_blob(request: Request, name: str = Own, job_id: str = JobId, diges
 @router.put("/staged/{upload_id}")
 async def put_staged(request: Request, name: str = Own, job_id: str = JobId, upload_id: str = Path(max_length=32),
                      offset: int = Query(0, ge=0, le=MAX_BLOB_SIZE), size: int = Query(ge=0, le=MAX_BLOB_SIZE),
+                     hold: bool = False, named: str | None = Query(None, alias="hash", max_length=64),
                      ctx: Context = Depends(get_ctx)) -> dict:
-    """A blob whose sender hashes it while it sends it: stored under the hash of what came, which the answer says."""
-    return await transfers.receive_staged(ctx, name, job_id, upload_id, offset, size, request.stream())
+    """A blob whose sender hashes it while it sends it. `hold`: kept once all of it is in, until a request names
+    its `hash` (stored if the bytes hash to it, else dropped); neither: stored under the hash of what came, which
+    the answer says."""
+    return await transfers.receive_staged(ctx, name, job_id, upload_id, offset, size, request.stream(), hold, named)
 
 
 @router.get("/staged/{upload_id}")

@@ -8,7 +8,9 @@ of its spec) and the blobs those manifests name.
 An upload through the server streams to `<h>.upload` (in the local store's tmp/, where gc removes it once stale;
 else DSTACK_HOME/server/uploads), hashed as it arrives. A cut leaves what arrived: the runner asks where to go on
 (`plan_uploads`: `offset`) and sends the rest. When the last byte is in and the bytes hash to the blob's name,
-the file is renamed into place (or put into the store); otherwise it is dropped."""
+the file is renamed into place (or put into the store); otherwise it is dropped, and the sender told so (400,
+kind `integrity`). A file sent while its sender hashes it (`receive_staged`) is held once all of it is in until
+the request that names its hash (the hash so far is kept meanwhile: that request reads nothing again)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ WRITE_SIZE = 4 << 20  # bytes of an upload gathered before one write + hash in a
 PRESIGNED_PUT_MAX = 64 << 20  # larger blobs go to S3 in parts (each resumable on its own)
 PART_SIZE = 64 << 20
 _MANIFESTS_KEPT = 64  # the blob sets of this many manifests are kept for download checks
+_HELD_KEPT = 256  # uploads held for their hash whose hash so far is kept
 
 
 def store_access(ctx: Context) -> StoreAccess:
@@ -228,45 +231,71 @@ async def staged_offset(ctx: Context, runner: str, job_id: str, upload_id: str) 
 
 
 async def receive_staged(ctx: Context, runner: str, job_id: str, upload_id: str, offset: int, size: int,
-                         chunks: AsyncIterable[bytes]) -> dict:
+                         chunks: AsyncIterable[bytes], hold: bool = False, expected: str | None = None) -> dict:
     """A blob sent before its sender knows its hash (it hashes the file while it sends it): bytes [offset, ...)
-    of upload `upload_id` (the sender's random name for it), `size` in all. Once all are in, the blob is stored
-    under the hash of what came, which the answer says ({"stored": true, "hash": ...}): the sender checks it
-    against its own."""
+    of upload `upload_id` (the sender's random name for it), `size` in all. `hold`: once all are in, keep them
+    ({"stored": false, "offset": size}) for a request that names their hash (`expected`, with the bytes left to
+    send, none at all when the server holds them all): stored if they hash to it, else dropped (400). Without
+    either, stored under the hash of what came, which the answer says ({"stored": true, "hash": ...})."""
     await may_upload(ctx, runner, job_id)
-    h = await _receive(ctx, _staged(ctx, upload_id), f"upload {upload_id[:12]}", None, offset, size, chunks)
-    return {"stored": True, "hash": h}
+    if expected is not None:
+        check_hash(expected)
+    h = await _receive(ctx, _staged(ctx, upload_id), f"upload {upload_id[:12]}", expected, offset, size, chunks,
+                       hold=hold and expected is None)
+    return {"stored": False, "offset": size} if h is None else {"stored": True, "hash": h}
+
+
+_held: OrderedDict[Path, tuple[int, int, blake3]] = OrderedDict()  # part -> (inode, size, the hash of its bytes)
 
 
 async def _receive(ctx: Context, part: Path, what: str, expected: str | None, offset: int, size: int,
-                   chunks: AsyncIterable[bytes]) -> str:
+                   chunks: AsyncIterable[bytes], hold: bool = False) -> str | None:
     """Append what arrives to `part` from `offset` (which must be what it holds, or 0 to start over), hashing
     it; once all `size` bytes are in, store them as the blob their hash names (which must be `expected`, when
-    given). Returns that hash."""
+    given: else they are dropped). Returns that hash; None when `hold` (all in, kept for a request that names
+    their hash)."""
     fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise Conflict(f"another upload of {what} is under way", hint="try again shortly") from None
-        have = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        try:
+            current = os.stat(part).st_ino == st.st_ino
+        except FileNotFoundError:
+            current = False
+        if not current:  # opened just before the upload that held the lock stored or dropped it
+            raise Conflict(f"another upload of {what} just ended", hint="ask the server where to go on")
+        have = st.st_size
         if offset == 0 and have:
             os.ftruncate(fd, 0)  # start over
             have = 0
         elif offset != have:
             raise Conflict(f"the server holds {have} bytes of {what}, not {offset}",
                            hint="ask the server where to go on")
-        hasher = blake3()
-        if have:
-            await asyncio.to_thread(_hash_prefix, fd, have, hasher)
+        kept = _held.pop(part, None)
+        if kept is not None and kept[:2] == (st.st_ino, have):
+            hasher = kept[2]  # the bytes held, hashed as they came
+        else:
+            hasher = blake3()
+            if have:
+                await asyncio.to_thread(_hash_prefix, fd, have, hasher)
         have = await _append(fd, hasher, have, size, chunks)
         if have != size:
             raise Conflict(f"the upload of {what} ended at {have} of {size} bytes",
                            hint=f"send the rest from offset {have}")
+        if hold:
+            _held[part] = (st.st_ino, size, hasher)
+            while len(_held) > _HELD_KEPT:
+                _held.popitem(last=False)
+            return None
         got = hasher.hexdigest()
         if expected is not None and got != expected:
-            os.ftruncate(fd, 0)
-            raise IntegrityError(f"the bytes sent as {what} hash to {got[:12]}", hint="upload it again")
+            part.unlink(missing_ok=True)  # nothing of it is kept (the lock is ours: no upload writes to it)
+            raise IntegrityError(f"the bytes sent as {what} hash to {got[:12]}, not {expected[:12]}: the server "
+                                 "dropped them", hint="send them again; when that fails too, the file changes while "
+                                 "it is sent, or something on the way alters what is sent")
         if await asyncio.to_thread(ctx.store.has, got, touch=True):
             part.unlink(missing_ok=True)
         else:
