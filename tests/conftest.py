@@ -28,6 +28,18 @@ RUN ["/bin/busybox", "--install", "-s", "/bin"]
 """
 
 
+@pytest.fixture
+def shared():
+    """A folder that jobs may read and write whatever user they run as: a root runner runs host jobs as nobody
+    (runner/job_user.py), who cannot enter pytest's folders (0700). For the files a test and its jobs pass."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="dstack-shared-"))
+    folder.chmod(0o1777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def docker_client():
     """A Docker SDK client to the real engine; fails (never skips) when the engine is unreachable."""

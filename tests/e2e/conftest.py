@@ -84,6 +84,14 @@ def last_run(d: Dstack, cwd: Path) -> dict:
     return d.runs(cwd)[0]
 
 
+def jobs_dir(workdir: Path) -> Path:
+    """Where a runner working in `workdir`, started as the tests' user without --job-user, makes its job folders
+    (outside `workdir` when it runs as root: runner/job_user.py)."""
+    from dstack.runner import job_user
+
+    return job_user.jobs_dir(workdir, job_user.choose(None))
+
+
 def gone(pid: int) -> bool:
     """The process has ended: no such process, or a zombie that its new parent (init, once the process that
     started it exited) has not reaped yet."""

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import Dstack, gone, last_run
+from tests.e2e.conftest import Dstack, gone, jobs_dir, last_run
 
 SLEEPY = """\
 workflows:
@@ -302,7 +302,8 @@ def test_a_docker_job_after_another_starts_in_a_warm_container(tmp_path, project
 
     def waiting():  # the waiting containers of this server's runners, by the folders they bind
         return [c for c in docker_client.containers.list(all=True, filters={"label": "dstack.warm"})
-                if any(str(tmp_path / "home") in m["Source"] for m in c.attrs["Mounts"])]
+                if any(str(jobs_dir(w)) in m["Source"] for m in c.attrs["Mounts"]
+                       for w in (tmp_path / "home").glob("runners/*"))]
 
     def warmed() -> int:  # the runner says so once a container is ready for the next job
         return sum(f.read_text().count("waits for the next job")

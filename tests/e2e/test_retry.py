@@ -11,8 +11,8 @@ import time
 from tests.e2e.conftest import gone
 
 
-def test_a_failed_job_starts_again_until_it_succeeds_or_its_retries_are_spent(dstack, project, tmp_path):
-    marker = tmp_path / "tried"
+def test_a_failed_job_starts_again_until_it_succeeds_or_its_retries_are_spent(dstack, project, shared):
+    marker = shared / "tried"
     root = project(f"""\
     workflows:
       - name: flaky
@@ -44,8 +44,8 @@ def test_a_failed_job_starts_again_until_it_succeeds_or_its_retries_are_spent(ds
     assert once.returncode == 4 and "starts again" not in once.stdout
 
 
-def test_a_job_whose_runner_is_killed_starts_again_on_another(dstack, project, tmp_path):
-    marker = tmp_path / "started"
+def test_a_job_whose_runner_is_killed_starts_again_on_another(dstack, project, shared):
+    marker = shared / "started"
     root = project(f"""\
     workflows:
       - name: survivor

@@ -72,7 +72,7 @@ def test_a_self_hosted_runner_joins_with_its_own_token_and_is_removed(server, tm
     url, client = server
     root = project("workflows:\n  - name: peek\n    commands:\n"
                    "      - env | grep -c DSTACK_TOKEN || true\n"
-                   "      - tr '\\0' '\\n' < /proc/$PPID/environ | grep -c DSTACK_TOKEN || true\n"
+                   "      - \"{ tr '\\\\0' '\\\\n' < /proc/$PPID/environ; } 2>/dev/null | grep -c DSTACK_TOKEN || true\"\n"
                    "  - name: long\n    commands: [sleep 30]\n"
                    "  - name: zoned\n    commands: [echo in zone a]\n    resources:\n      labels: {zone: a}\n"
                    "  - name: elsewhere\n    commands: [echo never]\n    resources:\n      labels: {zone: b}\n")
@@ -133,7 +133,7 @@ def test_a_self_hosted_runner_joins_with_its_own_token_and_is_removed(server, tm
 def test_local_runners_hold_a_token_of_their_own_that_no_job_can_read(dstack, project):
     root = project("workflows:\n  - name: peek\n    commands:\n"
                    "      - env | grep -c TOKEN || true\n"
-                   "      - tr '\\0' '\\n' < /proc/$PPID/environ | grep -c TOKEN || true\n")
+                   "      - \"{ tr '\\\\0' '\\\\n' < /proc/$PPID/environ; } 2>/dev/null | grep -c TOKEN || true\"\n")
     r = dstack("run", "peek", cwd=root, check=True)
     assert r.stdout.split() == ["0", "0"], r.stdout
     runner = json.loads(dstack("status", "--json", cwd=root, check=True).stdout)[0]["jobs"][0]["runner"]

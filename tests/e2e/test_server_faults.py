@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Dstack, gone
+from tests.e2e.conftest import Dstack, gone, jobs_dir
 
 COUNTER = """\
 workflows:
@@ -55,12 +55,12 @@ def _wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"{what} within {timeout}s")
 
 
-def test_a_killed_local_server_loses_no_job(tmp_path, project):
+def test_a_killed_local_server_loses_no_job(tmp_path, project, shared):
     """SIGKILL of the server mid-job: the attached `dstack run` brings it back at the same address and follows
     on; the runner kept the job's output and reports; every line arrives once, the artifact is saved, the
     job ran once, and no second runner was started for it."""
     d = Dstack(tmp_path / "home")
-    starts = tmp_path / "starts.txt"
+    starts = shared / "starts.txt"
     root = project(COUNTER.format(starts=starts, n=40, pause=0.1))
     try:
         attached = d.popen("run", "count", cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -176,7 +176,7 @@ def test_a_graceful_stop_leaves_an_idle_self_hosted_runner_waiting_and_no_runner
     server_cmd = [sys.executable, "-m", "dstack.server.main", "--home", str(home), "--port", str(port)]
     server = subprocess.Popen(server_cmd, env=env, stderr=subprocess.DEVNULL)
     workdir = tmp_path / "runner"
-    (workdir / "jobs" / "0123456789ab" / "code").mkdir(parents=True)  # left by a killed runner
+    (jobs_dir(workdir) / "0123456789ab" / "code").mkdir(parents=True)  # left by a killed runner
     runner = None
     try:
         _wait_for(lambda: (home / "server" / "server.json").exists(), 30, "the server starts")
@@ -187,7 +187,7 @@ def test_a_graceful_stop_leaves_an_idle_self_hosted_runner_waiting_and_no_runner
                                    "--token", token, "--name", "selfie", "--workdir", str(workdir)],
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
         _wait_for(lambda: b"registered as selfie" in (tmp_path / "runner.log").read_bytes(), 30, "it registers")
-        assert not (workdir / "jobs" / "0123456789ab").exists()
+        assert not (jobs_dir(workdir) / "0123456789ab").exists()
         time.sleep(1.0)  # in its long poll now
         server.send_signal(signal.SIGTERM)
         server.wait(30)
@@ -264,12 +264,13 @@ def _fill(disk: Path) -> Path:
     return filler
 
 
-def test_a_report_the_server_cannot_write_waits_and_lands_when_there_is_room(tmp_path, project, small_disk):
+def test_a_report_the_server_cannot_write_waits_and_lands_when_there_is_room(tmp_path, project, small_disk,
+                                                                             shared):
     """The server's disk fills while a job runs: its end cannot be written (SQLite: disk full). The runner
     sends it again until it lands; meanwhile `dstack status` says why, naming the disk, and `dstack stop`
     returns within seconds; once there is room, the job is DONE with all its output."""
     d = Dstack(small_disk / "home", env={"DSTACK_STOP_GRACE": "2", "DSTACK_RUNNER_TIMEOUT": "3"})
-    go = tmp_path / "go"
+    go = shared / "go"
     root = project(f"""\
         workflows:
           - name: waits
@@ -351,7 +352,7 @@ def test_the_job_folder_of_a_killed_local_runner_is_removed_before_the_next_runn
         name = re.search(r"Run (\S+)", r.stderr).group(1)
         info = d.wait_status(root, name, {"RUNNING"})
         runner, job_id = info["jobs"][0]["runner"], info["jobs"][0]["job_id"]
-        left = d.home / "runners" / runner / "jobs" / job_id
+        left = jobs_dir(d.home / "runners" / runner) / job_id
         assert left.is_dir()
         for pid in _runner_pids(d.home):
             os.kill(pid, signal.SIGKILL)
@@ -365,11 +366,11 @@ def test_the_job_folder_of_a_killed_local_runner_is_removed_before_the_next_runn
         d.stop_server()
 
 
-def test_a_job_the_server_gave_up_on_is_killed_as_soon_as_its_runner_hears_of_it(tmp_path, project):
+def test_a_job_the_server_gave_up_on_is_killed_as_soon_as_its_runner_hears_of_it(tmp_path, project, shared):
     """The runner is frozen past the runner timeout (SIGSTOP): the server fails its job and may give the work
     to another. Once the runner runs again, it hears so and kills the job: it never runs on beside a retry."""
     d = Dstack(tmp_path / "home", env={"DSTACK_RUNNER_TIMEOUT": "2"})
-    pidfile = tmp_path / "job.pid"
+    pidfile = shared / "job.pid"
     root = project(f"workflows:\n  - name: long\n    commands: ['echo $$ > {pidfile}; exec sleep 120']\n")
     runner_pid = None
     try:

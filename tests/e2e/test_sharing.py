@@ -13,9 +13,9 @@ from tests.e2e.conftest import BIN, add_runner
 from tests.unit.test_runner_resources import NVIDIA_SMI_V100_X2
 
 
-def test_jobs_share_a_runner_and_never_a_gpu(server, project, tmp_path):
+def test_jobs_share_a_runner_and_never_a_gpu(server, project, tmp_path, shared):
     url, client = server
-    release = tmp_path / "release"
+    release = shared / "release"
     root = project(f"""\
     workflows:
       - name: gpu

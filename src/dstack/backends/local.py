@@ -9,6 +9,7 @@ removed (a killed runner's job folders with them), all but their log."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -27,9 +28,11 @@ from dstack.core.processes import (
     terminate_all,
 )
 from dstack.core.resources import RunnerResources
+from dstack.runner import job_user
 from dstack.runner.workspace import remove
 
 RECORD = "runner.json"
+log = logging.getLogger("dstack.server")
 
 
 class LocalBackend:
@@ -113,6 +116,10 @@ class LocalBackend:
                 continue
             if not (folder / RECORD).exists():
                 continue  # not made by this backend (or being made right now)
+            try:
+                job_user.forget(folder)  # its jobs' folders, when they were elsewhere (jobs run as another user)
+            except OSError as e:
+                log.warning("could not remove the job folders of runner %s: %s", folder.name, e)
             for item in folder.iterdir():
                 if item.name == "runner.log":
                     continue

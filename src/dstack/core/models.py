@@ -276,6 +276,7 @@ class HeartbeatReply(Model):
     stops: dict[str, str] = {}  # job id -> "stop" | "abort"
     stop: str | None = None  # for a runner before 0.4: that of its one job
     terminate: bool = False
+    next_in: float | None = None  # s until the next heartbeat (a server before 0.5 does not say: 1 s)
 
 
 class SavedArtifact(Model):

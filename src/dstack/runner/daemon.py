@@ -17,9 +17,11 @@ from dstack.core.models import JobSpec, JobStatus, JobUpdate, RunnerRegistration
 from dstack.core.processes import stop_grace
 from dstack.core.resources import RunnerResources, visible_gpus_env
 from dstack.core.sizes import human_size
+from dstack.runner import job_user as job_user_mod
 from dstack.runner import transfer, workspace
 from dstack.runner.client import RETRYABLE, ServerClient, ServerError
 from dstack.runner.code import recreate
+from dstack.runner.job_user import JobUser
 from dstack.runner.logs import AsWritten, LogShipper
 from dstack.storage.blobstore import BlobStore, LocalBlobStore
 from dstack.storage.cache import DEFAULT_CACHE_SIZE, BlobCache
@@ -27,8 +29,8 @@ from dstack.storage.save import save_tree
 from dstack.storage.tree import artifact_source
 
 log = logging.getLogger("dstack.runner")
-HEARTBEAT_INTERVAL = 1.0
-TAKE_WAIT = 10.0
+HEARTBEAT_INTERVAL = 1.0  # while it runs jobs, or as a server before 0.5 expects; an idle one, as the server says
+TAKE_WAIT = 50.0  # a long poll for a job (the server holds it up to 60 s): an idle runner costs the server little
 RUNNING_REPORT_DELAY = 0.1  # seconds after the start: a job that ends sooner is reported once, when it ends
 MAX_REPORT_PAUSE = 5.0  # between two tries of a report the server could not take
 SERVER_ERROR_TRIES = 5  # a 500 is tried this often; a server that cannot take it now (503, unreachable) is waited for
@@ -51,11 +53,14 @@ class Runner:
     def __init__(self, client: ServerClient, resources: RunnerResources, workdir: Path, name: str | None = None,
                  backend: str | None = None, idle_timeout: float | None = None,
                  server_lost_timeout: float | None = 60.0, labels: dict[str, str] | None = None,
-                 cache_size: int | None = DEFAULT_CACHE_SIZE):
+                 cache_size: int | None = DEFAULT_CACHE_SIZE, job_user: JobUser | None = None,
+                 jobs_base: Path | None = None):
         self.client = client
         self.labels = labels or {}
         self.resources = resources
         self.workdir = Path(workdir)
+        self.job_user = job_user  # who runs host jobs, when not the runner's own user (runner/job_user.py)
+        self.jobs_dir = job_user_mod.jobs_dir(self.workdir, job_user, jobs_base)
         self.name = name
         self.backend = backend
         self.idle_timeout = idle_timeout
@@ -84,7 +89,7 @@ class Runner:
             else:
                 from dstack.runner.executors.host import HostExecutor
 
-                self._executors[kind] = HostExecutor()
+                self._executors[kind] = HostExecutor(self.job_user)
         return self._executors[kind]
 
     @property
@@ -114,7 +119,7 @@ class Runner:
                      human_size(st.downloaded_bytes), st.downloaded_bytes,
                      f", resumed after {human_size(st.resumed_bytes)} kept from a cut" if st.resumed_bytes else "")
             if st.downloaded:
-                pruned = self.cache.prune(self._trees()[1], workspace.trees_in_use(self.workdir))
+                pruned = self.cache.prune(self._trees()[1], workspace.trees_in_use(self.jobs_dir))
                 if pruned.bytes:
                     log.info("blob cache: removed %d blobs and %d trees (%s) to stay within %s", pruned.blobs,
                              pruned.trees, human_size(pruned.bytes), human_size(self.cache.limit or 0))
@@ -165,7 +170,7 @@ class Runner:
             return not self.slots and not leaving
 
     def serve(self) -> None:
-        self._workdir_lock = workspace.use_workdir(self.workdir)
+        self._workdir_lock = workspace.use_workdir(self.workdir, self.jobs_dir, self.job_user)
         self._register_patiently()
         if self.resources.docker:
             from dstack.runner.executors.docker import remove_orphans
@@ -179,7 +184,10 @@ class Runner:
         try:
             while not self._stopping.is_set():
                 try:
-                    job = self.client.take(self.name, TAKE_WAIT)
+                    wait = TAKE_WAIT
+                    if self.idle_timeout is not None and not self.slots:  # back in time to leave when idle
+                        wait = min(wait, max(0.0, self.idle_timeout - (time.monotonic() - idle_since)) + 0.5)
+                    job = self.client.take(self.name, wait)
                     if job is not None:  # its slot first: a heartbeat that sees it taken sees it running
                         slot = Slot(job)
                         with self._lock:
@@ -216,15 +224,22 @@ class Runner:
                 thread.join()
             for executor in self._executors.values():
                 executor.close()
-            for unused in (self.workdir / "jobs").glob("next-*"):  # the folders of containers that waited
+            for unused in self.jobs_dir.glob("next-*"):  # the folders of containers that waited
                 workspace.remove(unused)
+            job_user_mod.release_jobs_dir(self.jobs_dir, self.job_user)
             try:
                 self.client.deregister(self.name)
             except (httpx.HTTPError, DstackError):
                 pass
 
     def _heartbeats(self) -> None:
+        """Every second while jobs run here (a stop reaches them within that); idle, as often as the server says
+        (its reply's `next_in`). A job taken is reported within a second."""
+        every, last = HEARTBEAT_INTERVAL, float("-inf")
         while not self._stopping.wait(HEARTBEAT_INTERVAL) or self.slots:
+            if not self.slots and not self._stopping.is_set() and time.monotonic() - last < every:
+                continue
+            last = time.monotonic()
             last_taken = self.last_taken  # before the slots (see serve): never "taken, yet not running" by mistake
             job_ids = list(self.slots)
             try:
@@ -244,6 +259,7 @@ class Runner:
                 continue
             except httpx.HTTPError:
                 continue
+            every = reply.next_in if reply.next_in is not None else HEARTBEAT_INTERVAL
             stops = reply.stops or ({job_ids[0]: reply.stop} if reply.stop and job_ids else {})  # a server < 0.4
             for job_id, how in stops.items():
                 self._request_stop(how, job_id)
@@ -277,7 +293,7 @@ class Runner:
         root = executor.claim(job)  # a container already waits for this job: its code goes there
         # a folder of its own for each attempt (`retry`): the last one's may still be being removed
         name = job.job_id if job.attempt == 1 else f"{job.job_id}.{job.attempt}"
-        folder = root.parent if root is not None else self.workdir / "jobs" / name
+        folder = root.parent if root is not None else self.jobs_dir / name
         shipper = LogShipper(lambda offset, data: self.client.logs(self.name, job.job_id, offset, data),
                              retryable=RETRYABLE, give_up=self._leaving_for)
         try:
@@ -301,7 +317,7 @@ class Runner:
                     del self.slots[job.job_id]
             workspace.remove(folder)
         if execution is not None and not self._stopping.is_set():  # the job is reported: get ready for the next one like it
-            root = self.workdir / "jobs" / f"next-{secrets.token_hex(6)}" / "code"
+            root = self.jobs_dir / f"next-{secrets.token_hex(6)}" / "code"
             threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()
 
     def _finish(self, job: JobSpec, status: JobStatus, **kw) -> None:
@@ -384,12 +400,16 @@ class Runner:
 
     def _run(self, slot: Slot, folder: Path, shipper: LogShipper, executor) -> None:
         job = slot.job
+        host_user = None if job.image else self.job_user  # a container's user is the image's
+        job_user_mod.job_folder(folder, host_user)
         if job.code is not None:
             root = recreate(job.code, self._fetch_code, folder / "code")
         else:
             root = folder / "code"
             root.mkdir(parents=True, exist_ok=True)
         (root / job.working_dir).mkdir(parents=True, exist_ok=True)
+        job_user_mod.give(root, host_user)
+        home = job_user_mod.home(folder, host_user)
         mounts = []  # the store is opened only for a job that has dependencies or artifacts
         if job.dependencies:
             store = self._job_store(job)
@@ -405,6 +425,8 @@ class Runner:
             # a job on the host sees only the GPUs it asked for (in a container, Docker attaches them)
             env = job.env if job.image else {**job.env, **visible_gpus_env(job.requirements, self.resources.gpus,
                                                                            job.gpu_indexes)}
+            if home is not None:
+                env = {"HOME": str(home), "USER": host_user.name, "LOGNAME": host_user.name, **env}
             slot.execution = executor.start(job, root, mounts, env, output)
             if slot.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=slot.execution.stop, args=(STOP_GRACE,), daemon=True).start()

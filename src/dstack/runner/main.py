@@ -51,14 +51,26 @@ def check() -> None:
               help="Exit after the server has been unreachable this many seconds while no job runs (default: "
                    "wait for it forever; 60 with --idle-timeout). A job's reports wait for the server anyway.")
 @click.option("--no-docker", is_flag=True, help="Run host jobs only, even if Docker is available.")
+@click.option("--job-user", envvar="DSTACK_JOB_USER", default=None, metavar="USER",
+              help="A runner that runs as root runs host jobs as this user (default: nobody), so that a job cannot "
+                   "read the server's or the runner's files; `--job-user root` runs them as root.")
+@click.option("--jobs-dir", envvar="DSTACK_JOBS_DIR", type=click.Path(path_type=Path, file_okay=False),
+              default=None, help="Where the folders of jobs run as --job-user go (default: /var/lib/dstack-runner).")
 @click.option("--cache-size", default="20GB", show_default=True, metavar="SIZE",
               help="Dependency blobs downloaded through the server are kept up to this size (e.g. 500MB, 1TB); "
                    "the least recently used go first.")
 def start(server_url: str, token: str | None, token_file: Path | None, token_fd: int | None, name: str | None,
           labels: tuple[str, ...], backend: str | None, workdir: Path | None, idle_timeout: float | None,
-          server_lost_timeout: float | None, no_docker: bool, cache_size: str) -> None:
+          server_lost_timeout: float | None, no_docker: bool, job_user: str | None, jobs_dir: Path | None,
+          cache_size: str) -> None:
     """Register with a server and execute the jobs it hands out."""
+    from dstack.runner import job_user as job_users
     from dstack.storage.cache import parse_size
+
+    try:
+        user = job_users.choose(job_user)
+    except job_users.JobUserError as e:
+        raise click.BadParameter(str(e), param_hint="--job-user") from None
 
     try:
         cache_bytes = parse_size(cache_size)
@@ -82,11 +94,13 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
     resources.address = _address_towards(server_url)
     if no_docker:
         resources.docker = False
+    if user is not None:
+        resources.host_user = user.name  # whom `dstack run` names as the host job's user
     if server_lost_timeout is None and idle_timeout is not None:
         server_lost_timeout = 60.0  # an on-demand runner does not wait forever for a server that is gone
     runner = Runner(ServerClient(server_url, token), resources, workdir or dstack_home() / "runner", name=name,
                     backend=backend, idle_timeout=idle_timeout, server_lost_timeout=server_lost_timeout,
-                    labels=_labels(labels), cache_size=cache_bytes)
+                    labels=_labels(labels), cache_size=cache_bytes, job_user=user, jobs_base=jobs_dir)
 
     def _term(signum, _frame):
         logging.getLogger("dstack.runner").info("signal %s: stopping the current job (if any) and exiting", signum)
@@ -103,8 +117,16 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
     from dstack.core.errors import DstackError
     from dstack.runner.client import ServerTrouble
 
+    if user is not None:
+        logging.getLogger("dstack.runner").info("host jobs run as %s (uid %d), in %s", user.name, user.uid,
+                                                runner.jobs_dir)
+    elif os.geteuid() == 0:
+        logging.getLogger("dstack.runner").warning("host jobs run as root (--job-user root): a job can read "
+                                                   "everything on this machine, the server's token included")
     try:
         runner.serve()
+    except job_users.JobUserError as e:
+        raise click.ClickException(str(e)) from None
     except (httpx.TransportError, ServerTrouble) as e:  # before DstackError: ServerTrouble is one
         raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
     except DstackError as e:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from dstack.core.errors import NotFound
 from dstack.core.models import JobSpec
+from dstack.runner import job_user
 from dstack.runner.executors.base import Mount
+from dstack.runner.job_user import JobUser
 from dstack.storage.blobstore import BlobStore
 from dstack.storage.cache import BlobCache
 from dstack.storage.tree import artifact_source, remove_tree, tree_cache
@@ -52,10 +54,11 @@ def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, c
     return mounts
 
 
-def trees_in_use(workdir: Path) -> set[str]:
-    """The dependency trees that the jobs in the runner's folder mount (its own and those of runners sharing it)."""
+def trees_in_use(jobs_dir: Path) -> set[str]:
+    """The dependency trees that the jobs in the runner's jobs folder mount (its own and those of runners sharing
+    it)."""
     found: set[str] = set()
-    for record in (workdir / "jobs").glob(f"*/{IN_USE}"):
+    for record in jobs_dir.glob(f"*/{IN_USE}"):
         try:
             found |= set(record.read_text().split())
         except OSError:  # its job ended just now
@@ -63,18 +66,19 @@ def trees_in_use(workdir: Path) -> set[str]:
     return found
 
 
-def use_workdir(workdir: Path):
+def use_workdir(workdir: Path, jobs_dir: Path, user: JobUser | None = None):
     """Take the runner's folder: a lock shared by the runners that use it, held for the runner's lifetime (the
     returned file). The first runner to use it since all others ended (killed, crashed) first removes the job
-    folders they left."""
+    folders they left (in `jobs_dir`, which is made here: runner/job_user.py)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    job_user.prepare_jobs_dir(jobs_dir, user, workdir)
     lock = open(workdir / "runner.lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         pass  # another runner works here: its folders are its own
     else:
-        for left in sorted((workdir / "jobs").glob("*")):
+        for left in sorted(jobs_dir.glob("*")):
             log.info("removing %s, left by a runner that did not end cleanly", left)
             remove(left)
     fcntl.flock(lock, fcntl.LOCK_SH)

@@ -22,7 +22,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 0
     # a runner that has not been heard from for this long is lost; its job fails
-    runner_timeout: float = float(os.environ.get("DSTACK_RUNNER_TIMEOUT", "10"))
+    runner_timeout: float = float(os.environ.get("DSTACK_RUNNER_TIMEOUT", "30"))
     # local runners exit after this long without a job
     runner_idle_timeout: float = float(os.environ.get("DSTACK_RUNNER_IDLE_TIMEOUT", "300"))
     # one runner serves this machine (it runs as many jobs at once as its CPUs, memory and GPUs allow); more would
@@ -107,6 +107,9 @@ class Context:
     unrecorded: dict[str, str] = field(default_factory=dict)
     # runner name -> when its last heartbeat came (monotonic), whether or not the database could record it
     heard: dict[str, float] = field(default_factory=dict)
+    # runner name -> when a full heartbeat last found it idle with nothing to settle (monotonic): its next idle
+    # heartbeats are answered from memory (services/runners.heartbeat); anything that may change that forgets it
+    quiet: dict[str, float] = field(default_factory=dict)
     # the hash of a runner's token -> its runner's name, for the tokens seen (the database has them all)
     runner_tokens: dict[str, str] = field(default_factory=dict)
     # a runner's take counts what the jobs placed so far take of each runner: takes go one at a time (one server

@@ -18,6 +18,9 @@ Dependencies (read-only mounts) appear at their paths inside the job's folder. A
 util-linux's `unshare`, the job runs in a private mount namespace where each is a read-only bind mount
 of the store's folder: zero-copy, and read-only even for root. Otherwise they are copied there with
 their write bits removed (read-only for any user but root).
+
+A root runner's jobs run as an unprivileged user (runner/job_user.py): the shell is started as that user, or,
+with bind mounts, the mounts are made as root in the job's namespace and setpriv then runs the commands as it.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from dstack.runner.executors.base import (
     pick_free_ports,
     relative_working_dir,
 )
+from dstack.runner.job_user import JobUser
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +208,11 @@ class HostExecution:
 
 
 class HostExecutor:
-    """Runs `job.commands` with bash (sh where there is no bash) in `root / job.working_dir`."""
+    """Runs `job.commands` with bash (sh where there is no bash) in `root / job.working_dir`, as `user` when
+    given (a root runner's jobs: runner/job_user.py)."""
+
+    def __init__(self, user: JobUser | None = None) -> None:
+        self.user = user
 
     def start(
         self,
@@ -224,12 +232,15 @@ class HostExecutor:
         full_env = {**_base_env(), **job_env(job, ports, env)}
         script = job_script(job.commands)
         argv = [shell, "-c"]
+        user = self.user
         if mounts and _can_bind_mount():
+            # the mounts are made as root in the job's namespace; then the job's user runs the commands
             argv = ["unshare", "--mount", "--propagation", "private", *argv]
-            script = _bind_mounts_script(root, mounts) + script
+            script = _bind_mounts_script(root, mounts) + (_as_user(user, shell, script) if user else script)
+            user = None
         elif mounts:
             _copy_read_only(root, mounts)
-        return _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports).result()
+        return _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports, user).result()
 
     # nothing to get ready ahead of a job: a process starts in milliseconds
     def warm(self, job: JobSpec, root: Path) -> bool:
@@ -252,6 +263,7 @@ class HostExecutor:
         env: dict[str, str],
         on_output: OutputCallback,
         ports: list[int],
+        user: JobUser | None = None,
     ) -> HostExecution:
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", TERMINAL_ROWS, TERMINAL_COLUMNS, 0, 0))
@@ -265,6 +277,8 @@ class HostExecutor:
                 stdout=slave,
                 stderr=slave,
                 start_new_session=True,
+                # the user is set before preexec_fn runs: PR_SET_PDEATHSIG, which a change of user clears, holds
+                **({"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)} if user else {}),
                 preexec_fn=_die_with(os.getpid()),
             )
         except OSError as e:
@@ -279,6 +293,13 @@ class HostExecutor:
 
 def _can_bind_mount() -> bool:
     return os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("mount") is not None
+
+
+def _as_user(user: JobUser, shell: str, script: str) -> str:
+    """The shell line that runs `script` as `user` in this process (util-linux's setpriv; the parent-death
+    signal kept, which a change of user would clear)."""
+    return (f"exec setpriv --reuid={user.uid} --regid={user.gid} --groups={','.join(map(str, user.groups))} "
+            f"--pdeathsig=keep -- {shlex.quote(shell)} -c {shlex.quote(script)}\n")
 
 
 def _bind_mounts_script(root: Path, mounts: list[Mount]) -> str:

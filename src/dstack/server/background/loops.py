@@ -26,11 +26,13 @@ AFTER_QUEUED = 0.1
 async def autoscale(ctx: Context) -> None:
     """Start a runner for each queued job that no live runner has room for now (nor one starting) can take."""
     async with ctx.sessions() as s:
+        queued_now = JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None)
+        if not ctx.backends or await s.scalar(select(JobRow.job_id).where(*queued_now).limit(1)) is None:
+            return  # nothing to start a runner for: the pass costs one small query
         # runners first: a job seen queued below was queued while they were as seen here
         live = (await s.scalars(select(RunnerRow).where(
             RunnerRow.status.in_((RunnerStatus.READY.value, RunnerStatus.BUSY.value))))).all()
-        queued = (await s.scalars(select(JobRow).where(
-            JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None))
+        queued = (await s.scalars(select(JobRow).where(*queued_now)
             .order_by(JobRow.submitted_at))).all()
         if not queued:
             return

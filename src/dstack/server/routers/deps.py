@@ -17,7 +17,9 @@ from dstack.server.services import runner_tokens
 RUNNER_API = "runner-api"  # the tag of the routes a runner's token may call
 
 
-def get_ctx(request: Request) -> Context:
+async def get_ctx(request: Request) -> Context:
+    """async, as every dependency here: FastAPI runs a plain `def` one in a worker thread, a hand-off that
+    costs more than the function"""
     return request.app.state.ctx
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from dstack.core.errors import Conflict, NotFound
 from dstack.core.models import (
     FINISHED,
+    LIVE_RUNNERS,
     HeartbeatReply,
     JobStatus,
     RunnerInfo,
@@ -62,6 +63,7 @@ async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
         row.resources = reg.resources.model_dump()
         row.status, row.last_seen_at, row.job_id = RunnerStatus.READY.value, t, None
         await s.commit()
+        forget_quiet(ctx, name)
         info = runner_model(row)
     ctx.signals.notify("jobs")
     ctx.signals.notify("runners")
@@ -73,21 +75,40 @@ async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
 TAKE_LOST_AFTER = 60.0
 
 
+# an idle runner heartbeats this often (s; at most a third of the runner timeout); one that runs jobs, every second
+IDLE_HEARTBEAT = 10.0
+BUSY_HEARTBEAT = 1.0
+# an idle runner's heartbeats are answered from memory for this long after one that read the database
+QUIET_FOR = 60.0  # as long as a take whose answer was lost is waited for (TAKE_LOST_AFTER)
+
+
+def heartbeat_interval(ctx: Context, busy: bool) -> float:
+    return min(BUSY_HEARTBEAT if busy else IDLE_HEARTBEAT, ctx.settings.runner_timeout / 3)
+
+
 async def heartbeat(ctx: Context, name: str, job_ids: list[str], last_taken: str | None = None) -> HeartbeatReply:
     """A runner is alive, and says which jobs it runs. The reply tells it which of them to stop or abort.
     Where the runner and the server disagree, the runner is right about what it runs: a job it does not run
     (it gave up on the job's reports, it was restarted, the answer to its `take` was lost) is put back in the
-    queue when it never started, else it fails, saying so; a job the server has given up on is aborted."""
+    queue when it never started, else it fails, saying so; a job the server has given up on is aborted.
+    An idle runner that the last look found idle, with nothing to settle, is answered from memory: an idle
+    runner costs the server next to nothing (whatever could change that forgets it: `forget_quiet`)."""
+    t = time.monotonic()
+    ctx.heard[name] = t  # alive, even when the database cannot record it (a full disk)
+    if not job_ids and t - ctx.quiet.get(name, float("-inf")) < QUIET_FOR:
+        return HeartbeatReply(next_in=heartbeat_interval(ctx, busy=False))
+    ctx.quiet.pop(name, None)
     failed: list[str] = []
-    ctx.heard[name] = time.monotonic()  # alive, even when the database cannot record it (a full disk)
     async with ctx.sessions() as s:
         row = await s.get(RunnerRow, name)
         if row is None:
             raise NotFound(f"no runner '{name}'", hint="register it again")
+        was = row.status
         if row.status in (RunnerStatus.OFFLINE.value, RunnerStatus.TERMINATED.value):
             # it came back after being given up for lost: its old jobs have failed; forget them
             reply = HeartbeatReply(stops={job_id: "abort" for job_id in job_ids})
             row.status, row.job_id = RunnerStatus.READY.value, None
+            busy = False
         else:
             reply = HeartbeatReply()
             for job_id in job_ids:
@@ -104,15 +125,33 @@ async def heartbeat(ctx: Context, name: str, job_ids: list[str], last_taken: str
                     failed += await _reconcile(ctx, s, name, job, knows=last_taken == job.job_id)
             busy = await settle(s, row)
             identity = await s.get(RunnerTokenRow, name)
-            reply.terminate = bool(identity is not None and identity.draining and not job_ids and not busy)
+            draining = identity is not None and identity.draining
+            reply.terminate = bool(draining and not job_ids and not busy)
+            if not job_ids and not busy and not draining and not failed:
+                ctx.quiet[name] = t
         reply.stop = reply.stops.get(job_ids[0]) if job_ids else None  # a runner before 0.4 runs one job
-        row.last_seen_at = now()
+        reply.next_in = heartbeat_interval(ctx, busy=bool(job_ids or busy))
+        if row.status != was or (now() - row.last_seen_at).total_seconds() > ctx.settings.runner_timeout / 3:
+            row.last_seen_at = now()  # for `dstack runners` and a restarted server; while it runs, `heard` counts
         await s.commit()
     for failed_id in failed:
         ctx.signals.notify(f"job:{failed_id}")
     if failed:
         ctx.signals.notify("jobs")
     return reply
+
+
+def forget_quiet(ctx: Context, name: str) -> None:
+    """The runner's next heartbeat reads the database: something about it changed (a job given, a drain)."""
+    ctx.quiet.pop(name, None)
+
+
+def last_heard(ctx: Context, name: str, recorded):
+    """When the runner was last heard from: what the database recorded, or later, what this server heard."""
+    heard = ctx.heard.get(name)
+    if heard is None:
+        return recorded
+    return max(recorded, now() - timedelta(seconds=time.monotonic() - heard))
 
 
 def _has_output(ctx: Context, job_id: str) -> bool:
@@ -151,6 +190,7 @@ async def server_started(ctx: Context, local_runners: set[str]) -> None:
         for r in live:
             if r.backend == "local" and r.name not in local_runners:
                 r.status, r.job_id = RunnerStatus.TERMINATED.value, None
+                forget_quiet(ctx, r.name)
                 failed += await _fail_jobs_of(s, r.name, f"runner {r.name} ended while the server was down", ctx)
             else:
                 r.last_seen_at = now()
@@ -168,6 +208,7 @@ async def terminated(ctx: Context, names: list[str]) -> None:
             row = await s.get(RunnerRow, name)
             if row is not None and row.status in (RunnerStatus.READY.value, RunnerStatus.BUSY.value):
                 row.status, row.job_id = RunnerStatus.TERMINATED.value, None
+                forget_quiet(ctx, name)
         await s.commit()
 
 
@@ -179,6 +220,7 @@ async def deregister(ctx: Context, name: str) -> None:
         row = await s.get(RunnerRow, name)
         if row is not None:
             row.status, row.job_id = RunnerStatus.TERMINATED.value, None
+            forget_quiet(ctx, name)
             failed = await _fail_jobs_of(s, name, f"runner {name} exited before the job ended", ctx)
             await s.commit()
         identity = await s.get(RunnerTokenRow, name)
@@ -234,6 +276,7 @@ async def list_runners(ctx: Context, include_gone: bool = False) -> list[RunnerI
     infos = []
     for r in rows:
         info = runner_model(r, r.name in draining)
+        info.last_seen_at = last_heard(ctx, r.name, r.last_seen_at)
         info.jobs = jobs.get(r.name, [])
         info.free = used.get(r.name, Usage()).free(info.resources)
         infos.append(info)
@@ -266,21 +309,23 @@ async def remove(ctx: Context, name: str, force: bool) -> RunnerInfo | dict:
 
 
 async def reap_lost(ctx: Context) -> list[str]:
-    """Runners silent for longer than the timeout go OFFLINE; their unfinished jobs FAIL."""
+    """Runners silent for longer than the timeout go OFFLINE; their unfinished jobs FAIL. Silent: neither the
+    database nor this server (`heard`: a quiet runner's heartbeats are not written down) has heard from it."""
     timeout = ctx.settings.runner_timeout
     cutoff = now() - timedelta(seconds=timeout)
     failed: list[str] = []
     async with ctx.sessions() as s:
-        lost = (await s.scalars(select(RunnerRow).where(
-            RunnerRow.status.in_((RunnerStatus.READY.value, RunnerStatus.BUSY.value)),
-            RunnerRow.last_seen_at < cutoff))).all()
-        for r in lost:
-            if time.monotonic() - ctx.heard.get(r.name, float("-inf")) < timeout:
-                continue  # heard from lately: only the database missed it (it could not write)
+        stale = (await s.scalars(select(RunnerRow.name).where(  # names alone: most are quiet, not lost
+            RunnerRow.status.in_(LIVE_RUNNERS), RunnerRow.last_seen_at < cutoff))).all()
+        lost = [name for name in stale if time.monotonic() - ctx.heard.get(name, float("-inf")) >= timeout]
+        for name in lost:
+            r = await s.get(RunnerRow, name)
+            forget_quiet(ctx, name)
             r.status, r.job_id = RunnerStatus.OFFLINE.value, None
             failed += await _fail_jobs_of(s, r.name, f"runner {r.name} stopped responding "
                                                      f"(no heartbeat for {timeout:g}s)", ctx)
-        await s.commit()
+        if lost:
+            await s.commit()
     for job_id in failed:
         ctx.signals.notify(f"job:{job_id}")
     if failed:

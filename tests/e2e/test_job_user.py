@@ -1,0 +1,89 @@
+"""A runner that runs as root runs host jobs as an unprivileged user (runner/job_user.py): the job cannot read
+the server's token, its database or its runner's environment, while its code, its HOME, its dependencies and its
+artifacts work as they do for a job of the runner's own user."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import BIN, Dstack
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a runner runs jobs as another user only as root")
+
+WORKFLOWS = """\
+workflows:
+  - name: peek
+    commands:
+      - id -un
+      - cat {token} > /dev/null 2>&1 && echo token-readable || echo token-unreadable
+      - cat {db} > /dev/null 2>&1 && echo db-readable || echo db-unreadable
+      - tr '\\0' '\\n' < /proc/$PPID/environ > /dev/null 2>&1 && echo environ-readable || echo environ-unreadable
+      - echo "home=$HOME" && touch "$HOME/.cache-test" && echo home-writable
+      - mkdir -p out && echo data > out/data.txt && chmod +x out/data.txt && python3 tool.py
+    artifacts: [out]
+  - name: use
+    deps: [peek]
+    commands:
+      - id -un
+      - cat out/data.txt && test -x out/data.txt && echo still-executable
+      - "{{ echo more > out/data.txt; }} 2>/dev/null && echo dependency-writable || echo dependency-read-only"
+"""
+
+
+@pytest.fixture
+def open_home():
+    """A DSTACK_HOME in a folder every user may enter (pytest's own are 0700, which would hide the server's files
+    whatever their modes): the server's files must be private by their own modes."""
+    folder = Path(tempfile.mkdtemp(prefix="dstack-job-user-"))
+    folder.chmod(0o755)
+    yield folder / "home"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_root_runners_host_job_runs_as_nobody_and_reads_nothing_of_the_server(open_home, project):
+    d = Dstack(open_home)
+    root = project(WORKFLOWS.format(token=open_home / "server" / "token", db=open_home / "server" / "dstack.db"))
+    (root / "tool.py").write_text("import helper; helper.say()\n")  # an import beside the script: absolute paths
+    (root / "helper.py").write_text("def say():\n    print('helper imported')\n")
+    try:
+        r = d("run", "peek", cwd=root, check=True)
+        lines = r.stdout.splitlines()
+        for expected in ("nobody", "token-unreadable", "db-unreadable", "environ-unreadable", "home-writable",
+                         "helper imported"):
+            assert expected in lines, r.stdout
+        home = next(x for x in lines if x.startswith("home="))[5:]
+        assert home != os.environ.get("HOME") and "/jobs/" in home, home
+        used = d("run", "use", cwd=root, check=True)
+        assert used.stdout.split() == ["nobody", "data", "still-executable", "dependency-read-only"], used.stdout
+        jobs_dir = Path(home).parents[1]
+        assert list(jobs_dir.iterdir()) == [], "job folders are removed once their jobs end"
+    finally:
+        d.stop_server()
+
+
+def test_a_job_user_that_does_not_exist_is_refused_at_start(tmp_path):
+    r = subprocess.run([str(BIN / "dstack-runner"), "start", "--server",
+                        "http://127.0.0.1:9", "--token", "x" * 43, "--job-user", "no-such-user", "--workdir",
+                        str(tmp_path / "w")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert "no user 'no-such-user' on this machine (--job-user)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_runner_told_to_run_jobs_as_root_does_and_the_run_says_so(tmp_path, project):
+    d = Dstack(tmp_path / "home", env={"DSTACK_JOB_USER": "root"})  # the local runner inherits it
+    root = project("workflows:\n  - name: who\n    commands: [id -un]\n")
+    try:
+        r = d("run", "who", cwd=root, check=True)
+        assert r.stdout.split() == ["root"], r.stdout
+        assert re.search(r"\[dstack: \S+ runs on the host of runner \S+ as root: its commands can change that "
+                         r"machine", r.stderr), r.stderr
+    finally:
+        d.stop_server()
