@@ -63,3 +63,22 @@ def test_a_two_node_run_whose_jobs_reach_each_other(dstack, project):
     failed = next(j for j in info["jobs"] if j["status"] == "FAILED")
     stopped = next(j for j in info["jobs"] if j["status"] == "STOPPED")
     assert stopped["reason"] == f"stopped: job {failed['job_id']} (rank 1) of this 2-node run failed", stopped
+
+
+def test_a_run_of_more_nodes_than_could_ever_run_at_once_is_refused(dstack, project):
+    """Its jobs start together or not at all: more than all the runners and backends here could hold at once
+    would wait forever, so it is refused at submission, pointing at `nodes`."""
+    root = project("""\
+    workflows:
+      - name: huge
+        nodes: 64
+        resources: {cpu: 1, memory: 8GB}
+        commands: [echo never]
+    """)
+    r = dstack("run", "huge", cwd=root)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert re.search(r"\.dstack/workflows\.yaml:3:\d+: error: 'huge' asks for 64 nodes, and the runners and "
+                     r"backends here can hold \d+ of its jobs at once \(.+\); a multi-node run starts all its jobs "
+                     r"together or none", r.stderr), r.stderr
+    assert "hint: ask for `nodes: " in r.stderr and "Traceback" not in r.stderr
+    assert not [x for x in dstack.runs(root) if x["workflow"] == "huge"]

@@ -58,6 +58,9 @@ class JobRow(Base):
 
     run: Mapped[RunRow] = relationship(back_populates="jobs")
 
+    # a runner's unfinished jobs: read by every take, heartbeat and `dstack runners`
+    __table_args__ = (Index("ix_jobs_runner_status", "runner_name", "status"),)
+
 
 class InputRow(Base):
     """Run `run_name` consumed the artifacts of job `job_id` of run `input_run` (its lineage)."""

@@ -31,11 +31,12 @@ def address(runner: RunnerRow, res: RunnerResources) -> str:
     return res.address or runner.hostname
 
 
-async def place_run(s, runner: RunnerRow, master, queued: list, usage: dict[str, Usage],
-                    fits) -> JobSpec | None:
+async def place_run(s, runner: RunnerRow, master, usage: dict[str, Usage], fits) -> JobSpec | None:
     """Place every job of `master`'s run (all queued), on `runner` first: the job `runner` gets now, or None
     when the run does not fit now (nothing is changed then). `fits(spec, res, labels)`: what a runner lacks."""
-    members = sorted((r for r in queued if r.run_name == master.run_name), key=lambda r: r.spec.get("rank", 0))
+    members = sorted((await s.execute(select(JobRow.job_id, JobRow.run_name, JobRow.spec).where(
+        JobRow.run_name == master.run_name, JobRow.status == JobStatus.SUBMITTED.value,
+        JobRow.runner_name.is_(None)))).all(), key=lambda r: r.spec.get("rank", 0))
     specs = [JobSpec.model_validate(r.spec) for r in members]
     if len(members) != specs[0].nodes:
         return None  # some of them are not queued (stopped meanwhile): not placed at all

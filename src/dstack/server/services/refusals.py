@@ -32,6 +32,9 @@ def located(e: Unsatisfiable, resolved: ResolvedWorkflow) -> Unsatisfiable:
         entry = resolved.entry
         where = where or entry.located.error(entry.path + ("image",), "")
         fixes.append("drop `image` to run the commands on the host, or start Docker on a runner's machine")
+    if "nodes" in e.lacking:
+        entry = resolved.entry
+        where = where or entry.located.error(entry.path + ("nodes",), "")
     if where is None:  # nothing to point at but the workflow's resources
         where = resolved.entry.located.error(resolved.entry.path + ("resources",), "")
     hint = f"{'; '.join(fixes)}; or {ADD_RUNNER}" if fixes else e.hint

@@ -31,12 +31,17 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[tuple[str, str]]
         draining = await runner_tokens.draining(s)
     offers = [(f"runner {r.name}", RunnerResources.model_validate(r.resources), r.labels) for r in runners
               if r.name not in draining]
+    machines = [1] * len(offers)  # how many machines each offer is: a backend's, as many as it may still start
     for backend in ctx.backends:
-        offers += [(f"backend {backend.name}", offer, {}) for offer in await asyncio.to_thread(backend.offers)]
+        more = [(f"backend {backend.name}", offer, {}) for offer in await asyncio.to_thread(backend.offers)]
+        offers += more
+        machines += [max(0, backend.max_runners - sum(r.backend == backend.name for r in runners))] * len(more)
     lacking: dict[tuple[str, ...], list[str]] = {}  # what they lack -> who lacks it: alike machines said once
     for who, res, labels in offers:
         lacks = fits(job, res, labels)
         if not lacks:
+            if job.nodes > 1 and job.rank == 0:
+                _check_room_for_all(job, offers, machines)
             return _warnings(job, [res for _, res, _ in offers])
         lacking.setdefault(tuple(lacks), []).append(who)
     if not offers:
@@ -52,6 +57,30 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[tuple[str, str]]
         most=most_offered(job.requirements, [res for _, res, _ in offers]),
         lacking=_lacking_beyond_sizes(job, offers),
     )
+
+
+def _check_room_for_all(job: JobSpec, offers: list[tuple[str, RunnerResources, dict]], machines: list[int]) -> None:
+    """A multi-node run whose jobs could never all run at once (they are placed together or not at all) fails
+    now, saying how many of them the runners and backends here could hold."""
+    held: list[tuple[str, int]] = []
+    for (who, res, labels), count in zip(offers, machines, strict=True):
+        if not count or fits(job, res, labels):
+            continue
+        used, n = Usage(), 0
+        while n < job.nodes and (gpus := place(job.requirements, res, used)) is not None:
+            used.add(job.requirements, gpus)
+            n += 1
+        held.append((who, n * count))
+    total = sum(n for _, n in held)
+    if total >= job.nodes:
+        return
+    raise Unsatisfiable(
+        f"'{job.workflow}' asks for {job.nodes} nodes, and the runners and backends here can hold {total} of its "
+        f"jobs at once ({', '.join(f'{who}: {n}' for who, n in held)}); a multi-node run starts all its jobs "
+        "together or none",
+        hint=f"ask for `nodes: {total}` or fewer (or less in `resources`, so that more fit on a machine), or add "
+             "runners: `dstack-runner start --server URL --token TOKEN` on more machines",
+        lacking={"nodes"})
 
 
 def _lacking_beyond_sizes(job: JobSpec, offers: list[tuple[str, RunnerResources, dict]]) -> set[str]:
@@ -119,6 +148,24 @@ async def usage_of(s, runner_names: list[str] | None = None) -> dict[str, Usage]
     return used
 
 
+async def _queued(s, chunk: int = 32):
+    """The queued jobs, oldest first: (id, run name, submission time), and the spec. The ids alone are read for
+    the whole queue; the specs (JSON to decode and validate) a few at a time, as far as the take looks: a take
+    costs little however long the queue is."""
+    rows = (await s.execute(
+        select(JobRow.job_id, JobRow.run_name, JobRow.submitted_at)
+        .where(JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None))
+        .order_by(JobRow.submitted_at)
+    )).all()
+    for i in range(0, len(rows), chunk):
+        some = rows[i:i + chunk]
+        specs = dict((await s.execute(select(JobRow.job_id, JobRow.spec).where(
+            JobRow.job_id.in_([r.job_id for r in some])))).all())
+        for row in some:
+            if row.job_id in specs:
+                yield row, JobSpec.model_validate(specs[row.job_id])
+
+
 async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
     """The oldest queued job that fits what the runner has free now (backfill: a later job that fits goes ahead
     of one that does not yet), with the GPUs it gets; none while a job that fits the runner but not its free
@@ -134,20 +181,13 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
             await s.commit()
             return placed
         used = (await usage_of(s, [runner_name])).get(runner_name, Usage())
-        # the columns alone, not ORM objects: a take costs little however long the queue is
-        queued = (await s.execute(
-            select(JobRow.job_id, JobRow.run_name, JobRow.spec, JobRow.submitted_at)
-            .where(JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None))
-            .order_by(JobRow.submitted_at)
-        )).all()
-        for row in queued:
-            spec = JobSpec.model_validate(row.spec)
+        async for row, spec in _queued(s):
             if fits(spec, res, runner.labels):
                 continue  # never on this runner
             if spec.nodes > 1:  # a multi-node run: all its jobs at once, from its master's place in the queue
                 if spec.rank != 0:
                     continue
-                given = await gangs.place_run(s, runner, row, queued, await usage_of(s), fits)
+                given = await gangs.place_run(s, runner, row, await usage_of(s), fits)
                 if given is None:
                     continue
                 await s.commit()
@@ -173,6 +213,7 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
             runner.job_id = row.job_id
             runner.status = RunnerStatus.BUSY.value
             runner.last_seen_at = now()
+            ctx.quiet.pop(runner_name, None)
             await refresh_run_status(s, row.run_name)
             await s.commit()
             ctx.signals.notify(f"job:{row.job_id}")
