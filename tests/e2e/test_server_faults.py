@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import dstack
 from tests.e2e.conftest import Dstack, gone, jobs_dir
 
 COUNTER = """\
@@ -129,7 +130,7 @@ def test_a_stale_pid_of_another_program_is_neither_used_nor_signalled(tmp_path, 
         d("server", "stop", "--force", cwd=root, check=True)
         # a record of our own format, whose start time is not that process's
         (sdir / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": other.pid,
-                                                      "started": 1, "version": "0.4.0"}))
+                                                      "started": 1, "version": dstack.__version__}))
         assert d("status", cwd=root).returncode == 0
         d("server", "stop", "--force", cwd=root, check=True)
         time.sleep(0.2)

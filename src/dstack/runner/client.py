@@ -58,8 +58,11 @@ class ServerClient:
             "job_ids": job_ids, "job_id": job_ids[0] if job_ids else None, "last_taken": last_taken}, timeout=5))
         return HeartbeatReply.model_validate(r.json())
 
-    def take(self, name: str, wait: float) -> JobSpec | None:
-        r = self._check(self.http.post(f"/api/runners/{name}/take", params={"wait": wait}, timeout=wait + 10))
+    def take(self, name: str, wait: float, port: int | None = None) -> JobSpec | None:
+        """A job for this runner, waiting up to `wait` s for one. `port`: one free here now, for the master of a
+        multi-node run placed here (MASTER_JOB_PORT)."""
+        params = {"wait": wait} if port is None else {"wait": wait, "port": port}
+        r = self._check(self.http.post(f"/api/runners/{name}/take", params=params, timeout=wait + 10))
         return None if r.status_code == 204 else JobSpec.model_validate(r.json())
 
     def update(self, name: str, job_id: str, upd: JobUpdate) -> JobStatus | None:

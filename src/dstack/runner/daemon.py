@@ -21,6 +21,7 @@ from dstack.runner import job_user as job_user_mod
 from dstack.runner import transfer, workspace
 from dstack.runner.client import RETRYABLE, ServerClient, ServerError
 from dstack.runner.code import recreate
+from dstack.runner.executors.base import pick_free_ports
 from dstack.runner.job_user import JobUser
 from dstack.runner.logs import AsWritten, LogShipper
 from dstack.storage.blobstore import BlobStore, LocalBlobStore
@@ -187,7 +188,7 @@ class Runner:
                     wait = TAKE_WAIT
                     if self.idle_timeout is not None and not self.slots:  # back in time to leave when idle
                         wait = min(wait, max(0.0, self.idle_timeout - (time.monotonic() - idle_since)) + 0.5)
-                    job = self.client.take(self.name, wait)
+                    job = self.client.take(self.name, wait, port=pick_free_ports(1)[0])
                     if job is not None:  # its slot first: a heartbeat that sees it taken sees it running
                         slot = Slot(job)
                         with self._lock:

@@ -78,8 +78,9 @@ async def deregister(name: str = Own, ctx: Context = Depends(get_ctx)) -> dict:
 
 @router.post("/{name}/take", response_model=None, tags=[RUNNER_API])
 async def take(request: Request, name: str = Own, wait: float = Query(0, ge=0, le=60),
-               ctx: Context = Depends(get_ctx)) -> JobSpec | Response:
-    job = await scheduler.take_job(ctx, name, wait, gone=request.is_disconnected)
+               port: int | None = Query(None, ge=1024, le=65535), ctx: Context = Depends(get_ctx)) -> JobSpec | Response:
+    """`port`: a port free on the runner's machine now, for the master of a multi-node run placed there."""
+    job = await scheduler.take_job(ctx, name, wait, gone=request.is_disconnected, port=port)
     return job if job is not None else Response(status_code=204)
 
 

@@ -5,8 +5,9 @@ each job gets its rank and the run's shape as variables, and the GPUs it holds; 
 runners wait, assigned but not yet delivered (`JobSpec.delivered`), for those runners' next `take`, which the
 placement wakes. When one job fails, the others are stopped, saying which failed.
 
-MASTER_JOB_PORT is chosen by the server from the master's id (20000..29999), since no runner has picked it
-when the jobs start at once; the master's job listens there."""
+MASTER_JOB_PORT is a port that the master's runner found free when it asked for a job (its `take` says which;
+the window until the master's job binds it is that of any port picked ahead); a runner before 0.5 does not say,
+and the port is then chosen from the master's id (20000..29999). The master's job listens there."""
 
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ def address(runner: RunnerRow, res: RunnerResources) -> str:
     return res.address or runner.hostname
 
 
-async def place_run(s, runner: RunnerRow, master, usage: dict[str, Usage], fits) -> JobSpec | None:
+async def place_run(s, runner: RunnerRow, master, usage: dict[str, Usage], fits,
+                    free_port: int | None = None) -> JobSpec | None:
     """Place every job of `master`'s run (all queued), on `runner` first: the job `runner` gets now, or None
-    when the run does not fit now (nothing is changed then). `fits(spec, res, labels)`: what a runner lacks."""
+    when the run does not fit now (nothing is changed then). `fits(spec, res, labels)`: what a runner lacks.
+    `free_port`: a port that `runner` found free as it asked, MASTER_JOB_PORT when the master is placed there."""
     members = sorted((await s.execute(select(JobRow.job_id, JobRow.run_name, JobRow.spec).where(
         JobRow.run_name == master.run_name, JobRow.status == JobStatus.SUBMITTED.value,
         JobRow.runner_name.is_(None)))).all(), key=lambda r: r.spec.get("rank", 0))
@@ -60,7 +63,7 @@ async def place_run(s, runner: RunnerRow, master, usage: dict[str, Usage], fits)
             return None
     if not any(r.name == runner.name for r, _, _ in placed):
         return None  # the asking runner gets none of them: one of the others places the run
-    port = master_port(members[0].job_id)
+    port = free_port if free_port and placed[0][0].name == runner.name else master_port(members[0].job_id)
     master_address = address(placed[0][0], placed[0][1])
     given: JobSpec | None = None
     for row, spec, (r, res, gpus) in zip(members, specs, placed, strict=True):

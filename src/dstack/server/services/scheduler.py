@@ -107,7 +107,7 @@ def _warnings(job: JobSpec, offers: list[RunnerResources]) -> list[tuple[str, st
 
 
 async def take_job(ctx: Context, runner_name: str, wait: float,
-                   gone: Callable[[], Awaitable[bool]] | None = None) -> JobSpec | None:
+                   gone: Callable[[], Awaitable[bool]] | None = None, port: int | None = None) -> JobSpec | None:
     """The oldest queued job this runner can run, assigned to it; waits up to `wait` s for one. `gone()`: whether
     the runner hung up meanwhile (it was killed): then it is given nothing, and the job waits for another."""
     deadline = time.monotonic() + wait
@@ -120,7 +120,7 @@ async def take_job(ctx: Context, runner_name: str, wait: float,
         if await _draining(ctx, runner_name):
             return None  # `dstack runners remove`: it takes no new job
         async with ctx.take_lock:  # one take at a time: each counts what the others have placed
-            job = await _try_take(ctx, runner_name)
+            job = await _try_take(ctx, runner_name, port)
         if job is not None or time.monotonic() >= deadline:
             return job
         await ctx.signals.wait(queued, deadline - time.monotonic())
@@ -166,7 +166,7 @@ async def _queued(s, chunk: int = 32):
                 yield row, JobSpec.model_validate(specs[row.job_id])
 
 
-async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
+async def _try_take(ctx: Context, runner_name: str, port: int | None = None) -> JobSpec | None:
     """The oldest queued job that fits what the runner has free now (backfill: a later job that fits goes ahead
     of one that does not yet), with the GPUs it gets; none while a job that fits the runner but not its free
     part has waited past RESERVE_AFTER (the runner is kept for it, so that a stream of small jobs never starves
@@ -187,7 +187,7 @@ async def _try_take(ctx: Context, runner_name: str) -> JobSpec | None:
             if spec.nodes > 1:  # a multi-node run: all its jobs at once, from its master's place in the queue
                 if spec.rank != 0:
                     continue
-                given = await gangs.place_run(s, runner, row, await usage_of(s), fits)
+                given = await gangs.place_run(s, runner, row, await usage_of(s), fits, port)
                 if given is None:
                     continue
                 await s.commit()
