@@ -58,6 +58,10 @@ def test_a_root_runners_host_job_runs_as_nobody_and_reads_nothing_of_the_server(
         for expected in ("nobody", "token-unreadable", "db-unreadable", "environ-unreadable", "home-writable",
                          "helper imported"):
             assert expected in lines, r.stdout
+        assert re.search(r"\[dstack: \S+ runs on the host of runner \S+ as nobody, who cannot read root's files "
+                         r"\(a Python or conda under /root\); give the workflow an `image`, or run its jobs as a user "
+                         r"who can \(`dstack-runner start --job-user USER`; DSTACK_JOB_USER for the local runner\)\]",
+                         r.stderr), r.stderr
         home = next(x for x in lines if x.startswith("home="))[5:]
         assert home != os.environ.get("HOME") and "/jobs/" in home, home
         used = d("run", "use", cwd=root, check=True)

@@ -8,6 +8,7 @@ import sys
 import time
 
 from dstack.api.client import Client, Unreachable
+from dstack.core.names import DEFAULT_JOB_USER as JOB_USER
 from dstack.core.names import printable
 from dstack.core.status import JobStatus
 
@@ -87,6 +88,12 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                         said_root.add(chunk.runner)
                         note(f"{name} runs on the host of runner {printable(chunk.runner)} as root: its commands "
                              "can change that machine (give the workflow an `image` to run it in a container)")
+                    elif chunk.host_user == JOB_USER and chunk.runner not in said_root:
+                        said_root.add(chunk.runner)  # a root runner's jobs: programs under /root are out of reach
+                        note(f"{name} runs on the host of runner {printable(chunk.runner)} as {JOB_USER}, who "
+                             "cannot read root's files (a Python or conda under /root); give the workflow an "
+                             "`image`, or run its jobs as a user who can (`dstack-runner start --job-user USER`; "
+                             "DSTACK_JOB_USER for the local runner)")
                 if chunk.data:
                     out.write(chunk.data)
                     at_line_start = chunk.data.endswith(b"\n")

@@ -10,6 +10,8 @@ import unicodedata
 
 from dstack.core.errors import ConfigError
 
+DEFAULT_JOB_USER = "nobody"  # whom a runner that runs as root runs host jobs as, unless told (runner/job_user.py)
+
 ADJECTIVES = """able brave bright busy calm clever cool cosy crisp curly daring eager fancy fast fluffy
 fresh funny gentle giant glad grumpy happy hardy honest hungry jolly keen kind lazy lively lucky merry
 mighty modest neat nice noble odd plain polite proud quick quiet rapid ready rich shiny shy silly sleepy

@@ -17,9 +17,9 @@ import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
+from dstack.core.names import DEFAULT_JOB_USER as DEFAULT_USER
 from dstack.storage.tree import remove_tree
 
-DEFAULT_USER = "nobody"
 DEFAULT_JOBS_DIR = Path("/var/lib/dstack-runner")
 
 
