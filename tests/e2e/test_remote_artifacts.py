@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from dstack.core.sizes import human_size
+from tests import readable
 from tests.dstack_server import Server
 from tests.e2e.conftest import Dstack
 from tests.netns import Host, hosts  # noqa: F401  (the fixture)
 
 SYSTEM_PYTHON = Path("/usr/bin/python3.11")
-SRC = Path(__file__).resolve().parents[2] / "src"
 BIG = 100_000_000
 TOOL = len("#!/bin/sh\necho tool ran\n")
 
@@ -58,9 +57,9 @@ class RemoteRunner:
         nobody = pwd.getpwnam("nobody")
         os.chown(self.folder, nobody.pw_uid, nobody.pw_gid)
         self.log_file = self.folder / "runner.log"
-        site = sysconfig.get_paths()["purelib"]
         argv = ["runuser", "-u", "nobody", "--", "env", "-i", "PATH=/usr/bin:/bin", f"HOME={self.folder}",
-                f"PYTHONPATH={site}:{SRC}", str(SYSTEM_PYTHON), "-m", "dstack.runner.main", "start",
+                f"PYTHONPATH={readable.for_user('nobody').pythonpath}", str(SYSTEM_PYTHON), "-m",
+                "dstack.runner.main", "start",
                 "--server", url, "--token", token, "--no-docker", "--workdir", str(self.folder / "runner"),
                 "--cache-size", "1GB"]
         with open(self.log_file, "wb") as log:
@@ -258,9 +257,9 @@ def _environ(pid: int) -> list[str]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runuser)")
 def test_test_hosts_say_why_they_cannot_be_made_without_root():
-    site = sysconfig.get_paths()["purelib"]
-    repo = Path(__file__).resolve().parents[2]
-    p = subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={site}:{repo}", str(SYSTEM_PYTHON), "-c",
+    paths = readable.for_user("nobody")
+    p = subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={paths.site}:{paths.repo}",
+                        str(SYSTEM_PYTHON), "-c",
                         "from tests.netns import why_not; print(why_not())"], capture_output=True, text=True,
                        cwd="/", timeout=60)
     assert p.stdout.strip() == "test hosts (network namespaces) need root", p.stderr

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import readable
 from tests.e2e.conftest import BIN, add_runner
 
 
@@ -156,7 +157,6 @@ def test_a_job_of_the_runners_own_user_cannot_read_its_token(server, project):
     finds the token neither in the runner's command line nor in its environment (unreadable: not dumpable)."""
     import pwd
     import shutil
-    import sysconfig
     import tempfile
 
     url, client = server
@@ -168,10 +168,9 @@ def test_a_job_of_the_runners_own_user_cannot_read_its_token(server, project):
                    f"      - grep -c {issued['token']} /proc/$PPID/cmdline || true\n"
                    "      - cat /proc/$PPID/environ > /dev/null 2>&1 && echo readable || echo unreadable\n"
                    "      - id -un\n")
-    site = sysconfig.get_paths()["purelib"]
-    src = Path(__file__).resolve().parents[2] / "src"
     runner = subprocess.Popen(
-        ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={site}:{src}", f"HOME={folder}",
+        ["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={readable.for_user('nobody').pythonpath}",
+         f"HOME={folder}",
          str(SYSTEM_PYTHON), "-m", "dstack.runner.main", "start", "--server", url, "--token", issued["token"],
          "--no-docker", "--workdir", str(folder / "runner")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
