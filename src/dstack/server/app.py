@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from dstack import __version__
-from dstack.backends.local import LocalBackend
+from dstack.backends.registry import backend_class
 from dstack.core.errors import DstackError
 from dstack.server.background.loops import run_loops
 from dstack.server.context import Context, Settings
@@ -34,7 +34,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, settings.db_url)
         engine = make_engine(settings.db_url)
-        local = LocalBackend(settings.runners_dir, settings.max_local_runners)
+        local = backend_class("local")(settings.runners_dir, settings.max_local_runners)  # a plug-in, as any
         ctx = Context(settings=settings, sessions=make_sessionmaker(engine), store=open_store(settings.store_config),
                       code=CodeBlobs(settings.home / "server" / "code"), backends=[local])
         ensure_dirs(ctx)
