@@ -41,3 +41,16 @@ def test_a_third_party_package_registers_a_backend_as_dstack_does(tmp_path):
     assert r.returncode == 0, r.stderr
     names, module, local = json.loads(r.stdout)
     assert {"local", "mycloud"} <= set(names) and module == "mycloud_dstack" and local == "LocalBackend"
+
+
+def test_an_offer_says_what_is_provisioned_and_local_offers_this_machine_free(tmp_path):
+    from dstack.backends.base import Offer
+    from dstack.core.resources import RunnerResources
+
+    res = RunnerResources(cpus=4, memory_mib=16384)
+    assert Offer("aws", res, 0.45, "g5.xlarge", "us-east-1", spot=True).describe() == \
+        "aws g5.xlarge, us-east-1, spot, $0.45/h"
+    (offer,) = LocalBackend(tmp_path / "runners").offers()
+    assert offer.backend == "local" and offer.price == 0 and offer.resources.cpus >= 1
+    assert offer.describe() == "local, $0.00/h"
+    assert LocalBackend(tmp_path / "none", max_runners=0).offers() == []

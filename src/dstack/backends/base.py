@@ -18,6 +18,24 @@ class Bootstrap:
     idle_timeout: float
 
 
+@dataclass(frozen=True)
+class Offer:
+    """A kind of runner that a backend can create: what it gives jobs, and what it costs."""
+
+    backend: str
+    resources: RunnerResources
+    price: float = 0.0  # USD an hour
+    instance_type: str | None = None
+    region: str | None = None
+    spot: bool = False
+
+    def describe(self) -> str:
+        """`aws g5.xlarge, us-east-1, spot, $0.45/h`: as a run shows what is provisioned for it."""
+        head = " ".join(p for p in (self.backend, self.instance_type) if p)
+        return ", ".join([head, *([self.region] if self.region else []), *(["spot"] if self.spot else []),
+                          f"${self.price:.2f}/h"])
+
+
 @dataclass
 class Instance:
     id: str
@@ -29,10 +47,10 @@ class Backend(Protocol):
     name: str
     max_runners: int  # the limit: runners of this backend alive at once
 
-    def offers(self) -> list[RunnerResources]:
-        """The kinds of runner this backend can create."""
+    def offers(self) -> list[Offer]:
+        """The kinds of runner this backend can create, with their prices."""
 
-    def create(self, offer: RunnerResources, bootstrap: Bootstrap) -> Instance: ...
+    def create(self, offer: Offer, bootstrap: Bootstrap) -> Instance: ...
 
     def terminate(self, instance_id: str) -> None: ...
 

@@ -18,7 +18,7 @@ import time
 from functools import cached_property
 from pathlib import Path
 
-from dstack.backends.base import Bootstrap, Instance
+from dstack.backends.base import Bootstrap, Instance, Offer
 from dstack.core.processes import (
     is_running,
     read_record,
@@ -50,10 +50,11 @@ class LocalBackend:
 
         return detect_resources()
 
-    def offers(self) -> list[RunnerResources]:
-        return [self._resources] if self.max_runners > 0 else []
+    def offers(self) -> list[Offer]:
+        """This machine, at no price."""
+        return [Offer(self.name, self._resources)] if self.max_runners > 0 else []
 
-    def create(self, offer: RunnerResources, bootstrap: Bootstrap) -> Instance:
+    def create(self, offer: Offer, bootstrap: Bootstrap) -> Instance:
         self.remove_leftovers()
         workdir = self.home / bootstrap.runner_name
         workdir.mkdir(parents=True, exist_ok=True)

@@ -62,7 +62,9 @@ async def autoscale(ctx: Context) -> None:
                 continue
             if alive >= backend.max_runners or time.monotonic() < retry_at:
                 break
-            offer = next((o for o in backend.offers() if not fits(job, o)), None)
+            # the cheapest that fits first
+            offer = min((o for o in backend.offers() if not fits(job, o.resources)), key=lambda o: o.price,
+                        default=None)
             if offer is None:
                 continue
             # a token of its own, never the admin's: it can do a runner's work and nothing else
@@ -71,7 +73,8 @@ async def autoscale(ctx: Context) -> None:
                 server_url=ctx.settings.url, token=identity.token, runner_name=identity.name,
                 idle_timeout=ctx.settings.runner_idle_timeout)))
             ctx.starting[identity.name] = backend.name
-            log.info("started %s runner %s for job %s", backend.name, identity.name, row.job_id)
+            log.info("started %s runner %s for job %s (%s)", backend.name, identity.name, row.job_id,
+                     offer.describe())
             alive += 1
 
 

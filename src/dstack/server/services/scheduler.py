@@ -33,7 +33,7 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[tuple[str, str]]
               if r.name not in draining]
     machines = [1] * len(offers)  # how many machines each offer is: a backend's, as many as it may still start
     for backend in ctx.backends:
-        more = [(f"backend {backend.name}", offer, {}) for offer in await asyncio.to_thread(backend.offers)]
+        more = [(f"backend {backend.name}", offer.resources, {}) for offer in await asyncio.to_thread(backend.offers)]
         offers += more
         machines += [max(0, backend.max_runners - sum(r.backend == backend.name for r in runners))] * len(more)
     lacking: dict[tuple[str, ...], list[str]] = {}  # what they lack -> who lacks it: alike machines said once
