@@ -28,6 +28,27 @@ RUN ["/bin/busybox", "--install", "-s", "/bin"]
 """
 
 
+@pytest.fixture(scope="session", autouse=True)
+def jobs_base():
+    """The folder where runners that the tests start as root make the folders of the jobs they run as nobody
+    (runner/job_user.py; DSTACK_JOBS_DIR reaches local runners through their server's environment): one of the
+    session's own, removed at its end, so that runners the tests kill leave nothing in /var/lib/dstack-runner."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="dstack-jobs-"))
+    folder.chmod(0o711)
+    before = os.environ.get("DSTACK_JOBS_DIR")
+    os.environ["DSTACK_JOBS_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("DSTACK_JOBS_DIR", None)
+    else:
+        os.environ["DSTACK_JOBS_DIR"] = before
+    from dstack.storage.tree import remove_tree
+
+    remove_tree(folder)
+
+
 @pytest.fixture
 def shared():
     """A folder that jobs may read and write whatever user they run as: a root runner runs host jobs as nobody

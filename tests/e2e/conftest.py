@@ -89,7 +89,8 @@ def jobs_dir(workdir: Path) -> Path:
     (outside `workdir` when it runs as root: runner/job_user.py)."""
     from dstack.runner import job_user
 
-    return job_user.jobs_dir(workdir, job_user.choose(None))
+    base = os.environ.get("DSTACK_JOBS_DIR")  # the tests' own (tests/conftest.py: jobs_base)
+    return job_user.jobs_dir(workdir, job_user.choose(None), Path(base) if base else None)
 
 
 def gone(pid: int) -> bool:

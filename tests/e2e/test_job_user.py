@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,7 @@ workflows:
       - cat {db} > /dev/null 2>&1 && echo db-readable || echo db-unreadable
       - tr '\\0' '\\n' < /proc/$PPID/environ > /dev/null 2>&1 && echo environ-readable || echo environ-unreadable
       - echo "home=$HOME" && touch "$HOME/.cache-test" && echo home-writable
+      - echo "path=$PATH"
       - mkdir -p out && echo data > out/data.txt && chmod +x out/data.txt && python3 tool.py
     artifacts: [out]
   - name: use
@@ -60,8 +62,11 @@ def test_a_root_runners_host_job_runs_as_nobody_and_reads_nothing_of_the_server(
             assert expected in lines, r.stdout
         assert re.search(r"\[dstack: \S+ runs on the host of runner \S+ as nobody, who cannot read root's files "
                          r"\(a Python or conda under /root\); give the workflow an `image`, or run its jobs as a user "
-                         r"who can \(`dstack-runner start --job-user USER`; DSTACK_JOB_USER for the local runner\)\]",
+                         r"who can \(`dstack-runner start --job-user USER`; for the local runner, DSTACK_JOB_USER=USER "
+                         r"as its server starts: `dstack server stop` first\)\]",
                          r.stderr), r.stderr
+        path = next(x for x in lines if x.startswith("path="))[5:].split(":")
+        assert str(Path(sys.executable).parent) not in path and path, path  # not dstack's own environment's
         home = next(x for x in lines if x.startswith("home="))[5:]
         assert home != os.environ.get("HOME") and "/jobs/" in home, home
         used = d("run", "use", cwd=root, check=True)
@@ -91,3 +96,14 @@ def test_a_runner_told_to_run_jobs_as_root_does_and_the_run_says_so(tmp_path, pr
                          r"machine", r.stderr), r.stderr
     finally:
         d.stop_server()
+
+
+def test_a_jobs_dir_the_job_user_cannot_reach_is_refused_and_left_as_it_was(tmp_path):
+    closed = tmp_path / "closed"  # pytest's folders are 0700: nobody cannot pass through them
+    r = subprocess.run([str(BIN / "dstack-runner"), "start", "--server", "http://127.0.0.1:9", "--token", "x" * 43,
+                        "--jobs-dir", str(closed / "jobs"), "--workdir", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert re.search(r"Invalid value for --jobs-dir: the job user 'nobody' cannot enter \S+ \(mode 700\), on the way "
+                     r"to the jobs' folders \S+; choose another --jobs-dir", r.stderr), r.stderr
+    assert not closed.exists() and "Traceback" not in r.stderr

@@ -165,3 +165,4 @@ class LocalBackend:
                 except subprocess.TimeoutExpired:
                     proc.kill()
         self._procs.clear()
+        self.remove_leftovers()  # those killed earlier left theirs (their job folders elsewhere included)

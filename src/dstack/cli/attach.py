@@ -92,8 +92,9 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                         said_root.add(chunk.runner)  # a root runner's jobs: programs under /root are out of reach
                         note(f"{name} runs on the host of runner {printable(chunk.runner)} as {JOB_USER}, who "
                              "cannot read root's files (a Python or conda under /root); give the workflow an "
-                             "`image`, or run its jobs as a user who can (`dstack-runner start --job-user USER`; "
-                             "DSTACK_JOB_USER for the local runner)")
+                             "`image`, or run its jobs as a user who can (`dstack-runner start --job-user USER`; for "
+                             "the local runner, DSTACK_JOB_USER=USER as its server starts: `dstack server stop` "
+                             "first)")
                 if chunk.data:
                     out.write(chunk.data)
                     at_line_start = chunk.data.endswith(b"\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import socket
 import threading
@@ -172,7 +173,11 @@ class Runner:
 
     def serve(self) -> None:
         self._workdir_lock = workspace.use_workdir(self.workdir, self.jobs_dir, self.job_user)
-        self._register_patiently()
+        try:
+            self._register_patiently()
+        except BaseException:  # refused, or stopped before it joined: it made the jobs' folder for nothing
+            job_user_mod.release_jobs_dir(self.jobs_dir, self.job_user)
+            raise
         if self.resources.docker:
             from dstack.runner.executors.docker import remove_orphans
 
@@ -427,7 +432,8 @@ class Runner:
             env = job.env if job.image else {**job.env, **visible_gpus_env(job.requirements, self.resources.gpus,
                                                                            job.gpu_indexes)}
             if home is not None:
-                env = {"HOME": str(home), "USER": host_user.name, "LOGNAME": host_user.name, **env}
+                env = {"HOME": str(home), "USER": host_user.name, "LOGNAME": host_user.name,
+                       "PATH": job_user_mod.search_path(os.environ.get("PATH", "/usr/bin:/bin"), host_user), **env}
             slot.execution = executor.start(job, root, mounts, env, output)
             if slot.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=slot.execution.stop, args=(STOP_GRACE,), daemon=True).start()

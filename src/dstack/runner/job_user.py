@@ -14,6 +14,7 @@ import grp
 import hashlib
 import os
 import pwd
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,12 @@ def prepare_jobs_dir(path: Path, user: JobUser | None, workdir: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     for p in made:
         os.chmod(p, 0o711)
+    for p in [path, *path.parents]:
+        if not _may_enter(p, user):
+            for q in made:  # children first: nothing of ours is left where jobs cannot go
+                q.rmdir()
+            raise JobUserError(f"the job user '{user.name}' cannot enter {p} (mode {p.stat().st_mode & 0o777:o}), "
+                               f"on the way to the jobs' folders {path}; choose another --jobs-dir")
     (path.parent / OWNER).write_text(str(workdir.resolve()))
     link = workdir / "jobs"  # where they are, for whoever looks in the runner's folder (and removes it: `forget`)
     if link.is_symlink() or not link.exists():
@@ -100,12 +107,29 @@ def prepare_jobs_dir(path: Path, user: JobUser | None, workdir: Path) -> None:
                 remove_tree(other)
             except OSError:
                 pass
-    for p in [path, *path.parents]:
-        st = p.stat()
-        if not (st.st_mode & 0o001 or (st.st_uid == user.uid and st.st_mode & 0o100)
-                or (st.st_gid in user.groups and st.st_mode & 0o010)):
-            raise JobUserError(f"the job user '{user.name}' cannot enter {p} (mode {st.st_mode & 0o777:o}), on the "
-                               f"way to the jobs' folders {path}; choose another --jobs-dir")
+
+
+def _may_enter(p: Path, user: JobUser) -> bool:
+    st = p.stat()
+    return bool(st.st_mode & 0o001 or (st.st_uid == user.uid and st.st_mode & 0o100)
+                or (st.st_gid in user.groups and st.st_mode & 0o010))
+
+
+def search_path(path: str, user: JobUser) -> str:
+    """The runner's PATH as its job's user can use it: without the folders that user cannot reach (root's pyenv
+    or conda), and without the runner's own virtual environment (dstack's packages are not the job's: its pip
+    would install there, or fail on an interpreter out of reach)."""
+    own = Path(sys.prefix) / "bin" if sys.prefix != sys.base_prefix else None
+    kept = []
+    for entry in path.split(os.pathsep):
+        p = Path(entry)
+        try:
+            usable = p.is_absolute() and p != own and p.is_dir() and all(_may_enter(q, user) for q in [p, *p.parents])
+        except OSError:
+            usable = False
+        if usable and entry not in kept:
+            kept.append(entry)
+    return os.pathsep.join(kept) or "/usr/bin:/bin"
 
 
 def release_jobs_dir(path: Path, user: JobUser | None) -> None:

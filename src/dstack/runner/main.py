@@ -125,8 +125,8 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
                                                    "everything on this machine, the server's token included")
     try:
         runner.serve()
-    except job_users.JobUserError as e:
-        raise click.ClickException(str(e)) from None
+    except job_users.JobUserError as e:  # a jobs' folder the job user cannot reach
+        raise click.BadParameter(str(e), param_hint="--jobs-dir") from None
     except (httpx.TransportError, ServerTrouble) as e:  # before DstackError: ServerTrouble is one
         raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
     except DstackError as e:
