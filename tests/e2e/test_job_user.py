@@ -107,3 +107,15 @@ def test_a_jobs_dir_the_job_user_cannot_reach_is_refused_and_left_as_it_was(tmp_
     assert re.search(r"Invalid value for --jobs-dir: the job user 'nobody' cannot enter \S+ \(mode 700\), on the way "
                      r"to the jobs' folders \S+; choose another --jobs-dir", r.stderr), r.stderr
     assert not closed.exists() and "Traceback" not in r.stderr
+
+
+def test_a_server_setting_that_is_no_number_is_said_so_not_a_traceback(tmp_path, project):
+    root = project("workflows:\n  - name: who\n    commands: [id -un]\n")
+    d = Dstack(tmp_path / "home", env={"DSTACK_RUNNER_TIMEOUT": "abc"})
+    try:
+        r = d("status", cwd=root)
+        assert r.returncode != 0, r
+        assert "DSTACK_RUNNER_TIMEOUT='abc' is not a number of seconds of at least 1" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        d.stop_server()

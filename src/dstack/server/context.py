@@ -10,8 +10,25 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from dstack.core.errors import ConfigError
 from dstack.server.services.code import CodeBlobs
 from dstack.storage.blobstore import BlobStore
+
+
+def _env_number(name: str, default: float, least: float, kind=float) -> float:
+    """A number from the environment, or a clear error saying which variable is wrong (not a traceback)."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return kind(default)
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or value != value or value < least:
+        what = "a whole number" if kind is int else "a number of seconds"
+        raise ConfigError(f"{name}={text!r} is not {what} of at least {least:g}",
+                          hint=f"e.g. {name}={default:g}, or unset it for that default")
+    return value
 
 
 @dataclass
@@ -22,14 +39,14 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 0
     # a runner that has not been heard from for this long is lost; its job fails
-    runner_timeout: float = float(os.environ.get("DSTACK_RUNNER_TIMEOUT", "30"))
+    runner_timeout: float = _env_number("DSTACK_RUNNER_TIMEOUT", 30, least=1)
     # local runners exit after this long without a job
-    runner_idle_timeout: float = float(os.environ.get("DSTACK_RUNNER_IDLE_TIMEOUT", "300"))
+    runner_idle_timeout: float = _env_number("DSTACK_RUNNER_IDLE_TIMEOUT", 300, least=0)
     # one runner serves this machine (it runs as many jobs at once as its CPUs, memory and GPUs allow); more would
     # each offer the whole machine
-    max_local_runners: int = int(os.environ.get("DSTACK_MAX_LOCAL_RUNNERS", "1"))
+    max_local_runners: int = _env_number("DSTACK_MAX_LOCAL_RUNNERS", 1, least=0, kind=int)
     # while a job runs, prune keeps unreferenced stored data younger than this (it may be a save in flight)
-    gc_grace: float = float(os.environ.get("DSTACK_GC_GRACE", "3600"))
+    gc_grace: float = _env_number("DSTACK_GC_GRACE", 3600, least=0)
     # the artifact store: DSTACK_STORE_URL=s3://bucket/prefix?region=...&endpoint_url=..., else a folder
     store_url: str | None = os.environ.get("DSTACK_STORE_URL")
 

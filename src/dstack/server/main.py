@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from dstack import __version__
-from dstack.core.errors import Unavailable
+from dstack.core.errors import ConfigError, Unavailable
 from dstack.core.home import SERVER_STOPPED, dstack_home, private_home, private_umask, write_private
 from dstack.core.names import token as new_token
 from dstack.core.processes import record
@@ -168,6 +168,9 @@ def main() -> None:
     except Unavailable as e:  # its database (DSTACK_DATABASE_URL) cannot be used
         sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
         sys.exit(1)
+    except ConfigError as e:  # a setting in the environment that is not what it must be
+        sys.stderr.write(f"error: {e.message}\n" + (f"hint: {e.hint}\n" if e.hint else ""))
+        sys.exit(2)
     except AlreadyServed:
         info = server_dir(home) / "server.json"
         try:
