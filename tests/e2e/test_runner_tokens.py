@@ -112,7 +112,9 @@ def test_a_self_hosted_runner_joins_with_its_own_token_and_is_removed(server, tm
         run = client.runs(root)[0]["run_name"]
         client.wait_status(root, run, {"RUNNING"})
         removing = client("runners", "remove", "gpu-box", cwd=root, check=True)
-        assert "Draining gpu-box: it leaves once job" in removing.stdout
+        job_id = client.run_info(root, run)["jobs"][0]["job_id"]
+        assert removing.stdout.strip() == (f"Draining gpu-box: it leaves once job {job_id} has ended (--force stops "
+                                           "it)"), removing.stdout
         assert "(draining)" in client("runners", cwd=root, check=True).stdout
         client("runners", "remove", "gpu-box", "--force", cwd=root, check=True)  # stops its job now
         assert client.wait_status(root, run, {"STOPPED"})["status"] == "STOPPED"

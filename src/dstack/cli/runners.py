@@ -92,8 +92,11 @@ def remove(name: str, force: bool) -> None:
     found = connect().remove_runner(name, force=force)
     if not found:
         click.echo(f"Removed {name}.")
-    elif found.get("job_id"):
-        click.echo(f"Draining {name}: " + ("its job is being stopped" if force else
-                                           f"it leaves once job {found['job_id']} has ended (--force stops it)"))
+    elif found.get("jobs"):  # its unfinished jobs (`job_id` is the last it took, maybe long done)
+        jobs = found["jobs"]
+        named = f"job {jobs[0]}" if len(jobs) == 1 else f"jobs {', '.join(jobs)}"
+        click.echo(f"Draining {name}: " + (f"{'its job is' if len(jobs) == 1 else 'its jobs are'} being stopped"
+                                           if force else f"it leaves once {named} {'has' if len(jobs) == 1 else 'have'}"
+                                           f" ended (--force stops {'it' if len(jobs) == 1 else 'them'})"))
     else:
-        click.echo(f"Draining {name}: it leaves within a few seconds.")
+        click.echo(f"Draining {name}: it leaves at its next heartbeat (within 10 s).")
