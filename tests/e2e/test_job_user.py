@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -118,4 +119,28 @@ def test_a_server_setting_that_is_no_number_is_said_so_not_a_traceback(tmp_path,
         assert "DSTACK_RUNNER_TIMEOUT='abc' is not a number of seconds of at least 1" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
     finally:
+        d.stop_server()
+
+
+def test_a_local_runner_that_cannot_start_is_said_why_while_the_run_waits(tmp_path, project):
+    d = Dstack(tmp_path / "home", env={"DSTACK_JOB_USER": "no-such-user"})
+    root = project("workflows:\n  - name: who\n    commands: [id -un]\n")
+    try:
+        attached = d.popen("run", "who", cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        err = ""
+        watchdog = threading.Timer(60, attached.kill)  # a run that never says why fails the test, never hangs it
+        watchdog.start()
+        try:
+            for line in attached.stderr:  # until the run says why it waits (it would wait for ever)
+                err += line
+                if "waits for a runner that can run it:" in line:
+                    break
+        finally:
+            watchdog.cancel()
+            attached.terminate()
+            attached.wait(timeout=30)
+        assert re.search(r"\[dstack: \S+ waits for a runner that can run it: the local backend's runner \S+ exited "
+                         r"before it registered .*no user 'no-such-user' on this machine", err, re.S), err
+    finally:
+        d("stop", "--all", cwd=root)
         d.stop_server()

@@ -55,7 +55,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     said_root: set[str] = set()  # the runners it was said of
     lost = False  # the server cannot be reached (now)
     at_line_start = True  # the job's output so far ends with a newline: a line of ours needs none before it
-    following_since, said_waiting = time.monotonic(), False
+    following_since, said_waiting, said_why, next_look = time.monotonic(), False, False, 0.0
 
     def note(text: str) -> None:
         """A line of dstack's own among the job's output, on a line of its own."""
@@ -77,11 +77,17 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                 chunk = client.logs(job_id, offsets[job_id], wait=1.0, status=watch)
                 offsets[job_id] = chunk.next_offset
                 statuses[job_id] = chunk.status
-                if (chunk.status == JobStatus.SUBMITTED and not said_waiting
+                if (chunk.status == JobStatus.SUBMITTED and not said_why and time.monotonic() >= next_look
                         and time.monotonic() - following_since > WAIT_NOTICE):  # never a silent wait
+                    next_look = time.monotonic() + WAIT_NOTICE  # the reason may come later (a failed start)
+                    why = _why_waiting(client, run, job_id)
+                    if why:
+                        said_why = True
+                        note(f"{name} waits for a runner that can run it: {why}")
+                    elif not said_waiting:
+                        note(f"{name} waits for a runner that can run it (those that can are busy, or one is "
+                             f"starting); `dstack runners` lists them")
                     said_waiting = True
-                    note(f"{name} waits for a runner that can run it (those that can are busy, or one is "
-                         f"starting); `dstack runners` lists them")
                 if job_id in on_host and chunk.runner:
                     on_host.discard(job_id)
                     if chunk.host_user == "root" and chunk.runner not in said_root:
@@ -171,3 +177,12 @@ def _summary(run_name: str, jobs: list[dict]) -> None:
         mark = {"DONE": "\033[32m", "FAILED": "\033[31m"}.get(status, "\033[33m") if color else ""
         off = "\033[0m" if color else ""
         err.write(f"{mark}{run_name} {status}{off}{took}{detail}\n")
+
+
+def _why_waiting(client: Client, run: dict, job_id: str) -> str | None:
+    """What the server says of a queued job (a backend whose runners fail to start, and why), if anything."""
+    try:
+        jobs = client.run(run.get("repo_id"), run["run_name"]).get("jobs") or []
+    except Exception:  # only a better message is lost
+        return None
+    return next((j.get("reason") for j in jobs if j.get("job_id") == job_id and j.get("reason")), None)
