@@ -93,3 +93,10 @@ def test_a_run_of_another_project_is_said_to_be_one(dstack, project):
     assert "another project" not in same.stderr
     tag = dstack("tag", theirs, "v1", cwd=mine)
     assert tag.returncode == 2 and f"{theirs} is a run of another project ({other})" in tag.stderr, tag.stderr
+
+
+def test_an_empty_image_is_no_image_and_is_said_to_run_on_the_host(dstack, project):
+    root = project('workflows:\n  - name: blank\n    image: ""\n    commands: [echo blank]\n')
+    r = dstack("run", "blank", cwd=root, check=True)
+    assert "it runs on the host of a runner (the workflow has no `image`)" in r.stderr, r.stderr
+    assert "runs in image" not in r.stderr and "blank" in r.stdout

@@ -112,7 +112,7 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
 
 def _where(run: dict) -> str:
     """`: on the host of a runner` or `: in image X`: where its jobs run is never a surprise."""
-    images = {(job.get("spec") or {}).get("image") for job in run.get("jobs") or []}
+    images = {(job.get("spec") or {}).get("image") or None for job in run.get("jobs") or []}  # `image: ""`: none
     if images == {None}:
         return "; it runs on the host of a runner (the workflow has no `image`)"
     return f"; it runs in image {printable(', '.join(sorted(i for i in images if i)))}" if images else ""
