@@ -144,3 +144,18 @@ def test_a_local_runner_that_cannot_start_is_said_why_while_the_run_waits(tmp_pa
     finally:
         d("stop", "--all", cwd=root)
         d.stop_server()
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--server", "notaurl"], "Invalid value for --server: 'notaurl' is not the URL of a server: expected "
+                              "http://HOST:PORT"),
+    (["--server", "http://x:abc"], "Invalid value for --server: 'http://x:abc' is not a URL"),
+    (["--server", "http://127.0.0.1:9", "--idle-timeout", "-5"], "Invalid value for '--idle-timeout': -5.0 is not in "
+                                                                 "the range x>=0"),
+    (["--server", "http://127.0.0.1:9", "--job-user", ""], "--job-user is empty: name a user of this machine"),
+])
+def test_bad_runner_options_are_refused_at_once(tmp_path, args, said):
+    r = subprocess.run([str(BIN / "dstack-runner"), "start", "--token", "x" * 43, "--workdir", str(tmp_path / "w"),
+                        *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and said in r.stderr, r
+    assert "Traceback" not in r.stderr

@@ -54,6 +54,8 @@ class JobUser:
 def choose(name: str | None) -> JobUser | None:
     """The user that runs host jobs, when it is not the runner's own: `name`, else `nobody` for a root runner.
     None: jobs run as the runner does (it is not root, or `--job-user` names its own user)."""
+    if name is not None and not name.strip():
+        raise JobUserError("--job-user is empty: name a user of this machine (or leave the option out)")
     if os.geteuid() != 0:
         if name is not None and JobUser.named(name).uid != os.geteuid():
             raise JobUserError(f"only a runner that runs as root can run jobs as another user ('{name}'); "

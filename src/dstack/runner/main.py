@@ -46,8 +46,9 @@ def check() -> None:
 @click.option("--backend", default=None, hidden=True)
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where job folders live (default: DSTACK_HOME/runner).")
-@click.option("--idle-timeout", type=float, default=None, help="Exit after this many seconds without a job.")
-@click.option("--server-lost-timeout", type=float, default=None,
+@click.option("--idle-timeout", type=click.FloatRange(min=0), default=None,
+              help="Exit after this many seconds without a job.")
+@click.option("--server-lost-timeout", type=click.FloatRange(min=0), default=None,
               help="Exit after the server has been unreachable this many seconds while no job runs (default: "
                    "wait for it forever; 60 with --idle-timeout). A job's reports wait for the server anyway.")
 @click.option("--no-docker", is_flag=True, help="Run host jobs only, even if Docker is available.")
@@ -67,6 +68,7 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
     from dstack.runner import job_user as job_users
     from dstack.storage.cache import parse_size
 
+    _check_url(server_url)
     try:
         user = job_users.choose(job_user)
     except job_users.JobUserError as e:
@@ -201,6 +203,20 @@ def install(server_url: str, token: str | None, token_file: Path | None, name: s
                f"its token is in {env_file} (0600)")
     click.echo(f"enable and start it (it starts at every boot then):\n  {systemd.enable_hint(output)}")
     click.echo(f"its log: journalctl -u {output.name.removesuffix('.service')} -f")
+
+
+def _check_url(url: str) -> None:
+    """The server's URL: http(s)://HOST[:PORT]; anything else would be retried for ever as an unreachable server."""
+    from urllib.parse import urlsplit
+
+    try:
+        u = urlsplit(url)
+        u.port  # noqa: B018  (raises on a port that is no number)
+    except ValueError as e:
+        raise click.BadParameter(f"'{url}' is not a URL ({e})", param_hint="--server") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise click.BadParameter(f"'{url}' is not the URL of a server: expected http://HOST:PORT (as `dstack server` "
+                                 "prints it)", param_hint="--server")
 
 
 def _token(token: str | None, token_file: Path | None) -> str:
