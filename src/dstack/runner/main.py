@@ -293,7 +293,7 @@ def hide_secrets() -> None:
 
 
 def main() -> None:
-    cli()
+    cli(prog_name="dstack-runner")  # also when run as `python -m dstack.runner.main` (the local backend, a re-exec)
 
 
 if __name__ == "__main__":
