@@ -56,6 +56,7 @@ def test_a_two_node_run_whose_jobs_reach_each_other(dstack, project):
     assert port and port.group(1) == port.group(2), r.stdout
     run = dstack.runs(root)[0]
     assert run["status"] == "DONE" and len(run["jobs"]) == 2
+    assert re.search(rf"{run['run_name']} rank 0 DONE in .*\n{run['run_name']} rank 1 DONE in ", r.stderr), r.stderr
     master = next(j for j in dstack.run_info(root, run["run_name"])["jobs"] if j["spec"]["rank"] == 0)
     assert int(port.group(1)) != master_port(master["job_id"])  # picked free by the master's runner, not derived
 

@@ -163,10 +163,12 @@ def _announce_ports(job: dict) -> None:
 
 
 def _summary(run_name: str, jobs: list[dict]) -> None:
-    """A line per job: `lazy-bobcat-1 DONE in 0.4s`, or FAILED with the reason and exit code."""
+    """A line per job: `lazy-bobcat-1 DONE in 0.4s`, or FAILED with the reason and exit code; the jobs of a
+    multi-node run by rank (`lazy-bobcat-1 rank 1 DONE in 0.4s`)."""
     err = sys.stderr
     color = err.isatty()
-    for job in jobs:
+    for rank, job in enumerate(jobs):
+        who = f"{run_name} rank {rank}" if len(jobs) > 1 else run_name
         status, reason, exit_code = job["status"], job.get("reason"), job.get("exit_code")
         took = f" in {job['seconds']:.1f}s" if job.get("seconds") is not None else ""
         detail = ""
@@ -176,7 +178,7 @@ def _summary(run_name: str, jobs: list[dict]) -> None:
                 detail += f" (exit code {exit_code})"
         mark = {"DONE": "\033[32m", "FAILED": "\033[31m"}.get(status, "\033[33m") if color else ""
         off = "\033[0m" if color else ""
-        err.write(f"{mark}{run_name} {status}{off}{took}{detail}\n")
+        err.write(f"{mark}{who} {status}{off}{took}{detail}\n")
 
 
 def _why_waiting(client: Client, run: dict, job_id: str) -> str | None:
