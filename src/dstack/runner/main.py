@@ -55,7 +55,7 @@ def check() -> None:
 @click.option("--job-user", envvar="DSTACK_JOB_USER", default=None, metavar="USER",
               help="A runner that runs as root runs host jobs as this user (default: nobody), so that a job cannot "
                    "read the server's or the runner's files; `--job-user root` runs them as root.")
-@click.option("--jobs-dir", envvar="DSTACK_JOBS_DIR", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--jobs-dir", envvar="DSTACK_JOBS_DIR", type=click.Path(path_type=Path, file_okay=False, readable=False),
               default=None, help="Where the folders of jobs run as --job-user go (default: /var/lib/dstack-runner).")
 @click.option("--cache-size", default="20GB", show_default=True, metavar="SIZE",
               help="Dependency blobs downloaded through the server are kept up to this size (e.g. 500MB, 1TB); "
