@@ -191,9 +191,14 @@ class Runner:
             while not self._stopping.is_set():
                 try:
                     wait = TAKE_WAIT
-                    if self.idle_timeout is not None and not self.slots:  # back in time to leave when idle
-                        wait = min(wait, max(0.0, self.idle_timeout - (time.monotonic() - idle_since)) + 0.5)
+                    if self.idle_timeout is not None:  # back in time to leave when idle (counted from the
+                        # last job's end: while jobs run, the poll is short)
+                        wait = min(wait, 5.0) if self.slots else min(
+                            wait, max(0.0, self.idle_timeout - (time.monotonic() - idle_since)) + 0.5)
+                    asked = time.monotonic()
                     job = self.client.take(self.name, wait, port=pick_free_ports(1)[0])
+                    if job is None and time.monotonic() - asked < min(wait, 1.0) / 2:
+                        self._stopping.wait(1.0)  # answered at once (draining: told to leave by a heartbeat)
                     if job is not None:  # its slot first: a heartbeat that sees it taken sees it running
                         slot = Slot(job)
                         with self._lock:
@@ -251,6 +256,7 @@ class Runner:
             try:
                 reply = self.client.heartbeat(self.name, job_ids, last_taken)
             except RETRYABLE:
+                last = float("-inf")  # tried again in a second, not after the idle interval
                 continue
             except Unauthorized as e:  # its token works no more (`dstack runners remove`): nothing to wait for
                 log.error("the server no longer takes this runner's token (%s); exiting", e)
@@ -264,6 +270,7 @@ class Runner:
                     pass
                 continue
             except httpx.HTTPError:
+                last = float("-inf")
                 continue
             every = reply.next_in if reply.next_in is not None else HEARTBEAT_INTERVAL
             stops = reply.stops or ({job_ids[0]: reply.stop} if reply.stop and job_ids else {})  # a server < 0.4

@@ -14,6 +14,7 @@ import grp
 import hashlib
 import os
 import pwd
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,13 +174,15 @@ def give(path: Path, user: JobUser | None) -> None:
     and the job reads it as it is."""
     if user is None:
         return
-    os.lchown(path, user.uid, user.gid)
-    for dirpath, dirs, files in os.walk(path):
+    # bottom-up, each entry through its folder's descriptor, never following a link: a folder becomes the user's
+    # only once all in it is, so that no process of the user (one a job left behind) can swap a part of the
+    # tree for a link to elsewhere while root walks it
+    for _, dirs, files, dirfd in os.fwalk(path, topdown=False, follow_symlinks=False):
         for n in dirs + files:
-            p = os.path.join(dirpath, n)
-            st = os.lstat(p)
-            if st.st_nlink == 1 or n in dirs:
-                os.lchown(p, user.uid, user.gid)
+            st = os.stat(n, dir_fd=dirfd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
+                os.chown(n, user.uid, user.gid, dir_fd=dirfd, follow_symlinks=False)
+    os.chown(path, user.uid, user.gid, follow_symlinks=False)
 
 
 def home(folder: Path, user: JobUser | None) -> Path | None:

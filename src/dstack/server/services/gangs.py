@@ -41,7 +41,7 @@ async def place_run(s, runner: RunnerRow, master, usage: dict[str, Usage], fits,
         JobRow.run_name == master.run_name, JobRow.status == JobStatus.SUBMITTED.value,
         JobRow.runner_name.is_(None)))).all(), key=lambda r: r.spec.get("rank", 0))
     specs = [JobSpec.model_validate(r.spec) for r in members]
-    if len(members) != specs[0].nodes:
+    if not members or len(members) != specs[0].nodes:
         return None  # some of them are not queued (stopped meanwhile): not placed at all
     draining = await runner_tokens.draining(s)
     others = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE_RUNNERS), RunnerRow.name != runner.name)

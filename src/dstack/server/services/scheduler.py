@@ -159,8 +159,9 @@ async def _queued(s, chunk: int = 32):
     )).all()
     for i in range(0, len(rows), chunk):
         some = rows[i:i + chunk]
-        specs = dict((await s.execute(select(JobRow.job_id, JobRow.spec).where(
-            JobRow.job_id.in_([r.job_id for r in some])))).all())
+        specs = dict((await s.execute(select(JobRow.job_id, JobRow.spec).where(  # still queued: not taken meanwhile
+            JobRow.job_id.in_([r.job_id for r in some]), JobRow.status == JobStatus.SUBMITTED.value,
+            JobRow.runner_name.is_(None)))).all())
         for row in some:
             if row.job_id in specs:
                 yield row, JobSpec.model_validate(specs[row.job_id])
