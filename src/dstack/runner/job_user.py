@@ -10,7 +10,6 @@ folder (HOME), are the job user's. A runner that does not run as root runs jobs 
 
 from __future__ import annotations
 
-import grp
 import hashlib
 import os
 import pwd
@@ -43,13 +42,6 @@ class JobUser:
         except KeyError:
             raise JobUserError(f"no user '{name}' on this machine (--job-user)") from None
         return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)))
-
-    @property
-    def group_name(self) -> str:
-        try:
-            return grp.getgrgid(self.gid).gr_name
-        except KeyError:
-            return str(self.gid)
 
 
 def choose(name: str | None) -> JobUser | None:

@@ -137,6 +137,10 @@ class Context:
     starting: dict[str, str] = field(default_factory=dict)
     start_failures: dict[str, tuple[int, float, str]] = field(default_factory=dict)
 
+    def forget_quiet(self, runner_name: str) -> None:
+        """The runner's next heartbeat reads the database: something about it changed (a job given, a drain)."""
+        self.quiet.pop(runner_name, None)
+
     def stop(self) -> None:
         self.stopping = True
         self.signals.notify_all()

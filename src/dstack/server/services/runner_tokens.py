@@ -91,4 +91,4 @@ async def drain(ctx: Context, name: str) -> None:
             s.add(row)
         row.draining = True
         await s.commit()
-    ctx.quiet.pop(name, None)  # its next heartbeat is told to leave (services/runners.heartbeat)
+    ctx.forget_quiet(name)  # its next heartbeat is told to leave (services/runners.heartbeat)

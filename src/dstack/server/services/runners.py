@@ -63,7 +63,7 @@ async def register(ctx: Context, reg: RunnerRegistration) -> RunnerInfo:
         row.resources = reg.resources.model_dump()
         row.status, row.last_seen_at, row.job_id = RunnerStatus.READY.value, t, None
         await s.commit()
-        forget_quiet(ctx, name)
+        ctx.forget_quiet(name)
         info = runner_model(row)
     ctx.signals.notify("jobs")
     ctx.signals.notify("runners")
@@ -92,12 +92,12 @@ async def heartbeat(ctx: Context, name: str, job_ids: list[str], last_taken: str
     (it gave up on the job's reports, it was restarted, the answer to its `take` was lost) is put back in the
     queue when it never started, else it fails, saying so; a job the server has given up on is aborted.
     An idle runner that the last look found idle, with nothing to settle, is answered from memory: an idle
-    runner costs the server next to nothing (whatever could change that forgets it: `forget_quiet`)."""
+    runner costs the server next to nothing (whatever could change that forgets it: `Context.forget_quiet`)."""
     t = time.monotonic()
     ctx.heard[name] = t  # alive, even when the database cannot record it (a full disk)
     if not job_ids and t - ctx.quiet.get(name, float("-inf")) < QUIET_FOR:
         return HeartbeatReply(next_in=heartbeat_interval(ctx, busy=False))
-    ctx.quiet.pop(name, None)
+    ctx.forget_quiet(name)
     failed: list[str] = []
     async with ctx.sessions() as s:
         row = await s.get(RunnerRow, name)
@@ -139,11 +139,6 @@ async def heartbeat(ctx: Context, name: str, job_ids: list[str], last_taken: str
     if failed:
         ctx.signals.notify("jobs")
     return reply
-
-
-def forget_quiet(ctx: Context, name: str) -> None:
-    """The runner's next heartbeat reads the database: something about it changed (a job given, a drain)."""
-    ctx.quiet.pop(name, None)
 
 
 def last_heard(ctx: Context, name: str, recorded):
@@ -190,7 +185,7 @@ async def server_started(ctx: Context, local_runners: set[str]) -> None:
         for r in live:
             if r.backend == "local" and r.name not in local_runners:
                 r.status, r.job_id = RunnerStatus.TERMINATED.value, None
-                forget_quiet(ctx, r.name)
+                ctx.forget_quiet(r.name)
                 failed += await _fail_jobs_of(s, r.name, f"runner {r.name} ended while the server was down", ctx)
             else:
                 r.last_seen_at = now()
@@ -208,7 +203,7 @@ async def terminated(ctx: Context, names: list[str]) -> None:
             row = await s.get(RunnerRow, name)
             if row is not None and row.status in (RunnerStatus.READY.value, RunnerStatus.BUSY.value):
                 row.status, row.job_id = RunnerStatus.TERMINATED.value, None
-                forget_quiet(ctx, name)
+                ctx.forget_quiet(name)
         await s.commit()
 
 
@@ -220,7 +215,7 @@ async def deregister(ctx: Context, name: str) -> None:
         row = await s.get(RunnerRow, name)
         if row is not None:
             row.status, row.job_id = RunnerStatus.TERMINATED.value, None
-            forget_quiet(ctx, name)
+            ctx.forget_quiet(name)
             failed = await _fail_jobs_of(s, name, f"runner {name} exited before the job ended", ctx)
             await s.commit()
         identity = await s.get(RunnerTokenRow, name)
@@ -320,7 +315,7 @@ async def reap_lost(ctx: Context) -> list[str]:
         lost = [name for name in stale if time.monotonic() - ctx.heard.get(name, float("-inf")) >= timeout]
         for name in lost:
             r = await s.get(RunnerRow, name)
-            forget_quiet(ctx, name)
+            ctx.forget_quiet(name)
             r.status, r.job_id = RunnerStatus.OFFLINE.value, None
             failed += await _fail_jobs_of(s, r.name, f"runner {r.name} stopped responding "
                                                      f"(no heartbeat for {timeout:g}s)", ctx)

@@ -214,7 +214,7 @@ async def _try_take(ctx: Context, runner_name: str, port: int | None = None) -> 
             runner.job_id = row.job_id
             runner.status = RunnerStatus.BUSY.value
             runner.last_seen_at = now()
-            ctx.quiet.pop(runner_name, None)
+            ctx.forget_quiet(runner_name)
             await refresh_run_status(s, row.run_name)
             await s.commit()
             ctx.signals.notify(f"job:{row.job_id}")
