@@ -30,8 +30,8 @@ RUN ["/bin/busybox", "--install", "-s", "/bin"]
 
 @pytest.fixture(scope="session", autouse=True)
 def jobs_base():
-    """The folder where runners that the tests start as root make the folders of the jobs they run as nobody
-    (runner/job_user.py; DSTACK_JOBS_DIR reaches local runners through their server's environment): one of the
+    """The folder where runners that the tests start as root make the folders of their jobs (run as users of their
+    own: runner/job_user.py; DSTACK_JOBS_DIR reaches local runners through their server's environment): one of the
     session's own, removed at its end, so that runners the tests kill leave nothing in /var/lib/dstack-runner."""
     import tempfile
 
@@ -51,8 +51,8 @@ def jobs_base():
 
 @pytest.fixture
 def shared():
-    """A folder that jobs may read and write whatever user they run as: a root runner runs host jobs as nobody
-    (runner/job_user.py), who cannot enter pytest's folders (0700). For the files a test and its jobs pass."""
+    """A folder that jobs may read and write whatever user they run as: a root runner runs each host job as a user
+    of its own (runner/job_user.py), who cannot enter pytest's folders (0700). For the files a test and its jobs pass."""
     import tempfile
 
     folder = Path(tempfile.mkdtemp(prefix="dstack-shared-"))

@@ -90,7 +90,8 @@ def jobs_dir(workdir: Path) -> Path:
     from dstack.runner import job_user
 
     base = os.environ.get("DSTACK_JOBS_DIR")  # the tests' own (tests/conftest.py: jobs_base)
-    return job_user.jobs_dir(workdir, job_user.choose(None), Path(base) if base else None)
+    users = job_user.choose(None)
+    return job_user.jobs_dir(workdir, users.sample if users else None, Path(base) if base else None)
 
 
 def gone(pid: int) -> bool:

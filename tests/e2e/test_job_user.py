@@ -1,6 +1,6 @@
-"""A runner that runs as root runs host jobs as an unprivileged user (runner/job_user.py): the job cannot read
+"""A runner that runs as root runs each host job as a user of its own (runner/job_user.py): the job cannot read
 the server's token, its database or its runner's environment, while its code, its HOME, its dependencies and its
-artifacts work as they do for a job of the runner's own user."""
+artifacts work as they do for a job of the runner's own user; nothing it leaves running outlives it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,10 @@ WORKFLOWS = """\
 workflows:
   - name: peek
     commands:
-      - id -un
+      - id -un && id -u > {shared}/uid
+      - setsid sh -c 'echo $$ > {shared}/left; exec sleep 300' < /dev/null > /dev/null 2>&1 &
+      - while [ ! -s {shared}/left ]; do sleep 0.05; done
+      - echo left > /tmp/dstack-left-$(id -u)
       - cat {token} > /dev/null 2>&1 && echo token-readable || echo token-unreadable
       - cat {db} > /dev/null 2>&1 && echo db-readable || echo db-unreadable
       - tr '\\0' '\\n' < /proc/$PPID/environ > /dev/null 2>&1 && echo environ-readable || echo environ-unreadable
@@ -50,32 +54,58 @@ def open_home():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_a_root_runners_host_job_runs_as_nobody_and_reads_nothing_of_the_server(open_home, project):
+def test_a_root_runners_host_job_runs_as_a_user_of_its_own_and_reads_nothing_of_the_server(open_home, project,
+                                                                                            shared):
     d = Dstack(open_home)
-    root = project(WORKFLOWS.format(token=open_home / "server" / "token", db=open_home / "server" / "dstack.db"))
+    root = project(WORKFLOWS.format(token=open_home / "server" / "token", db=open_home / "server" / "dstack.db",
+                                    shared=shared))
     (root / "tool.py").write_text("import helper; helper.say()\n")  # an import beside the script: absolute paths
     (root / "helper.py").write_text("def say():\n    print('helper imported')\n")
     try:
         r = d("run", "peek", cwd=root, check=True)
         lines = r.stdout.splitlines()
-        for expected in ("nobody", "token-unreadable", "db-unreadable", "environ-unreadable", "home-writable",
+        for expected in ("dstack-job", "token-unreadable", "db-unreadable", "environ-unreadable", "home-writable",
                          "helper imported"):
             assert expected in lines, r.stdout
-        assert re.search(r"\[dstack: \S+ runs on the host of runner \S+ as nobody, who cannot read root's files "
+        assert re.search(r"\[dstack: \S+ runs on the host of runner \S+ as a user of its own \(dstack-job\), who "
+                         r"cannot read root's files "
                          r"\(a Python or conda under /root\); give the workflow an `image`, or run its jobs as a user "
                          r"who can \(`dstack-runner start --job-user USER`; for the local runner, DSTACK_JOB_USER=USER "
                          r"as its server starts: `dstack server stop` first\)\]",
                          r.stderr), r.stderr
+        uid = int((shared / "uid").read_text())
+        assert 1900000000 <= uid <= 1900065535, uid  # DSTACK_JOB_UIDS's default: no account's
+        left = int((shared / "left").read_text())  # a process the job left behind (setsid) is gone with it
+        assert not _alive(left), f"process {left} that the job left behind still runs"
+        # once its folder is removed, after its final status
+        assert _eventually(lambda: not Path(f"/tmp/dstack-left-{uid}").exists()), "what the uid left in /tmp goes"
         path = next(x for x in lines if x.startswith("path="))[5:].split(":")
         assert str(Path(sys.executable).parent) not in path and path, path  # not dstack's own environment's
         home = next(x for x in lines if x.startswith("home="))[5:]
         assert home != os.environ.get("HOME") and "/jobs/" in home, home
         used = d("run", "use", cwd=root, check=True)
-        assert used.stdout.split() == ["nobody", "data", "still-executable", "dependency-read-only"], used.stdout
+        assert used.stdout.split() == ["dstack-job", "data", "still-executable", "dependency-read-only"], used.stdout
         jobs_dir = Path(home).parents[1]
-        assert list(jobs_dir.iterdir()) == [], "job folders are removed once their jobs end"
+        assert _eventually(lambda: list(jobs_dir.iterdir()) == []), "job folders are removed once their jobs end"
     finally:
         d.stop_server()
+
+
+def _eventually(condition, within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def test_a_job_user_that_does_not_exist_is_refused_at_start(tmp_path):
@@ -100,12 +130,12 @@ def test_a_runner_told_to_run_jobs_as_root_does_and_the_run_says_so(tmp_path, pr
 
 
 def test_a_jobs_dir_the_job_user_cannot_reach_is_refused_and_left_as_it_was(tmp_path):
-    closed = tmp_path / "closed"  # pytest's folders are 0700: nobody cannot pass through them
+    closed = tmp_path / "closed"  # pytest's folders are 0700: a job's user cannot pass through them
     r = subprocess.run([str(BIN / "dstack-runner"), "start", "--server", "http://127.0.0.1:9", "--token", "x" * 43,
                         "--jobs-dir", str(closed / "jobs"), "--workdir", str(tmp_path / "w")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r
-    assert re.search(r"Invalid value for --jobs-dir: the job user 'nobody' cannot enter \S+ \(mode 700\), on the way "
+    assert re.search(r"Invalid value for --jobs-dir: the job user 'dstack-job' cannot enter \S+ \(mode 700\), on the way "
                      r"to the jobs' folders \S+; choose another --jobs-dir", r.stderr), r.stderr
     assert not closed.exists() and "Traceback" not in r.stderr
 
@@ -157,5 +187,48 @@ def test_a_local_runner_that_cannot_start_is_said_why_while_the_run_waits(tmp_pa
 def test_bad_runner_options_are_refused_at_once(tmp_path, args, said):
     r = subprocess.run([str(BIN / "dstack-runner"), "start", "--token", "x" * 43, "--workdir", str(tmp_path / "w"),
                         *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and said in r.stderr, r
+    assert "Traceback" not in r.stderr
+
+
+def test_job_uids_are_leased_one_per_job_and_nothing_of_one_outlives_its_job(tmp_path):
+    from dstack.runner.job_user import JobUserError, JobUsers
+
+    leases = tmp_path / "uids"
+    users, other_runner = (JobUsers(uids=range(1900070000, 1900070002), leases=leases) for _ in range(2))
+    a, b = users.lease(), other_runner.lease()
+    assert a.uid != b.uid and a.own and {a.uid, b.uid} == {1900070000, 1900070001}
+    with pytest.raises(JobUserError, match=r"all 2 job uids \(DSTACK_JOB_UIDS\) are in use"):
+        users.lease()
+    # a process of the job's uid that left its group and made itself not dumpable (its /proc folder root's)
+    hidden = subprocess.Popen(["/usr/bin/python3", "-c", "import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
+                               "time.sleep(300)"], user=a.uid, group=a.gid, extra_groups=[], start_new_session=True,
+                              cwd="/")
+    try:
+        scratch = Path(f"/tmp/dstack-test-left-{a.uid}")
+        scratch.mkdir()
+        (scratch / "f").write_text("x")
+        os.chown(scratch, a.uid, a.gid)
+        users.end(a)
+        assert hidden.wait(timeout=10) == -9
+        users.release(a)
+        assert not scratch.exists(), "what the uid left in /tmp goes with its lease"
+        assert users.lease().uid == a.uid  # free again
+    finally:
+        hidden.kill()
+        shutil.rmtree(f"/tmp/dstack-test-left-{a.uid}", ignore_errors=True)
+
+
+@pytest.mark.parametrize(("uids", "said"), [
+    ("abc", "Invalid value for DSTACK_JOB_UIDS: DSTACK_JOB_UIDS='abc' is not a range of uids: expected FIRST-LAST"),
+    ("5-10", "DSTACK_JOB_UIDS='5-10': the uids must be from 1000 to"),
+    ("0-70000", "DSTACK_JOB_UIDS='0-70000': the uids must be from 1000"),
+    ("65534-65534", "DSTACK_JOB_UIDS='65534-65534': uid 65534 is the account 'nobody''s; choose uids that no account "
+                    "has"),
+])
+def test_job_uids_that_are_no_range_or_an_accounts_are_refused_at_start(tmp_path, uids, said):
+    r = subprocess.run([str(BIN / "dstack-runner"), "start", "--server", "http://127.0.0.1:9", "--token", "x" * 43,
+                        "--workdir", str(tmp_path / "w")], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DSTACK_JOB_UIDS": uids})
     assert r.returncode == 2 and said in r.stderr, r
     assert "Traceback" not in r.stderr

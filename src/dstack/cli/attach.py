@@ -96,8 +96,8 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                              "can change that machine (give the workflow an `image` to run it in a container)")
                     elif chunk.host_user == JOB_USER and chunk.runner not in said_root:
                         said_root.add(chunk.runner)  # a root runner's jobs: programs under /root are out of reach
-                        note(f"{name} runs on the host of runner {printable(chunk.runner)} as {JOB_USER}, who "
-                             "cannot read root's files (a Python or conda under /root); give the workflow an "
+                        note(f"{name} runs on the host of runner {printable(chunk.runner)} as a user of its own "
+                             f"({JOB_USER}), who cannot read root's files (a Python or conda under /root); give the workflow an "
                              "`image`, or run its jobs as a user who can (`dstack-runner start --job-user USER`; for "
                              "the local runner, DSTACK_JOB_USER=USER as its server starts: `dstack server stop` "
                              "first)")

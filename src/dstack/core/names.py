@@ -10,7 +10,7 @@ import unicodedata
 
 from dstack.core.errors import ConfigError
 
-DEFAULT_JOB_USER = "nobody"  # whom a runner that runs as root runs host jobs as, unless told (runner/job_user.py)
+DEFAULT_JOB_USER = "dstack-job"  # a root runner's host job's own user (a uid of its own), unless told (runner/job_user.py)
 
 ADJECTIVES = """able brave bright busy calm clever cool cosy crisp curly daring eager fancy fast fluffy
 fresh funny gentle giant glad grumpy happy hardy honest hungry jolly keen kind lazy lively lucky merry

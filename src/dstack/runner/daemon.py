@@ -23,7 +23,7 @@ from dstack.runner import transfer, workspace
 from dstack.runner.client import RETRYABLE, ServerClient, ServerError
 from dstack.runner.code import recreate
 from dstack.runner.executors.base import pick_free_ports
-from dstack.runner.job_user import JobUser
+from dstack.runner.job_user import JobUser, JobUsers
 from dstack.runner.logs import AsWritten, LogShipper
 from dstack.storage.blobstore import BlobStore, LocalBlobStore
 from dstack.storage.cache import DEFAULT_CACHE_SIZE, BlobCache
@@ -55,14 +55,15 @@ class Runner:
     def __init__(self, client: ServerClient, resources: RunnerResources, workdir: Path, name: str | None = None,
                  backend: str | None = None, idle_timeout: float | None = None,
                  server_lost_timeout: float | None = 60.0, labels: dict[str, str] | None = None,
-                 cache_size: int | None = DEFAULT_CACHE_SIZE, job_user: JobUser | None = None,
+                 cache_size: int | None = DEFAULT_CACHE_SIZE, job_users: JobUsers | None = None,
                  jobs_base: Path | None = None):
         self.client = client
         self.labels = labels or {}
         self.resources = resources
         self.workdir = Path(workdir)
-        self.job_user = job_user  # who runs host jobs, when not the runner's own user (runner/job_user.py)
-        self.jobs_dir = job_user_mod.jobs_dir(self.workdir, job_user, jobs_base)
+        self.job_users = job_users  # who runs host jobs, when not the runner's own user (runner/job_user.py)
+        self.job_user = job_users.sample if job_users else None  # whose rights the jobs' folders are made for
+        self.jobs_dir = job_user_mod.jobs_dir(self.workdir, self.job_user, jobs_base)
         self.name = name
         self.backend = backend
         self.idle_timeout = idle_timeout
@@ -91,7 +92,7 @@ class Runner:
             else:
                 from dstack.runner.executors.host import HostExecutor
 
-                self._executors[kind] = HostExecutor(self.job_user)
+                self._executors[kind] = HostExecutor()
         return self._executors[kind]
 
     @property
@@ -309,9 +310,12 @@ class Runner:
         folder = root.parent if root is not None else self.jobs_dir / name
         shipper = LogShipper(lambda offset, data: self.client.logs(self.name, job.job_id, offset, data),
                              retryable=RETRYABLE, give_up=self._leaving_for)
+        users = None if job.image else self.job_users  # a container's user is the image's
+        host_user = None
         try:
-            self._run(slot, folder, shipper, executor)
-        except (ExecutorError, workspace.WorkspaceError, DstackError, OSError) as e:
+            host_user = users.lease() if users else None
+            self._run(slot, folder, shipper, executor, host_user)
+        except (ExecutorError, workspace.WorkspaceError, DstackError, OSError, job_user_mod.JobUserError) as e:
             shipper.close()
             self._finish(job, JobStatus.FAILED, reason=str(e), **_started(slot.execution))
         except Exception as e:  # never leave a job hanging in RUNNING
@@ -328,7 +332,11 @@ class Runner:
             with self._lock:
                 if self.slots.get(job.job_id) is slot:  # not the next attempt's, taken meanwhile
                     del self.slots[job.job_id]
+            if host_user is not None:
+                users.end(host_user)  # nothing of the job's own user may run while root removes its folder
             workspace.remove(folder)
+            if host_user is not None:
+                users.release(host_user)
         if execution is not None and not self._stopping.is_set():  # the job is reported: get ready for the next one like it
             root = self.jobs_dir / f"next-{secrets.token_hex(6)}" / "code"
             threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()
@@ -411,9 +419,8 @@ class Runner:
         local = isinstance(self.store, LocalBlobStore)
         return local, self.store.root / "trees" if local else self.workdir / "trees"
 
-    def _run(self, slot: Slot, folder: Path, shipper: LogShipper, executor) -> None:
+    def _run(self, slot: Slot, folder: Path, shipper: LogShipper, executor, host_user: JobUser | None) -> None:
         job = slot.job
-        host_user = None if job.image else self.job_user  # a container's user is the image's
         job_user_mod.job_folder(folder, host_user)
         if job.code is not None:
             root = recreate(job.code, self._fetch_code, folder / "code")
@@ -441,7 +448,8 @@ class Runner:
             if home is not None:
                 env = {"HOME": str(home), "USER": host_user.name, "LOGNAME": host_user.name,
                        "PATH": job_user_mod.search_path(os.environ.get("PATH", "/usr/bin:/bin"), host_user), **env}
-            slot.execution = executor.start(job, root, mounts, env, output)
+            slot.execution = executor.start(job, root, mounts, env, output,
+                                            **({"user": host_user} if host_user is not None else {}))
             if slot.stop_requested:  # asked while the executor was starting
                 threading.Thread(target=slot.execution.stop, args=(STOP_GRACE,), daemon=True).start()
         started = _started(slot.execution)
@@ -452,6 +460,8 @@ class Runner:
         running.start()
         try:
             code = slot.execution.wait()
+            if host_user is not None:
+                self.job_users.end(host_user)  # what it left running goes before root reads its folder
         finally:
             ended.set()
             running.cancel()

@@ -1,31 +1,56 @@
 """Who runs a runner's host jobs, and where their folders are.
 
-A runner that runs as root runs host jobs as an unprivileged user (`nobody` unless `--job-user` names
-another), so that a job cannot read what its runner or the server keep on the machine: the server's token and
-database, the runner's token, other jobs' folders. Such a user cannot enter root's folders (`/root` is 0700),
-so the jobs' folders live under a folder it can pass through: `--jobs-dir` (default /var/lib/dstack-runner),
-one subfolder per runner folder. In a job's folder the runner's own files stay root's; its code, and a home
-folder (HOME), are the job user's. A runner that does not run as root runs jobs as itself, in its own folder.
+A runner that runs as root runs each host job as a user of its own: a uid from a range that no account uses
+(DSTACK_JOB_UIDS, default 1900000000-1900065535), leased for the job's lifetime (a lock file per uid under the
+jobs base, so that several runners of one machine never share one), named `dstack-job` in the job's own
+/etc/passwd. So a job cannot read what its runner or the server keep on the machine (the server's token and
+database, the runner's token), nor another job's folder, environment or processes. When the job's shell has
+ended, every process of its uid is killed (one `kill(-1, SIGKILL)` made as that uid, which the kernel makes
+atomic against fork) before root touches its folder: a process the job left behind (setsid, a daemon) can no
+longer swap a file of its folder for a link to one of root's while the runner saves its artifacts or removes
+the folder. What the uid left in /tmp, /var/tmp and /dev/shm goes when the lease ends. `--job-user USER` names
+one user for all jobs instead (they share it: the isolation between jobs, and the kill of what a job leaves
+behind, are then the user's to give up).
+
+Such users cannot enter `/root` or `DSTACK_HOME` (0700), so the jobs' folders live under a folder they can pass
+through: `--jobs-dir` (default /var/lib/dstack-runner), one subfolder per runner folder. In a job's folder the
+runner's own files stay root's; its code, and a home folder (HOME), are the job user's. A runner that does not
+run as root runs jobs as itself, in its own folder.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
 import os
 import pwd
+import re
+import secrets
 import stat
+import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dstack.core.names import DEFAULT_JOB_USER as DEFAULT_USER
 from dstack.storage.tree import remove_tree
 
+log = logging.getLogger(__name__)
+
 DEFAULT_JOBS_DIR = Path("/var/lib/dstack-runner")
+DEFAULT_UIDS = "1900000000-1900065535"  # DSTACK_JOB_UIDS: the uids that jobs get one each of; no account's
+LEASES = "uids"  # under the jobs base: a lock file per uid leased to a job
 
 
 class JobUserError(Exception):
     pass
+
+
+class JobUidsError(JobUserError):
+    """DSTACK_JOB_UIDS is wrong."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +59,7 @@ class JobUser:
     uid: int
     gid: int
     groups: tuple[int, ...]
+    own: bool = False  # a uid of this job's own (leased; no account has it)
 
     @classmethod
     def named(cls, name: str) -> JobUser:
@@ -44,9 +70,9 @@ class JobUser:
         return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)))
 
 
-def choose(name: str | None) -> JobUser | None:
-    """The user that runs host jobs, when it is not the runner's own: `name`, else `nobody` for a root runner.
-    None: jobs run as the runner does (it is not root, or `--job-user` names its own user)."""
+def choose(name: str | None, base: Path | None = None) -> JobUsers | None:
+    """Who runs host jobs, when it is not the runner itself: the user `name`, else (a root runner) a user of each
+    job's own. None: jobs run as the runner does (it is not root, or `--job-user` names its own user)."""
     if name is not None and not name.strip():
         raise JobUserError("--job-user is empty: name a user of this machine (or leave the option out)")
     if os.geteuid() != 0:
@@ -54,8 +80,154 @@ def choose(name: str | None) -> JobUser | None:
             raise JobUserError(f"only a runner that runs as root can run jobs as another user ('{name}'); "
                                "leave out --job-user")
         return None
-    user = JobUser.named(name or DEFAULT_USER)
-    return None if user.uid == 0 else user
+    if name is not None and name != DEFAULT_USER:
+        user = JobUser.named(name)
+        return None if user.uid == 0 else JobUsers(named=user)
+    return JobUsers(uids=_uid_range(os.environ.get("DSTACK_JOB_UIDS") or DEFAULT_UIDS),
+                    leases=(base or DEFAULT_JOBS_DIR) / LEASES)
+
+
+def _uid_range(text: str) -> range:
+    try:
+        first, last = (int(x) for x in text.split("-"))
+    except ValueError:
+        raise JobUidsError(f"DSTACK_JOB_UIDS={text!r} is not a range of uids: expected FIRST-LAST, e.g. "
+                           f"{DEFAULT_UIDS}") from None
+    if not 1000 <= first <= last < 2**31 - 1:
+        raise JobUidsError(f"DSTACK_JOB_UIDS={text!r}: the uids must be from 1000 to {2**31 - 2}, FIRST <= LAST")
+    taken = sorted((pw.pw_uid, pw.pw_name) for pw in pwd.getpwall() if first <= pw.pw_uid <= last)
+    if taken:
+        raise JobUidsError(f"DSTACK_JOB_UIDS={text!r}: uid {taken[0][0]} is the account {taken[0][1]!r}'s; choose "
+                           "uids that no account has")
+    return range(first, last + 1)
+
+
+class JobUsers:
+    """Whom a root runner's host jobs run as: one named user for all (`named`), or a uid of each job's own, leased
+    from `uids` (locks in `leases`) and released once no process of it is left."""
+
+    def __init__(self, named: JobUser | None = None, uids: range | None = None, leases: Path | None = None):
+        self.named, self.uids, self.leases = named, uids, leases
+        self._held: dict[int, int] = {}  # uid -> its lock file's descriptor
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.named.name if self.named else DEFAULT_USER
+
+    @property
+    def sample(self) -> JobUser:
+        """Any of the users (whose rights to pass through folders are those of all)."""
+        if self.named:
+            return self.named
+        return JobUser(DEFAULT_USER, self.uids[0], self.uids[0], (self.uids[0],), own=True)
+
+    def lease(self) -> JobUser:
+        """The user of a job about to start: the named one, or a uid no job of any runner of this machine has now,
+        with nothing of an earlier job of it left running."""
+        if self.named:
+            return self.named
+        self.leases.mkdir(mode=0o700, parents=True, exist_ok=True)
+        n = len(self.uids)
+        start = secrets.randbelow(n)  # not the uid the last job had: what it left in /tmp is swept, but even so
+        for i in range(n):
+            uid = self.uids[(start + i) % n]
+            path = self.leases / str(uid)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:  # unlinked by its last holder meanwhile
+                    raise BlockingIOError
+            except (BlockingIOError, FileNotFoundError):
+                os.close(fd)
+                continue
+            user = JobUser(DEFAULT_USER, uid, uid, (uid,), own=True)
+            _kill_all(uid)  # of a runner that was killed while its job ran
+            with self._lock:
+                self._held[uid] = fd
+            return user
+        raise JobUserError(f"all {n} job uids (DSTACK_JOB_UIDS) are in use")
+
+    def end(self, user: JobUser) -> None:
+        """The job's shell has ended: no process of a job's own user is left when this returns."""
+        if user.own:
+            _kill_all(user.uid)
+
+    def release(self, user: JobUser) -> None:
+        """The job's folder is gone: what its own user left elsewhere goes, and its uid is free."""
+        if not user.own:
+            return
+        _kill_all(user.uid)
+        _sweep(user.uid)
+        with self._lock:
+            fd = self._held.pop(user.uid, None)
+        if fd is not None:
+            (self.leases / str(user.uid)).unlink(missing_ok=True)
+            os.close(fd)
+
+
+def _kill_all(uid: int, patience: float = 10.0) -> None:
+    """SIGKILL every process of `uid` and wait until none is left. `kill -9 -1` run as the uid reaches each
+    process it may signal (its real or saved uid is `uid`, also one that ran a setuid program), never the
+    caller, and no fork completes meanwhile; were the uid out of processes (RLIMIT_NPROC), root kills what
+    /proc names."""
+    deadline = time.monotonic() + patience
+    while True:
+        alive = _processes(uid)
+        if not alive:
+            return
+        try:
+            subprocess.run(["/bin/sh", "-c", "kill -9 -1"], user=uid, group=uid, extra_groups=[], cwd="/",
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           close_fds=True, env={}, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            for pid in alive:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+        if time.monotonic() > deadline:
+            log.warning("processes of job uid %d are still alive after SIGKILL: %s", uid, alive)
+            return
+        time.sleep(0.01)
+
+
+def _processes(uid: int) -> list[int]:
+    """The live processes (not zombies) whose real or saved uid is `uid` (/proc/PID/status: a process that made
+    itself not dumpable hides its owner from the modes of /proc/PID)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = f.read(2048)
+        except OSError:
+            continue
+        fields = {}
+        for line in status.split(b"\n"):
+            key, _, value = line.partition(b":")
+            if key in (b"State", b"Uid"):
+                fields[key] = value.split()
+        uids = fields.get(b"Uid") or []
+        if uids and (int(uids[0]) == uid or int(uids[2]) == uid) and fields.get(b"State", [b"Z"])[0] not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
+
+
+def _sweep(uid: int) -> None:
+    """What `uid` left in the machine's shared scratch folders, which the next job of the uid would find."""
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid == uid:
+                    remove_tree(Path(entry.path))
+            except OSError:
+                pass
 
 
 def jobs_dir(workdir: Path, user: JobUser | None, base: Path | None = None) -> Path:
@@ -67,6 +239,7 @@ def jobs_dir(workdir: Path, user: JobUser | None, base: Path | None = None) -> P
     return (base or DEFAULT_JOBS_DIR) / f"{workdir.name}-{key}" / "jobs"
 
 
+_RUNNER_FOLDER = re.compile(r".+-[0-9a-f]{10}")
 OWNER = "workdir"  # in a runner's folder under the jobs base: the path of the runner folder it belongs to
 
 
@@ -93,8 +266,9 @@ def prepare_jobs_dir(path: Path, user: JobUser | None, workdir: Path) -> None:
         link.unlink(missing_ok=True)
         link.symlink_to(path)
     for other in path.parent.parent.iterdir():
-        try:
-            gone = other != path.parent and not Path((other / OWNER).read_text()).exists()
+        try:  # a runner's folder: named as jobs_dir names them, root's, with its owner's path in it
+            ours = other != path.parent and _RUNNER_FOLDER.fullmatch(other.name) and other.lstat().st_uid == 0
+            gone = ours and (other / OWNER).lstat().st_uid == 0 and not Path((other / OWNER).read_text()).exists()
         except OSError:
             continue  # not one of ours, or being made
         if gone:

@@ -53,10 +53,11 @@ def check() -> None:
                    "wait for it forever; 60 with --idle-timeout). A job's reports wait for the server anyway.")
 @click.option("--no-docker", is_flag=True, help="Run host jobs only, even if Docker is available.")
 @click.option("--job-user", envvar="DSTACK_JOB_USER", default=None, metavar="USER",
-              help="A runner that runs as root runs host jobs as this user (default: nobody), so that a job cannot "
-                   "read the server's or the runner's files; `--job-user root` runs them as root.")
+              help="A runner that runs as root runs each host job as a user of its own (a uid from "
+                   "DSTACK_JOB_UIDS, named dstack-job), so that a job cannot read the server's, the runner's or "
+                   "other jobs' files; this option names one user for all jobs instead (`root`: run them as root).")
 @click.option("--jobs-dir", envvar="DSTACK_JOBS_DIR", type=click.Path(path_type=Path, file_okay=False, readable=False),
-              default=None, help="Where the folders of jobs run as --job-user go (default: /var/lib/dstack-runner).")
+              default=None, help="Where the folders of a root runner's jobs go (default: /var/lib/dstack-runner).")
 @click.option("--cache-size", default="20GB", show_default=True, metavar="SIZE",
               help="Dependency blobs downloaded through the server are kept up to this size (e.g. 500MB, 1TB); "
                    "the least recently used go first.")
@@ -70,9 +71,10 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
 
     _check_url(server_url)
     try:
-        user = job_users.choose(job_user)
+        user = job_users.choose(job_user, jobs_dir)
     except job_users.JobUserError as e:
-        raise click.BadParameter(str(e), param_hint="--job-user") from None
+        raise click.BadParameter(str(e), param_hint="DSTACK_JOB_UIDS" if isinstance(e, job_users.JobUidsError)
+                                 else "--job-user") from None
 
     try:
         cache_bytes = parse_size(cache_size)
@@ -102,7 +104,7 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
         server_lost_timeout = 60.0  # an on-demand runner does not wait forever for a server that is gone
     runner = Runner(ServerClient(server_url, token), resources, workdir or dstack_home() / "runner", name=name,
                     backend=backend, idle_timeout=idle_timeout, server_lost_timeout=server_lost_timeout,
-                    labels=_labels(labels), cache_size=cache_bytes, job_user=user, jobs_base=jobs_dir)
+                    labels=_labels(labels), cache_size=cache_bytes, job_users=user, jobs_base=jobs_dir)
 
     def _term(signum, _frame):
         logging.getLogger("dstack.runner").info("signal %s: stopping the current job (if any) and exiting", signum)
@@ -119,9 +121,12 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
     from dstack.core.errors import DstackError
     from dstack.runner.client import ServerTrouble
 
-    if user is not None:
-        logging.getLogger("dstack.runner").info("host jobs run as %s (uid %d), in %s", user.name, user.uid,
+    if user is not None and user.named:
+        logging.getLogger("dstack.runner").info("host jobs run as %s (uid %d), in %s", user.name, user.named.uid,
                                                 runner.jobs_dir)
+    elif user is not None:
+        logging.getLogger("dstack.runner").info("host jobs run each as a user of its own (uids %d-%d), in %s",
+                                                user.uids[0], user.uids[-1], runner.jobs_dir)
     elif os.geteuid() == 0:
         logging.getLogger("dstack.runner").warning("host jobs run as root (--job-user root): a job can read "
                                                    "everything on this machine, the server's token included")

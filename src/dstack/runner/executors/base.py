@@ -9,6 +9,7 @@ terminal, `\\n` arrives as `\\r\\n`.
 from __future__ import annotations
 
 import posixpath
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,13 +109,25 @@ def relative_working_dir(working_dir: str) -> str:
 
 
 def pick_free_ports(n: int) -> list[int]:
-    """`n` distinct TCP ports that nothing listens on right now, on any local address.
+    """`n` distinct TCP ports that nothing listens on right now, on any local address, from below the kernel's
+    ephemeral range (there, an outgoing connection of any process could take one before the job listens on it).
 
     The sockets are held open until all ports are picked, so that the ports differ. Another
     process may take one before the job binds it; that window is short and unavoidable."""
-    sockets = []
+    sockets: list[socket.socket] = []
+    low = _ephemeral_low()
     try:
-        for _ in range(n):
+        for _ in range(200):
+            if len(sockets) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind(("", random.randrange(FIRST_JOB_PORT, low)) if low > FIRST_JOB_PORT + 1000 else ("", 0))
+            except OSError:
+                s.close()
+                continue
+            sockets.append(s)
+        while len(sockets) < n:  # a crowded machine: what the kernel gives
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind(("", 0))
             sockets.append(s)
@@ -122,6 +135,16 @@ def pick_free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+FIRST_JOB_PORT = 10000  # jobs' ports: from here to the ephemeral range's start
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def job_env(job: JobSpec, ports: list[int], env: dict[str, str]) -> dict[str, str]:

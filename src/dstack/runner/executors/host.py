@@ -21,6 +21,9 @@ their write bits removed (read-only for any user but root).
 
 A root runner's jobs run as an unprivileged user (runner/job_user.py): the shell is started as that user, or,
 with bind mounts, the mounts are made as root in the job's namespace and setpriv then runs the commands as it.
+A job's own uid (no account has it) always gets such a namespace: there its /etc/passwd and /etc/group name it
+`dstack-job` (`id -un`, `whoami`, git and ssh look it up). /tmp stays the machine's (jobs read what others put
+there); what the uid leaves in it goes when its lease ends (runner/job_user.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import pty
@@ -211,9 +215,6 @@ class HostExecutor:
     """Runs `job.commands` with bash (sh where there is no bash) in `root / job.working_dir`, as `user` when
     given (a root runner's jobs: runner/job_user.py)."""
 
-    def __init__(self, user: JobUser | None = None) -> None:
-        self.user = user
-
     def start(
         self,
         job: JobSpec,
@@ -221,6 +222,7 @@ class HostExecutor:
         mounts: list[Mount],
         env: dict[str, str],
         on_output: OutputCallback,
+        user: JobUser | None = None,
     ) -> HostExecution:
         root = Path(root).resolve()
         cwd = (root / relative_working_dir(job.working_dir)).resolve()
@@ -232,11 +234,11 @@ class HostExecutor:
         full_env = {**_base_env(), **job_env(job, ports, env)}
         script = job_script(job.commands)
         argv = [shell, "-c"]
-        user = self.user
-        if mounts and _can_bind_mount():
+        if (mounts or (user and user.own)) and _can_bind_mount(user):
             # the mounts are made as root in the job's namespace; then the job's user runs the commands
             argv = ["unshare", "--mount", "--propagation", "private", *argv]
-            script = _bind_mounts_script(root, mounts) + (_as_user(user, shell, script) if user else script)
+            own = _own_user_script(root.parent, user, shell, full_env) if user and user.own else ""
+            script = own + _bind_mounts_script(root, mounts) + (_as_user(user, shell, script) if user else script)
             user = None
         elif mounts:
             _copy_read_only(root, mounts)
@@ -291,8 +293,20 @@ class HostExecutor:
         return HostExecution(process, guard_write, master, on_output, ports)
 
 
-def _can_bind_mount() -> bool:
-    return os.geteuid() == 0 and shutil.which("unshare") is not None and shutil.which("mount") is not None
+def _can_bind_mount(user: JobUser | None = None) -> bool:
+    """Whether the job can run in a mount namespace of its own (and, as `user`, drop to it there: util-linux's
+    setpriv, 2.33 or later for --pdeathsig; else its dependencies are copies, and it runs without an account)."""
+    tools = ["unshare", "mount"] + (["setpriv"] if user else [])
+    return os.geteuid() == 0 and all(shutil.which(t) for t in tools) and (not user or _setpriv_keeps_pdeathsig())
+
+
+@functools.cache
+def _setpriv_keeps_pdeathsig() -> bool:
+    try:
+        out = subprocess.run(["setpriv", "--help"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--pdeathsig" in out
 
 
 def _as_user(user: JobUser, shell: str, script: str) -> str:
@@ -300,6 +314,28 @@ def _as_user(user: JobUser, shell: str, script: str) -> str:
     signal kept, which a change of user would clear)."""
     return (f"exec setpriv --reuid={user.uid} --regid={user.gid} --groups={','.join(map(str, user.groups))} "
             f"--pdeathsig=keep -- {shlex.quote(shell)} -c {shlex.quote(script)}\n")
+
+
+def _own_user_script(folder: Path, user: JobUser, shell: str, env: dict[str, str]) -> str:
+    """Shell lines (in the job's mount namespace, as root) that give a job's own uid an account (/etc/passwd and
+    /etc/group with it added, in `folder/etc`)."""
+    etc = folder / "etc"
+    etc.mkdir(mode=0o755, exist_ok=True)
+    home = env.get("HOME", "/")
+    for name, line in (("passwd", f"{user.name}:x:{user.uid}:{user.gid}:dstack job:{home}:{shell}\n"),
+                       ("group", f"{user.name}:x:{user.gid}:\n")):
+        try:
+            lines = [x for x in Path("/etc", name).read_text().splitlines(keepends=True)
+                     if not x.startswith(f"{user.name}:")]
+        except OSError:
+            lines = []
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        (etc / name).write_text("".join(lines) + line)
+        os.chmod(etc / name, 0o644)
+    return "".join(f"if [ -e /etc/{n} ]; then mount --bind {shlex.quote(str(etc / n))} /etc/{n} || "
+                   f"{{ echo 'dstack: cannot give the job an account in /etc/{n}' >&2; exit 125; }}; fi\n"
+                   for n in ("passwd", "group"))
 
 
 def _bind_mounts_script(root: Path, mounts: list[Mount]) -> str:
