@@ -1,21 +1,49 @@
-"""Backends create runners on demand. Capabilities are types: the autoscaler asks isinstance."""
+"""Backends create runners on demand. One interface (`Backend`); what a backend can do beyond it is a type it
+derives from (`Spot`, `Gpus`, `MultiNode`), which the autoscaler asks with isinstance. A backend that
+`dstack backends add` configures (`Configurable`) is built from its settings, credentials included; the server
+keeps those encrypted and hands them only to the backend's constructor.
+
+Rules every backend keeps (the autoscaler relies on them):
+- `offers()` is cheap (no network call per pass: a catalogue read once, kept in memory), and lists every kind of
+  runner it can create with its hourly price; the server filters them by the user's limits.
+- `create()` returns once the backend has accepted the request (the runner registers later, by itself). A
+  capacity or quota refusal is a `CapacityError` (its message is the provider's reason, shown to the user); the
+  autoscaler then tries the next offer. Everything it creates carries tags (labels) naming the server
+  (`Bootstrap.server_id`) and the runner, so that `list()` finds it again after a server restart.
+- `terminate()` is idempotent: an instance that is gone already is terminated. It returns True once the backend
+  confirms the instance is gone (or going: shutting down, terminated), False when it should be asked again.
+- `list()` returns every instance that carries this server's tags and is not terminated.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from dstack.core.resources import RunnerResources
 
 
+class BackendError(Exception):
+    """A backend's settings or credentials do not work: the message says what and how to fix it (never a
+    secret)."""
+
+
+class CapacityError(BackendError):
+    """This offer cannot be had now (no capacity, a quota, a spot price): try the next one. The message is the
+    provider's reason, e.g. `InsufficientInstanceCapacity: We currently do not have sufficient g5.xlarge ...`."""
+
+
 @dataclass
 class Bootstrap:
-    """What a new runner needs to find its server."""
+    """What a new runner needs to find its server, and what the backend tags its instance with."""
 
     server_url: str
-    token: str
+    token: str  # the runner's own token (never the admin's)
     runner_name: str
-    idle_timeout: float
+    idle_timeout: float  # seconds without a job before the runner exits (and its instance shuts down)
+    server_id: str = ""  # the tag `dstack:server` on everything the backend creates for this server
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -40,24 +68,56 @@ class Offer:
 class Instance:
     id: str
     runner_name: str
-    started_at: float
+    started_at: float  # time.monotonic() of its creation (as near as the backend can tell)
+    offer: Offer | None = None
 
 
 class Backend(Protocol):
     name: str
-    max_runners: int  # the limit: runners of this backend alive at once
+    max_runners: int  # runners of this backend alive at once (the `local` backend's own limit)
 
     def offers(self) -> list[Offer]:
         """The kinds of runner this backend can create, with their prices."""
 
-    def create(self, offer: Offer, bootstrap: Bootstrap) -> Instance: ...
+    def create(self, offer: Offer, bootstrap: Bootstrap) -> Instance:
+        """Ask for a runner of this offer; CapacityError: try another offer."""
 
-    def terminate(self, instance_id: str) -> None: ...
+    def terminate(self, instance_id: str) -> bool:
+        """Idempotent; True once the backend confirms the instance is gone or going."""
 
-    def list(self) -> list[Instance]: ...
+    def list(self) -> list[Instance]:
+        """The instances that carry this server's tags and are not terminated."""
 
     def release_jobs(self, job_ids: list[str]) -> None:
         """The runners of these jobs were lost: make sure nothing of the jobs runs on."""
 
     def describe_failure(self, runner_name: str) -> str:
         """Why the runner it started ended before it registered, as far as the backend can tell (where to look)."""
+
+
+@runtime_checkable
+class Configurable(Protocol):
+    """A backend that `dstack backends add KIND` configures: built from its settings (the keys of `settings_model`,
+    a pydantic model; those named in `secrets` are credentials: stored encrypted, never shown), and tested."""
+
+    settings_model: ClassVar[type]
+    secrets: ClassVar[tuple[str, ...]]
+
+    def __init__(self, name: str, settings: dict[str, Any], *, server_id: str, home: Path) -> None: ...
+
+    def test(self) -> str:
+        """Check the settings against the provider (credentials, regions): what was found, e.g. `account
+        123456789012, 3 regions`; BackendError when they do not work."""
+
+
+class Spot:
+    """Its offers include spot (interruptible) ones, for jobs that say `interruptible: true`; the runner reads
+    the provider's interruption notice."""
+
+
+class Gpus:
+    """Its offers include machines with GPUs."""
+
+
+class MultiNode:
+    """It can create the runners of a multi-node run so that they reach each other."""

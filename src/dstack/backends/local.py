@@ -94,12 +94,13 @@ class LocalBackend:
             return proc.poll() is None
         return is_running(int(inst.id), started)
 
-    def terminate(self, instance_id: str) -> None:
+    def terminate(self, instance_id: str) -> bool:
         proc, inst, started = self._procs.pop(instance_id, (None, None, None))
         if proc is not None and proc.poll() is None:
             proc.terminate()
         elif proc is None and inst is not None:
             signal_recorded(int(inst.id), started, signal.SIGTERM)
+        return True  # SIGTERM: it finishes its job's report and exits
 
     def list(self) -> list[Instance]:
         for iid, entry in list(self._procs.items()):
