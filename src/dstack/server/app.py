@@ -18,7 +18,7 @@ from dstack.core.errors import DstackError
 from dstack.server.background.loops import run_loops
 from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
-from dstack.server.routers import artifacts, code, runners, runs, tags, transfers
+from dstack.server.routers import artifacts, code, runners, runs, tags, transfers, wheels
 from dstack.server.routers.deps import RUNNER_API, authorized
 from dstack.server.services import runners as runner_service
 from dstack.server.services.code import CodeBlobs
@@ -59,7 +59,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
 
     app = FastAPI(title="dstack", version=__version__, lifespan=lifespan, dependencies=[Depends(authorized)],
                   docs_url=None, redoc_url=None, openapi_url=None)
-    for r in (runs.router, runners.router, transfers.router, tags.router, code.router, artifacts.router):
+    for r in (runs.router, runners.router, transfers.router, tags.router, code.router, artifacts.router, wheels.router):
         app.include_router(r)
 
     @app.get("/api/healthz", tags=["server", RUNNER_API])
