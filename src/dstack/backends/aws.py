@@ -4,7 +4,7 @@ What it creates, each tagged `dstack:server=<server id>` (so that `list()` finds
 - per region, one security group `dstack-<server id>`: all traffic from its own members (the runners of a
   multi-node run reach each other), nothing else inbound; outbound open (runners call the server);
 - per runner, one instance (tagged `dstack:runner` and `Name` with the runner's name, its root volume too):
-  Canonical's newest Ubuntu 22.04/24.04 AMI unless `ami` is given, IMDSv2 only, user-data that installs and
+  Canonical's newest Ubuntu 24.04 AMI (22.04 where there is none) unless `ami` is given, IMDSv2 only, user-data that installs and
   starts the runner and shuts the machine down once the runner has exited after its idle timeout; with
   `InstanceInitiatedShutdownBehavior=terminate` that shutdown terminates the instance, so an idle runner costs
   nothing even with the server gone. Spot offers are one-time spot instances, terminated on interruption.
@@ -57,7 +57,6 @@ CREDENTIAL_CODES = frozenset({
 GONE_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
 # EC2 is eventually consistent: an instance just created may be missing from describe and terminate answers
 CONSISTENCY_GRACE = 60.0
-USER_DATA_LIMIT = 16 * 1024  # bytes, before base64
 ON_IDLE = "shutdown -h now"  # with shutdown behaviour `terminate`, the instance is gone
 
 
@@ -70,7 +69,7 @@ class AWSSettings(Model):
     regions: list[str] = Field(default_factory=lambda: ["us-east-1"], min_length=1)
     endpoint_url: str | None = None  # an EC2-compatible API (tests: moto)
     catalog_dir: str | None = None  # a folder holding gpuhunt's aws.csv; else gpuhunt downloads it
-    ami: str | None = None  # else Canonical's newest Ubuntu 22.04/24.04 of the region
+    ami: str | None = None  # else Canonical's newest Ubuntu 24.04 (else 22.04) of the region
     subnet_id: str | None = None  # else the region's default VPC
     instance_profile: str | None = None  # a name or an ARN
     disk_gb: int = Field(100, ge=8, le=16384)  # the root volume (gp3)
@@ -279,7 +278,7 @@ class AWSBackend(Spot, Gpus, MultiNode):
                         offer=self._offers.find(raw.get("InstanceType", ""), region, spot))
 
     def _image(self, region: str) -> tuple[str, str]:
-        """The AMI of `region` and its root device: the given one, else Canonical's newest Ubuntu LTS."""
+        """The AMI of `region` and its root device: the given one, else Canonical's newest Ubuntu 24.04 (22.04)."""
         if region in self._images:
             return self._images[region]
         ec2 = self._client(region)
@@ -296,7 +295,9 @@ class AWSBackend(Spot, Gpus, MultiNode):
             if not images:
                 raise BackendError(f"no Ubuntu 22.04 or 24.04 AMI of Canonical (owner {UBUNTU_OWNER}) in {region}; "
                                    f"give the backend an ami")
-        image = max(images, key=lambda i: (i.get("CreationDate") or "", i.get("Name") or ""))
+        # 24.04 before 22.04 (its python3 is 3.10, older than the runner needs), then the newest
+        image = max(images, key=lambda i: ("noble-24.04" in (i.get("Name") or ""), i.get("CreationDate") or "",
+                                           i.get("Name") or ""))
         self._images[region] = (image["ImageId"], image.get("RootDeviceName") or "/dev/sda1")
         return self._images[region]
 
@@ -344,11 +345,10 @@ class AWSBackend(Spot, Gpus, MultiNode):
     def _user_data(self, bootstrap: Bootstrap) -> str:
         from dstack.backends.bootstrap import install_script
 
-        script = install_script(bootstrap, on_idle=ON_IDLE)
-        if len(script.encode()) > USER_DATA_LIMIT:
-            raise BackendError(f"the runner's install script is {len(script.encode())} bytes; EC2 takes at most "
-                               f"{USER_DATA_LIMIT} bytes of user-data")
-        return script
+        try:  # its own checks: EC2's 16 KB, a token it can write
+            return install_script(bootstrap, on_idle=ON_IDLE, backend=self.name)
+        except ValueError as e:
+            raise BackendError(f"the runner's user-data: {e}") from None
 
     def _error(self, e: Exception, region: str, doing: str) -> BackendError:
         """`e` (botocore's) as the error users see: a CapacityError for a refusal another offer may not meet,
