@@ -52,6 +52,8 @@ ERRORS = {  # code -> (HTTP status, AWS's message)
     "InvalidParameterCombination": (400, "The attribute instanceInitiatedShutdownBehavior can only be used for "
                                          "elastic images."),
     "AuthFailure": (401, "AWS was not able to validate the provided access credentials"),
+    "SignatureDoesNotMatch": (403, f"The request signature we calculated does not match the signature you provided. "
+                                   f"Credential={ACCESS_KEY}/20260101/us-east-1/ec2/aws4_request"),
 }
 UBUNTU = [  # what Canonical's DescribeImages answers with, older first
     ("ami-0a1b2c3d4e5f60001", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20240301", "2024-03-01"),
@@ -385,16 +387,17 @@ def test_no_secret_in_its_repr_logs_or_errors(ec2_url, catalog, tmp_path, proxy,
     caplog.set_level(logging.DEBUG)
     texts = []
     backend = make(ec2_url, catalog, tmp_path)
-    texts += [repr(backend), str(backend), repr(backend.settings), repr(vars(backend.settings))]
+    texts += [repr(backend), str(backend), repr(backend.settings), repr(vars(backend.settings)), repr(vars(backend))]
     backend.test()
     inst = backend.create(offer_of(backend, "t3.medium", spot=False), bootstrap(backend))
     backend.list()
     backend.terminate(inst.id)
-    proxy.plan["RunInstances"] = ["InsufficientInstanceCapacity", "AuthFailure"]
-    for _ in range(2):
+    proxy.plan["RunInstances"] = ["InsufficientInstanceCapacity", "AuthFailure", "SignatureDoesNotMatch"]
+    for _ in range(3):
         with pytest.raises(BackendError) as e:
             backend.create(offer_of(backend, "t3.medium", spot=False), bootstrap(backend))
         texts.append(str(e.value))
+    assert "Credential=***/20260101" in texts[-1]  # AWS's message, the key id taken out
     with pytest.raises(BackendError) as e:
         make("http://127.0.0.1:1", catalog, tmp_path).test()
     texts.append(str(e.value))

@@ -103,7 +103,7 @@ class AWSBackend(Spot, Gpus, MultiNode):
             raise BackendError("the aws backend needs the server's id to tag what it creates")
         self.name, self.server_id, self.home = name, server_id, Path(home)
         s = self.settings
-        self._secrets = [v.get_secret_value() for v in (s.access_key_id, s.secret_access_key) if v is not None]
+        self._secrets = [v for v in (s.access_key_id, s.secret_access_key) if v is not None]  # SecretStr
         self._offers = OfferCache(name, s.regions, s.catalog_dir)
         self._lock = threading.Lock()
         self._session: Any = None
@@ -252,7 +252,8 @@ class AWSBackend(Spot, Gpus, MultiNode):
                 from botocore.config import Config
 
                 if self._session is None:
-                    keys = dict(zip(("aws_access_key_id", "aws_secret_access_key"), self._secrets, strict=False))
+                    keys = {k: v.get_secret_value() for k, v in
+                            zip(("aws_access_key_id", "aws_secret_access_key"), self._secrets, strict=False)}
                     self._session = boto3.session.Session(**keys)
                 config = Config(connect_timeout=5, read_timeout=30,
                                 retries={"mode": "standard", "total_max_attempts": attempts})
@@ -373,7 +374,7 @@ class AWSBackend(Spot, Gpus, MultiNode):
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:
-            text = text.replace(secret, "***")
+            text = text.replace(secret.get_secret_value(), "***")
         return text
 
 
