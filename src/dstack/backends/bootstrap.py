@@ -133,7 +133,7 @@ def install_script(bootstrap: Bootstrap, *, venv: str = "/opt/dstack", workdir: 
     """The sh script that installs dstack from `bootstrap.server_url`'s wheels and runs the runner until it exits,
     then `on_idle` (a shell command; None: nothing). `backend`: the backend that made the machine, as the runner
     reports it."""
-    if not re.fullmatch(r"[\x21-\x7e]+", bootstrap.token):
+    if not re.fullmatch(r"[\x21-\x7e]+", bootstrap.token) or bootstrap.token == "DSTACK_TOKEN_END":
         raise ValueError("a runner's token is printable ASCII without spaces")
     q = shlex.quote
     wd = PurePosixPath(workdir)

@@ -87,7 +87,7 @@ def closure() -> list[metadata.Distribution]:
                 found[key] = metadata.distribution(name)
             except metadata.PackageNotFoundError:
                 raise WheelhouseError(f"{name} (needed by {wanted_by}) is not installed: the wheelhouse repacks what "
-                                      "is installed", ) from None
+                                      "is installed") from None
         for text in found[key].requires or []:
             req = Requirement(text)
             if req.marker is not None and not req.marker.evaluate({"extra": extra}):
