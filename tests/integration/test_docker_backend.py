@@ -6,7 +6,6 @@ loopback and run real jobs, found by their labels, terminated for good. Whatever
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from pathlib import Path
@@ -17,9 +16,8 @@ from tests.dstack_server import Server
 from dstack.backends import runner_image, wheelhouse
 from dstack.backends.base import BackendError, Bootstrap, Offer
 from dstack.backends.docker import DockerBackend
-from dstack.core.processes import start_time
 from dstack.core.resources import Gpu, RunnerResources
-from dstack.runner.executors.docker import _boot_id
+from dstack.runner.executors.docker import _boot_id, _pid_ns, _runner_labels
 
 SERVER_ID = f"test-docker-backend-{secrets.token_hex(4)}"
 REPO = "transfers"  # Server.submit's
@@ -174,23 +172,43 @@ def test_with_docker_jobs_a_runner_runs_jobs_with_an_image_beside_itself(engine,
     backend = DockerBackend("docker", {"docker_jobs": True, "memory": "512MB"}, server_id=SERVER_ID, home=home)
     [offer] = backend.offers()
     assert offer.resources.docker
-    # the job container of a runner on this machine that runs on: a runner that starts must leave it alone
-    me = os.getpid()
+    # the job container of a runner on this machine that runs on (this process, in the host's pid namespace,
+    # which the runner's container does not share): a runner that starts must leave it alone
     other = engine.containers.run(busybox_image, ["sleep", "120"], detach=True, network_mode="host", labels={
-        "dstack.server": SERVER_ID, "dstack.job_id": "not-an-orphan", "dstack.runner_pid": str(me),
-        "dstack.runner_started": str(start_time(me)), "dstack.boot_id": _boot_id()})
+        "dstack.server": SERVER_ID, "dstack.job_id": "not-an-orphan", **_runner_labels()})
+    # the job container of a runner whose container is gone: an orphan, which it removes
+    gone = {"dstack.runner_pid": "1", "dstack.boot_id": _boot_id(), "dstack.pid_ns": "1",
+            "dstack.runner_container": "dstack-runner-long-gone"}
+    orphan = engine.containers.create(busybox_image, ["sleep", "120"], network_mode="host", labels={
+        "dstack.server": SERVER_ID, "dstack.job_id": "an-orphan", **gone})
     token = server.check(server.admin.post("/api/runners/tokens", json={"name": "docking"}))["token"]
     inst = backend.create(offer, Bootstrap(server_url=server.url, token=token, runner_name="docking",
                                            idle_timeout=120, server_id=SERVER_ID))
-    host = engine.containers.get(inst.id).attrs["HostConfig"]
-    assert "/var/run/docker.sock:/var/run/docker.sock:rw" in host["Binds"] and host["PidMode"] == "host"
+    container = engine.containers.get(inst.id)
+    host = container.attrs["HostConfig"]
+    assert "/var/run/docker.sock:/var/run/docker.sock:rw" in host["Binds"]
+    assert host["PidMode"] in ("", "private")  # a namespace of its own (executors/docker.remove_orphans)
+    assert "DSTACK_RUNNER_CONTAINER=dstack-runner-docking" in container.attrs["Config"]["Env"]
     assert _registered(server, backend, "docking")["resources"]["docker"] is True
     run = server.submit(INSIDE, "imaged")
     assert _finished(server, run)["status"] == "DONE"
     assert _artifact_files(server, run)["out/note"] == "from a sibling container\n"
     other.reload()  # the runner swept orphans before it took the job
     assert other.status == "running"  # its runner (this process) is alive: no orphan
+    assert not engine.containers.list(all=True, filters={"id": orphan.id})
+    # what the runner's containers carry: its namespace (not the host's) and its container; a container it left
+    # (killed) goes with it
+    deadline = time.monotonic() + 20
+    while not (warm := engine.containers.list(filters={"label": ["dstack.warm", "dstack.runner_container="
+                                                                 "dstack-runner-docking"]})):
+        assert time.monotonic() < deadline, "the runner warmed no container for the next job of its image"
+        time.sleep(0.2)
+    assert warm[0].labels["dstack.pid_ns"] not in ("", _pid_ns()), warm[0].labels
+    left = engine.containers.create(busybox_image, ["sleep", "120"], network_mode="host", labels={
+        **warm[0].labels, "dstack.job_id": "left-behind", "dstack.server": SERVER_ID})
     assert backend.terminate(inst.id) is True
+    assert not engine.containers.list(all=True, filters={"label": "dstack.runner_container=dstack-runner-docking"})
+    assert not engine.containers.list(all=True, filters={"id": left.id})
     assert not engine.volumes.list(filters={"label": "dstack.runner=docking"})
 
 

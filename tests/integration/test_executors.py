@@ -324,3 +324,74 @@ def test_close_finishes_removing_the_containers_of_ended_jobs(docker, docker_cli
     execution.dispose()
     docker.executor.close()
     assert not docker_client.containers.list(all=True, filters={"id": execution.container.id})
+
+
+def test_the_orphan_sweep_judges_a_runner_by_its_pid_only_in_its_own_pid_namespace(docker, docker_client):
+    """A runner in a container (its own pid namespace: the `docker` backend's) cannot see the pids of runners
+    outside it: its sweep leaves their live job containers alone, and removes those of a runner whose container
+    is gone; a sweep in the host's namespace leaves the containers of such runners to them."""
+    import json
+
+    from dstack.core.processes import start_time
+    from dstack.runner.executors.docker import _boot_id, _pid_ns, _runner_labels, remove_orphans
+
+    execution, output = docker.start(["echo ready", "sleep 1000"])  # this process's job: a live runner's
+    assert output.wait_for(b"ready")
+    live = docker_client.containers.get(execution.container.id)
+    assert live.labels["dstack.pid_ns"] == _pid_ns() and "dstack.runner_container" not in live.labels
+    tag = uuid.uuid4().hex[:8]
+    made = []
+
+    def container(name: str, **labels: str):
+        made.append(docker_client.containers.create(docker.image, ["sleep", "1000"], name=f"dstack-test-{name}-{tag}",
+                                                    labels={"dstack.job_id": f"{name}-{tag}", **labels},
+                                                    network_mode="host"))
+        return made[-1]
+
+    try:
+        holder = container("holder")  # the container of a runner in a namespace of its own
+        holder.start()
+        boxed = {"dstack.runner_pid": "7", "dstack.runner_started": "1", "dstack.boot_id": _boot_id(),
+                 "dstack.pid_ns": "4026599999"}
+        container("boxed-live", **boxed, **{"dstack.runner_container": holder.name})
+        container("boxed-gone", **boxed, **{"dstack.runner_container": f"dstack-test-no-such-runner-{tag}"})
+        container("boxed-unnamed", **boxed)
+        dead = subprocess.Popen(["sleep", "60"])
+        born = start_time(dead.pid)
+        dead.kill()
+        dead.wait()
+        container("dead", **{**_runner_labels(), "dstack.runner_pid": str(dead.pid), "dstack.runner_started": str(born)})
+
+        # a runner in a pid namespace of its own sweeps
+        code = ("import json, sys\nfrom dstack.runner.executors.docker import _pid_ns, _runner_alive, remove_orphans\n"
+                "print(json.dumps({'ns': _pid_ns(), 'alive': _runner_alive(json.loads(sys.argv[1])), "
+                "'removed': remove_orphans()}))")
+        p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code,
+                            json.dumps(live.labels)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": SRC})
+        assert p.returncode == 0, p.stderr
+        inside = json.loads(p.stdout)
+        assert inside["ns"] != _pid_ns()
+        assert inside["alive"] is False  # by pid, this process is dead from there: what the sweep judged by before
+        mine = {j for j in inside["removed"] if j.endswith(tag) or j == live.labels["dstack.job_id"]}
+        assert mine == {f"boxed-gone-{tag}"}
+        live.reload()
+        assert live.status == "running"
+
+        # a runner in the host's namespace sweeps: the dead runner's goes, the boxed runners' are theirs
+        removed = set(remove_orphans())
+        assert f"dead-{tag}" in removed and live.labels["dstack.job_id"] not in removed
+        assert not {f"boxed-live-{tag}", f"boxed-unnamed-{tag}"} & removed
+        holder.remove(force=True)  # the boxed runner's container is gone: its job's container is an orphan now
+        p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code, "{}"],
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": SRC})
+        assert p.returncode == 0, p.stderr
+        assert {j for j in json.loads(p.stdout)["removed"] if j.endswith(tag)} == {f"boxed-live-{tag}"}
+        names = {c.name for c in docker_client.containers.list(all=True, filters={"name": tag})}
+        assert names == {f"dstack-test-boxed-unnamed-{tag}"}
+    finally:
+        for c in made:
+            try:
+                c.remove(force=True)
+            except Exception:  # removed by the sweep, as it should be
+                pass

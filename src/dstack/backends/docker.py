@@ -17,10 +17,12 @@ its uid has no name in /etc/passwd (`id -un` fails). The container is the isolat
 Jobs with an `image` need a Docker daemon: with `docker_jobs: true` the runner gets the engine's socket (its jobs'
 containers are siblings of its own: whoever may create runners may then do anything on the engine's machine), and
 its folders live in a volume of its own, mounted at the engine's path of it, so that the paths the runner hands
-the engine to bind-mount are the engine's too. It also shares the host's pid namespace: the sweep of job
-containers whose runner died (executors/docker.remove_orphans, run by every runner as it starts) judges them by
-their runner's pid, which must be the host's (in a namespace of its own a runner took the live runners' containers
-for orphans and removed them). Otherwise the runner starts with --no-docker.
+the engine to bind-mount are the engine's too. Its pid namespace is its own (not the host's: host jobs' `kill -1`
+as their uid would reach other runners' jobs of the same uid): its job containers carry that namespace and its
+container's name (DSTACK_RUNNER_CONTAINER), so that the sweep of job containers whose runner died
+(executors/docker.remove_orphans, run by every runner as it starts) judges them by their runner's container, not
+by a pid it cannot see; `terminate` removes them with their runner's container. Otherwise the runner starts with
+--no-docker.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class DockerBackend(Gpus):
         self._offers: list[Offer] | None = None
         self._offers_tried = float("-inf")
         self._lock = threading.Lock()
+        self._offers_lock = threading.Lock()
 
     @cached_property
     def client(self):
@@ -121,13 +124,17 @@ class DockerBackend(Gpus):
         return f"Docker Engine {version.get('Version')} (API {version.get('ApiVersion')}) at {self.host}, {size}; {built}"
 
     def offers(self) -> list[Offer]:
-        """One kind of runner: the settings' size (or the whole machine), at no price; read from the engine once."""
-        if self._offers is None and time.monotonic() - self._offers_tried > OFFER_RETRY:
-            self._offers_tried = time.monotonic()
-            try:
-                self._offers = [Offer(self.name, self._resources(self.client.info()), instance_type="container")]
-            except Exception as e:
-                log.warning("the %s backend: %s", self.name, self._trouble(e))
+        """One kind of runner: the settings' size (or the whole machine), at no price; read from the engine once.
+        Callers at once (submissions check offers in threads) wait for that read rather than find none."""
+        if self._offers is None:
+            with self._offers_lock:
+                if self._offers is None and time.monotonic() - self._offers_tried > OFFER_RETRY:
+                    try:
+                        self._offers = [Offer(self.name, self._resources(self.client.info()),
+                                              instance_type="container")]
+                    except Exception as e:
+                        log.warning("the %s backend: %s", self.name, self._trouble(e))
+                    self._offers_tried = time.monotonic()
         return list(self._offers or []) if self.max_runners > 0 else []
 
     def _resources(self, info: dict) -> RunnerResources:
@@ -145,6 +152,8 @@ class DockerBackend(Gpus):
     def create(self, offer: Offer, bootstrap: Bootstrap) -> Instance:
         import docker.errors
         from docker.types import DeviceRequest
+
+        from dstack.runner.executors.docker import RUNNER_CONTAINER_ENV
 
         with self._lock:
             image = self._image()
@@ -166,10 +175,10 @@ class DockerBackend(Gpus):
                    *(x for k, v in bootstrap.labels.items() for x in ("--labels", f"{k}={v}"))]
         gpus = [DeviceRequest(device_ids=[str(i) for i in range(len(offer.resources.gpus))], capabilities=[["gpu"]])]
         env = {k: os.environ[k] for k in ("DSTACK_STOP_GRACE", "DSTACK_JOB_UIDS") if k in os.environ}
+        env[RUNNER_CONTAINER_ENV] = name  # its job containers' label (executors/docker._runner_labels)
         try:
             container = self.client.containers.create(
                 image, command, name=name, labels=labels, network_mode="host", init=True, environment=env,
-                pid_mode="host" if self.settings.docker_jobs else None,
                 nano_cpus=int(cpus * 1e9), mem_limit=memory, memswap_limit=memory, volumes=volumes,
                 device_requests=gpus if offer.resources.gpus else None)
         except Exception as e:
@@ -219,12 +228,13 @@ class DockerBackend(Gpus):
 
     def terminate(self, instance_id: str) -> bool:
         """SIGTERM (the runner stops its job and reports it), SIGKILL after the runner's stop wait, then removed
-        with its volume (docker_jobs)."""
+        with its volume and the job containers that it left (docker_jobs)."""
         import docker.errors
 
         try:
             container = self.client.containers.get(instance_id)
             container.stop(timeout=math.ceil(runner_stop_wait()))
+            self._remove_jobs_of(container.name)
             container.remove(v=True, force=True)
         except docker.errors.NotFound:
             return True
@@ -238,6 +248,14 @@ class DockerBackend(Gpus):
             return False
         self._remove_volume(container.name)
         return True
+
+    def _remove_jobs_of(self, container_name: str) -> None:
+        """The job (and warm) containers that a runner killed in its container left (executors/docker labels them
+        with the runner's container)."""
+        if not self.settings.docker_jobs:
+            return
+        for c in self.client.api.containers(all=True, filters={"label": f"dstack.runner_container={container_name}"}):
+            self.client.api.remove_container(c["Id"], v=True, force=True)
 
     def list(self) -> list[Instance]:
         now_wall, now = time.time(), time.monotonic()
@@ -293,8 +311,8 @@ class DockerBackend(Gpus):
 
     def release_jobs(self, job_ids: list[str]) -> None:
         """Jobs whose runner was lost: their containers (of jobs with an image) must not run on. By the job's
-        label: the runners' own orphan sweep (executors/docker.remove_orphans) judges runners by their pids, which
-        a runner in a container has in a namespace of its own."""
+        label, at once: the runners' own orphan sweep (executors/docker.remove_orphans) runs only as a runner
+        starts, and sees a lost runner's container as running while it hangs."""
         if not job_ids or not self.settings.docker_jobs:
             return
         for job_id in job_ids:
