@@ -100,12 +100,15 @@ def _eventually(condition, within: float = 30.0) -> bool:
     return True
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str | None:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z", "X")
 
 
 def test_a_job_user_that_does_not_exist_is_refused_at_start(tmp_path):
@@ -204,18 +207,25 @@ def test_job_uids_are_leased_one_per_job_and_nothing_of_one_outlives_its_job(tmp
     hidden = subprocess.Popen(["/usr/bin/python3", "-c", "import ctypes, time; ctypes.CDLL(None).prctl(4, 0, 0, 0, 0); "
                                "time.sleep(300)"], user=a.uid, group=a.gid, extra_groups=[], start_new_session=True,
                               cwd="/")
+    # and one whose leader thread exited alone (a zombie leader, its other thread running on)
+    headless = subprocess.Popen(["/usr/bin/python3", "-c", "import ctypes, threading, time; threading.Thread("
+                                 "target=time.sleep, args=(300,)).start(); ctypes.CDLL(None).syscall(60, 0)"],
+                                user=a.uid, group=a.gid, extra_groups=[], start_new_session=True, cwd="/")
     try:
+        assert _eventually(lambda: _state(headless.pid) == "Z")
         scratch = Path(f"/tmp/dstack-test-left-{a.uid}")
         scratch.mkdir()
         (scratch / "f").write_text("x")
         os.chown(scratch, a.uid, a.gid)
         users.end(a)
         assert hidden.wait(timeout=10) == -9
+        assert headless.wait(timeout=10) == -9
         users.release(a)
         assert not scratch.exists(), "what the uid left in /tmp goes with its lease"
         assert users.lease().uid == a.uid  # free again
     finally:
         hidden.kill()
+        headless.kill()
         shutil.rmtree(f"/tmp/dstack-test-left-{a.uid}", ignore_errors=True)
 
 
@@ -232,3 +242,45 @@ def test_job_uids_that_are_no_range_or_an_accounts_are_refused_at_start(tmp_path
                        env={**os.environ, "DSTACK_JOB_UIDS": uids})
     assert r.returncode == 2 and said in r.stderr, r
     assert "Traceback" not in r.stderr
+
+
+HOSTILE = """\
+workflows:
+  - name: data
+    commands: [mkdir -p out && echo x > out/x]
+    artifacts: [out]
+  - name: hostile
+    deps: [data]
+    env:
+      BASH_ENV: {code}/evil.sh
+      PATH: {code}/evilbin:/usr/bin:/bin
+      HOME: "/x:/bin/sh\\nr00t::0:0::/root:/bin/sh\\nz:x:1:1::/"
+    commands:
+      - getent passwd r00t > /dev/null && echo r00t-added || echo no-r00t
+      - "getent passwd dstack-job | cut -d: -f6"
+      - cat out/x
+"""
+
+
+def test_a_jobs_environment_never_reaches_what_runs_as_root(open_home, project, shared):
+    """The job's `env` (PATH, BASH_ENV, HOME) is the job's shell's, as its own user: nothing that root runs to
+    set the job up (its mount namespace, its account) reads it."""
+    d = Dstack(open_home)
+    root = project("")
+    (root / ".dstack" / "workflows.yaml").write_text(HOSTILE.replace("{code}", "."))
+    evil = f"#!/bin/sh\nid -u >> {shared}/ran-as\n"
+    (root / "evil.sh").write_text(evil)
+    (root / "evilbin").mkdir()
+    for tool in ("unshare", "mount", "setpriv", "bash", "sh", "env"):
+        (root / "evilbin" / tool).write_text(evil + "exec /usr/bin/" + tool + ' "$@"\n')
+        (root / "evilbin" / tool).chmod(0o755)
+    try:
+        d("run", "data", cwd=root, check=True)
+        r = d("run", "hostile", cwd=root)
+        assert "no-r00t" in r.stdout.split() and "x" in r.stdout.split(), r.stdout + r.stderr
+        home = next(x for x in r.stdout.split() if x.startswith("/"))
+        assert home.endswith("/home") and "/jobs/" in home, r.stdout  # the runner's HOME for it, not the job's
+        ran = (shared / "ran-as").read_text().split() if (shared / "ran-as").exists() else []
+        assert "0" not in ran, f"the job's environment ran code as root: {ran}"
+    finally:
+        d.stop_server()

@@ -148,6 +148,27 @@ class JobUsers:
             return user
         raise JobUserError(f"all {n} job uids (DSTACK_JOB_UIDS) are in use")
 
+    def recover(self) -> None:
+        """The uids that runners killed while their jobs ran left leased (their lock files, that no process
+        holds): what runs as them is killed and what they left swept, before the runner touches their folders."""
+        if not self.uids or not self.leases.is_dir():
+            return
+        for path in self.leases.iterdir():
+            if not path.name.isdigit() or int(path.name) not in self.uids:
+                continue
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live runner's job has it
+                log.info("job uid %s was left leased (a runner was killed): killing its processes", path.name)
+                _kill_all(int(path.name))
+                _sweep(int(path.name))
+                path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+
     def end(self, user: JobUser) -> None:
         """The job's shell has ended: no process of a job's own user is left when this returns."""
         if user.own:
@@ -168,49 +189,54 @@ class JobUsers:
 
 def _kill_all(uid: int, patience: float = 10.0) -> None:
     """SIGKILL every process of `uid` and wait until none is left. `kill -9 -1` run as the uid reaches each
-    process it may signal (its real or saved uid is `uid`, also one that ran a setuid program), never the
-    caller, and no fork completes meanwhile; were the uid out of processes (RLIMIT_NPROC), root kills what
-    /proc names."""
+    process it may signal (its real or saved uid is `uid`, also one that ran a setuid program, or that lives in
+    a namespace of its own), never the caller, and no fork completes meanwhile; it is sent at least once,
+    whatever /proc shows. Were the uid out of processes (RLIMIT_NPROC), root kills what /proc names. Some left
+    after `patience`: JobUserError (nothing of the job's may be touched by root then)."""
     deadline = time.monotonic() + patience
     while True:
-        alive = _processes(uid)
-        if not alive:
-            return
         try:
             subprocess.run(["/bin/sh", "-c", "kill -9 -1"], user=uid, group=uid, extra_groups=[], cwd="/",
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            close_fds=True, env={}, timeout=10)
         except (OSError, subprocess.SubprocessError):
-            for pid in alive:
+            for pid in _processes(uid):
                 try:
                     os.kill(pid, 9)
                 except OSError:
                     pass
-        if time.monotonic() > deadline:
-            log.warning("processes of job uid %d are still alive after SIGKILL: %s", uid, alive)
+        alive = _processes(uid)
+        if not alive:
             return
+        if time.monotonic() > deadline:
+            raise JobUserError(f"processes of job uid {uid} are still alive after SIGKILL: {alive[:10]}")
         time.sleep(0.01)
 
 
 def _processes(uid: int) -> list[int]:
-    """The live processes (not zombies) whose real or saved uid is `uid` (/proc/PID/status: a process that made
-    itself not dumpable hides its owner from the modes of /proc/PID)."""
+    """The live processes whose real or saved uid is `uid` (/proc/PID/status: a process that made itself not
+    dumpable hides its owner from the modes of /proc/PID). A zombie counts when threads of it still run (its
+    leader thread exited alone)."""
     found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/status", "rb") as f:
-                status = f.read(2048)
+                status = f.read(4096)
         except OSError:
             continue
         fields = {}
         for line in status.split(b"\n"):
             key, _, value = line.partition(b":")
-            if key in (b"State", b"Uid"):
+            if key in (b"State", b"Uid", b"Threads"):
                 fields[key] = value.split()
         uids = fields.get(b"Uid") or []
-        if uids and (int(uids[0]) == uid or int(uids[2]) == uid) and fields.get(b"State", [b"Z"])[0] not in (b"Z", b"X"):
+        if not uids or (int(uids[0]) != uid and int(uids[2]) != uid):
+            continue
+        state = (fields.get(b"State") or [b"Z"])[0]
+        threads = int((fields.get(b"Threads") or [b"1"])[0])
+        if state not in (b"Z", b"X") or threads > 1:
             found.append(int(name))
     return found
 
@@ -349,6 +375,8 @@ def give(path: Path, user: JobUser | None) -> None:
             if stat.S_ISDIR(st.st_mode) or st.st_nlink == 1:
                 os.chown(n, user.uid, user.gid, dir_fd=dirfd, follow_symlinks=False)
     os.chown(path, user.uid, user.gid, follow_symlinks=False)
+    if user.own:
+        os.chmod(path, 0o700)  # a job's own: no other job's uid may enter it (its mounts show where it is)
 
 
 def home(folder: Path, user: JobUser | None) -> Path | None:

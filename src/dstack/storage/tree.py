@@ -184,20 +184,30 @@ def tree_cache(store: BlobStore, digest: str, trees_root: Path, cache: BlobCache
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a tree built read-only (its folders are 0555)."""
+    """Delete a tree built read-only (its folders are 0555). Each folder is made writable through a descriptor
+    opened without following links, so that a link swapped in meanwhile never makes another folder writable."""
     path = Path(path)
     if not os.path.lexists(path):
         return
     if path.is_symlink() or not path.is_dir():
         path.unlink()
         return
-    for dirpath, dirnames, _files in os.walk(path):
-        os.chmod(dirpath, 0o700)
+    _writable(str(path), None)
+    for _dirpath, dirnames, _files, dirfd in os.fwalk(path, follow_symlinks=False):
         for d in dirnames:
-            p = os.path.join(dirpath, d)
-            if not os.path.islink(p):
-                os.chmod(p, 0o700)
-    shutil.rmtree(path)
+            _writable(d, dirfd)
+    shutil.rmtree(path)  # descriptor-based on Linux: it never follows a link
+
+
+def _writable(name: str, dir_fd: int | None) -> None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return  # a link, or gone: rmtree deals with it
+    try:
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def verify_tree(manifest: Manifest, dest: Path) -> list[str]:

@@ -14,15 +14,16 @@ outlive the runner, even a runner that is SIGKILLed:
 PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process; so every
 job is forked from one long-lived thread of this module.
 
-Dependencies (read-only mounts) appear at their paths inside the job's folder. As root, with
-util-linux's `unshare`, the job runs in a private mount namespace where each is a read-only bind mount
-of the store's folder: zero-copy, and read-only even for root. Otherwise they are copied there with
+Dependencies (read-only mounts) appear at their paths inside the job's folder. As root (where namespaces
+may be made: not in a container without CAP_SYS_ADMIN), the job runs in a private mount namespace where each
+is a read-only bind mount of the store's folder: zero-copy, and read-only even for root. Otherwise they are copied there with
 their write bits removed (read-only for any user but root).
 
 A root runner's jobs run as an unprivileged user (runner/job_user.py): the shell is started as that user, or,
-with bind mounts, the mounts are made as root in the job's namespace and setpriv then runs the commands as it.
-A job's own uid (no account has it) always gets such a namespace: there its /etc/passwd and /etc/group name it
-`dstack-job` (`id -un`, `whoami`, git and ssh look it up). /tmp stays the machine's (jobs read what others put
+with bind mounts, the namespace and its mounts are made by the job's process itself before its shell runs (system
+calls in the preexec function, as root), which then takes the job's user: no program runs as root in the job's
+environment. A job's own uid (no account has it) always gets such a namespace: there its /etc/passwd and
+/etc/group name it `dstack-job` (`id -un`, `whoami`, git and ssh look it up). /tmp stays the machine's (jobs read what others put
 there); what the uid leaves in it goes when its lease ends (runner/job_user.py).
 """
 
@@ -36,7 +37,6 @@ import logging
 import os
 import pty
 import select
-import shlex
 import shutil
 import signal
 import struct
@@ -234,15 +234,16 @@ class HostExecutor:
         full_env = {**_base_env(), **job_env(job, ports, env)}
         script = job_script(job.commands)
         argv = [shell, "-c"]
-        if (mounts or (user and user.own)) and _can_bind_mount(user):
-            # the mounts are made as root in the job's namespace; then the job's user runs the commands
-            argv = ["unshare", "--mount", "--propagation", "private", *argv]
-            own = _own_user_script(root.parent, user, shell, full_env) if user and user.own else ""
-            script = own + _bind_mounts_script(root, mounts) + (_as_user(user, shell, script) if user else script)
-            user = None
+        binds = None  # the job's mount namespace: (source, target, read-only), bound as root before it starts
+        if (mounts or (user and user.own)) and _namespaces_work():
+            binds = _account_binds(root.parent, user, shell) if user and user.own else []
+            for m in mounts:
+                dest = root / m.target
+                dest.mkdir(parents=True, exist_ok=True)
+                binds.append((str(m.source), str(dest), m.read_only))
         elif mounts:
             _copy_read_only(root, mounts)
-        return _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports, user).result()
+        return _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports, user, binds).result()
 
     # nothing to get ready ahead of a job: a process starts in milliseconds
     def warm(self, job: JobSpec, root: Path) -> bool:
@@ -266,6 +267,7 @@ class HostExecutor:
         on_output: OutputCallback,
         ports: list[int],
         user: JobUser | None = None,
+        binds: list[tuple[str, str, bool]] | None = None,
     ) -> HostExecution:
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", TERMINAL_ROWS, TERMINAL_COLUMNS, 0, 0))
@@ -280,8 +282,9 @@ class HostExecutor:
                 stderr=slave,
                 start_new_session=True,
                 # the user is set before preexec_fn runs: PR_SET_PDEATHSIG, which a change of user clears, holds
-                **({"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)} if user else {}),
-                preexec_fn=_die_with(os.getpid()),
+                **({"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
+                   if user and binds is None else {}),
+                preexec_fn=_die_with(os.getpid()) if binds is None else _enter_namespace(os.getpid(), binds, user),
             )
         except OSError as e:
             os.close(master)
@@ -293,61 +296,77 @@ class HostExecutor:
         return HostExecution(process, guard_write, master, on_output, ports)
 
 
-def _can_bind_mount(user: JobUser | None = None) -> bool:
-    """Whether the job can run in a mount namespace of its own (and, as `user`, drop to it there: util-linux's
-    setpriv, 2.33 or later for --pdeathsig; else its dependencies are copies, and it runs without an account)."""
-    tools = ["unshare", "mount"] + (["setpriv"] if user else [])
-    return os.geteuid() == 0 and all(shutil.which(t) for t in tools) and (not user or _setpriv_keeps_pdeathsig())
+_CLONE_NEWNS = 0x00020000
+_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 @functools.cache
-def _setpriv_keeps_pdeathsig() -> bool:
+def _namespaces_work() -> bool:
+    """Whether this runner may make mount namespaces (root, and not in a container without CAP_SYS_ADMIN)."""
+    if os.geteuid() != 0 or not sys.platform.startswith("linux"):
+        return False
     try:
-        out = subprocess.run(["setpriv", "--help"], capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run(["/bin/true"], preexec_fn=_enter_namespace(os.getpid(), [], None), timeout=10,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
-    return "--pdeathsig" in out
 
 
-def _as_user(user: JobUser, shell: str, script: str) -> str:
-    """The shell line that runs `script` as `user` in this process (util-linux's setpriv; the parent-death
-    signal kept, which a change of user would clear)."""
-    return (f"exec setpriv --reuid={user.uid} --regid={user.gid} --groups={','.join(map(str, user.groups))} "
-            f"--pdeathsig=keep -- {shlex.quote(shell)} -c {shlex.quote(script)}\n")
+def _enter_namespace(parent_pid: int, binds: list[tuple[str, str, bool]], user: JobUser | None):
+    """A preexec_fn (in the job's process, as root, before its shell runs): a mount namespace of its own with
+    `binds` in it, then the job's user and the parent-death signal. No program runs as root meanwhile, and
+    nothing of the job's environment is read: the job's shell is the first code of the job's."""
+    libc = _libc()
+
+    def fail(what: str) -> None:
+        os.write(2, f"dstack: {what}: {os.strerror(ctypes.get_errno())}\n".encode(errors="replace"))
+        os._exit(125)
+
+    def preexec() -> None:
+        if libc.unshare(_CLONE_NEWNS) != 0:
+            fail("cannot make the job's mount namespace")
+        if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+            fail("cannot make the job's mounts private")
+        for source, target, read_only in binds:
+            if libc.mount(source.encode(), target.encode(), None, _MS_BIND, None) != 0:
+                fail(f"cannot mount {source} at {target}")
+            if read_only and libc.mount(None, target.encode(), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY, None) != 0:
+                fail(f"cannot make {target} read-only")
+        if user is not None:
+            os.setgroups(list(user.groups))
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+        _die_with(parent_pid)()
+
+    return preexec
 
 
-def _own_user_script(folder: Path, user: JobUser, shell: str, env: dict[str, str]) -> str:
-    """Shell lines (in the job's mount namespace, as root) that give a job's own uid an account (/etc/passwd and
-    /etc/group with it added, in `folder/etc`)."""
+def _account_binds(folder: Path, user: JobUser, shell: str) -> list[tuple[str, str, bool]]:
+    """/etc/passwd and /etc/group with the job's own uid added (named `user.name`, its HOME `folder/home`), made
+    in `folder/etc`, to bind over the machine's in the job's namespace. Nothing of the job's own settings goes in
+    them."""
     etc = folder / "etc"
     etc.mkdir(mode=0o755, exist_ok=True)
-    home = env.get("HOME", "/")
+    home = str(folder / "home")
+    if any(c in home + shell for c in ":\n"):
+        raise ExecutorError(f"the job's folder {folder} has ':' or a new line in its path; choose another --jobs-dir")
+    binds = []
     for name, line in (("passwd", f"{user.name}:x:{user.uid}:{user.gid}:dstack job:{home}:{shell}\n"),
                        ("group", f"{user.name}:x:{user.gid}:\n")):
-        try:
-            lines = [x for x in Path("/etc", name).read_text().splitlines(keepends=True)
-                     if not x.startswith(f"{user.name}:")]
-        except OSError:
-            lines = []
+        source = Path("/etc", name)
+        if not source.is_file():
+            continue
+        lines = [x for x in source.read_text().splitlines(keepends=True) if not x.startswith(f"{user.name}:")]
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
         (etc / name).write_text("".join(lines) + line)
         os.chmod(etc / name, 0o644)
-    return "".join(f"if [ -e /etc/{n} ]; then mount --bind {shlex.quote(str(etc / n))} /etc/{n} || "
-                   f"{{ echo 'dstack: cannot give the job an account in /etc/{n}' >&2; exit 125; }}; fi\n"
-                   for n in ("passwd", "group"))
-
-
-def _bind_mounts_script(root: Path, mounts: list[Mount]) -> str:
-    """Shell lines that bind each mount read-only at its path (run inside the job's mount namespace)."""
-    lines = []
-    for m in mounts:
-        dest = shlex.quote(str(root / m.target))
-        src = shlex.quote(str(m.source))
-        opts = "remount,bind,ro" if m.read_only else "remount,bind"
-        lines.append(f"mkdir -p {dest} && mount --bind {src} {dest} && mount -o {opts} {dest} || "
-                     f"{{ echo 'dstack: cannot mount a dependency at {m.target}' >&2; exit 125; }}")
-    return "\n".join(lines) + "\n"
+        binds.append((str(etc / name), str(source), True))
+    return binds
 
 
 def _copy_read_only(root: Path, mounts: list[Mount]) -> None:
