@@ -257,8 +257,8 @@ def _environ(pid: int) -> list[str]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (runuser)")
 def test_test_hosts_say_why_they_cannot_be_made_without_root():
-    paths = readable.for_user("nobody")
-    p = subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={paths.site}:{paths.repo}",
+    paths = readable.for_user("nobody")  # our `tests` first: gpuhunt installs a top-level package of that name too
+    p = subprocess.run(["runuser", "-u", "nobody", "--", "env", f"PYTHONPATH={paths.repo}:{paths.site}",
                         str(SYSTEM_PYTHON), "-c",
                         "from tests.netns import why_not; print(why_not())"], capture_output=True, text=True,
                        cwd="/", timeout=60)

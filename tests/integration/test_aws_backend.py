@@ -414,7 +414,7 @@ def test_no_secret_in_its_repr_logs_or_errors(ec2_url, catalog, tmp_path, proxy,
 
 
 def test_the_spot_notice_is_read_from_imds_with_a_session_token(monkeypatch):
-    from dstack.backends.aws_imds import instance_action
+    from dstack.runner.spot import instance_action
 
     notice: dict = {}
     seen: list[tuple[str, str, str | None]] = []

@@ -170,6 +170,37 @@ class Client:
         return self._call("POST", f"/api/runners/{name}/remove", params={"force": force}).json()
 
     # artifacts
+    # backends, limits, instances: JSON as the API gives it (core/backends.py); never a credential in an answer
+    def backends(self) -> list[dict]:
+        return self._call("GET", "/api/backends").json()
+
+    def backend_kinds(self) -> list[dict]:
+        return self._call("GET", "/api/backend-kinds").json()
+
+    def add_backend(self, name: str, kind: str, settings: dict) -> dict:
+        return self._call("POST", "/api/backends", json={"name": name, "kind": kind, "settings": settings}).json()
+
+    def test_backend(self, name: str, kind: str | None = None, settings: dict | None = None) -> dict:
+        if kind is None:
+            return self._call("POST", f"/api/backends/{name}/test").json()
+        return self._call("POST", "/api/backends/test",
+                          json={"name": name, "kind": kind, "settings": settings or {}}).json()
+
+    def remove_backend(self, name: str) -> dict:
+        return self._call("DELETE", f"/api/backends/{name}").json()
+
+    def limits(self) -> dict:
+        return self._call("GET", "/api/limits").json()
+
+    def set_limits(self, backend: str, changes: dict) -> dict:
+        return self._call("PATCH", f"/api/limits/{backend}", json=changes).json()
+
+    def remove_limits(self, backend: str) -> dict:
+        return self._call("DELETE", f"/api/limits/{backend}").json()
+
+    def instances(self, include_gone: bool = False) -> list[dict]:
+        return self._call("GET", "/api/instances", params={"all": include_gone}).json()
+
     def artifacts(self, repo_id: str | None, ref: str) -> list[dict]:
         params = {"repo_id": repo_id} if repo_id else {}
         return self._call("GET", f"/api/runs/{ref}/artifacts", params=params).json()

@@ -44,6 +44,7 @@ class Bootstrap:
     idle_timeout: float  # seconds without a job before the runner exits (and its instance shuts down)
     server_id: str = ""  # the tag `dstack:server` on everything the backend creates for this server
     labels: dict[str, str] = field(default_factory=dict)
+    interruptible: bool = False  # a spot machine: the runner starts with --interruptible
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Offer:
         """`aws g5.xlarge, us-east-1, spot, $0.45/h`: as a run shows what is provisioned for it."""
         head = " ".join(p for p in (self.backend, self.instance_type) if p)
         return ", ".join([head, *([self.region] if self.region else []), *(["spot"] if self.spot else []),
-                          f"${self.price:.2f}/h"])
+                          *([f"${self.price:.2f}/h"] if self.price else [])])
 
 
 @dataclass

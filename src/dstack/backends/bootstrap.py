@@ -139,7 +139,7 @@ def install_script(bootstrap: Bootstrap, *, venv: str = "/opt/dstack", workdir: 
     wd = PurePosixPath(workdir)
     start = ["start", "--server", bootstrap.server_url, "--token-file", '"$TOKEN_FILE"', "--name",
              bootstrap.runner_name, "--idle-timeout", f"{bootstrap.idle_timeout:g}", "--workdir", workdir,
-             *(["--backend", backend] if backend else []),
+             *(["--backend", backend] if backend else []), *(["--interruptible"] if bootstrap.interruptible else []),
              *(x for k, v in sorted(bootstrap.labels.items()) for x in ("--labels", f"{k}={v}"))]
     idle = (f'say "the runner exited ($rc); running: "{q(on_idle)}\nsh -c {q(on_idle)} >> "$LOG" 2>&1\n'
             if on_idle else 'say "the runner exited ($rc)"\n')

@@ -37,6 +37,9 @@ log = logging.getLogger("dstack.server")
 
 class LocalBackend:
     name = "local"
+    startup_grace = 60.0  # a runner process that has not registered by then is given up
+    list_interval = 0.0  # listing is looking at its processes: every pass
+    adopts_unknown = True  # runners a server of this DSTACK_HOME started before (they outlived it) are its own
 
     def __init__(self, home: Path, max_runners: int = 1):
         self.home = Path(home)

@@ -55,7 +55,7 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
     said_root: set[str] = set()  # the runners it was said of
     lost = False  # the server cannot be reached (now)
     at_line_start = True  # the job's output so far ends with a newline: a line of ours needs none before it
-    following_since, said_waiting, said_why, next_look = time.monotonic(), False, False, 0.0
+    following_since, said_waiting, said_why, next_look = time.monotonic(), False, None, 0.0
 
     def note(text: str) -> None:
         """A line of dstack's own among the job's output, on a line of its own."""
@@ -77,13 +77,13 @@ def follow_run(client: Client, run: dict, interrupt_asks: bool = True, interrupt
                 chunk = client.logs(job_id, offsets[job_id], wait=1.0, status=watch)
                 offsets[job_id] = chunk.next_offset
                 statuses[job_id] = chunk.status
-                if (chunk.status == JobStatus.SUBMITTED and not said_why and time.monotonic() >= next_look
+                if (chunk.status == JobStatus.SUBMITTED and time.monotonic() >= next_look
                         and time.monotonic() - following_since > WAIT_NOTICE):  # never a silent wait
-                    next_look = time.monotonic() + WAIT_NOTICE  # the reason may come later (a failed start)
+                    next_look = time.monotonic() + WAIT_NOTICE  # the reason may come later, or change
                     why = _why_waiting(client, run, job_id)
-                    if why:
-                        said_why = True
-                        note(f"{name} waits for a runner that can run it: {why}")
+                    if why and why != said_why:  # each new one: provisioning, a capacity error, a limit
+                        said_why = why
+                        note(f"{name} waits for a runner that can run it: {why.removeprefix('waiting: ')}")
                     elif not said_waiting:
                         note(f"{name} waits for a runner that can run it (those that can are busy, or one is "
                              f"starting); `dstack runners` lists them")

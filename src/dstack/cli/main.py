@@ -26,6 +26,8 @@ COMMANDS = {
     "artifacts": ("dstack.cli.artifacts:artifacts", "List, download and compare the artifacts of runs."),
     "prune": ("dstack.cli.prune:prune", "Delete untagged runs nothing tagged depends on, and unused data."),
     "runners": ("dstack.cli.runners:runners", "List runners: the machines that execute jobs."),
+    "backends": ("dstack.cli.backends:backends", "List, add, test and remove backends: runners on demand."),
+    "limits": ("dstack.cli.backends:limits", "Show and set what each backend may start, and at what price."),
     "server": ("dstack.cli.server:server", "Run the dstack server in the foreground; `server stop` stops it."),
     "docs": ("dstack.cli.docs:docs", "Print the syntax of workflow files, or their JSON Schema."),
 }

@@ -85,6 +85,8 @@ def print_run_detail(run: Run) -> None:
             line("finished", local_time(job.finished_at), "  ")
         if job.exit_code is not None:
             line("exit code", str(job.exit_code), "  ")
+        if job.cost is not None:
+            line("cost", f"${job.cost:.4f}" + ("" if job.finished_at else " so far"), "  ")
         if job.reason:
             line("reason", job.reason, "  ")
         for a in job.artifacts:

@@ -42,10 +42,13 @@ def runners(ctx: click.Context, show_all: bool, as_json: bool) -> None:
     def free(r) -> str:
         return r.free.describe().removesuffix(", docker") if r.free is not None and r.jobs else "all"
 
-    print_table(("RUNNER", "HOST", "BACKEND", "RESOURCES", "FREE", "LABELS", "STATUS", "JOBS", "VERSION",
+    def price(r) -> str:
+        return f"${r.price:.2f}/h" if r.price else ""
+
+    print_table(("RUNNER", "HOST", "BACKEND", "RESOURCES", "FREE", "LABELS", "STATUS", "JOBS", "PRICE", "VERSION",
                  "HEARTBEAT"),
                 [(r.name, r.hostname, r.backend or "self-hosted", r.resources.describe(), free(r), labels(r),
-                  status(r), ", ".join(r.jobs), r.version or "", ago(r.last_seen_at)) for r in found])
+                  status(r), ", ".join(r.jobs), price(r), r.version or "", ago(r.last_seen_at)) for r in found])
 
 
 @runners.command()

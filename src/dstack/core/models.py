@@ -181,6 +181,7 @@ class Job(Model):
     ports: list[int] = []
     hostname: str | None = None  # of the runner, where `ports` can be reached
     runner_resources: RunnerResources | None = None  # what the runner that ran it had
+    cost: float | None = None  # USD: its runner's hourly price times the time it ran (None: a runner of no price)
 
 
 class Run(Model):
@@ -236,6 +237,8 @@ class RunnerInfo(Model):
     labels: dict[str, str] = {}
     version: str | None = None
     draining: bool = False  # `dstack runners remove`: it takes no new job, and goes once its jobs have ended
+    price: float | None = None  # USD an hour: of the instance a backend created for it (None: not a backend's)
+    offer: str | None = None  # what the backend created, e.g. "aws g5.xlarge, us-east-1, spot, $0.45/h"
 
 
 Labels = Annotated[dict[Annotated[str, Field(min_length=1, max_length=100)], Annotated[str, Field(max_length=200)]],
@@ -270,6 +273,13 @@ class Heartbeat(Body):
     job_ids: list[JobId] = Field([], max_length=1024)  # the jobs the runner runs now
     job_id: JobId | None = None  # a runner before 0.4: the one job it runs
     last_taken: JobId | None = None  # the last job the runner was given (so it knows of it)
+
+
+class SpotNotice(Body):
+    """POST /api/runners/NAME/interrupted: the provider takes the runner's spot machine back (its notice)."""
+
+    action: str = Field(max_length=20)  # terminate, stop, hibernate
+    time: str | None = Field(None, max_length=50)  # when, as the provider says it
 
 
 class HeartbeatReply(Model):

@@ -214,6 +214,8 @@ def missing(req: Requirements, res: RunnerResources, needs_docker: bool,
     wrong = [f"{k}={v}" for k, v in req.labels.items() if (labels or {}).get(k) != v]
     if wrong:
         lacks.append(f"the label{'s' if len(wrong) > 1 else ''} {', '.join(wrong)}")
+    if res.interruptible and not req.interruptible:
+        lacks.append("a machine that is not interruptible (spot): the workflow does not say `interruptible: true`")
     return lacks  # an on-demand machine may run an interruptible job
 
 

@@ -78,6 +78,12 @@ class ServerClient:
         self._check(self.http.post(f"/api/runners/{name}/jobs/{job_id}/logs", params={"offset": offset},
                                    content=data))
 
+    def interrupted(self, name: str, action: str, when: str | None) -> list[str]:
+        """This machine is a spot one being taken back: the jobs the server ends or requeues."""
+        r = self._check(self.http.post(f"/api/runners/{name}/interrupted", json={"action": action, "time": when},
+                                       timeout=10))
+        return r.json().get("jobs", [])
+
     def deregister(self, name: str) -> None:
         self._check(self.http.post(f"/api/runners/{name}/deregister", timeout=5))
 

@@ -37,6 +37,7 @@ RUNNING_REPORT_DELAY = 0.1  # seconds after the start: a job that ends sooner is
 MAX_REPORT_PAUSE = 5.0  # between two tries of a report the server could not take
 SERVER_ERROR_TRIES = 5  # a 500 is tried this often; a server that cannot take it now (503, unreachable) is waited for
 LEAVING_REPORT_WAIT = 5.0  # a runner on its way out (SIGTERM) gives up a report after this long
+SPOT_POLL = 5.0  # seconds between reads of a spot machine's interruption notice (AWS advises 5)
 STOP_GRACE = stop_grace()
 
 
@@ -173,6 +174,8 @@ class Runner:
             return not self.slots and not leaving
 
     def serve(self) -> None:
+        if self.job_users is not None:
+            self.job_users.recover()  # what jobs of a killed runner left running dies before their folders go
         self._workdir_lock = workspace.use_workdir(self.workdir, self.jobs_dir, self.job_user)
         try:
             self._register_patiently()
@@ -186,6 +189,8 @@ class Runner:
                 log.info("removed the container of job %s, left by a runner that died", job_id)
         hb = threading.Thread(target=self._heartbeats, daemon=True)
         hb.start()
+        if self.resources.interruptible:  # a spot machine: its provider's notice, while jobs run
+            threading.Thread(target=self._watch_spot_notice, name="dstack-spot", daemon=True).start()
         idle_since = time.monotonic()
         unreachable_since: float | None = None
         try:
@@ -243,6 +248,38 @@ class Runner:
                 self.client.deregister(self.name)
             except (httpx.HTTPError, DstackError):
                 pass
+
+    def _watch_spot_notice(self, every: float = SPOT_POLL) -> None:
+        """Read the provider's interruption notice every `every` s while jobs run (runner/spot.py); on one, tell
+        the server (it requeues or ends the jobs, and this runner takes no more) once. A machine whose metadata
+        service does not answer, several times in a row, is not watched further."""
+        from dstack.runner import spot
+
+        failures = 0
+        while not self._stopping.wait(every):
+            if not self.slots:
+                continue
+            try:
+                notice = spot.instance_action()
+            except OSError as e:
+                failures += 1
+                if failures == 5:
+                    log.warning("the spot interruption notice cannot be read (%s): not watched any more", e)
+                    return
+                continue
+            failures = 0
+            if notice is None:
+                continue
+            log.warning("this spot machine is being taken back: %s", notice)
+            while not self._stopping.is_set():
+                try:
+                    ended = self.client.interrupted(self.name, str(notice.get("action", "terminate")),
+                                                    notice.get("time"))
+                    log.info("the server ended or requeued jobs %s", ", ".join(ended) or "(none)")
+                    return
+                except (httpx.HTTPError, DstackError) as e:
+                    log.warning("could not tell the server of the interruption (%s); trying again", e)
+                    self._stopping.wait(1.0)
 
     def _heartbeats(self) -> None:
         """Every second while jobs run here (a stop reaches them within that); idle, as often as the server says
@@ -332,11 +369,17 @@ class Runner:
             with self._lock:
                 if self.slots.get(job.job_id) is slot:  # not the next attempt's, taken meanwhile
                     del self.slots[job.job_id]
+            ended = True
             if host_user is not None:
-                users.end(host_user)  # nothing of the job's own user may run while root removes its folder
-            workspace.remove(folder)
-            if host_user is not None:
-                users.release(host_user)
+                try:
+                    users.end(host_user)  # nothing of the job's own user may run while root removes its folder
+                except job_user_mod.JobUserError as e:  # its folder and its uid are left as they are
+                    ended = False
+                    log.error("job %s: %s; its folder %s and its uid are left alone", job.job_id, e, folder)
+            if ended:
+                workspace.remove(folder)
+                if host_user is not None:
+                    users.release(host_user)
         if execution is not None and not self._stopping.is_set():  # the job is reported: get ready for the next one like it
             root = self.jobs_dir / f"next-{secrets.token_hex(6)}" / "code"
             threading.Thread(target=executor.warm, args=(job, root), daemon=True).start()

@@ -52,6 +52,9 @@ def check() -> None:
               help="Exit after the server has been unreachable this many seconds while no job runs (default: "
                    "wait for it forever; 60 with --idle-timeout). A job's reports wait for the server anyway.")
 @click.option("--no-docker", is_flag=True, help="Run host jobs only, even if Docker is available.")
+@click.option("--interruptible", is_flag=True,
+              help="This is a spot machine: only jobs that say `interruptible: true` run here, and the provider's "
+                   "interruption notice (EC2's instance metadata) is read while they run.")
 @click.option("--job-user", envvar="DSTACK_JOB_USER", default=None, metavar="USER",
               help="A runner that runs as root runs each host job as a user of its own (a uid from "
                    "DSTACK_JOB_UIDS, named dstack-job), so that a job cannot read the server's, the runner's or "
@@ -63,8 +66,8 @@ def check() -> None:
                    "the least recently used go first.")
 def start(server_url: str, token: str | None, token_file: Path | None, token_fd: int | None, name: str | None,
           labels: tuple[str, ...], backend: str | None, workdir: Path | None, idle_timeout: float | None,
-          server_lost_timeout: float | None, no_docker: bool, job_user: str | None, jobs_dir: Path | None,
-          cache_size: str) -> None:
+          server_lost_timeout: float | None, no_docker: bool, interruptible: bool, job_user: str | None,
+          jobs_dir: Path | None, cache_size: str) -> None:
     """Register with a server and execute the jobs it hands out."""
     from dstack.runner import job_user as job_users
     from dstack.storage.cache import parse_size
@@ -98,6 +101,7 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
     resources.address = _address_towards(server_url)
     if no_docker:
         resources.docker = False
+    resources.interruptible = interruptible
     if user is not None:
         resources.host_user = user.name  # whom `dstack run` names as the host job's user
     if server_lost_timeout is None and idle_timeout is not None:

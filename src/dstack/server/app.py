@@ -19,11 +19,15 @@ from dstack.server.background.loops import run_loops
 from dstack.server.context import Context, Settings
 from dstack.server.db.session import make_engine, make_sessionmaker, migrate
 from dstack.server.routers import artifacts, code, runners, runs, tags, transfers, wheels
+from dstack.server.routers import backends as backend_routes
 from dstack.server.routers.deps import RUNNER_API, authorized
+from dstack.server.services import autoscaler
+from dstack.server.services import backends as backend_service
 from dstack.server.services import runners as runner_service
 from dstack.server.services.code import CodeBlobs
 from dstack.server.services.disk import disk_full, is_disk_full
 from dstack.server.services.jobs import ensure_dirs
+from dstack.server.services.secrets import Sealer, server_id
 from dstack.storage.blobstore import open_store
 
 log = logging.getLogger("dstack.server")
@@ -36,12 +40,15 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
         engine = make_engine(settings.db_url)
         local = backend_class("local")(settings.runners_dir, settings.max_local_runners)  # a plug-in, as any
         ctx = Context(settings=settings, sessions=make_sessionmaker(engine), store=open_store(settings.store_config),
-                      code=CodeBlobs(settings.home / "server" / "code"), backends=[local])
+                      code=CodeBlobs(settings.home / "server" / "code"), backends=[local],
+                      sealer=Sealer(settings.home / "server"), server_id=server_id(settings.home / "server"))
         ensure_dirs(ctx)
         ctx.code.remove_partial()  # this server holds the DSTACK_HOME's lock: no other one uploads now
         app.state.ctx = ctx
         # runners that outlived a previous server process (local ones that still run, self-hosted ones) go on
         await runner_service.server_started(ctx, {i.runner_name for i in local.list()})
+        await backend_service.load(ctx)  # the configured backends, and every backend's limits
+        await autoscaler.reconcile(ctx, force=True)  # what each backend has now, orphans included
         loops = asyncio.create_task(run_loops(ctx))
         if on_ready:
             on_ready()
@@ -61,6 +68,8 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
                   docs_url=None, redoc_url=None, openapi_url=None)
     for r in (runs.router, runners.router, transfers.router, tags.router, code.router, artifacts.router, wheels.router):
         app.include_router(r)
+
+    app.include_router(backend_routes.router)
 
     @app.get("/api/healthz", tags=["server", RUNNER_API])
     async def healthz() -> dict:

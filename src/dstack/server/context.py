@@ -7,6 +7,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -136,6 +137,19 @@ class Context:
     # before they register: backend -> (failures in a row, when to try again, why), said as queued jobs' reason
     starting: dict[str, str] = field(default_factory=dict)
     start_failures: dict[str, tuple[int, float, str]] = field(default_factory=dict)
+    # configured backends (services/backends.py): their credentials' seal, this server's id (the tag on what they
+    # create), every backend's limits, why a configured one is not loaded, those removed whose instances still go
+    sealer: Any = None
+    server_id: str = ""
+    limits: dict[str, Any] = field(default_factory=dict)
+    backend_notes: dict[str, str] = field(default_factory=dict)
+    removed_backends: set[str] = field(default_factory=set)
+    # queued job id -> what the autoscaler did or could not do for it this pass (shown as the job's reason)
+    waiting: dict[str, str] = field(default_factory=dict)
+    # services/autoscaler.py: when each runner was asked for, the next teardown pass, each backend's last listing
+    started_at: dict[str, float] = field(default_factory=dict)
+    next_teardown: float = 0.0
+    reconciled: dict[str, float] = field(default_factory=dict)
 
     def forget_quiet(self, runner_name: str) -> None:
         """The runner's next heartbeat reads the database: something about it changed (a job given, a drain)."""

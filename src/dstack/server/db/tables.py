@@ -116,3 +116,40 @@ class RunnerTokenRow(Base):
     issued_by: Mapped[str] = mapped_column(String(50))
     created_at: Mapped[datetime] = mapped_column(DateTime)
     draining: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class BackendRow(Base):
+    """A backend that `dstack backends add` configured: its settings, and its credentials encrypted with the key
+    kept outside the database (services/secrets.py)."""
+
+    __tablename__ = "backends"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # without the secrets
+    secrets: Mapped[str | None] = mapped_column(Text, nullable=True)  # a Fernet token of their JSON
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class LimitsRow(Base):
+    """The limits of a backend (`dstack limits set`): a core.backends.Limits as JSON."""
+
+    __tablename__ = "limits"
+
+    backend: Mapped[str] = mapped_column(String(50), primary_key=True)
+    limits: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class InstanceRow(Base):
+    """A runner a backend created for this server: from the request until the backend confirms it is gone."""
+
+    __tablename__ = "instances"
+
+    backend: Mapped[str] = mapped_column(String(50), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    runner_name: Mapped[str] = mapped_column(String(100), index=True)
+    offer: Mapped[dict] = mapped_column(JSON)  # instance_type, region, spot, price, resources
+    status: Mapped[str] = mapped_column(String(20), index=True)  # running | terminating | terminated
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    terminated_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why it is being terminated

@@ -14,6 +14,7 @@ from dstack.core.models import (
     RunnerRegistration,
     RunnerToken,
     RunnerTokenRequest,
+    SpotNotice,
 )
 from dstack.core.names import MAX_JOB_ID, MAX_RUNNER_NAME
 from dstack.core.transfers import StoreAccess
@@ -68,6 +69,12 @@ async def heartbeat(hb: Heartbeat, name: str = Own,
                     ctx: Context = Depends(get_ctx)) -> HeartbeatReply:
     job_ids = hb.job_ids or ([hb.job_id] if hb.job_id else [])  # a runner before 0.4 sends its one job
     return await runners.heartbeat(ctx, name, job_ids, hb.last_taken)
+
+
+@router.post("/{name}/interrupted", tags=[RUNNER_API])
+async def interrupted(notice: SpotNotice, name: str = Own, ctx: Context = Depends(get_ctx)) -> dict:
+    """The runner's spot machine is being taken back: its jobs are requeued (retry) or end, it takes no more."""
+    return {"jobs": await runners.interrupted(ctx, name, notice.action, notice.time)}
 
 
 @router.post("/{name}/deregister", tags=[RUNNER_API])

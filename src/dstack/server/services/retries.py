@@ -11,7 +11,7 @@ from dstack.server.context import Context
 from dstack.server.db.tables import JobRow
 from dstack.server.services.jobs import append_logs, log_path
 
-RUNNER_LOST, ERROR = "runner-lost", "error"
+RUNNER_LOST, ERROR, INTERRUPTED = "runner-lost", "error", "interrupted"
 
 
 def requeue(ctx: Context, job: JobRow, cause: str, why: str) -> bool:
@@ -19,7 +19,10 @@ def requeue(ctx: Context, job: JobRow, cause: str, why: str) -> bool:
     covers `cause` and has attempts left; whether it did. The caller commits."""
     spec = job.spec or {}
     policy, attempt = spec.get("retry"), int(spec.get("attempt") or 1)
-    if not policy or cause not in policy.get("on", [RUNNER_LOST]) or attempt > int(policy.get("limit", 1)):
+    causes = policy.get("on", [RUNNER_LOST]) if policy else []
+    if cause == INTERRUPTED and RUNNER_LOST in causes:  # a spot machine taken back is a runner lost, told early
+        causes = [*causes, INTERRUPTED]
+    if not policy or cause not in causes or attempt > int(policy.get("limit", 1)):
         return False
     if job.stop_requested:
         return False  # the user stopped it: that is not a failure to retry

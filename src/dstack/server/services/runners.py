@@ -21,7 +21,7 @@ from dstack.core.models import (
 from dstack.core.names import random_base
 from dstack.core.resources import Usage
 from dstack.server.context import Context
-from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
+from dstack.server.db.tables import InstanceRow, JobRow, RunnerRow, RunnerTokenRow
 from dstack.server.services import runner_tokens
 from dstack.server.services.convert import runner_model
 from dstack.server.services.jobs import log_path, settle
@@ -229,6 +229,26 @@ async def deregister(ctx: Context, name: str) -> None:
     ctx.signals.notify("runners")
 
 
+async def interrupted(ctx: Context, name: str, action: str, when: str | None) -> list[str]:
+    """The runner's spot machine is being taken back (its provider's notice, about two minutes ahead): it takes
+    no new job, and its jobs go back to the queue where `retry` allows, else FAIL "interrupted" (the runner
+    stops what the server has ended, at its next heartbeat). The job ids."""
+    from dstack.server.services import retries
+
+    await runner_tokens.drain(ctx, name)
+    why = f"interrupted: runner {name}'s spot machine is being taken back ({action}" + (f" at {when})" if when else ")")
+    async with ctx.sessions() as s:
+        ended = await _fail_jobs_of(s, name, why, ctx, cause=retries.INTERRUPTED)
+        await s.commit()
+    ctx.forget_quiet(name)
+    for job_id in ended:
+        ctx.signals.notify(f"job:{job_id}")
+    if ended:
+        ctx.signals.notify("jobs")
+    log.warning("%s; its jobs: %s", why, ", ".join(ended) or "none")
+    return ended
+
+
 async def fail_jobs_of(ctx: Context, runner_names: list[str], reason: str) -> None:
     """The unfinished jobs of these runners FAIL with `reason` (the runners are going away with them)."""
     async with ctx.sessions() as s:
@@ -237,15 +257,16 @@ async def fail_jobs_of(ctx: Context, runner_names: list[str], reason: str) -> No
         await s.commit()
 
 
-async def _fail_jobs_of(s, runner_name: str, reason: str, ctx: Context | None = None) -> list[str]:
+async def _fail_jobs_of(s, runner_name: str, reason: str, ctx: Context | None = None,
+                        cause: str | None = None) -> list[str]:
     """The unfinished jobs of a runner that is gone FAIL with `reason`; given `ctx`, those whose workflow says
-    `retry` go back to the queue instead (services/retries)."""
+    `retry` (on `cause`, default runner-lost) go back to the queue instead (services/retries)."""
     from dstack.server.services import retries
 
     jobs = (await s.scalars(select(JobRow).where(
         JobRow.runner_name == runner_name, JobRow.status.notin_([x.value for x in FINISHED])))).all()
     for job in jobs:
-        if ctx is None or not retries.requeue(ctx, job, retries.RUNNER_LOST, reason):
+        if ctx is None or not retries.requeue(ctx, job, cause or retries.RUNNER_LOST, reason):
             job.status = JobStatus.FAILED.value
             job.finished_at = now()
             job.reason = reason
@@ -268,12 +289,16 @@ async def list_runners(ctx: Context, include_gone: bool = False) -> list[RunnerI
                 JobRow.runner_name.in_([r.name for r in rows]),
                 JobRow.status.not_in([x.value for x in FINISHED])).order_by(JobRow.started_at))).all():
             jobs.setdefault(runner, []).append(job_id)
+        offers = dict((await s.execute(select(InstanceRow.runner_name, InstanceRow.offer).where(
+            InstanceRow.runner_name.in_([r.name for r in rows])))).all())
     infos = []
     for r in rows:
         info = runner_model(r, r.name in draining)
         info.last_seen_at = last_heard(ctx, r.name, r.last_seen_at)
         info.jobs = jobs.get(r.name, [])
         info.free = used.get(r.name, Usage()).free(info.resources)
+        if r.name in offers:  # a backend's instance: its price, and what it is
+            info.price, info.offer = float(offers[r.name].get("price") or 0), offers[r.name].get("describe")
         infos.append(info)
     return infos
 

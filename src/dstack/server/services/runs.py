@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -40,7 +40,7 @@ from dstack.core.names import random_base
 from dstack.core.resources import RunnerResources
 from dstack.core.sizes import plural
 from dstack.server.context import Context
-from dstack.server.db.tables import InputRow, JobRow, RunnerRow, RunRow
+from dstack.server.db.tables import InputRow, InstanceRow, JobRow, RunnerRow, RunRow
 from dstack.server.services import dependencies, gangs, refusals, scheduler, tags
 from dstack.server.services.convert import job_model, run_model
 from dstack.server.services.run_state import now, refresh_run_status
@@ -223,18 +223,39 @@ async def list_runs(ctx: Context, repo_id: str | None, limit: int | None,
     async with ctx.sessions() as s:
         rows = (await s.scalars(q)).all()
         total = len(rows) if not limit or len(rows) < limit else await s.scalar(count)
-    return [_unrecorded(ctx, run_model(r, with_specs=False)) for r in rows], total
+    found = [_unrecorded(ctx, run_model(r, with_specs=False)) for r in rows]
+    await _costs(ctx, found)
+    return found, total
+
+
+async def _costs(ctx: Context, runs: list[Run]) -> None:
+    """Each job's cost: the hourly price of the instance its runner is, times the time it ran (until now, for
+    one that runs)."""
+    names = {j.runner for r in runs for j in r.jobs if j.runner}
+    if not names:
+        return
+    async with ctx.sessions() as s:
+        prices = dict((await s.execute(select(InstanceRow.runner_name, InstanceRow.offer).where(
+            InstanceRow.runner_name.in_(names)))).all())
+    for run in runs:
+        for job in run.jobs:
+            price = float((prices.get(job.runner) or {}).get("price") or 0)
+            if price and job.started_at is not None:
+                held = ((job.finished_at or now().replace(tzinfo=UTC)) - job.started_at).total_seconds()
+                job.cost = round(price * max(0.0, held) / 3600, 6)
 
 
 def _unrecorded(ctx: Context, run: Run) -> Run:
     """An unfinished job whose end its runner reported but the server could not write down says so; a queued
-    job, why no runner has been started for it (a backend whose runners exit at once)."""
-    waiting = "; ".join(why for _, _, why in ctx.start_failures.values())
+    job, what the autoscaler does for it or why it cannot (a limit reached, a backend whose runners exit at
+    once)."""
+    failing = "; ".join(why for _, _, why in ctx.start_failures.values())
     for job in run.jobs:
         if job.job_id in ctx.unrecorded and not job.status.finished:
             job.reason = ctx.unrecorded[job.job_id]
-        elif waiting and job.status == JobStatus.SUBMITTED and job.runner is None:
-            job.reason = waiting
+        elif job.status == JobStatus.SUBMITTED and job.runner is None and (ctx.waiting.get(job.job_id) or failing):
+            waiting = ctx.waiting.get(job.job_id) or failing  # after why it is queued again, if it is (retry)
+            job.reason = f"{job.reason}; {waiting}" if job.reason else waiting
     return run
 
 
@@ -255,6 +276,7 @@ async def get_run(ctx: Context, repo_id: str | None, name: str) -> Run:
         if row is None:
             raise NotFound(f"no run or job named '{name}'", hint="`dstack status` lists runs and their jobs")
         run = _unrecorded(ctx, run_model(row))
+        await _costs(ctx, [run])
         run.used_by = sorted(set((await s.scalars(select(InputRow.run_name).where(
             InputRow.input_run == row.name))).all()))
         return run

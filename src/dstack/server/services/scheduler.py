@@ -15,6 +15,7 @@ from dstack.core.resources import Requirements, RunnerResources, Usage, missing,
 from dstack.server.context import Context
 from dstack.server.db.tables import JobRow, RunnerRow, RunnerTokenRow
 from dstack.server.services import gangs, runner_tokens
+from dstack.server.services.backends import allowed_offers, capacity
 from dstack.server.services.run_state import now, refresh_run_status
 
 
@@ -32,10 +33,14 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[tuple[str, str]]
     offers = [(f"runner {r.name}", RunnerResources.model_validate(r.resources), r.labels) for r in runners
               if r.name not in draining]
     machines = [1] * len(offers)  # how many machines each offer is: a backend's, as many as it may still start
+    refused: list[tuple[str, RunnerResources, str]] = []  # offers that the backends' limits do not allow
     for backend in ctx.backends:
-        more = [(f"backend {backend.name}", offer.resources, {}) for offer in await asyncio.to_thread(backend.offers)]
+        allowed, not_allowed = await asyncio.to_thread(allowed_offers, ctx, backend)
+        more = [(f"backend {backend.name}", offer.resources, {}) for offer in allowed]
         offers += more
-        machines += [max(0, backend.max_runners - sum(r.backend == backend.name for r in runners))] * len(more)
+        alive = sum(r.backend == backend.name and r.name not in draining for r in runners)
+        machines += [max(0, capacity(ctx, backend) - alive)] * len(more)
+        refused += [(f"{o.describe()}", o.resources, why) for o, why in not_allowed]
     lacking: dict[tuple[str, ...], list[str]] = {}  # what they lack -> who lacks it: alike machines said once
     for who, res, labels in offers:
         lacks = fits(job, res, labels)
@@ -44,6 +49,11 @@ async def check_satisfiable(ctx: Context, job: JobSpec) -> list[tuple[str, str]]
                 _check_room_for_all(job, offers, machines)
             return _warnings(job, [res for _, res, _ in offers])
         lacking.setdefault(tuple(lacks), []).append(who)
+    barred = [f"{who} ({why})" for who, res, why in refused if not fits(job, res)]
+    if barred:
+        raise Unsatisfiable(f"only offers that the backends' limits refuse could run '{job.workflow}' "
+                            f"({job.requirements.describe()}): {_names(barred)}",
+                            hint="`dstack limits` shows the limits; `dstack limits set BACKEND ...` changes them")
     if not offers:
         raise Unsatisfiable("no runner is registered and no backend is configured",
                             hint="start one with `dstack-runner start --server URL --token TOKEN`")

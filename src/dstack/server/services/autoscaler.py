@@ -1,0 +1,355 @@
+"""Runners on demand, within limits, and their guaranteed teardown.
+
+Each pass (background/loops.py), one at a time, so that no limit is exceeded whatever the submissions:
+- `provision`: a queued job that no live runner has room for, nor a runner being started, gets a runner from the
+  cheapest offer that fits it and that the backend's limits allow (regions, instance types, spot, price, the most
+  instances in all and of each type); a capacity or quota refusal makes it try the next offer. A multi-node run's
+  runners are created together, or none. Each queued job says what was done for it, or why nothing could be.
+- `teardown`: an instance goes when its runner has gone (exited idle, lost), has been idle past the idle timeout,
+  never registered, or is over a lowered limit (idle ones at once; busy ones are drained and go once their jobs
+  have ended); a termination is asked again until the backend confirms it.
+- `reconcile` (at start, then every backend's `list_interval`): instances that carry this server's tags but
+  that it does not know are reported and terminated; those that are gone on their own are marked so.
+Every instance is a row of `instances` from the request on (its offer: the price behind runners' and jobs' cost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+
+from dstack.backends.base import Bootstrap, CapacityError, Instance, MultiNode, Offer
+from dstack.core.backends import Limits
+from dstack.core.models import JobSpec, JobStatus, RunnerStatus
+from dstack.core.resources import RunnerResources, Usage, place
+from dstack.server.context import Context
+from dstack.server.db.tables import InstanceRow, JobRow, RunnerRow
+from dstack.server.services import runner_tokens
+from dstack.server.services.backends import allowed_offers, capacity, limits_of
+from dstack.server.services.scheduler import fits, usage_of
+
+log = logging.getLogger("dstack.server")
+LIVE = (RunnerStatus.READY.value, RunnerStatus.BUSY.value)
+TEARDOWN_EVERY = 2.0  # seconds between teardown passes (and between asking a backend again to terminate)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _offer_json(o: Offer) -> dict:
+    return {"instance_type": o.instance_type, "region": o.region, "spot": o.spot, "price": o.price,
+            "resources": o.resources.model_dump(mode="json"), "describe": o.describe()}
+
+
+async def provision(ctx: Context) -> None:
+    async with ctx.sessions() as s:
+        queued_now = JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None)
+        if not ctx.backends or await s.scalar(select(JobRow.job_id).where(*queued_now).limit(1)) is None:
+            ctx.waiting.clear()
+            return  # nothing to start a runner for: the pass costs one small query
+        # runners first: a job seen queued below was queued while they were as seen here
+        live = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE)))).all()
+        queued = (await s.scalars(select(JobRow).where(*queued_now).order_by(JobRow.submitted_at))).all()
+        instances = (await s.scalars(select(InstanceRow).where(InstanceRow.status.in_(("running", "terminating")))))
+        instances = instances.all()
+        draining = await runner_tokens.draining(s)
+        used = await usage_of(s, [r.name for r in live])
+    registered = {r.name for r in live}
+    for name, of in list(ctx.starting.items()):  # one that registered ends its backend's failures in a row
+        if name in registered:
+            del ctx.starting[name]
+            ctx.start_failures.pop(of, None)
+    # what live runners have free now; a queued job that fits there is taken by one of them
+    rooms = [(RunnerResources.model_validate(r.resources), r.labels, used.get(r.name, Usage())) for r in live
+             if r.name not in draining]
+    # runners being started (not registered yet): each will take one job that its offer fits, which says what
+    starting = [(RunnerResources.model_validate(i.offer["resources"]), _provisioning(i.offer)) for i in instances
+                if i.status == "running" and i.runner_name not in registered and i.offer.get("resources")]
+    alive = {}  # backend -> instances, (backend, type) -> instances
+    for i in instances:
+        alive[i.backend] = alive.get(i.backend, 0) + 1
+        key = (i.backend, i.offer.get("instance_type"))
+        alive[key] = alive.get(key, 0) + 1
+    waiting: dict[str, str] = {}
+    need: dict[str, list[JobSpec]] = {}  # run -> its jobs that need a new runner (a multi-node run's together)
+    for row in queued:
+        job = JobSpec.model_validate(row.spec)
+        room = next(((u, gpus) for res, labels, u in rooms if not fits(job, res, labels)
+                     and (gpus := place(job.requirements, res, u)) is not None), None)
+        if room is not None:  # a live runner will take it: its room is counted as taken
+            room[0].add(job.requirements, room[1])
+            continue
+        soon = next((s for s in starting if not fits(job, s[0])), None)
+        if soon is not None:
+            starting.remove(soon)
+            waiting[row.job_id] = soon[1]
+            continue
+        need.setdefault(row.run_name, []).append(job)
+    offers = {b.name: allowed_offers(ctx, b) for b in ctx.backends}
+    for jobs in need.values():
+        why = await _start_for(ctx, jobs, offers, alive)
+        for job in jobs:
+            waiting[job.job_id] = why
+    ctx.waiting = waiting
+
+
+async def _start_for(ctx: Context, jobs: list[JobSpec], offers: dict, alive: dict) -> str:
+    """Start a runner for each of `jobs` (one run's) from the cheapest offer that fits them all and that the
+    limits allow for all of them; what was done, or why nothing could be, for the jobs' reason."""
+    k = len(jobs)
+    refusals: list[str] = []
+    candidates: list[tuple[Offer, object]] = []
+    for backend in ctx.backends:
+        allowed, refused = offers[backend.name]
+        _, retry_at, failing = ctx.start_failures.get(backend.name, (0, 0.0, ""))
+        if time.monotonic() < retry_at:
+            refusals.append(failing)
+            continue
+        if k > 1 and not isinstance(backend, MultiNode) and backend.name != "local":
+            continue
+        fitting = [o for o in allowed if all(not fits(j, o.resources) for j in jobs)]
+        if not fitting:
+            refusals += [f"{o.describe()}: {why}" for o, why in refused
+                         if all(not fits(j, o.resources) for j in jobs)][:3]
+            continue
+        cap = capacity(ctx, backend)
+        if alive.get(backend.name, 0) + k > cap:
+            refusals.append(f"limit of {cap} {backend.name} instance{'s' if cap != 1 else ''} reached")
+            continue
+        limits = limits_of(ctx, backend.name)
+        for o in fitting:
+            most = limits.max_per_type.get(o.instance_type or "")
+            if most is not None and alive.get((backend.name, o.instance_type), 0) + k > most:
+                refusals.append(f"limit of {most} {o.instance_type} reached")
+                continue
+            candidates.append((o, backend))
+    candidates.sort(key=lambda c: c[0].price)
+    tries = []
+    for offer, backend in candidates:
+        made: list[Instance] = []
+        try:
+            for job in jobs:
+                made.append(await _create(ctx, backend, offer, job, "; ".join(tries)))
+        except CapacityError as e:
+            tries.append(f"{offer.describe()}: {e}")
+            log.info("%s refused a runner for %s: %s", backend.name, jobs[0].run_name, e)
+            for inst in made:  # a multi-node run's are all or none
+                await _mark_terminating(ctx, backend.name, inst.id, "the rest of its run's runners could not be had")
+            continue
+        except Exception as e:  # a backend's failure is the jobs' reason, not the loop's end
+            tries.append(f"{offer.describe()}: {e}")
+            log.exception("%s could not create a runner", backend.name)
+            continue
+        alive[backend.name] = alive.get(backend.name, 0) + k
+        alive[(backend.name, offer.instance_type)] = alive.get((backend.name, offer.instance_type), 0) + k
+        return _provisioning({"describe": offer.describe(), "after": "; ".join(tries)})
+    said = tries + [r for r in dict.fromkeys(refusals) if r]
+    if not said:
+        return "waiting: no runner has room for it now, and no backend can start one that fits it"
+    return "waiting: " + "; ".join(said[:4]) + (f" (and {len(said) - 4} more)" if len(said) > 4 else "")
+
+
+def _provisioning(offer: dict) -> str:
+    """What a job that a runner is being started for says, as long as it is (the offers tried before too)."""
+    if not offer.get("describe"):
+        return "a runner is being started for it"
+    return f"provisioning {offer['describe']}" + (f" (after {offer['after']})" if offer.get("after") else "")
+
+
+async def _create(ctx: Context, backend, offer: Offer, job: JobSpec, after: str = "") -> Instance:
+    # a token of its own, never the admin's: it can do a runner's work and nothing else
+    identity = await runner_tokens.issue(ctx, None, {}, issued_by=backend.name)
+    idle = limits_of(ctx, backend.name).idle_timeout
+    bootstrap = Bootstrap(server_url=ctx.settings.url, token=identity.token, runner_name=identity.name,
+                          idle_timeout=ctx.settings.runner_idle_timeout if idle is None else idle,
+                          server_id=ctx.server_id, interruptible=offer.spot)
+    try:
+        inst = await asyncio.to_thread(backend.create, offer, bootstrap)
+    except BaseException:
+        await runner_tokens.revoke(ctx, identity.name)
+        raise
+    async with ctx.sessions() as s, s.begin():
+        s.add(InstanceRow(backend=backend.name, instance_id=inst.id, runner_name=identity.name,
+                          offer={**_offer_json(offer), **({"after": after} if after else {})}, status="running",
+                          created_at=_now()))
+    ctx.starting[identity.name] = backend.name
+    ctx.started_at[identity.name] = time.monotonic()
+    log.info("started %s runner %s for job %s (%s)", backend.name, identity.name, job.job_id, offer.describe())
+    return inst
+
+
+async def _mark_terminating(ctx: Context, backend: str, instance_id: str, reason: str) -> None:
+    async with ctx.sessions() as s, s.begin():
+        row = await s.get(InstanceRow, (backend, instance_id))
+        if row is not None and row.status == "running":
+            row.status, row.reason = "terminating", reason
+    ctx.next_teardown = 0.0
+
+
+async def teardown(ctx: Context) -> None:
+    """Terminate the instances that should go, and ask again for those whose termination is not confirmed."""
+    if time.monotonic() < ctx.next_teardown:
+        return
+    ctx.next_teardown = time.monotonic() + TEARDOWN_EVERY
+    backends = {b.name: b for b in ctx.backends}
+    async with ctx.sessions() as s:
+        rows = (await s.scalars(select(InstanceRow).where(InstanceRow.status.in_(("running", "terminating")))
+                                .order_by(InstanceRow.created_at.desc()))).all()
+        if not rows:
+            return
+        runners = {r.name: r for r in (await s.scalars(select(RunnerRow).where(
+            RunnerRow.name.in_([r.runner_name for r in rows])))).all()}
+        busy = set((await s.scalars(select(JobRow.runner_name).where(
+            JobRow.runner_name.in_(list(runners)), JobRow.status.in_(_UNFINISHED)))).all())
+        last_end = dict((await s.execute(select(JobRow.runner_name, func.max(JobRow.finished_at)).where(
+            JobRow.runner_name.in_(list(runners))).group_by(JobRow.runner_name))).all())
+    over = _over_limits(ctx, [r for r in rows if r.status == "running"], backends)
+    for row in rows:
+        backend = backends.get(row.backend)
+        if backend is None:
+            continue  # its plug-in is not loaded: it is said in `dstack backends`
+        runner = runners.get(row.runner_name)
+        why = row.reason if row.status == "terminating" else None
+        if why is None:
+            why = _why_go(ctx, backend, row, runner, row.runner_name in busy, last_end.get(row.runner_name),
+                          row in over)
+        if why == "drain":
+            await runner_tokens.drain(ctx, row.runner_name)
+            continue
+        if why is None:
+            continue
+        try:
+            done = await asyncio.to_thread(backend.terminate, row.instance_id)
+        except Exception as e:  # asked again next time
+            done = False
+            log.warning("terminating %s instance %s failed (asked again): %s", row.backend, row.instance_id, e)
+        async with ctx.sessions() as s, s.begin():
+            r = await s.get(InstanceRow, (row.backend, row.instance_id))
+            if r is None:
+                continue
+            if r.status == "running":
+                log.info("terminating %s instance %s (runner %s): %s", row.backend, row.instance_id,
+                         row.runner_name, why)
+            r.status, r.reason = ("terminated", why) if done else ("terminating", why)
+            if done:
+                r.terminated_at = _now()
+        if done and runner is not None and runner.status in LIVE:
+            from dstack.server.services.runners import terminated
+
+            await terminated(ctx, [row.runner_name])
+    ctx.removed_backends = {n for n in ctx.removed_backends if any(r.backend == n and r.status != "terminated"
+                                                                   for r in rows)}
+
+
+_UNFINISHED = tuple(s.value for s in JobStatus if not s.finished and s != JobStatus.SUBMITTED)
+
+
+def _why_go(ctx: Context, backend, row: InstanceRow, runner: RunnerRow | None, busy: bool,
+            last_end: datetime | None, over: bool) -> str | None:
+    """Why this instance should go now ("drain": once its jobs end; None: it stays)."""
+    if runner is None:
+        grace = getattr(backend, "startup_grace", 600.0)
+        age = (_now() - row.created_at).total_seconds()
+        if age > grace:
+            _failed_start(ctx, backend, row.runner_name, f"its runner did not register within {grace:g} s")
+            return f"its runner did not register within {grace:g} s"
+        return None
+    if runner.status not in LIVE:
+        return f"its runner is {runner.status.lower()}"
+    if over:
+        return "drain" if busy else "over the backend's limits"
+    if busy:
+        return None
+    limits = limits_of(ctx, backend.name)
+    idle = ctx.settings.runner_idle_timeout if limits.idle_timeout is None else limits.idle_timeout
+    since = max(x for x in (runner.registered_at, last_end) if x is not None)
+    # the runner exits by itself after its idle timeout; this is the backstop, a minute later
+    if (_now() - since).total_seconds() > idle + 60:
+        return f"idle for more than {idle:g} s"
+    return None
+
+
+def _over_limits(ctx: Context, running: list[InstanceRow], backends: dict) -> set:
+    """The instances over their backend's limits now (a limit lowered, a backend disabled or removed): the
+    newest first."""
+    over = set()
+    by_backend: dict[str, list[InstanceRow]] = {}
+    for r in running:
+        by_backend.setdefault(r.backend, []).append(r)
+    for name, rows in by_backend.items():
+        backend = backends.get(name)
+        cap = capacity(ctx, backend) if backend is not None else 0
+        over.update(rows[: max(0, len(rows) - cap)])
+        limits: Limits = limits_of(ctx, name)
+        for r in rows:
+            if limits.refusal(r.offer.get("instance_type"), r.offer.get("region"), bool(r.offer.get("spot")),
+                              float(r.offer.get("price") or 0)) is not None:
+                over.add(r)
+        for itype, most in limits.max_per_type.items():
+            of_type = [r for r in rows if r.offer.get("instance_type") == itype]
+            over.update(of_type[: max(0, len(of_type) - most)])
+    return over
+
+
+def _failed_start(ctx: Context, backend, name: str, why: str) -> None:
+    """A runner the backend started that is gone (or silent) before it registered: the next one is started only
+    after a back-off (1, 2, 4 ... 60 s), and queued jobs say why they wait. One that registers ends it."""
+    ctx.starting.pop(name, None)
+    failures = ctx.start_failures.get(backend.name, (0, 0.0, ""))[0] + 1
+    delay = min(60.0, 2.0 ** (failures - 1))
+    said = (f"the {backend.name} backend's runner {name} {why} ({failures} in a row; "
+            f"{backend.describe_failure(name)}); trying again in {delay:g} s")
+    ctx.start_failures[backend.name] = (failures, time.monotonic() + delay, said)
+    log.warning("%s", said)
+
+
+async def reconcile(ctx: Context, force: bool = False) -> None:
+    """Compare what each backend lists with what the server knows: an instance with this server's tags that it
+    does not know is an orphan (reported, terminated); a known one that is gone is marked so."""
+    for backend in list(ctx.backends):
+        interval = getattr(backend, "list_interval", 30.0)
+        if not force and time.monotonic() - ctx.reconciled.get(backend.name, float("-inf")) < interval:
+            continue
+        ctx.reconciled[backend.name] = time.monotonic()
+        try:
+            listed = await asyncio.to_thread(backend.list)
+        except Exception as e:  # the next pass asks again
+            log.warning("could not list the %s backend's instances: %s", backend.name, e)
+            continue
+        seen = {i.id: i for i in listed}
+        async with ctx.sessions() as s:
+            rows = (await s.scalars(select(InstanceRow).where(InstanceRow.backend == backend.name,
+                                                              InstanceRow.status != "terminated"))).all()
+            names = await s.scalars(select(RunnerRow.name).where(RunnerRow.name.in_([r.runner_name for r in rows])))
+            registered = set(names.all())
+            known = {r.instance_id for r in (await s.scalars(select(InstanceRow).where(
+                InstanceRow.backend == backend.name))).all()}
+            for row in rows:
+                if row.instance_id not in seen:
+                    if row.runner_name not in registered and row.status == "running":
+                        _failed_start(ctx, backend, row.runner_name, "exited before it registered")
+                    row.status, row.terminated_at = "terminated", _now()
+                    row.reason = row.reason or "gone on its own (its runner exited, or the instance was terminated)"
+            await s.commit()
+        for iid, inst in seen.items():
+            if iid in known:
+                continue
+            if getattr(backend, "adopts_unknown", False):  # its own processes, of a server before this one
+                async with ctx.sessions() as s, s.begin():
+                    s.add(InstanceRow(backend=backend.name, instance_id=iid, runner_name=inst.runner_name,
+                                      offer=_offer_json(inst.offer) if inst.offer else {"resources": None},
+                                      status="running", created_at=_now()))
+                continue
+            log.warning("the %s backend has instance %s (runner %s) with this server's tags that the server does "
+                        "not know: terminating it", backend.name, iid, inst.runner_name)
+            async with ctx.sessions() as s, s.begin():
+                s.add(InstanceRow(backend=backend.name, instance_id=iid, runner_name=inst.runner_name,
+                                  offer=_offer_json(inst.offer) if inst.offer else {}, status="terminating",
+                                  created_at=_now(), reason="an orphan: it carries this server's tags, and the "
+                                                            "server did not know it"))
+            ctx.next_teardown = 0.0
