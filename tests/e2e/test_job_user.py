@@ -220,8 +220,12 @@ def test_job_uids_are_leased_one_per_job_and_nothing_of_one_outlives_its_job(tmp
         users.end(a)
         assert hidden.wait(timeout=10) == -9
         assert headless.wait(timeout=10) == -9
+        made = subprocess.run(["ipcmk", "-M", "4096"], user=a.uid, group=a.gid, extra_groups=[], cwd="/",
+                              capture_output=True, text=True)  # System V shared memory, which outlives processes
+        assert made.returncode == 0, made
         users.release(a)
         assert not scratch.exists(), "what the uid left in /tmp goes with its lease"
+        assert not [x for x in Path("/proc/sysvipc/shm").read_text().splitlines()[1:] if str(a.uid) in x.split()]
         assert users.lease().uid == a.uid  # free again
     finally:
         hidden.kill()

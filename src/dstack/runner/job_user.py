@@ -1,8 +1,8 @@
 """Who runs a runner's host jobs, and where their folders are.
 
 A runner that runs as root runs each host job as a user of its own: a uid from a range that no account uses
-(DSTACK_JOB_UIDS, default 1900000000-1900065535), leased for the job's lifetime (a lock file per uid under the
-jobs base, so that several runners of one machine never share one), named `dstack-job` in the job's own
+(DSTACK_JOB_UIDS, default 1900000000-1900065535), leased for the job's lifetime (a lock file per uid in
+/run/dstack-runner/job-uids, so that the runners of one machine never share one), named `dstack-job` in the job's own
 /etc/passwd. So a job cannot read what its runner or the server keep on the machine (the server's token and
 database, the runner's token), nor another job's folder, environment or processes. When the job's shell has
 ended, every process of its uid is killed (one `kill(-1, SIGKILL)` made as that uid, which the kernel makes
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JOBS_DIR = Path("/var/lib/dstack-runner")
 DEFAULT_UIDS = "1900000000-1900065535"  # DSTACK_JOB_UIDS: the uids that jobs get one each of; no account's
-LEASES = "uids"  # under the jobs base: a lock file per uid leased to a job
+LEASES = "uids"  # under the jobs base (where there is no /run): a lock file per uid leased to a job
+MACHINE_LEASES = Path("/run/dstack-runner/job-uids")  # the same, for every runner of the machine
 
 
 class JobUserError(Exception):
@@ -83,8 +84,9 @@ def choose(name: str | None, base: Path | None = None) -> JobUsers | None:
     if name is not None and name != DEFAULT_USER:
         user = JobUser.named(name)
         return None if user.uid == 0 else JobUsers(named=user)
-    return JobUsers(uids=_uid_range(os.environ.get("DSTACK_JOB_UIDS") or DEFAULT_UIDS),
-                    leases=(base or DEFAULT_JOBS_DIR) / LEASES)
+    # one lease folder for the whole machine (whatever each runner's --jobs-dir): no two runners lease one uid
+    leases = MACHINE_LEASES if MACHINE_LEASES.parent.parent.is_dir() else (base or DEFAULT_JOBS_DIR) / LEASES
+    return JobUsers(uids=_uid_range(os.environ.get("DSTACK_JOB_UIDS") or DEFAULT_UIDS), leases=leases)
 
 
 def _uid_range(text: str) -> range:
@@ -242,8 +244,9 @@ def _processes(uid: int) -> list[int]:
 
 
 def _sweep(uid: int) -> None:
-    """What `uid` left in the machine's shared scratch folders, which the next job of the uid would find."""
-    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+    """What `uid` left in the machine's shared scratch folders and System V IPC, which the next job of the uid
+    would find."""
+    for folder in ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue"):
         try:
             entries = list(os.scandir(folder))
         except OSError:
@@ -254,6 +257,17 @@ def _sweep(uid: int) -> None:
                     remove_tree(Path(entry.path))
             except OSError:
                 pass
+    for kind, flag in (("shm", "-m"), ("msg", "-q"), ("sem", "-s")):
+        try:
+            lines = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        except OSError:
+            continue
+        columns = lines[0].split() if lines else []
+        for line in lines[1:]:
+            row = dict(zip(columns, line.split(), strict=False))
+            if uid in (int(row.get("uid", -1)), int(row.get("cuid", -1))):
+                ident = row.get("shmid") or row.get("msqid") or row.get("semid")
+                subprocess.run(["ipcrm", flag, str(ident)], capture_output=True, timeout=10)
 
 
 def jobs_dir(workdir: Path, user: JobUser | None, base: Path | None = None) -> Path:
