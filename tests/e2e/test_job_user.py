@@ -288,3 +288,23 @@ def test_a_jobs_environment_never_reaches_what_runs_as_root(open_home, project, 
         assert "0" not in ran, f"the job's environment ran code as root: {ran}"
     finally:
         d.stop_server()
+
+
+def test_a_finished_jobs_tree_is_taken_back_so_that_no_other_uid_changes_it(tmp_path):
+    from dstack.runner.job_user import take_back
+
+    tree = tmp_path / "code"
+    (tree / "out" / "deep").mkdir(parents=True)
+    for d in (tree, tree / "out", tree / "out" / "deep"):
+        os.chown(d, 1900070000, 1900070000)
+        d.chmod(0o777)  # a job that let every uid in (another job of its own, still running)
+    os.symlink("/etc", tree / "out" / "etc")  # not followed
+    tmp_path.chmod(0o755)
+    take_back(tree)
+    for d in (tree, tree / "out", tree / "out" / "deep"):
+        st = d.stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o755), (d, st)
+    assert Path("/etc").stat().st_uid == 0 and Path("/etc").stat().st_mode & 0o777 == 0o755
+    other = subprocess.run(["/bin/sh", "-c", f"touch {tree}/out/deep/new"], user=1900070001, group=1900070001,
+                           extra_groups=[], capture_output=True)
+    assert other.returncode != 0 and not (tree / "out" / "deep" / "new").exists()

@@ -505,6 +505,8 @@ class Runner:
             code = slot.execution.wait()
             if host_user is not None:
                 self.job_users.end(host_user)  # what it left running goes before root reads its folder
+                if host_user.own:
+                    job_user_mod.take_back(root)  # nor may another job's uid change it while root reads it
         finally:
             ended.set()
             running.cancel()

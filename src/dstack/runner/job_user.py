@@ -393,6 +393,15 @@ def give(path: Path, user: JobUser | None) -> None:
         os.chmod(path, 0o700)  # a job's own: no other job's uid may enter it (its mounts show where it is)
 
 
+def take_back(path: Path) -> None:
+    """A job has ended: its folders become root's, writable by no one else, each through a descriptor opened
+    without following links, so that no other uid (a job that this one let in, and that still runs) can change
+    the tree while root saves its artifacts. Files keep their owner (a file's content is the job's to give)."""
+    for _dirpath, _dirs, _files, dirfd in os.fwalk(path, follow_symlinks=False):  # each folder, by descriptor
+        os.fchown(dirfd, 0, 0)
+        os.fchmod(dirfd, stat.S_IMODE(os.fstat(dirfd).st_mode) & ~0o022)
+
+
 def home(folder: Path, user: JobUser | None) -> Path | None:
     """The job's HOME, in its folder, when it runs as another user (none of whose own home is ours to use)."""
     if user is None:
