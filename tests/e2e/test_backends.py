@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,43 @@ def test_limits_and_settings_are_checked_where_they_are_kept(tmp_path):
     Path(tmp_path / "backends.key").write_text("not a key")
     with pytest.raises(ConfigError, match="is not a key"):
         Sealer(tmp_path).seal({})
+
+
+def test_a_lowered_limit_ends_idle_runners_at_once_and_lets_busy_ones_finish(tmp_path, project, shared):
+    d = Dstack(tmp_path / "home")
+    root = project(f"""\
+    workflows:
+      - name: hello
+        commands: [echo hello]
+      - name: slow
+        commands: ["touch {shared}/started; sleep 4; echo slow done"]
+    """)
+
+    def runners() -> list[dict]:
+        return json.loads(d("runners", "--json", cwd=root, check=True).stdout)
+
+    def eventually(condition, what: str, within: float = 30.0):
+        deadline = time.monotonic() + within
+        while not (value := condition()):
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+        return value
+
+    try:
+        d("run", "hello", cwd=root, check=True)
+        assert len(runners()) == 1  # idle now, for its idle timeout (5 minutes)
+        d("limits", "set", "local", "--max-total", "0", cwd=root, check=True)
+        eventually(lambda: runners() == [], "the idle runner over the lowered limit goes at once")
+        d("limits", "remove", "local", cwd=root, check=True)
+        name = json.loads(d("run", "slow", "-d", "--json", cwd=root, check=True).stdout)["run_name"]
+        eventually(lambda: (shared / "started").exists(), "the slow job starts")
+        d("limits", "set", "local", "--max-total", "0", cwd=root, check=True)
+        busy = eventually(lambda: [r for r in runners() if r["draining"]], "the busy runner is drained")
+        assert busy[0]["jobs"], busy  # still running its job
+        assert d.wait_status(root, name, {"DONE", "FAILED"}, timeout=60)["status"] == "DONE"
+        assert "slow done" in d("logs", name, cwd=root, check=True).stdout
+        eventually(lambda: runners() == [], "once its job is done, the runner goes")
+        gone = json.loads(d("backends", "--json", cwd=root, check=True).stdout)
+        assert next(b for b in gone if b["name"] == "local")["instances"] == 0
+    finally:
+        d.stop_server()
