@@ -1,3 +1,3 @@
 """dstack: workflows as code for AI researchers."""
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
