@@ -14,6 +14,8 @@ echo; echo "== status_latency"; "$PY" bench/status_latency.py
 echo; echo "== artifact_transfer"; "$PY" bench/artifact_transfer.py --rounds 7
 echo; echo "== submit_to_start"; "$PY" bench/submit_to_start.py
 echo; echo "== idle_runners"; "$PY" bench/idle_runners.py
+echo; echo "== cold_start"; "$PY" bench/cold_start.py
+echo; echo "== autoscaler_decision"; "$PY" bench/autoscaler_decision.py
 if [[ "${1:-}" == "--experiments" ]]; then
   echo; echo "== trace_run"; "$PY" bench/trace_run.py --runs 5 | tail -40
   echo; echo "== trace_docker"; "$PY" bench/trace_docker.py
