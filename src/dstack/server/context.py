@@ -150,6 +150,8 @@ class Context:
     started_at: dict[str, float] = field(default_factory=dict)
     next_teardown: float = 0.0
     reconciled: dict[str, float] = field(default_factory=dict)
+    offer_cache: dict[str, tuple] = field(default_factory=dict)  # backend -> its allowed offers, as last listed
+    queued_specs: dict[str, Any] = field(default_factory=dict)  # queued job id -> its JobSpec, read once
 
     def forget_quiet(self, runner_name: str) -> None:
         """The runner's next heartbeat reads the database: something about it changed (a job given, a drain)."""

@@ -16,6 +16,8 @@ Every instance is a row of `instances` from the request on (its offer: the price
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from datetime import UTC, datetime
@@ -54,7 +56,9 @@ async def provision(ctx: Context) -> None:
             return  # nothing to start a runner for: the pass costs one small query
         # runners first: a job seen queued below was queued while they were as seen here
         live = (await s.scalars(select(RunnerRow).where(RunnerRow.status.in_(LIVE)))).all()
-        queued = (await s.scalars(select(JobRow).where(*queued_now).order_by(JobRow.submitted_at))).all()
+        queued = (await s.execute(select(JobRow.job_id, JobRow.run_name).where(*queued_now)
+                                  .order_by(JobRow.submitted_at))).all()
+        specs = await _specs(ctx, s, [q.job_id for q in queued])
         instances = (await s.scalars(select(InstanceRow).where(InstanceRow.status.in_(("running", "terminating")))))
         instances = instances.all()
         draining = await runner_tokens.draining(s)
@@ -78,7 +82,9 @@ async def provision(ctx: Context) -> None:
     waiting: dict[str, str] = {}
     need: dict[str, list[JobSpec]] = {}  # run -> its jobs that need a new runner (a multi-node run's together)
     for row in queued:
-        job = JobSpec.model_validate(row.spec)
+        job = specs.get(row.job_id)
+        if job is None:  # taken between the two reads
+            continue
         room = next(((u, gpus) for res, labels, u in rooms if not fits(job, res, labels)
                      and (gpus := place(job.requirements, res, u)) is not None), None)
         if room is not None:  # a live runner will take it: its room is counted as taken
@@ -90,47 +96,81 @@ async def provision(ctx: Context) -> None:
             waiting[row.job_id] = soon[1]
             continue
         need.setdefault(row.run_name, []).append(job)
-    offers = {b.name: allowed_offers(ctx, b) for b in ctx.backends}
+    now = _Pass(ctx, alive)
     for jobs in need.values():
-        why = await _start_for(ctx, jobs, offers, alive)
+        why = await _start_for(ctx, jobs, now)
         for job in jobs:
             waiting[job.job_id] = why
     ctx.waiting = waiting
 
 
-async def _start_for(ctx: Context, jobs: list[JobSpec], offers: dict, alive: dict) -> str:
+async def _specs(ctx: Context, s, job_ids: list[str]) -> dict[str, JobSpec]:
+    """The specs of these queued jobs: read and validated once while they are queued (kept in `ctx.queued_specs`:
+    a deep queue is not decoded again at every pass)."""
+    known = ctx.queued_specs
+    missing = [j for j in job_ids if j not in known]
+    for i in range(0, len(missing), 500):
+        for job_id, spec in (await s.execute(select(JobRow.job_id, JobRow.spec).where(
+                JobRow.job_id.in_(missing[i:i + 500])))).all():
+            known[job_id] = JobSpec.model_validate(spec)
+    ctx.queued_specs = {j: known[j] for j in job_ids if j in known}
+    return ctx.queued_specs
+
+
+class _Pass:
+    """What one provision pass knows: each backend's allowed offers (cheapest first; kept between passes while
+    the backend's offers and limits are the same objects), and the decisions made for jobs alike (a queue of a
+    thousand alike jobs costs one decision, until a runner is started and the counts change)."""
+
+    def __init__(self, ctx: Context, alive: dict):
+        self.ctx, self.alive = ctx, alive
+        self.decided: dict[tuple, str] = {}
+
+    def offers(self, backend) -> tuple[list[Offer], list[tuple[Offer, str]]]:
+        listed, limits = backend.offers(), limits_of(self.ctx, backend.name)
+        key = (id(listed), len(listed), limits, capacity(self.ctx, backend))
+        cached = self.ctx.offer_cache.get(backend.name)
+        if cached is None or cached[0] != key:
+            allowed, refused = allowed_offers(self.ctx, backend)
+            cached = (key, sorted(allowed, key=lambda o: o.price), refused, listed)  # `listed` kept: its id holds
+            self.ctx.offer_cache[backend.name] = cached
+        return cached[1], cached[2]
+
+
+def _key(jobs: list[JobSpec]) -> tuple:
+    return tuple((j.requirements.model_dump_json(), bool(j.image)) for j in jobs)
+
+
+async def _start_for(ctx: Context, jobs: list[JobSpec], now: _Pass) -> str:
     """Start a runner for each of `jobs` (one run's) from the cheapest offer that fits them all and that the
     limits allow for all of them; what was done, or why nothing could be, for the jobs' reason."""
-    k = len(jobs)
+    key = _key(jobs)
+    if key in now.decided:
+        return now.decided[key]
+    k, alive = len(jobs), now.alive
     refusals: list[str] = []
-    candidates: list[tuple[Offer, object]] = []
+    streams = []
     for backend in ctx.backends:
-        allowed, refused = offers[backend.name]
         _, retry_at, failing = ctx.start_failures.get(backend.name, (0, 0.0, ""))
         if time.monotonic() < retry_at:
             refusals.append(failing)
             continue
         if k > 1 and not isinstance(backend, MultiNode) and backend.name != "local":
             continue
-        fitting = [o for o in allowed if all(not fits(j, o.resources) for j in jobs)]
-        if not fitting:
-            refusals += [f"{o.describe()}: {why}" for o, why in refused
-                         if all(not fits(j, o.resources) for j in jobs)][:3]
-            continue
         cap = capacity(ctx, backend)
-        if alive.get(backend.name, 0) + k > cap:
+        if cap and alive.get(backend.name, 0) + k > cap:  # counts first: no offer needs a look
             refusals.append(f"limit of {cap} {backend.name} instance{'s' if cap != 1 else ''} reached")
             continue
-        limits = limits_of(ctx, backend.name)
-        for o in fitting:
-            most = limits.max_per_type.get(o.instance_type or "")
-            if most is not None and alive.get((backend.name, o.instance_type), 0) + k > most:
-                refusals.append(f"limit of {most} {o.instance_type} reached")
-                continue
-            candidates.append((o, backend))
-    candidates.sort(key=lambda c: c[0].price)
+        allowed, refused = now.offers(backend)
+        fitting = (o for o in allowed if all(not fits(j, o.resources) for j in jobs))
+        first = next(fitting, None)
+        if first is None:
+            refusals += list(itertools.islice((f"{o.describe()}: {why}" for o, why in refused
+                                               if all(not fits(j, o.resources) for j in jobs)), 3))
+            continue
+        streams.append(_within_type_limits(ctx, backend, itertools.chain([first], fitting), k, alive, refusals))
     tries = []
-    for offer, backend in candidates:
+    for offer, backend in heapq.merge(*streams, key=lambda c: c[0].price):  # the cheapest first, found lazily
         made: list[Instance] = []
         try:
             for job in jobs:
@@ -147,11 +187,27 @@ async def _start_for(ctx: Context, jobs: list[JobSpec], offers: dict, alive: dic
             continue
         alive[backend.name] = alive.get(backend.name, 0) + k
         alive[(backend.name, offer.instance_type)] = alive.get((backend.name, offer.instance_type), 0) + k
+        now.decided.clear()  # the counts changed: alike jobs are decided again
         return _provisioning({"describe": offer.describe(), "after": "; ".join(tries)})
     said = tries + [r for r in dict.fromkeys(refusals) if r]
     if not said:
-        return "waiting: no runner has room for it now, and no backend can start one that fits it"
-    return "waiting: " + "; ".join(said[:4]) + (f" (and {len(said) - 4} more)" if len(said) > 4 else "")
+        why = "waiting: no runner has room for it now, and no backend can start one that fits it"
+    else:
+        why = "waiting: " + "; ".join(said[:4]) + (f" (and {len(said) - 4} more)" if len(said) > 4 else "")
+    if not tries:  # a capacity error may pass: only a decision made without one holds for alike jobs
+        now.decided[key] = why
+    return why
+
+
+def _within_type_limits(ctx: Context, backend, offers, k: int, alive: dict, refusals: list[str]):
+    """(offer, backend) for each of `offers` that the most instances of its type allow."""
+    per_type = limits_of(ctx, backend.name).max_per_type
+    for o in offers:
+        most = per_type.get(o.instance_type or "")
+        if most is not None and alive.get((backend.name, o.instance_type), 0) + k > most:
+            refusals.append(f"limit of {most} {o.instance_type} reached")
+            continue
+        yield o, backend
 
 
 def _provisioning(offer: dict) -> str:
