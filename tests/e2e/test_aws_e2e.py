@@ -1,8 +1,10 @@
 """The `aws` backend end to end, through a real server and the CLI: EC2 is moto (on loopback) behind the proxy of
-tests/integration/test_aws_backend.py (AWS's capacity errors, Canonical's AMIs), which listens on a test bridge so
-that test hosts (network namespaces, tests/netns.py) reach it; the test plays EC2's part that moto lacks: it reads
-each instance's user-data back and runs it with sh as root on a test host, its idle action (`shutdown -h now`, which
-terminates an instance whose shutdown behaviour is `terminate`) made a TerminateInstances call of that instance.
+tests/integration/test_aws_backend.py (AWS's capacity errors, Debian's and Canonical's AMIs), which listens on a
+test bridge so that test hosts (network namespaces, tests/netns.py) reach it; the test plays EC2's part that moto
+lacks: it reads each instance's user-data back and runs it with sh as root on a test host, its idle action
+(`shutdown -h now`, which terminates an instance whose shutdown behaviour is `terminate`) made a TerminateInstances
+call of that instance. The instance's image is the one the backend chooses for the server's Python (the test's: the
+same venv), Debian 12's on 3.11.
 
 What it shows: a queued job makes the server create an instance (the job says `provisioning ...` meanwhile); its
 runner installs from the server's wheels, registers and runs the job to DONE with an artifact, the job's cost the
@@ -31,8 +33,9 @@ import boto3
 import httpx
 import pytest
 
+from dstack.backends.aws import IMAGE_FAMILIES
 from tests.e2e.conftest import BIN, Dstack
-from tests.integration.test_aws_backend import ERRORS, NEWEST_UBUNTU, Proxy, _ProxyHandler
+from tests.integration.test_aws_backend import DEFAULT_IMAGE, ERRORS, PYTHON, Proxy, _ProxyHandler
 from tests.netns import Host, hosts  # noqa: F401  (the fixture)
 
 ACCESS_KEY = "AKIAQXE2EAWSKEYID042"
@@ -270,6 +273,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
         added = cli("backends", "add", "aws", "--set", f"endpoint_url={proxy_url}", "--set", f"catalog_dir={catalog}",
                     "--set", "regions=[us-east-1]")
         assert "Added backend aws (aws): account 123456789012, regions us-east-1" in added, added
+        assert f"image: the newest {IMAGE_FAMILIES[PYTHON].label} AMI" in added, added  # python3 as the server's
         assert "at most 1, idle 20s" in cli("limits", "set", "aws", "--max-total", "1", "--idle-timeout", "20")
         sampler = Sampler(ec2, server_id, server)
         sampler.start()
@@ -281,7 +285,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
                     lambda: f"{first} says {reason!r}: {job(first)}\n{server.log()[-3000:]}", every=0.3)
         (raw,) = _eventually(lambda: _instances(ec2, server_id, ["pending", "running"]), 10, "an instance in EC2")
         tags = {t["Key"]: t["Value"] for t in raw["Tags"]}
-        assert raw["InstanceType"] == "t3.medium" and raw["ImageId"] == NEWEST_UBUNTU and "InstanceLifecycle" not in raw
+        assert raw["InstanceType"] == "t3.medium" and raw["ImageId"] == DEFAULT_IMAGE and "InstanceLifecycle" not in raw
         runner_a = tags["dstack:runner"]
 
         # a second run meanwhile: no second instance (--max-total 1), and it says why it waits
@@ -339,7 +343,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
 
         # a restart: an instance with the server's tags that it does not know is terminated
         server.stop()
-        orphan = ec2.run_instances(ImageId=NEWEST_UBUNTU, InstanceType="t3.medium", MinCount=1, MaxCount=1,
+        orphan = ec2.run_instances(ImageId=DEFAULT_IMAGE, InstanceType="t3.medium", MinCount=1, MaxCount=1,
                                    TagSpecifications=[{"ResourceType": "instance", "Tags": [
                                        {"Key": "dstack:server", "Value": server_id},
                                        {"Key": "dstack:runner", "Value": "orphan-1"}]}])["Instances"][0]["InstanceId"]

@@ -2,7 +2,8 @@
 
 What moto does not do, the test's own proxy in front of it does: answer chosen RunInstances calls with AWS's own
 XML error bodies (capacity and quota refusals: InsufficientInstanceCapacity is a 500 that botocore would retry),
-and list Canonical's Ubuntu 22.04/24.04 AMIs (moto has only older ones). The catalogue is a gpuhunt folder the
+and list Debian's and Canonical's AMIs (moto has none of those the backend chooses from: Debian 12 and 13, Ubuntu
+24.04). The catalogue is a gpuhunt folder the
 test writes; the spot notice is read from a tiny IMDS of the test's own."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import http.client
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -22,6 +24,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from dstack.backends import aws
 from dstack.backends.aws import AWSBackend
 from dstack.backends.base import BackendError, Bootstrap, CapacityError, Gpus, MultiNode, Spot
 from dstack.backends.bootstrap import install_script
@@ -55,20 +58,46 @@ ERRORS = {  # code -> (HTTP status, AWS's message)
     "SignatureDoesNotMatch": (403, f"The request signature we calculated does not match the signature you provided. "
                                    f"Credential={ACCESS_KEY}/20260101/us-east-1/ec2/aws4_request"),
 }
-UBUNTU = [  # what Canonical's DescribeImages answers with, older first
-    ("ami-0a1b2c3d4e5f60001", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20240301", "2024-03-01"),
-    ("ami-0a1b2c3d4e5f60002", "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20250115", "2025-01-15"),
-    ("ami-0a1b2c3d4e5f60003", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20250301", "2025-03-01"),
-    ("ami-0a1b2c3d4e5f60004", "ubuntu/images/hvm-ssd/ubuntu-noble-24.04-arm64-server-20250401", "2025-04-01"),
-]
-NEWEST_UBUNTU = "ami-0a1b2c3d4e5f60002"  # 24.04 first (22.04's python3 is too old for the runner), amd64
+DEBIAN, UBUNTU = "136693071363", "099720109477"  # the owners: Debian's official account, Canonical
+IMAGES = {  # owner -> what its DescribeImages answers with, older first: (id, name, creation date, root device)
+    UBUNTU: [
+        ("ami-0a1b2c3d4e5f60001", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20240301", "2024-03-01",
+         "/dev/sda1"),
+        ("ami-0a1b2c3d4e5f60002", "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20250115", "2025-01-15",
+         "/dev/sda1"),
+        ("ami-0a1b2c3d4e5f60003", "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20250301", "2025-03-01",
+         "/dev/sda1"),
+        ("ami-0a1b2c3d4e5f60004", "ubuntu/images/hvm-ssd/ubuntu-noble-24.04-arm64-server-20250401", "2025-04-01",
+         "/dev/sda1"),
+    ],
+    DEBIAN: [
+        ("ami-0d1e2b3i4a5n60001", "debian-12-amd64-20240717-1811", "2024-07-17", "/dev/xvda"),
+        ("ami-0d1e2b3i4a5n60002", "debian-11-amd64-20250210-2020", "2025-02-10", "/dev/xvda"),
+        ("ami-0d1e2b3i4a5n60003", "debian-12-amd64-20250316-2053", "2025-03-16", "/dev/xvda"),
+        ("ami-0d1e2b3i4a5n60004", "debian-12-arm64-20250401-2070", "2025-04-01", "/dev/xvda"),
+        ("ami-0d1e2b3i4a5n60005", "debian-12-backports-amd64-20250402-2071", "2025-04-02", "/dev/xvda"),
+        ("ami-0d1e2b3i4a5n60006", "debian-13-amd64-20251006-2257", "2025-10-06", "/dev/xvda"),
+        ("ami-0d1e2b3i4a5n60007", "debian-13-arm64-20251106-2290", "2025-11-06", "/dev/xvda"),
+    ],
+}
+# the server's Python -> the image the backend chooses by default: the newest amd64 one whose python3 is that
+NEWEST = {
+    (3, 11): ("ami-0d1e2b3i4a5n60003", DEBIAN, "/dev/xvda"),  # Debian 12: not 11, arm64, backports or 13
+    (3, 12): ("ami-0a1b2c3d4e5f60002", UBUNTU, "/dev/sda1"),  # Ubuntu 24.04: not 22.04 (3.10), nor arm64
+    (3, 13): ("ami-0d1e2b3i4a5n60006", DEBIAN, "/dev/xvda"),  # Debian 13
+}
+PYTHON = (sys.version_info[0], sys.version_info[1])
+DEFAULT_IMAGE = NEWEST[PYTHON][0] if PYTHON in NEWEST else None  # the one for the Python running the tests
 
 
 class Proxy(ThreadingHTTPServer):
     """Forwards to moto; answers the errors planned for an action (`plan["RunInstances"] = [code, ...]`) and
-    Canonical's AMIs; keeps every call's form (`calls`)."""
+    DescribeImages of Debian's and Canonical's AMIs (IMAGES: all of the owner's, the name and architecture
+    filters not applied, so that the backend's own check of them is seen; none for an owner in `hidden`); keeps
+    every call's form (`calls`)."""
 
     daemon_threads = True
+    hidden: frozenset[str] = frozenset()
 
     def __init__(self, moto: tuple[str, int]):
         self.moto, self.plan, self.calls = moto, {}, []
@@ -95,11 +124,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             status, message = ERRORS[code]
             return self._answer(status, f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message>"
                                         f"</Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>")
-        if action == "DescribeImages" and form.get("Owner.1") == "099720109477":
-            items = "".join(f"<item><imageId>{i}</imageId><imageState>available</imageState><imageOwnerId>"
-                            f"099720109477</imageOwnerId><creationDate>{d}T00:00:00.000Z</creationDate><architecture>"
-                            f"x86_64</architecture><imageType>machine</imageType><name>{n}</name><rootDeviceType>ebs"
-                            f"</rootDeviceType><rootDeviceName>/dev/sda1</rootDeviceName></item>" for i, n, d in UBUNTU)
+        owner = form.get("Owner.1")
+        if action == "DescribeImages" and owner in IMAGES:
+            items = "".join(f"<item><imageId>{i}</imageId><imageState>available</imageState><imageOwnerId>{owner}"
+                            f"</imageOwnerId><creationDate>{d}T00:00:00.000Z</creationDate><architecture>"
+                            f"{'arm64' if 'arm64' in n else 'x86_64'}</architecture><imageType>machine</imageType>"
+                            f"<name>{n}</name><rootDeviceType>ebs</rootDeviceType><rootDeviceName>{root}"
+                            f"</rootDeviceName></item>"
+                            for i, n, d, root in ([] if owner in server.hidden else IMAGES[owner]))
             return self._answer(200, f'<DescribeImagesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
                                      f"<requestId>{uuid.uuid4()}</requestId><imagesSet>{items}</imagesSet>"
                                      f"</DescribeImagesResponse>")
@@ -150,6 +182,7 @@ def proxy(moto_ec2):
 def ec2_url(proxy) -> str:
     proxy.plan.clear()
     proxy.calls.clear()
+    proxy.hidden = frozenset()
     return f"http://127.0.0.1:{proxy.server_address[1]}"
 
 
@@ -239,7 +272,7 @@ def test_create_tags_everything_and_sets_user_data_shutdown_and_imdsv2(ec2_url, 
     raw = client.describe_instances(InstanceIds=[inst.id])["Reservations"][0]["Instances"][0]
     tags = {t["Key"]: t["Value"] for t in raw["Tags"]}
     assert tags == {"dstack:server": backend.server_id, "dstack:runner": boot.runner_name, "Name": boot.runner_name}
-    assert raw["InstanceType"] == "t3.medium" and raw["ImageId"] == NEWEST_UBUNTU
+    assert raw["InstanceType"] == "t3.medium" and raw["ImageId"] == DEFAULT_IMAGE
     assert "InstanceLifecycle" not in raw
     assert raw["MetadataOptions"]["HttpTokens"] == "required"
     user_data = client.describe_instance_attribute(InstanceId=inst.id, Attribute="userData")["UserData"]["Value"]
@@ -323,6 +356,68 @@ def test_a_given_ami_is_used_and_one_that_is_not_there_is_said(ec2_url, catalog,
         make(ec2_url, catalog, tmp_path, ami=ami, regions=["us-east-1", "eu-west-1"])
 
 
+def test_the_default_image_is_the_newest_whose_python3_is_the_servers(ec2_url, catalog, tmp_path, proxy):
+    """The runner installs from the server's wheels, built for its Python: tests on 3.11 get Debian 12's."""
+    backend = make(ec2_url, catalog, tmp_path)
+    assert backend.python == PYTHON
+    inst = backend.create(offer_of(backend, "t3.medium", spot=False), bootstrap(backend))
+    raw = ec2(ec2_url).describe_instances(InstanceIds=[inst.id])["Reservations"][0]["Instances"][0]
+    image, owner, root = NEWEST[PYTHON]
+    assert raw["ImageId"] == image == DEFAULT_IMAGE
+    (asked,) = [form for form in proxy.calls if form.get("Action") == "DescribeImages"]
+    assert asked["Owner.1"] == owner
+    run = [form for form in proxy.calls if form.get("Action") == "RunInstances"][-1]
+    assert run["BlockDeviceMapping.1.DeviceName"] == root  # the image's own root device
+    if PYTHON == (3, 11):
+        assert (owner, asked["Filter.1.Value.1"], root) == (DEBIAN, "debian-12-amd64-*", "/dev/xvda")
+
+
+@pytest.mark.parametrize("python", sorted(NEWEST), ids=lambda v: f"py{v[0]}.{v[1]}")
+def test_each_python_gets_the_image_whose_python3_it_is(ec2_url, catalog, tmp_path, proxy, python):
+    backend = make(ec2_url, catalog, tmp_path)
+    backend.python = python
+    image, owner, root = NEWEST[python]
+    family = aws.IMAGE_FAMILIES[python]
+    assert backend.test() == (f"account 123456789012, regions us-east-1, image: the newest {family.label} AMI of "
+                              f"owner {owner} (python3 {python[0]}.{python[1]}, as the server's)")
+    backend.create(offer_of(backend, "t3.medium", spot=False), bootstrap(backend))
+    (asked,) = [form for form in proxy.calls if form.get("Action") == "DescribeImages"]
+    run = [form for form in proxy.calls if form.get("Action") == "RunInstances"][-1]
+    assert (asked["Owner.1"], run["ImageId"], run["BlockDeviceMapping.1.DeviceName"]) == (owner, image, root)
+
+
+@pytest.mark.parametrize("python", [(3, 10), (3, 14)], ids=lambda v: f"py{v[0]}.{v[1]}")
+def test_a_python_without_a_matching_image_is_said_at_test_and_create(ec2_url, catalog, tmp_path, proxy, python):
+    backend = make(ec2_url, catalog, tmp_path)
+    backend.python = python
+    said = f"the server runs Python {python[0]}.{python[1]}, and no default image has that python3"
+    ask = f"give the backend an `ami` whose python3 is {python[0]}.{python[1]}$"
+    with pytest.raises(BackendError, match=f"^{said} .*: {ask}") as e:
+        backend.test()
+    assert "Debian 12 bookworm: 3.11, Ubuntu 24.04 noble: 3.12" in str(e.value)
+    with pytest.raises(BackendError, match=ask):
+        backend.create(offer_of(backend, "t3.medium", spot=False), bootstrap(backend))
+    assert proxy.count("RunInstances") == 0 and proxy.count("DescribeImages") == 0
+    # an `ami` of the user's is used as it is, whatever the server's Python
+    ami = ec2(ec2_url).describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    given = make(ec2_url, catalog, tmp_path, ami=ami)
+    given.python = python
+    assert given.test().endswith(f"image: {ami} (its python3 must be {python[0]}.{python[1]}, as the server's)")
+    inst = given.create(offer_of(given, "t3.medium", spot=False), bootstrap(given))
+    assert ec2(ec2_url).describe_instances(InstanceIds=[inst.id])["Reservations"][0]["Instances"][0]["ImageId"] == ami
+
+
+def test_a_region_without_the_family_s_images_is_said(ec2_url, catalog, tmp_path, proxy):
+    proxy.hidden = frozenset({DEBIAN})
+    backend = make(ec2_url, catalog, tmp_path)
+    backend.python = (3, 11)
+    with pytest.raises(BackendError) as e:
+        backend.create(offer_of(backend, "t3.medium", spot=False), bootstrap(backend))
+    assert str(e.value) == ("no Debian 12 bookworm AMI (debian-12-amd64-*, owner 136693071363) in us-east-1: give the "
+                            "backend an `ami` whose python3 is 3.11")
+    assert proxy.count("RunInstances") == 0
+
+
 def test_terminate_is_idempotent_and_says_when_the_instance_is_going(ec2_url, catalog, tmp_path):
     backend = make(ec2_url, catalog, tmp_path)
     boot = bootstrap(backend)
@@ -360,10 +455,14 @@ def test_list_finds_this_servers_instances_by_tags_also_after_a_restart(ec2_url,
     other.terminate(theirs.id)
 
 
-def test_test_names_the_account_and_regions(ec2_url, catalog, tmp_path):
-    assert make(ec2_url, catalog, tmp_path).test() == "account 123456789012, regions us-east-1"
+def test_test_names_the_account_regions_and_image(ec2_url, catalog, tmp_path):
+    image = (f"image: the newest {aws.IMAGE_FAMILIES[PYTHON].label} AMI of owner {NEWEST[PYTHON][1]} "
+             f"(python3 {PYTHON[0]}.{PYTHON[1]}, as the server's)")
+    assert make(ec2_url, catalog, tmp_path).test() == f"account 123456789012, regions us-east-1, {image}"
     two = make(ec2_url, catalog, tmp_path, regions=["us-east-1", "eu-west-1"])
-    assert two.test() == "account 123456789012, regions us-east-1, eu-west-1"
+    assert two.test() == f"account 123456789012, regions us-east-1, eu-west-1, {image}"
+    if PYTHON == (3, 11):
+        assert image == "image: the newest Debian 12 bookworm AMI of owner 136693071363 (python3 3.11, as the server's)"
     with pytest.raises(BackendError, match=r"account 123456789012 cannot use the region mars-north-1 \(it can use "):
         make(ec2_url, catalog, tmp_path, regions=["us-east-1", "mars-north-1"]).test()
 

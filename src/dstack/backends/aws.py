@@ -4,8 +4,9 @@ What it creates, each tagged `dstack:server=<server id>` (so that `list()` finds
 - per region, one security group `dstack-<server id>`: all traffic from its own members (the runners of a
   multi-node run reach each other), nothing else inbound; outbound open (runners call the server);
 - per runner, one instance (tagged `dstack:runner` and `Name` with the runner's name, its root volume too):
-  Canonical's newest Ubuntu 24.04 AMI (22.04 where there is none) unless `ami` is given, IMDSv2 only, user-data that installs and
-  starts the runner and shuts the machine down once the runner has exited after its idle timeout; with
+  `ami`, else the newest amd64 AMI of the image family whose python3 is the server's Python (IMAGE_FAMILIES:
+  the runner installs from the server's wheels, binary ones for its Python version), IMDSv2 only, user-data that
+  installs and starts the runner and shuts the machine down once the runner has exited after its idle timeout; with
   `InstanceInitiatedShutdownBehavior=terminate` that shutdown terminates the instance, so an idle runner costs
   nothing even with the server gone. Spot offers are one-time spot instances, terminated on interruption.
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,9 +46,33 @@ log = logging.getLogger("dstack.server")
 
 SERVER_TAG, RUNNER_TAG = "dstack:server", "dstack:runner"
 UBUNTU_OWNER = "099720109477"  # Canonical
-UBUNTU_NAMES = ["ubuntu/images/hvm-ssd*/ubuntu-jammy-22.04-amd64-server-*",
-                "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-amd64-server-*"]
-_UBUNTU = re.compile(r"ubuntu-(jammy-22\.04|noble-24\.04)-amd64-server-")
+DEBIAN_OWNER = "136693071363"  # Debian's official AWS account (its release images since Debian 10)
+
+
+@dataclass(frozen=True)
+class ImageFamily:
+    """Public amd64 AMIs of one distribution release, all with the same system python3."""
+
+    label: str  # "Debian 12 bookworm"
+    owner: str  # the account that publishes them
+    name_filter: str  # DescribeImages' `name` filter
+    name: re.Pattern[str]  # what a name must match besides (the filter is AWS's, this check the backend's own)
+    root_device: str  # where an image does not say its RootDeviceName
+
+
+# the server's Python (major, minor) -> the images whose python3 is that version: the runner installs from the
+# server's wheels, whose binary ones are for the server's Python (wheelhouse.py), and bootstrap refuses another.
+# Ubuntu 22.04 (3.10) is older than dstack needs (3.11).
+IMAGE_FAMILIES: dict[tuple[int, int], ImageFamily] = {
+    (3, 11): ImageFamily("Debian 12 bookworm", DEBIAN_OWNER, "debian-12-amd64-*",
+                         re.compile(r"^debian-12-amd64-\d{8}-\d+$"), "/dev/xvda"),
+    (3, 12): ImageFamily("Ubuntu 24.04 noble", UBUNTU_OWNER,
+                         "ubuntu/images/hvm-ssd*/ubuntu-noble-24.04-amd64-server-*",
+                         re.compile(r"^ubuntu/images/hvm-ssd(-gp3)?/ubuntu-noble-24\.04-amd64-server-\d{8}(\.\d+)?$"),
+                         "/dev/sda1"),
+    (3, 13): ImageFamily("Debian 13 trixie", DEBIAN_OWNER, "debian-13-amd64-*",
+                         re.compile(r"^debian-13-amd64-\d{8}-\d+$"), "/dev/xvda"),
+}
 ALIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]
 # RunInstances refusals that another offer (type, region, market) may not meet: try the next one
 CAPACITY_CODES = frozenset({
@@ -69,7 +96,7 @@ class AWSSettings(Model):
     regions: list[str] = Field(default_factory=lambda: ["us-east-1"], min_length=1)
     endpoint_url: str | None = None  # an EC2-compatible API (tests: moto)
     catalog_dir: str | None = None  # a folder holding gpuhunt's aws.csv; else gpuhunt downloads it
-    ami: str | None = None  # else Canonical's newest Ubuntu 24.04 (else 22.04) of the region
+    ami: str | None = None  # else the region's newest of IMAGE_FAMILIES[the server's Python]
     subnet_id: str | None = None  # else the region's default VPC
     instance_profile: str | None = None  # a name or an ARN
     disk_gb: int = Field(100, ge=8, le=16384)  # the root volume (gp3)
@@ -112,6 +139,9 @@ class AWSBackend(Spot, Gpus, MultiNode):
         self._groups: dict[str, str] = {}  # region -> security group id
         self._created: dict[str, tuple[str, Instance, float]] = {}  # id -> (region, instance, monotonic)
         self._where: dict[str, str] = {}  # instance id -> region, as learnt from create and list
+        # the Python whose wheels the runners install (wheelhouse.py): the default image's python3 must be it
+        # (tests set another to see the image chosen for it)
+        self.python: tuple[int, int] = (sys.version_info[0], sys.version_info[1])
         # botocore's debug log shows the access key id (Authorization) and user-data (the runner's token)
         botocore_log = logging.getLogger("botocore")
         if botocore_log.level == logging.NOTSET:
@@ -138,7 +168,13 @@ class AWSBackend(Spot, Gpus, MultiNode):
         if missing:
             raise BackendError(f"account {account} cannot use the region{'s' if len(missing) > 1 else ''} "
                                f"{', '.join(missing)} (it can use {', '.join(sorted(known))})")
-        return f"account {account}, regions {', '.join(self.settings.regions)}"
+        python = _dotted(self.python)
+        if self.settings.ami:
+            image = f"{self.settings.ami} (its python3 must be {python}, as the server's)"
+        else:
+            family = self._family()
+            image = f"the newest {family.label} AMI of owner {family.owner} (python3 {python}, as the server's)"
+        return f"account {account}, regions {', '.join(self.settings.regions)}, image: {image}"
 
     def create(self, offer: Offer, bootstrap: Bootstrap) -> Instance:
         region = offer.region or self.settings.regions[0]
@@ -278,8 +314,20 @@ class AWSBackend(Spot, Gpus, MultiNode):
                         started_at=time.monotonic() - max(0.0, age),
                         offer=self._offers.find(raw.get("InstanceType", ""), region, spot))
 
+    def _family(self) -> ImageFamily:
+        """The default images' family: the one whose python3 is the server's Python, else a BackendError."""
+        family = IMAGE_FAMILIES.get(self.python)
+        if family is None:
+            python = _dotted(self.python)
+            known = ", ".join(f"{f.label}: {_dotted(v)}" for v, f in IMAGE_FAMILIES.items())
+            raise BackendError(f"the server runs Python {python}, and no default image has that python3 ({known}; "
+                               f"the runners install the server's wheels, built for its Python): give the backend "
+                               f"an `ami` whose python3 is {python}")
+        return family
+
     def _image(self, region: str) -> tuple[str, str]:
-        """The AMI of `region` and its root device: the given one, else Canonical's newest Ubuntu 24.04 (22.04)."""
+        """The AMI of `region` and its root device: the given one, else the newest amd64 image of the family whose
+        python3 is the server's Python."""
         if region in self._images:
             return self._images[region]
         ec2 = self._client(region)
@@ -287,19 +335,21 @@ class AWSBackend(Spot, Gpus, MultiNode):
             images = ec2.describe_images(ImageIds=[self.settings.ami])["Images"]
             if not images:
                 raise BackendError(f"the AMI {self.settings.ami} is not in {region}")
+            root_device = "/dev/sda1"
         else:
-            images = ec2.describe_images(Owners=[UBUNTU_OWNER], Filters=[
-                {"Name": "name", "Values": UBUNTU_NAMES}, {"Name": "state", "Values": ["available"]},
+            family = self._family()
+            images = ec2.describe_images(Owners=[family.owner], Filters=[
+                {"Name": "name", "Values": [family.name_filter]}, {"Name": "state", "Values": ["available"]},
                 {"Name": "architecture", "Values": ["x86_64"]}])["Images"]
-            images = [i for i in images if _UBUNTU.search(i.get("Name", "")) and i.get("OwnerId", UBUNTU_OWNER)
-                      == UBUNTU_OWNER]
+            images = [i for i in images if family.name.match(i.get("Name") or "")
+                      and i.get("OwnerId", family.owner) == family.owner
+                      and i.get("Architecture", "x86_64") == "x86_64" and i.get("State", "available") == "available"]
             if not images:
-                raise BackendError(f"no Ubuntu 22.04 or 24.04 AMI of Canonical (owner {UBUNTU_OWNER}) in {region}; "
-                                   f"give the backend an ami")
-        # 24.04 before 22.04 (its python3 is 3.10, older than the runner needs), then the newest
-        image = max(images, key=lambda i: ("noble-24.04" in (i.get("Name") or ""), i.get("CreationDate") or "",
-                                           i.get("Name") or ""))
-        self._images[region] = (image["ImageId"], image.get("RootDeviceName") or "/dev/sda1")
+                raise BackendError(f"no {family.label} AMI ({family.name_filter}, owner {family.owner}) in {region}: "
+                                   f"give the backend an `ami` whose python3 is {_dotted(self.python)}")
+            root_device = family.root_device
+        image = max(images, key=lambda i: (i.get("CreationDate") or "", i.get("Name") or ""))  # the newest
+        self._images[region] = (image["ImageId"], image.get("RootDeviceName") or root_device)
         return self._images[region]
 
     def _security_group(self, region: str) -> str:
@@ -382,3 +432,7 @@ def _code(e: Exception) -> str | None:
     """The AWS error code of a botocore ClientError; None for anything else (the API was not reached)."""
     response = getattr(e, "response", None)
     return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
