@@ -100,10 +100,10 @@ def cache_key(dists: list[metadata.Distribution]) -> str:
     h = hashlib.sha256(FORMAT.encode())
     for dist in dists:
         h.update(f"{_normalise(dist.metadata['Name'])}=={dist.version}\n".encode())
-        if _editable(dist):  # the same version with other code: a key of its own
-            for name, path in _package_files(dist):
-                h.update(f"{name}\0".encode())
-                h.update(hashlib.sha256(path.read_bytes()).digest())
+        if _editable(dist):  # the same version with other code: a key of its own (by the files' sizes and
+            for name, path in _package_files(dist):  # times: asked at every runner's start, read at none)
+                st = path.stat()
+                h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return f"{metadata.version('dstack')}-{h.hexdigest()[:16]}"
 
 

@@ -28,5 +28,5 @@ async def run_loops(ctx: Context, interval: float = 0.5) -> None:
             raise
         except Exception:  # keep the loop alive; the next pass retries
             log.exception("background pass failed")
-        if await ctx.signals.wait(ctx.signals.listen("jobs"), interval):
-            await asyncio.sleep(AFTER_QUEUED)
+        if await ctx.signals.wait(ctx.signals.listen("jobs"), interval) and await autoscaler.any_live_runner(ctx):
+            await asyncio.sleep(AFTER_QUEUED)  # with none, no runner can take it meanwhile: start one at once

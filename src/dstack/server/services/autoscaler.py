@@ -48,6 +48,11 @@ def _offer_json(o: Offer) -> dict:
             "resources": o.resources.model_dump(mode="json"), "describe": o.describe()}
 
 
+async def any_live_runner(ctx: Context) -> bool:
+    async with ctx.sessions() as s:
+        return await s.scalar(select(RunnerRow.name).where(RunnerRow.status.in_(LIVE)).limit(1)) is not None
+
+
 async def provision(ctx: Context) -> None:
     async with ctx.sessions() as s:
         queued_now = JobRow.status == JobStatus.SUBMITTED.value, JobRow.runner_name.is_(None)
