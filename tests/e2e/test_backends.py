@@ -198,7 +198,7 @@ def test_a_lowered_limit_ends_idle_runners_at_once_and_lets_busy_ones_finish(tmp
         assert d.wait_status(root, name, {"DONE", "FAILED"}, timeout=60)["status"] == "DONE"
         assert "slow done" in d("logs", name, cwd=root, check=True).stdout
         eventually(lambda: runners() == [], "once its job is done, the runner goes")
-        gone = json.loads(d("backends", "--json", cwd=root, check=True).stdout)
-        assert next(b for b in gone if b["name"] == "local")["instances"] == 0
+        eventually(lambda: next(b for b in json.loads(d("backends", "--json", cwd=root, check=True).stdout)
+                                if b["name"] == "local")["instances"] == 0, "its process is gone too")
     finally:
         d.stop_server()
