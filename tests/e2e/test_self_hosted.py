@@ -40,6 +40,7 @@ def test_self_hosted_runner_runs_what_it_can(tmp_path, project, busybox_image):
         bad = subprocess.run([str(BIN / "dstack-runner"), "start", "--server", url, "--token", "wrong"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "wrong token" in bad.stderr and "Traceback" not in bad.stderr
+        assert "a runner's token comes from `dstack runners add`" in bad.stderr, bad.stderr
         # the URL without its token is an error, not a silent fallback to the local server
         half = Dstack(tmp_path / "half-home")
         half.env["DSTACK_SERVER_URL"] = url

@@ -141,7 +141,11 @@ def start(server_url: str, token: str | None, token_file: Path | None, token_fd:
     except (httpx.TransportError, ServerTrouble) as e:  # before DstackError: ServerTrouble is one
         raise click.ClickException(f"cannot reach the server at {server_url}: {e}") from None
     except DstackError as e:
-        raise click.ClickException(f"{e.message}" + (f" ({e.hint})" if e.hint else "")) from None
+        from dstack.core.errors import Unauthorized
+
+        hint = ("a runner's token comes from `dstack runners add` on the server's side (shown once); a removed "
+                "runner's token works no more") if isinstance(e, Unauthorized) else e.hint
+        raise click.ClickException(f"{e.message}" + (f" ({hint})" if hint else "")) from None
 
 
 @cli.command()
