@@ -9,11 +9,13 @@ removed (a killed runner's job folders with them), all but their log."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +34,14 @@ from dstack.runner import job_user
 from dstack.runner.workspace import remove
 
 RECORD = "runner.json"
+SPARE_DELAY = 2.0  # seconds after a runner's start before the next spare is made
+
+
+def _env() -> dict[str, str]:
+    """A runner's environment: the server's, without its token (nor the server's cloud credentials: a runner
+    reaches an S3 store by presigned URLs alone)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("DSTACK_TOKEN", "DSTACK_SERVER_TOKEN") and not k.startswith("AWS_")}
 log = logging.getLogger("dstack.server")
 
 
@@ -41,11 +51,16 @@ class LocalBackend:
     list_interval = 0.0  # listing is looking at its processes: every pass
     adopts_unknown = True  # runners a server of this DSTACK_HOME started before (they outlived it) are its own
 
-    def __init__(self, home: Path, max_runners: int = 1):
+    def __init__(self, home: Path, max_runners: int = 1, spares: bool = False):
         self.home = Path(home)
         self.max_runners = max_runners
+        self.spares = spares and os.environ.get("DSTACK_LOCAL_SPARE", "1") != "0"
         self._procs: dict[str, tuple[subprocess.Popen | None, Instance, int | None]] = {}  # id -> (child, ., start)
+        self._spare: subprocess.Popen | None = None
+        self._spare_lock = threading.Lock()
+        self._closed = False
         self._adopt()
+        self._spare_later(1.0)  # once the server is up
 
     @cached_property
     def _resources(self) -> RunnerResources:
@@ -61,7 +76,6 @@ class LocalBackend:
         self.remove_leftovers()
         workdir = self.home / bootstrap.runner_name
         workdir.mkdir(parents=True, exist_ok=True)
-        log = open(workdir / "runner.log", "ab")
         # its token in a file only it may read, which it removes once read: never in an environment, where a
         # job could read it (/proc/PID/environ)
         token_file = workdir / "runner.token"
@@ -69,19 +83,65 @@ class LocalBackend:
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(bootstrap.token)
-        # nor the server's cloud credentials: a runner reaches an S3 store by presigned URLs alone
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("DSTACK_TOKEN", "DSTACK_SERVER_TOKEN") and not k.startswith("AWS_")}
-        cmd = [sys.executable, "-m", "dstack.runner.main", "start", "--server", bootstrap.server_url,
-               "--name", bootstrap.runner_name, "--backend", self.name, "--workdir", str(workdir),
-               "--idle-timeout", str(bootstrap.idle_timeout), "--token-file", str(token_file)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        log.close()
+        argv = ["--server", bootstrap.server_url, "--name", bootstrap.runner_name, "--backend", self.name,
+                "--workdir", str(workdir), "--idle-timeout", str(bootstrap.idle_timeout), "--token-file",
+                str(token_file)]
+        proc = self._take_spare(argv, workdir / "runner.log")
+        if proc is None:
+            log = open(workdir / "runner.log", "ab")
+            proc = subprocess.Popen([sys.executable, "-m", "dstack.runner.main", "start", *argv],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                                    start_new_session=True)
+            log.close()
         record(workdir / RECORD, proc.pid, name=bootstrap.runner_name)
         inst = Instance(id=str(proc.pid), runner_name=bootstrap.runner_name, started_at=time.monotonic())
         self._procs[inst.id] = (proc, inst, None)
+        self._spare_later()  # for the next one
         return inst
+
+    # A spare: a runner process made ahead of need (`dstack-runner spare`: imports done, the machine looked at),
+    # waiting on its stdin for the arguments of `start`. A job that waits with no runner up gets its runner in
+    # milliseconds instead of the ~300 ms a new Python process costs. It is no runner (it has no token, takes no
+    # job, is not listed); it ends with the server (the end of its stdin).
+    def _take_spare(self, argv: list[str], log_path: Path) -> subprocess.Popen | None:
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None or spare.poll() is not None:
+            return None
+        try:
+            spare.stdin.write((json.dumps({"argv": argv, "log": str(log_path)}) + "\n").encode())
+            spare.stdin.close()
+        except OSError:
+            spare.kill()
+            return None
+        return spare
+
+    def _spare_later(self, delay: float = SPARE_DELAY) -> None:
+        """Make a spare after `delay` s (not while the runner just started competes for the CPU)."""
+        if not self.spares or self.max_runners <= 0:
+            return
+        timer = threading.Timer(delay, self._make_spare)
+        timer.daemon = True
+        timer.start()
+
+    def _make_spare(self) -> None:
+        with self._spare_lock:
+            if self._closed or (self._spare is not None and self._spare.poll() is None):
+                return
+            self._spare = subprocess.Popen([sys.executable, "-m", "dstack.runner.main", "spare"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+
+    def _end_spare(self) -> None:
+        with self._spare_lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None and spare.poll() is None:
+            spare.stdin.close()  # it ends
+            try:
+                spare.wait(5)
+            except subprocess.TimeoutExpired:
+                spare.kill()
 
     def _adopt(self) -> None:
         """The runners that a previous server process of this DSTACK_HOME started and that still run."""
@@ -154,6 +214,7 @@ class LocalBackend:
         left after `grace` (default: the stop grace of jobs and 10 s more)."""
         if grace is None:
             grace = runner_stop_wait()
+        self._end_spare()
         entries = [e for e in self._procs.values() if self._running(*e)]
         for proc, _, _ in entries:
             if proc is not None:

@@ -305,6 +305,33 @@ def hide_secrets() -> None:
         pass
 
 
+@cli.command(hidden=True)
+def spare() -> None:
+    """A runner process made ahead of need (the local backend's): it imports what a runner needs and looks at the
+    machine, then waits for one line on stdin, {"argv": [start's arguments], "log": PATH}, and becomes that
+    runner (`start` in this process); the end of stdin (its server gone) ends it."""
+    import importlib
+
+    from dstack.runner import resources
+
+    for module in ("dstack.runner.daemon", "dstack.runner.client", "dstack.runner.job_user", "httpx"):
+        importlib.import_module(module)  # now, not when a job waits
+
+    resources.prefetch()
+    line = sys.stdin.readline()
+    if not line:
+        return
+    order = json.loads(line)
+    fd = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    cli(args=["start", *order["argv"]], prog_name="dstack-runner")
+
+
 def main() -> None:
     cli(prog_name="dstack-runner")  # also when run as `python -m dstack.runner.main` (the local backend, a re-exec)
 

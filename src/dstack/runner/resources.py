@@ -25,6 +25,10 @@ _UNIT_MIB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 
 
 def detect_resources() -> RunnerResources:
+    global _prefetched
+    if _prefetched is not None:  # looked at moments ago, by a spare runner process
+        found, _prefetched = _prefetched, None
+        return found
     return RunnerResources(
         cpus=detect_cpus(),
         memory_mib=detect_memory_mib(),
@@ -32,6 +36,15 @@ def detect_resources() -> RunnerResources:
         docker=docker_available(),
         host_user=host_user(),
     )
+
+
+_prefetched: RunnerResources | None = None
+
+
+def prefetch() -> None:
+    """Look at the machine now, for the next `detect_resources()` (a spare runner process, made ahead of need)."""
+    global _prefetched
+    _prefetched = detect_resources()
 
 
 def host_user() -> str | None:

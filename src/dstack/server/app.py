@@ -38,7 +38,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(migrate, settings.db_url)
         engine = make_engine(settings.db_url)
-        local = backend_class("local")(settings.runners_dir, settings.max_local_runners)  # a plug-in, as any
+        local = backend_class("local")(settings.runners_dir, settings.max_local_runners, spares=True)  # a plug-in
         ctx = Context(settings=settings, sessions=make_sessionmaker(engine), store=open_store(settings.store_config),
                       code=CodeBlobs(settings.home / "server" / "code"), backends=[local],
                       sealer=Sealer(settings.home / "server"), server_id=server_id(settings.home / "server"))
