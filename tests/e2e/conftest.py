@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns import hosts  # noqa: F401  (the fixture: one for the session, whichever module asks first)
+
 BIN = Path(sys.executable).parent
 
 

@@ -36,7 +36,7 @@ import pytest
 from dstack.backends.aws import IMAGE_FAMILIES
 from tests.e2e.conftest import BIN, Dstack
 from tests.integration.test_aws_backend import DEFAULT_IMAGE, ERRORS, PYTHON, Proxy, _ProxyHandler
-from tests.netns import Host, hosts  # noqa: F401  (the fixture)
+from tests.netns import Host
 
 ACCESS_KEY = "AKIAQXE2EAWSKEYID042"
 SECRET_KEY = "e2eAwsSecret/neverShownAnywhere+9876543210"

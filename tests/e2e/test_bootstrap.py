@@ -20,7 +20,6 @@ from dstack.backends.bootstrap import install_script
 from dstack.core.status import FINISHED
 from tests.dstack_server import Server
 from tests.e2e.conftest import Dstack, add_runner
-from tests.netns import hosts  # noqa: F401  (the fixture)
 
 SYSTEM_PYTHON = Path("/usr/bin/python3.11")
 

@@ -22,7 +22,7 @@ from dstack.core.sizes import human_size
 from tests import readable
 from tests.dstack_server import Server
 from tests.e2e.conftest import Dstack
-from tests.netns import Host, hosts  # noqa: F401  (the fixture)
+from tests.netns import Host
 
 SYSTEM_PYTHON = Path("/usr/bin/python3.11")
 BIG = 100_000_000
