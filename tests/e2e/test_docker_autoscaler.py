@@ -78,15 +78,22 @@ class Sampler(threading.Thread):
             except Exception as e:  # said at the end: a sample missed is no proof
                 self.errors.append(str(e))
             else:
+                found = [c for c in found if not _spare(c)]  # a spare (no runner yet) is no instance
                 running = [c for c in found if c["State"] in ("created", "running", "restarting", "paused")]
                 self.most = max(self.most, len(running))
-                self.seen.update(c["Labels"]["dstack.runner"] for c in found)
+                self.seen.update(c["Labels"]["dstack.runner"] or c["Names"][0].lstrip("/").removeprefix(
+                    "dstack-runner-") for c in found)
                 self.samples += 1
             self.stop.wait(0.2)
 
     def running(self) -> int:
         filters = {"label": [f"dstack.server={SERVER_ID}", "dstack.backend=docker"]}
-        return len([c for c in self.client.api.containers(all=True, filters=filters) if c["State"] != "exited"])
+        return len([c for c in self.client.api.containers(all=True, filters=filters)
+                    if c["State"] != "exited" and not _spare(c)])
+
+
+def _spare(c: dict) -> bool:
+    return any(n.lstrip("/").startswith("dstack-runner-spare-") for n in c.get("Names") or [])
 
 
 def test_fifty_jobs_run_on_at_most_three_docker_runners_that_go_once_idle(home, project):
@@ -104,6 +111,10 @@ def test_fifty_jobs_run_on_at_most_three_docker_runners_that_go_once_idle(home, 
         local = next(b for b in json.loads(d("backends", "--json", cwd=root, check=True).stdout) if b["name"] == "local")
         assert local["settings"]["max_runners"] == 0  # no local runner takes a job
 
+        deadline = time.monotonic() + 60  # the backend keeps a spare container ready (not a runner, not counted)
+        while not (spares := [n for n, state, _ in engine_left(spares=True) if "-spare-" in n and state == "running"]):
+            assert time.monotonic() < deadline, "no spare container was started"
+            time.sleep(0.2)
         sampler.start()
         with ThreadPoolExecutor(8) as pool:
             runs = list(pool.map(lambda _: d("run", "hello", "-d", "--json", cwd=root, check=True).stdout,
@@ -131,6 +142,7 @@ def test_fifty_jobs_run_on_at_most_three_docker_runners_that_go_once_idle(home, 
         for r in docker_runners:
             assert r["offer"] and r["offer"].startswith("docker"), r
             assert (r["resources"]["cpus"], r["resources"]["memory_mib"]) == (1, 512), r
+        assert not [n for n, *_ in engine_left(spares=True) if n == spares[0]], "the spare became a runner (renamed)"
         ran_on = {j["runner"] for r in listed if r["run_name"] in names for j in r["jobs"]}
         assert ran_on <= sampler.seen, f"jobs ran on runners of no docker container: {ran_on - sampler.seen}"
 
@@ -161,12 +173,14 @@ def test_fifty_jobs_run_on_at_most_three_docker_runners_that_go_once_idle(home, 
     finally:
         sampler.stop.set()
         d.stop_server()
+    assert not [n for n, *_ in engine_left(spares=True) if "-spare-" in n], "a spare container outlived its server"
 
 
-def engine_left() -> list[tuple[str, str, int]]:
-    """The server's containers on the engine: (name, state, exit code)."""
+def engine_left(spares: bool = False) -> list[tuple[str, str, int]]:
+    """The server's containers on the engine (spare ones too, if asked): (name, state, exit code)."""
     import docker
 
     client = docker.from_env()
-    found = client.api.containers(all=True, filters={"label": f"dstack.server={SERVER_ID}"})
+    found = [c for c in client.api.containers(all=True, filters={"label": f"dstack.server={SERVER_ID}"})
+             if spares or not _spare(c)]
     return [(c["Names"][0], c["State"], client.api.inspect_container(c["Id"])["State"]["ExitCode"]) for c in found]

@@ -28,10 +28,12 @@ by a pid it cannot see; `terminate` removes them with their runner's container. 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
 import re
+import secrets
 import tarfile
 import threading
 import time
@@ -49,6 +51,9 @@ from dstack.core.resources import RunnerResources, parse_size_mib
 
 log = logging.getLogger("dstack.server")
 TOKEN_DIR, TOKEN_FILE = "/run/dstack", "/run/dstack/runner.token"
+ORDER_FILE = "/run/dstack/order.json"  # a spare container's order: the arguments of `start`
+SPARE_PREFIX = "dstack-runner-spare-"  # a spare container's name until it becomes a runner's
+SPARE_DELAY = 2.0  # seconds after a runner's start before the next spare is made
 WORKDIR = "/var/lib/dstack/runner"  # inside the container, without docker_jobs
 KEEP_EXITED = 600.0  # seconds an exited runner's container is kept (its log says why it ended)
 OFFER_RETRY = 30.0  # seconds before an engine that did not answer is asked again for its size
@@ -89,6 +94,13 @@ class DockerBackend(Gpus):
         self._offers_tried = float("-inf")
         self._lock = threading.Lock()
         self._offers_lock = threading.Lock()
+        # a spare: a runner container started ahead of need (`dstack-runner spare`, waiting for its order), which
+        # becomes the next runner at once (no container start, no Python start on the job's path); not with
+        # docker_jobs (job containers name their runner's container, fixed at its creation)
+        self.spares = not self.settings.docker_jobs and os.environ.get("DSTACK_DOCKER_SPARE", "1") != "0"
+        self._spare = None
+        self._spare_lock = threading.Lock()
+        self._closed = False
 
     @cached_property
     def client(self):
@@ -155,9 +167,6 @@ class DockerBackend(Gpus):
 
         from dstack.runner.executors.docker import RUNNER_CONTAINER_ENV
 
-        with self._lock:
-            image = self._image()
-        self._remove_exited()
         server_id = bootstrap.server_id or self.server_id
         name = _container_name(bootstrap.runner_name)
         labels = {"dstack.server": server_id, "dstack.runner": bootstrap.runner_name, "dstack.backend": self.name}
@@ -173,6 +182,24 @@ class DockerBackend(Gpus):
                    "--workdir", workdir, "--idle-timeout", str(bootstrap.idle_timeout), "--token-file", TOKEN_FILE,
                    *(["--jobs-dir", f"{mountpoint}/jobs"] if self.settings.docker_jobs else ["--no-docker"]),
                    *(x for k, v in bootstrap.labels.items() for x in ("--labels", f"{k}={v}"))]
+        spare = self._take_spare()
+        if spare is not None:
+            try:  # the token and the order, then its runner's name: it starts at once
+                spare.put_archive("/run", _token_tar(bootstrap.token, order=command[1:]))
+                spare.rename(name)
+                self._spare_later()
+                return Instance(id=spare.id, runner_name=bootstrap.runner_name, started_at=time.monotonic(),
+                                offer=offer)
+            except Exception as e:
+                log.warning("the %s backend's spare container failed (%s): starting a new one", self.name, _reason(e))
+                try:
+                    spare.remove(force=True)
+                except docker.errors.DockerException:
+                    pass
+        self._spare_later()
+        with self._lock:
+            image = self._image()
+        self._remove_exited()
         gpus = [DeviceRequest(device_ids=[str(i) for i in range(len(offer.resources.gpus))], capabilities=[["gpu"]])]
         env = {k: os.environ[k] for k in ("DSTACK_STOP_GRACE", "DSTACK_JOB_UIDS") if k in os.environ}
         env[RUNNER_CONTAINER_ENV] = name  # its job containers' label (executors/docker._runner_labels)
@@ -196,6 +223,72 @@ class DockerBackend(Gpus):
             self._remove_volume(name)
             raise BackendError(f"cannot start the container of runner {bootstrap.runner_name}: {_reason(e)}") from None
         return Instance(id=container.id, runner_name=bootstrap.runner_name, started_at=time.monotonic(), offer=offer)
+
+    def _take_spare(self):
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        try:
+            spare.reload()
+        except Exception:
+            return None
+        return spare if spare.status == "running" else None
+
+    def _spare_later(self, delay: float = SPARE_DELAY) -> None:
+        if not self.spares or self._closed:
+            return
+        timer = threading.Timer(delay, self._make_spare)
+        timer.daemon = True
+        timer.start()
+
+    def _make_spare(self) -> None:
+        """Start a spare container (with the offer's limits), unless one runs; those of this server left by a
+        server before this one go."""
+        with self._spare_lock:
+            if self._closed or self._spare is not None:
+                return
+            try:
+                with self._lock:
+                    image = self._image()
+                self._remove_exited()  # housekeeping here, off a job's path
+                for c in self._ours("containers"):
+                    if any(n.lstrip("/").startswith(SPARE_PREFIX) for n in c.get("Names") or []):
+                        self.client.api.remove_container(c["Id"], v=True, force=True)
+                offer = self.offers()[0]
+                cpus = self.settings.cpus or offer.resources.cpus
+                memory = (parse_size_mib(self.settings.memory) if self.settings.memory
+                          else offer.resources.memory_mib) << 20
+                from docker.types import DeviceRequest
+
+                gpus = [DeviceRequest(device_ids=[str(i) for i in range(len(offer.resources.gpus))],
+                                      capabilities=[["gpu"]])]
+                env = {k: os.environ[k] for k in ("DSTACK_STOP_GRACE", "DSTACK_JOB_UIDS") if k in os.environ}
+                name = SPARE_PREFIX + secrets.token_hex(4)
+                container = self.client.containers.create(
+                    image, ["spare", "--order-file", ORDER_FILE], name=name, network_mode="host", init=True,
+                    labels={"dstack.server": self.server_id, "dstack.runner": "", "dstack.backend": self.name},
+                    environment=env, nano_cpus=int(cpus * 1e9), mem_limit=memory, memswap_limit=memory,
+                    device_requests=gpus if offer.resources.gpus else None)
+                container.start()
+                self._spare = container
+            except Exception as e:  # no spare: the next runner is started the ordinary way
+                log.warning("the %s backend could not start a spare container: %s", self.name, _reason(e))
+
+    def prepare(self) -> None:
+        """The server keeps this backend: a spare container, soon."""
+        self._spare_later(1.0)
+
+    def close(self) -> None:
+        """The server stops: its spare container goes (its runners go their own way)."""
+        with self._spare_lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            try:
+                spare.remove(force=True)
+            except Exception as e:
+                log.warning("the %s backend could not remove its spare container: %s", self.name, _reason(e))
 
     def _image(self) -> str:
         from dstack.backends import wheelhouse
@@ -263,9 +356,9 @@ class DockerBackend(Gpus):
             found = self._ours("containers")
         except Exception as e:  # not "none": the autoscaler would start more
             raise BackendError(self._trouble(e)) from None
-        return [Instance(id=c["Id"], runner_name=c["Labels"].get("dstack.runner", ""),
+        return [Instance(id=c["Id"], runner_name=_runner_of(c),
                          started_at=now - max(0.0, now_wall - float(c.get("Created") or now_wall)))
-                for c in found if c.get("State") not in DEAD]
+                for c in found if c.get("State") not in DEAD and not _is_spare(c)]
 
     def _ours(self, kind: str, *labels: str) -> list[dict]:
         """This server's containers (all, exited too) or volumes of this backend, with these labels too."""
@@ -295,7 +388,7 @@ class DockerBackend(Gpus):
 
     def describe_failure(self, runner_name: str) -> str:
         try:
-            found = self._ours("containers", f"dstack.runner={runner_name}")
+            found = [c for c in self._ours("containers") if _runner_of(c) == runner_name]
             if not found:
                 return f"no container of runner {runner_name} is left on the Docker Engine at {self.host}"
             container = self.client.containers.get(found[0]["Id"])
@@ -324,20 +417,38 @@ class DockerBackend(Gpus):
                             _reason(e))
 
 
+def _runner_of(c: dict) -> str:
+    """The runner a container is: its label, or (a spare that became one) its name."""
+    label = (c.get("Labels") or {}).get("dstack.runner")
+    if label:
+        return label
+    names = [n.lstrip("/") for n in c.get("Names") or []]
+    return next((n.removeprefix("dstack-runner-") for n in names if not n.startswith(SPARE_PREFIX)), "")
+
+
+def _is_spare(c: dict) -> bool:
+    return any(n.lstrip("/").startswith(SPARE_PREFIX) for n in c.get("Names") or [])
+
+
 def _container_name(runner_name: str) -> str:
     return "dstack-runner-" + re.sub(r"[^a-zA-Z0-9_.-]", "-", runner_name)
 
 
-def _token_tar(token: str) -> bytes:
+def _token_tar(token: str, order: list[str] | None = None) -> bytes:
+    """/run/dstack/runner.token (root's, 0600), and for a spare its order (`start`'s arguments), last: the spare
+    reads the order once it is there, and the token with it."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         folder = tarfile.TarInfo(os.path.basename(TOKEN_DIR))
         folder.type, folder.mode = tarfile.DIRTYPE, 0o700
         tar.addfile(folder)
-        data = token.encode()
-        info = tarfile.TarInfo(TOKEN_FILE.removeprefix("/run/"))
-        info.size, info.mode = len(data), 0o600
-        tar.addfile(info, io.BytesIO(data))
+        files = [(TOKEN_FILE, token.encode())]
+        if order is not None:
+            files.append((ORDER_FILE, json.dumps({"argv": order}).encode()))
+        for path, data in files:
+            info = tarfile.TarInfo(path.removeprefix("/run/"))
+            info.size, info.mode = len(data), 0o600
+            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 

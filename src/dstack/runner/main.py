@@ -306,7 +306,9 @@ def hide_secrets() -> None:
 
 
 @cli.command(hidden=True)
-def spare() -> None:
+@click.option("--order-file", type=click.Path(path_type=Path), default=None,
+              help="Wait for this file (JSON: {\"argv\": [...]}) instead of a line on stdin (a container).")
+def spare(order_file: Path | None) -> None:
     """A runner process made ahead of need (the local backend's): it imports what a runner needs and looks at the
     machine, then waits for one line on stdin, {"argv": [start's arguments], "log": PATH}, and becomes that
     runner (`start` in this process); the end of stdin (its server gone) ends it."""
@@ -318,6 +320,18 @@ def spare() -> None:
         importlib.import_module(module)  # now, not when a job waits
 
     resources.prefetch()
+    if order_file is not None:
+        import time
+
+        while True:  # the order comes by the container's engine (put_archive), after the token
+            try:
+                order = json.loads(order_file.read_text())
+                break
+            except (OSError, ValueError):
+                time.sleep(0.01)
+        order_file.unlink(missing_ok=True)
+        cli(args=["start", *order["argv"]], prog_name="dstack-runner")
+        return
     line = sys.stdin.readline()
     if not line:
         return

@@ -61,6 +61,7 @@ def create_app(settings: Settings, on_ready=None) -> FastAPI:
             names = [i.runner_name for i in local.list()]
             await runner_service.fail_jobs_of(ctx, names, "the local server was stopped while the job ran")
             await asyncio.to_thread(local.shutdown)
+            await backend_service.close_all(ctx)
             await runner_service.terminated(ctx, names)
             await engine.dispose()
 

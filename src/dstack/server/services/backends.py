@@ -110,6 +110,7 @@ async def add(ctx: Context, req: BackendRequest) -> BackendInfo:
         s.add(BackendRow(name=req.name, kind=req.kind, settings=_jsonable(_plain(cls, values)),
                          secrets=ctx.sealer.seal(secrets) if secrets else None, created_at=_now()))
     ctx.backends.append(backend)
+    _prepare(backend)
     log.info("backend %s (%s) added: %s", req.name, req.kind, note)
     return (await list_backends(ctx, req.name))[0].model_copy(update={"note": note})
 
@@ -133,6 +134,8 @@ async def remove(ctx: Context, name: str) -> BackendInfo:
     ctx.limits.pop(name, None)
     # the backend object stays until its instances are gone (the autoscaler terminates them through it)
     ctx.removed_backends.add(name)
+    for backend in [b for b in ctx.backends if b.name == name and hasattr(b, "close")]:
+        await asyncio.to_thread(backend.close)
     ctx.signals.notify("jobs")
     log.info("backend %s removed; its %d instance(s) are being terminated", name, info.instances)
     return info
@@ -186,11 +189,29 @@ async def load(ctx: Context) -> None:
     for row in rows:
         try:
             settings = {**row.settings, **(ctx.sealer.open(row.secrets, row.name) if row.secrets else {})}
-            ctx.backends.append(build(ctx, row.name, row.kind, settings))
+            backend = build(ctx, row.name, row.kind, settings)
+            ctx.backends.append(backend)
+            _prepare(backend)
         except Exception as e:  # one broken backend must not stop the server
             why = getattr(e, "message", None) or str(e) or type(e).__name__
             ctx.backend_notes[row.name] = f"not loaded: {why}"
             log.error("backend %s (%s) could not be loaded: %s", row.name, row.kind, why)
+
+
+def _prepare(backend) -> None:
+    """A backend the server keeps may get ready for its first runner (the docker backend's spare container)."""
+    if hasattr(backend, "prepare"):
+        backend.prepare()
+
+
+async def close_all(ctx: Context) -> None:
+    """The server stops: what backends keep ready goes (their runners go their own way)."""
+    for backend in ctx.backends:
+        if hasattr(backend, "close"):
+            try:
+                await asyncio.to_thread(backend.close)
+            except Exception as e:  # the others still close
+                log.warning("backend %s did not close: %s", backend.name, e)
 
 
 def limits_of(ctx: Context, backend: str) -> Limits:
