@@ -182,11 +182,8 @@ class Runner:
         except BaseException:  # refused, or stopped before it joined: it made the jobs' folder for nothing
             job_user_mod.release_jobs_dir(self.jobs_dir, self.job_user)
             raise
-        if self.resources.docker:
-            from dstack.runner.executors.docker import remove_orphans
-
-            for job_id in remove_orphans():
-                log.info("removed the container of job %s, left by a runner that died", job_id)
+        if self.resources.docker:  # beside the first take, not before it: a job need not wait for the sweep
+            threading.Thread(target=_remove_orphans, name="dstack-orphans", daemon=True).start()
         hb = threading.Thread(target=self._heartbeats, daemon=True)
         hb.start()
         if self.resources.interruptible:  # a spot machine: its provider's notice, while jobs run
@@ -590,6 +587,17 @@ class Runner:
             log.warning("the server has ended job %s or given it to another runner (%s): aborting it",
                         job.job_id, why)
             self._request_stop("abort", job.job_id)
+
+
+def _remove_orphans() -> None:
+    """The containers of jobs whose runner died (executors/docker.remove_orphans)."""
+    from dstack.runner.executors.docker import remove_orphans
+
+    try:
+        for job_id in remove_orphans():
+            log.info("removed the container of job %s, left by a runner that died", job_id)
+    except Exception as e:  # the engine is away: the next runner's sweep has them
+        log.warning("could not look for containers that dead runners left: %s", e)
 
 
 def _started(execution) -> dict:

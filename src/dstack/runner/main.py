@@ -320,6 +320,9 @@ def spare(order_file: Path | None) -> None:
         importlib.import_module(module)  # now, not when a job waits
 
     resources.prefetch()
+    from dstack.runner.executors import host
+
+    host.namespaces_work()  # asked once per process (a process started as root): now, not at the first job
     if order_file is not None:
         import time
 

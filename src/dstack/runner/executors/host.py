@@ -235,7 +235,7 @@ class HostExecutor:
         script = job_script(job.commands)
         argv = [shell, "-c"]
         binds = None  # the job's mount namespace: (source, target, read-only), bound as root before it starts
-        if (mounts or (user and user.own)) and _namespaces_work():
+        if (mounts or (user and user.own)) and namespaces_work():
             binds = _account_binds(root.parent, user, shell) if user and user.own else []
             for m in mounts:
                 dest = root / m.target
@@ -305,7 +305,7 @@ def _libc():
 
 
 @functools.cache
-def _namespaces_work() -> bool:
+def namespaces_work() -> bool:
     """Whether this runner may make mount namespaces (root, and not in a container without CAP_SYS_ADMIN)."""
     if os.geteuid() != 0 or not sys.platform.startswith("linux"):
         return False
