@@ -17,7 +17,7 @@ from dstack.backends import runner_image, wheelhouse
 from dstack.backends.base import BackendError, Bootstrap, Offer
 from dstack.backends.docker import DockerBackend
 from dstack.core.resources import Gpu, RunnerResources
-from dstack.runner.executors.docker import _boot_id, _pid_ns, _runner_labels
+from dstack.runner.executors.orphans import _boot_id, _pid_ns, _runner_labels
 
 SERVER_ID = f"test-docker-backend-{secrets.token_hex(4)}"
 REPO = "transfers"  # Server.submit's

@@ -333,7 +333,7 @@ def test_the_orphan_sweep_judges_a_runner_by_its_pid_only_in_its_own_pid_namespa
     import json
 
     from dstack.core.processes import start_time
-    from dstack.runner.executors.docker import _boot_id, _pid_ns, _runner_labels, remove_orphans
+    from dstack.runner.executors.orphans import _boot_id, _pid_ns, _runner_labels, remove_orphans
 
     execution, output = docker.start(["echo ready", "sleep 1000"])  # this process's job: a live runner's
     assert output.wait_for(b"ready")
@@ -363,7 +363,7 @@ def test_the_orphan_sweep_judges_a_runner_by_its_pid_only_in_its_own_pid_namespa
         container("dead", **{**_runner_labels(), "dstack.runner_pid": str(dead.pid), "dstack.runner_started": str(born)})
 
         # a runner in a pid namespace of its own sweeps
-        code = ("import json, sys\nfrom dstack.runner.executors.docker import _pid_ns, _runner_alive, remove_orphans\n"
+        code = ("import json, sys\nfrom dstack.runner.executors.orphans import _pid_ns, _runner_alive, remove_orphans\n"
                 "print(json.dumps({'ns': _pid_ns(), 'alive': _runner_alive(json.loads(sys.argv[1])), "
                 "'removed': remove_orphans()}))")
         p = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code,

@@ -163,15 +163,12 @@ class DockerBackend(Gpus):
 
     def create(self, offer: Offer, bootstrap: Bootstrap) -> Instance:
         import docker.errors
-        from docker.types import DeviceRequest
 
-        from dstack.runner.executors.docker import RUNNER_CONTAINER_ENV
+        from dstack.runner.executors.orphans import RUNNER_CONTAINER_ENV
 
         server_id = bootstrap.server_id or self.server_id
         name = _container_name(bootstrap.runner_name)
         labels = {"dstack.server": server_id, "dstack.runner": bootstrap.runner_name, "dstack.backend": self.name}
-        cpus = self.settings.cpus or offer.resources.cpus
-        memory = (parse_size_mib(self.settings.memory) if self.settings.memory else offer.resources.memory_mib) << 20
         workdir, volumes, mountpoint = WORKDIR, {}, ""
         if self.settings.docker_jobs:
             mountpoint = self._volume(name, labels)
@@ -200,14 +197,11 @@ class DockerBackend(Gpus):
         with self._lock:
             image = self._image()
         self._remove_exited()
-        gpus = [DeviceRequest(device_ids=[str(i) for i in range(len(offer.resources.gpus))], capabilities=[["gpu"]])]
-        env = {k: os.environ[k] for k in ("DSTACK_STOP_GRACE", "DSTACK_JOB_UIDS") if k in os.environ}
-        env[RUNNER_CONTAINER_ENV] = name  # its job containers' label (executors/docker._runner_labels)
+        sized = self._sized(offer)
+        sized["environment"][RUNNER_CONTAINER_ENV] = name  # its job containers' label (executors/orphans)
         try:
-            container = self.client.containers.create(
-                image, command, name=name, labels=labels, network_mode="host", init=True, environment=env,
-                nano_cpus=int(cpus * 1e9), mem_limit=memory, memswap_limit=memory, volumes=volumes,
-                device_requests=gpus if offer.resources.gpus else None)
+            container = self.client.containers.create(image, command, name=name, labels=labels, volumes=volumes,
+                                                      **sized)
         except Exception as e:
             self._remove_volume(name)
             raise BackendError(f"cannot create the container of runner {bootstrap.runner_name}: {_reason(e)}") from None
@@ -223,6 +217,18 @@ class DockerBackend(Gpus):
             self._remove_volume(name)
             raise BackendError(f"cannot start the container of runner {bootstrap.runner_name}: {_reason(e)}") from None
         return Instance(id=container.id, runner_name=bootstrap.runner_name, started_at=time.monotonic(), offer=offer)
+
+    def _sized(self, offer: Offer) -> dict[str, Any]:
+        """A runner container's options, spare or not: host networking, the offer's CPUs, memory and GPUs."""
+        from docker.types import DeviceRequest
+
+        cpus = self.settings.cpus or offer.resources.cpus
+        memory = (parse_size_mib(self.settings.memory) if self.settings.memory else offer.resources.memory_mib) << 20
+        gpus = [DeviceRequest(device_ids=[str(i) for i in range(len(offer.resources.gpus))], capabilities=[["gpu"]])]
+        env = {k: os.environ[k] for k in ("DSTACK_STOP_GRACE", "DSTACK_JOB_UIDS") if k in os.environ}
+        return {"network_mode": "host", "init": True, "environment": env, "nano_cpus": int(cpus * 1e9),
+                "mem_limit": memory, "memswap_limit": memory,
+                "device_requests": gpus if offer.resources.gpus else None}
 
     def _take_spare(self):
         with self._spare_lock:
@@ -255,21 +261,10 @@ class DockerBackend(Gpus):
                 for c in self._ours("containers"):
                     if any(n.lstrip("/").startswith(SPARE_PREFIX) for n in c.get("Names") or []):
                         self.client.api.remove_container(c["Id"], v=True, force=True)
-                offer = self.offers()[0]
-                cpus = self.settings.cpus or offer.resources.cpus
-                memory = (parse_size_mib(self.settings.memory) if self.settings.memory
-                          else offer.resources.memory_mib) << 20
-                from docker.types import DeviceRequest
-
-                gpus = [DeviceRequest(device_ids=[str(i) for i in range(len(offer.resources.gpus))],
-                                      capabilities=[["gpu"]])]
-                env = {k: os.environ[k] for k in ("DSTACK_STOP_GRACE", "DSTACK_JOB_UIDS") if k in os.environ}
-                name = SPARE_PREFIX + secrets.token_hex(4)
                 container = self.client.containers.create(
-                    image, ["spare", "--order-file", ORDER_FILE], name=name, network_mode="host", init=True,
+                    image, ["spare", "--order-file", ORDER_FILE], name=SPARE_PREFIX + secrets.token_hex(4),
                     labels={"dstack.server": self.server_id, "dstack.runner": "", "dstack.backend": self.name},
-                    environment=env, nano_cpus=int(cpus * 1e9), mem_limit=memory, memswap_limit=memory,
-                    device_requests=gpus if offer.resources.gpus else None)
+                    **self._sized(self.offers()[0]))
                 container.start()
                 self._spare = container
             except Exception as e:  # no spare: the next runner is started the ordinary way

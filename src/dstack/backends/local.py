@@ -205,7 +205,7 @@ class LocalBackend:
         """Jobs whose runner died: their containers (if any) must not run on."""
         if not job_ids or not self._resources.docker:
             return
-        from dstack.runner.executors.docker import remove_orphans
+        from dstack.runner.executors.orphans import remove_orphans
 
         remove_orphans()
 

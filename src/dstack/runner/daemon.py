@@ -246,37 +246,15 @@ class Runner:
             except (httpx.HTTPError, DstackError):
                 pass
 
-    def _watch_spot_notice(self, every: float = SPOT_POLL) -> None:
-        """Read the provider's interruption notice every `every` s while jobs run (runner/spot.py); on one, tell
-        the server (it requeues or ends the jobs, and this runner takes no more) once. A machine whose metadata
-        service does not answer, several times in a row, is not watched further."""
+    def _watch_spot_notice(self) -> None:
+        """A spot machine: the provider's notice, while jobs run, is told the server once (runner/spot.py)."""
         from dstack.runner import spot
 
-        failures = 0
-        while not self._stopping.wait(every):
-            if not self.slots:
-                continue
-            try:
-                notice = spot.instance_action()
-            except OSError as e:
-                failures += 1
-                if failures == 5:
-                    log.warning("the spot interruption notice cannot be read (%s): not watched any more", e)
-                    return
-                continue
-            failures = 0
-            if notice is None:
-                continue
-            log.warning("this spot machine is being taken back: %s", notice)
-            while not self._stopping.is_set():
-                try:
-                    ended = self.client.interrupted(self.name, str(notice.get("action", "terminate")),
-                                                    notice.get("time"))
-                    log.info("the server ended or requeued jobs %s", ", ".join(ended) or "(none)")
-                    return
-                except (httpx.HTTPError, DstackError) as e:
-                    log.warning("could not tell the server of the interruption (%s); trying again", e)
-                    self._stopping.wait(1.0)
+        def report(action: str, when: str | None) -> None:
+            ended = self.client.interrupted(self.name, action, when)
+            log.info("the server ended or requeued jobs %s", ", ".join(ended) or "(none)")
+
+        spot.watch(lambda: bool(self.slots), self._stopping, report, (httpx.HTTPError, DstackError), SPOT_POLL)
 
     def _heartbeats(self) -> None:
         """Every second while jobs run here (a stop reaches them within that); idle, as often as the server says
@@ -591,7 +569,7 @@ class Runner:
 
 def _remove_orphans() -> None:
     """The containers of jobs whose runner died (executors/docker.remove_orphans)."""
-    from dstack.runner.executors.docker import remove_orphans
+    from dstack.runner.executors.orphans import remove_orphans
 
     try:
         for job_id in remove_orphans():

@@ -7,12 +7,14 @@ Standard library only, so that a runner can read it without boto3."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 import urllib.error
 import urllib.request
 
+log = logging.getLogger(__name__)
 TOKEN_TTL = 21600  # seconds, IMDS's most
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP(S)_PROXY
 _tokens: dict[str, tuple[str, float]] = {}  # base URL -> (token, when to get a new one)
@@ -61,3 +63,32 @@ def _token(base: str, timeout: float, fresh: bool) -> str:
     with _lock:
         _tokens[base] = (token, now + TOKEN_TTL - 60)
     return token
+
+
+def watch(busy, stopping: threading.Event, report, failures: tuple, every: float = 5.0) -> None:
+    """Read the notice every `every` s while `busy()`; on one, `report(action, time)` (again after a second while
+    it raises one of `failures`, until `stopping`), once. A metadata service that does not answer, five times in
+    a row, is not asked again."""
+    missed = 0
+    while not stopping.wait(every):
+        if not busy():
+            continue
+        try:
+            notice = instance_action()
+        except OSError as e:
+            missed += 1
+            if missed == 5:
+                log.warning("the spot interruption notice cannot be read (%s): not watched any more", e)
+                return
+            continue
+        missed = 0
+        if notice is None:
+            continue
+        log.warning("this spot machine is being taken back: %s", notice)
+        while not stopping.is_set():
+            try:
+                report(str(notice.get("action", "terminate")), notice.get("time"))
+                return
+            except failures as e:
+                log.warning("could not tell the server of the interruption (%s); trying again", e)
+                stopping.wait(1.0)

@@ -49,8 +49,7 @@ def _settings(cls: type, kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     try:
         model = cls.settings_model.model_validate(settings)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
-                             for err in e.errors(include_input=False, include_url=False))
+        problems = _problems(e, "settings")
         keys = ", ".join(cls.settings_model.model_fields)
         raise ConfigError(f"the settings of a {kind} backend are wrong: {problems}", hint=f"its keys: {keys}") from None
     values = model.model_dump(mode="python")
@@ -58,6 +57,12 @@ def _settings(cls: type, kind: str, settings: dict[str, Any]) -> dict[str, Any]:
         if hasattr(v, "get_secret_value"):
             values[k] = v.get_secret_value()
     return values
+
+
+def _problems(e, whole: str) -> str:
+    """A pydantic ValidationError as `key: what is wrong; ...`, never the value (it may be a secret)."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or whole}: {err['msg']}"
+                     for err in e.errors(include_input=False, include_url=False))
 
 
 def build(ctx: Context, name: str, kind: str, settings: dict[str, Any]) -> Configurable:
@@ -257,9 +262,7 @@ async def set_limits(ctx: Context, backend: str, changes: dict[str, Any]) -> Lim
     try:
         new = Limits.model_validate({**limits_of(ctx, backend).model_dump(), **changes})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                             for err in e.errors(include_input=False, include_url=False))
-        raise ConfigError(f"limits of {backend}: {problems}") from None
+        raise ConfigError(f"limits of {backend}: {_problems(e, 'limits')}") from None
     async with ctx.sessions() as s, s.begin():
         row = await s.get(LimitsRow, backend)
         if row is None:
