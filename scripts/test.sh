@@ -16,6 +16,10 @@ command -v systemd-analyze >/dev/null 2>&1 || pkgs+=(systemd)  # `verify` of dst
 [ -x /bin/busybox ] || pkgs+=(busybox-static)
 python3.11 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=(python3.11-venv)
 command -v unshare >/dev/null 2>&1 || pkgs+=(util-linux)
+# a one-machine Slurm cluster and SSH servers in test hosts, started by the tests (tests/slurm.py, tests/sshd.py)
+command -v slurmctld >/dev/null 2>&1 || pkgs+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || pkgs+=(munge)
+[ -x /usr/sbin/sshd ] || pkgs+=(openssh-server)
 if [ "${#pkgs[@]}" -gt 0 ]; then
   # another apt run (e.g. a provisioning script) may hold the lock: wait for it
   for _ in $(seq 1 120); do

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.netns import hosts  # noqa: F401  (the fixture: one for the session, whichever module asks first)
+from tests.slurm import slurm, slurm_cluster  # noqa: F401  (the session's Slurm cluster; `slurm`: per test)
+from tests.sshd import sshd  # noqa: F401  (SSH servers in test hosts, per test)
 
 BIN = Path(sys.executable).parent
 
