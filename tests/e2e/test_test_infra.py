@@ -18,8 +18,8 @@ def test_slurm_runs_a_job_on_both_nodes(slurm, tmp_path):
 
 
 def test_slurm_job_pends_on_resources_when_nodes_are_full(slurm):
-    busy = slurm.run("sbatch", "--parsable", "-N2", "-c2", "--wrap", "sleep 300").stdout.strip()
-    waiting = slurm.run("sbatch", "--parsable", "--wrap", "true").stdout.strip()
+    busy = slurm.run("sbatch", "--parsable", "-N2", "-c2", "-o", "/dev/null", "--wrap", "sleep 300").stdout.strip()
+    waiting = slurm.run("sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true").stdout.strip()
     for _ in range(100):
         if slurm.job(busy)["JobState"] == "RUNNING" and slurm.job(waiting)["Reason"] == "Resources":
             break

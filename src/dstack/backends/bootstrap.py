@@ -27,6 +27,7 @@ from pathlib import PurePosixPath
 
 from dstack.backends.base import Bootstrap
 
+MIN_PYTHON = "3.11"  # what the runner needs
 MAX_USER_DATA = 16 * 1024  # EC2's limit on user-data, before base64
 
 # run by python3 with its program on stdin: argv is SERVER TOKEN_FILE VENV LOG (no token). Python 3.6 syntax, so

@@ -76,7 +76,8 @@ def _value(text: str):
         return text
 
 
-def _gather(kind: str, pairs: tuple[str, ...], secrets_file: str | None, kinds: list[dict]) -> dict:
+def _gather(kind: str, pairs: tuple[str, ...], secrets_file: str | None, kinds: list[dict],
+            secret_files: tuple[str, ...] = ()) -> dict:
     """The settings given: --set KEY=VALUE (values read as YAML: numbers, true, [a, b]), and the kind's secrets
     from the environment, --secrets-file, or a hidden prompt."""
     info = next((k for k in kinds if k["kind"] == kind), None)
@@ -111,6 +112,16 @@ def _gather(kind: str, pairs: tuple[str, ...], secrets_file: str | None, kinds: 
             raise click.UsageError(f"--secrets-file {secrets_file}: {e}") from None
         if not isinstance(from_file, dict):
             raise click.UsageError(f"--secrets-file {secrets_file}: expected KEY: VALUE lines")
+    for pair in secret_files:  # --secret-file private_key=~/.ssh/id_ed25519: the file's text is the secret
+        key, eq, path = pair.partition("=")
+        if not eq or key not in secrets:
+            raise click.UsageError(f"--secret-file {pair!r}: expected KEY=PATH, KEY one of the {kind} backend's "
+                                   f"credentials ({', '.join(sorted(secrets)) or 'it has none'})")
+        try:
+            with open(os.path.expanduser(path)) as f:
+                from_file[key] = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.UsageError(f"--secret-file {key}: cannot read {path}: {e}") from None
     for key in info.get("secrets", []):
         env = f"{kind.upper()}_{key.upper()}"
         if key in from_file:
@@ -130,14 +141,17 @@ def _gather(kind: str, pairs: tuple[str, ...], secrets_file: str | None, kinds: 
 @click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE", help="A setting (repeatable); see `backends kinds`.")
 @click.option("--secrets-file", type=click.Path(dir_okay=False), default=None,
               help="A YAML file of credentials (KEY: VALUE), instead of the environment or a prompt.")
+@click.option("--secret-file", "secret_files", multiple=True, metavar="KEY=PATH",
+              help="A credential read from a file, e.g. private_key=~/.ssh/id_ed25519 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def add(kind: str, name: str | None, pairs: tuple[str, ...], secrets_file: str | None, as_json: bool) -> None:
+def add(kind: str, name: str | None, pairs: tuple[str, ...], secrets_file: str | None, secret_files: tuple[str, ...],
+        as_json: bool) -> None:
     """Check a backend of KIND against its provider, then keep it: the server starts runners there when jobs
     wait, within the backend's limits (`dstack limits`). Its credentials are stored encrypted."""
     from dstack.api.embedded import connect
 
     client = connect()
-    settings = _gather(kind, pairs, secrets_file, client.backend_kinds())
+    settings = _gather(kind, pairs, secrets_file, client.backend_kinds(), secret_files)
     added = client.add_backend(name or kind, kind, settings)
     if as_json:
         _echo_json(added)

@@ -31,7 +31,7 @@ from dstack.core.resources import RunnerResources, Usage, place
 from dstack.server.context import Context
 from dstack.server.db.tables import InstanceRow, JobRow, RunnerRow
 from dstack.server.services import runner_tokens
-from dstack.server.services.backends import allowed_offers, capacity, limits_of
+from dstack.server.services.backends import allowed_offers, capacity, forget_removed, limits_of
 from dstack.server.services.scheduler import fits, usage_of
 
 log = logging.getLogger("dstack.server")
@@ -261,6 +261,8 @@ async def teardown(ctx: Context) -> None:
     async with ctx.sessions() as s:
         rows = (await s.scalars(select(InstanceRow).where(InstanceRow.status.in_(("running", "terminating")))
                                 .order_by(InstanceRow.created_at.desc()))).all()
+        if gone := {n for n in ctx.removed_backends if not any(r.backend == n for r in rows)}:
+            await forget_removed(ctx, gone)
         if not rows:
             return
         runners = {r.name: r for r in (await s.scalars(select(RunnerRow).where(
@@ -303,8 +305,6 @@ async def teardown(ctx: Context) -> None:
             from dstack.server.services.runners import terminated
 
             await terminated(ctx, [row.runner_name])
-    ctx.removed_backends = {n for n in ctx.removed_backends if any(r.backend == n and r.status != "terminated"
-                                                                   for r in rows)}
 
 
 _UNFINISHED = tuple(s.value for s in JobStatus if not s.finished and s != JobStatus.SUBMITTED)

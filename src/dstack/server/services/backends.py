@@ -67,7 +67,10 @@ def _problems(e, whole: str) -> str:
 
 def build(ctx: Context, name: str, kind: str, settings: dict[str, Any]) -> Configurable:
     cls = _class_of(kind)
-    return cls(name, _settings(cls, kind, settings), server_id=ctx.server_id, home=ctx.settings.home)
+    try:
+        return cls(name, _settings(cls, kind, settings), server_id=ctx.server_id, home=ctx.settings.home)
+    except BackendError as e:  # its settings do not make a backend (a private key that is none)
+        raise ConfigError(f"backend '{name}': {e}", hint="check its settings and credentials") from None
 
 
 async def _tested(backend: Configurable) -> str:
@@ -176,12 +179,34 @@ async def list_backends(ctx: Context, name: str | None = None) -> list[BackendIn
         found.append(BackendInfo(name=row.name, kind=row.kind, settings=row.settings,
                                  secrets=[k for k in cls_secrets if row.secrets], limits=limits_of(ctx, row.name),
                                  instances=counts.get(row.name, 0), created_at=row.created_at,
-                                 note=ctx.backend_notes.get(row.name)))
+                                 note=ctx.backend_notes.get(row.name) or _note(ctx, row.name)))
     if name is not None:
         found = [b for b in found if b.name == name]
         if not found:
             await _row(ctx, name)
     return found
+
+
+def _note(ctx: Context, name: str) -> str | None:
+    """What a backend says of itself (the ssh backend: hosts that do not answer)."""
+    backend = next((b for b in ctx.backends if b.name == name), None)
+    return backend.note() if backend is not None and hasattr(backend, "note") else None
+
+
+async def forget_removed(ctx: Context, names: set[str]) -> None:
+    """Removed backends whose instances are all gone: what they installed goes (`uninstall`), then the backend
+    object. One whose uninstall fails stays, to be asked again."""
+    for backend in [b for b in ctx.backends if b.name in names]:
+        if hasattr(backend, "uninstall"):
+            try:
+                await asyncio.to_thread(backend.uninstall)
+            except Exception as e:
+                log.warning("backend %s: removing what it installed failed (asked again): %s", backend.name, e)
+                continue
+        ctx.backends.remove(backend)
+        ctx.removed_backends.discard(backend.name)
+        ctx.offer_cache.pop(backend.name, None)
+        log.info("backend %s is gone, and what it installed", backend.name)
 
 
 async def load(ctx: Context) -> None:
