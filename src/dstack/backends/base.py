@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from dstack.core.resources import RunnerResources
+from dstack.core.resources import Requirements, RunnerResources
 
 
 class BackendError(Exception):
@@ -45,6 +45,7 @@ class Bootstrap:
     server_id: str = ""  # the tag `dstack:server` on everything the backend creates for this server
     labels: dict[str, str] = field(default_factory=dict)
     interruptible: bool = False  # a spot machine: the runner starts with --interruptible
+    requirements: Requirements | None = None  # the job's resources: what a scheduler is asked for (slurm)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Instance:
     runner_name: str
     started_at: float  # time.monotonic() of its creation (as near as the backend can tell)
     offer: Offer | None = None
+    note: str | None = None  # what the backend says of it now, shown to jobs that wait for it ("Slurm: Resources")
 
 
 class Backend(Protocol):
@@ -122,3 +124,11 @@ class Gpus:
 
 class MultiNode:
     """It can create the runners of a multi-node run so that they reach each other."""
+
+
+class Allocations(MultiNode):
+    """It creates a multi-node run's runners in one request, which places them together (one Slurm allocation of
+    k nodes): `create_group(offer, bootstraps) -> [Instance]`, all or none."""
+
+    def create_group(self, offer: Offer, bootstraps: list[Bootstrap]) -> list[Instance]:
+        raise NotImplementedError

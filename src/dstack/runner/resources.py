@@ -60,6 +60,8 @@ def host_user() -> str | None:
 def detect_cpus() -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     limit, _ = _own_cgroup_limits()
+    allocated = slurm_allocation()[0]
+    limit = min(x for x in (limit, allocated) if x) if limit or allocated else None
     return max(1, min(cpus, limit)) if limit else cpus
 
 
@@ -67,7 +69,28 @@ def detect_memory_mib() -> int:
     meminfo = Path("/proc/meminfo")
     total = parse_meminfo_total_mib(meminfo.read_text()) if meminfo.exists() else 0
     _, limit = _own_cgroup_limits()
+    allocated = slurm_allocation()[1]
+    limit = min(x for x in (limit, allocated) if x) if limit or allocated else None
     return min(total, limit) if limit and total else (limit or total)
+
+
+def slurm_allocation(env: dict[str, str] | None = None) -> tuple[int | None, int | None]:
+    """(CPUs, MiB) of this node that the Slurm job the runner runs in was given (a cluster whose task plugin
+    sets no affinity nor cgroup would show the whole node): SLURM_CPUS_ON_NODE, SLURM_MEM_PER_NODE or
+    SLURM_MEM_PER_CPU x CPUs (in MB, as Slurm counts them). (None, None) outside Slurm."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID"):
+        return None, None
+
+    def number(key: str) -> int | None:
+        value = env.get(key, "").split("(")[0].split(",")[0]
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    cpus = number("SLURM_CPUS_ON_NODE")
+    memory = number("SLURM_MEM_PER_NODE")
+    if memory is None and (per_cpu := number("SLURM_MEM_PER_CPU")) and cpus:
+        memory = per_cpu * cpus
+    return cpus, memory
 
 
 def parse_meminfo_total_mib(text: str) -> int:

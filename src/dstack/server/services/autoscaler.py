@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import func, select
 
-from dstack.backends.base import Bootstrap, CapacityError, Instance, MultiNode, Offer
+from dstack.backends.base import Allocations, Bootstrap, CapacityError, Instance, MultiNode, Offer
 from dstack.core.backends import Limits
 from dstack.core.models import JobSpec, JobStatus, RunnerStatus
 from dstack.core.resources import RunnerResources, Usage, place
@@ -77,7 +77,8 @@ async def provision(ctx: Context) -> None:
     rooms = [(RunnerResources.model_validate(r.resources), r.labels, used.get(r.name, Usage())) for r in live
              if r.name not in draining]
     # runners being started (not registered yet): each will take one job that its offer fits, which says what
-    starting = [(RunnerResources.model_validate(i.offer["resources"]), _provisioning(i.offer)) for i in instances
+    starting = [(RunnerResources.model_validate(i.offer["resources"]),
+                 _provisioning(i.offer, ctx.instance_notes.get((i.backend, i.instance_id)))) for i in instances
                 if i.status == "running" and i.runner_name not in registered and i.offer.get("resources")]
     alive = {}  # backend -> instances, (backend, type) -> instances
     for i in instances:
@@ -176,15 +177,11 @@ async def _start_for(ctx: Context, jobs: list[JobSpec], now: _Pass) -> str:
         streams.append(_within_type_limits(ctx, backend, itertools.chain([first], fitting), k, alive, refusals))
     tries = []
     for offer, backend in heapq.merge(*streams, key=lambda c: c[0].price):  # the cheapest first, found lazily
-        made: list[Instance] = []
         try:
-            for job in jobs:
-                made.append(await _create(ctx, backend, offer, job, "; ".join(tries)))
+            await _create(ctx, backend, offer, jobs, "; ".join(tries))
         except CapacityError as e:
             tries.append(f"{offer.describe()}: {e}")
             log.info("%s refused a runner for %s: %s", backend.name, jobs[0].run_name, e)
-            for inst in made:  # a multi-node run's are all or none
-                await _mark_terminating(ctx, backend.name, inst.id, "the rest of its run's runners could not be had")
             continue
         except Exception as e:  # a backend's failure is the jobs' reason, not the loop's end
             tries.append(f"{offer.describe()}: {e}")
@@ -215,33 +212,61 @@ def _within_type_limits(ctx: Context, backend, offers, k: int, alive: dict, refu
         yield o, backend
 
 
-def _provisioning(offer: dict) -> str:
-    """What a job that a runner is being started for says, as long as it is (the offers tried before too)."""
+def _provisioning(offer: dict, note: str | None = None) -> str:
+    """What a job that a runner is being started for says, as long as it is (the offers tried before too, and
+    what the backend says of the instance now)."""
     if not offer.get("describe"):
-        return "a runner is being started for it"
-    return f"provisioning {offer['describe']}" + (f" (after {offer['after']})" if offer.get("after") else "")
+        said = "a runner is being started for it"
+    else:
+        said = f"provisioning {offer['describe']}" + (f" (after {offer['after']})" if offer.get("after") else "")
+    return f"{said}: {note}" if note else said
 
 
-async def _create(ctx: Context, backend, offer: Offer, job: JobSpec, after: str = "") -> Instance:
-    # a token of its own, never the admin's: it can do a runner's work and nothing else
-    identity = await runner_tokens.issue(ctx, None, {}, issued_by=backend.name)
+def idle_timeout(ctx: Context, backend) -> float:
+    """Seconds an idle runner of `backend` lives: its limits', else the backend's own default (slurm: a few
+    seconds, an allocation held idle costs the user's share of the cluster), else the server's."""
     idle = limits_of(ctx, backend.name).idle_timeout
-    bootstrap = Bootstrap(server_url=ctx.settings.url, token=identity.token, runner_name=identity.name,
-                          idle_timeout=ctx.settings.runner_idle_timeout if idle is None else idle,
-                          server_id=ctx.server_id, interruptible=offer.spot)
+    if idle is None:
+        idle = getattr(backend, "idle_timeout", None)
+    return ctx.settings.runner_idle_timeout if idle is None else idle
+
+
+async def _create(ctx: Context, backend, offer: Offer, jobs: list[JobSpec], after: str = "") -> list[Instance]:
+    """A runner of `offer` for each of `jobs` (one run's), all or none: one request where the backend makes
+    allocations (a Slurm job of k nodes), else one each."""
+    # tokens of their own, never the admin's: each can do a runner's work and nothing else
+    identities = [await runner_tokens.issue(ctx, None, {}, issued_by=backend.name) for _ in jobs]
+    idle = idle_timeout(ctx, backend)
+    boots = [Bootstrap(server_url=ctx.settings.url, token=i.token, runner_name=i.name, idle_timeout=idle,
+                       server_id=ctx.server_id, interruptible=offer.spot, requirements=job.requirements)
+             for i, job in zip(identities, jobs, strict=True)]
+    made: list[Instance] = []
     try:
-        inst = await asyncio.to_thread(backend.create, offer, bootstrap)
+        if len(boots) > 1 and isinstance(backend, Allocations):
+            made = await asyncio.to_thread(backend.create_group, offer, boots)
+        else:
+            for b in boots:
+                made.append(await asyncio.to_thread(backend.create, offer, b))
     except BaseException:
-        await runner_tokens.revoke(ctx, identity.name)
+        for i in identities[len(made):]:
+            await runner_tokens.revoke(ctx, i.name)
+        for inst, job in zip(made, jobs, strict=False):  # a multi-node run's are all or none
+            await _add_instance(ctx, backend, inst, offer, job, after)
+            await _mark_terminating(ctx, backend.name, inst.id, "the rest of its run's runners could not be had")
         raise
+    for inst, job in zip(made, jobs, strict=True):
+        await _add_instance(ctx, backend, inst, offer, job, after)
+    return made
+
+
+async def _add_instance(ctx: Context, backend, inst: Instance, offer: Offer, job: JobSpec, after: str) -> None:
     async with ctx.sessions() as s, s.begin():
-        s.add(InstanceRow(backend=backend.name, instance_id=inst.id, runner_name=identity.name,
-                          offer={**_offer_json(offer), **({"after": after} if after else {})}, status="running",
-                          created_at=_now()))
-    ctx.starting[identity.name] = backend.name
-    ctx.started_at[identity.name] = time.monotonic()
-    log.info("started %s runner %s for job %s (%s)", backend.name, identity.name, job.job_id, offer.describe())
-    return inst
+        s.add(InstanceRow(backend=backend.name, instance_id=inst.id, runner_name=inst.runner_name,
+                          offer={**_offer_json(offer), "for_job": job.job_id, **({"after": after} if after else {})},
+                          status="running", created_at=_now()))
+    ctx.starting[inst.runner_name] = backend.name
+    ctx.started_at[inst.runner_name] = time.monotonic()
+    log.info("started %s runner %s for job %s (%s)", backend.name, inst.runner_name, job.job_id, offer.describe())
 
 
 async def _mark_terminating(ctx: Context, backend: str, instance_id: str, reason: str) -> None:
@@ -271,6 +296,13 @@ async def teardown(ctx: Context) -> None:
             JobRow.runner_name.in_(list(runners)), JobRow.status.in_(_UNFINISHED)))).all())
         last_end = dict((await s.execute(select(JobRow.runner_name, func.max(JobRow.finished_at)).where(
             JobRow.runner_name.in_(list(runners))).group_by(JobRow.runner_name))).all())
+        # instances not registered yet whose job has ended (stopped while it waited): a backend that holds a
+        # scheduler's allocation for it gives it back (slurm: scancel of a job pending on Resources)
+        for_jobs = [r.offer.get("for_job") for r in rows if r.runner_name not in runners and r.offer.get("for_job")
+                    and getattr(backends.get(r.backend), "cancels_unneeded", False)]
+        ended = set((await s.scalars(select(JobRow.job_id).where(JobRow.job_id.in_(for_jobs),
+                                                                 JobRow.status.in_(_FINISHED)))).all()) \
+            if for_jobs else set()
     over = _over_limits(ctx, [r for r in rows if r.status == "running"], backends)
     for row in rows:
         backend = backends.get(row.backend)
@@ -278,6 +310,8 @@ async def teardown(ctx: Context) -> None:
             continue  # its plug-in is not loaded: it is said in `dstack backends`
         runner = runners.get(row.runner_name)
         why = row.reason if row.status == "terminating" else None
+        if why is None and runner is None and row.offer.get("for_job") in ended:
+            why = "the job it was started for ended before it started"
         if why is None:
             why = _why_go(ctx, backend, row, runner, row.runner_name in busy, last_end.get(row.runner_name),
                           row in over)
@@ -308,6 +342,7 @@ async def teardown(ctx: Context) -> None:
 
 
 _UNFINISHED = tuple(s.value for s in JobStatus if not s.finished and s != JobStatus.SUBMITTED)
+_FINISHED = tuple(s.value for s in JobStatus if s.finished)
 
 
 def _why_go(ctx: Context, backend, row: InstanceRow, runner: RunnerRow | None, busy: bool,
@@ -326,8 +361,7 @@ def _why_go(ctx: Context, backend, row: InstanceRow, runner: RunnerRow | None, b
         return "drain" if busy else "over the backend's limits"
     if busy:
         return None
-    limits = limits_of(ctx, backend.name)
-    idle = ctx.settings.runner_idle_timeout if limits.idle_timeout is None else limits.idle_timeout
+    idle = idle_timeout(ctx, backend)
     since = max(x for x in (runner.registered_at, last_end) if x is not None)
     # the runner exits by itself after its idle timeout; this is the backstop, a minute later
     if (_now() - since).total_seconds() > idle + 60:
@@ -383,6 +417,9 @@ async def reconcile(ctx: Context, force: bool = False) -> None:
             log.warning("could not list the %s backend's instances: %s", backend.name, e)
             continue
         seen = {i.id: i for i in listed}
+        for key in [k for k in ctx.instance_notes if k[0] == backend.name]:
+            del ctx.instance_notes[key]
+        ctx.instance_notes.update({(backend.name, i.id): i.note for i in listed if i.note})
         async with ctx.sessions() as s:
             rows = (await s.scalars(select(InstanceRow).where(InstanceRow.backend == backend.name,
                                                               InstanceRow.status != "terminated"))).all()
