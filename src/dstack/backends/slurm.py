@@ -179,7 +179,8 @@ class SlurmBackend(Allocations, Gpus):
         r = self._run(command, timeout=60)
         if r.rc != 0:
             self._run(f"rm -f {' '.join(q(p) for p, _ in scripts)}")
-            why = (r.err or r.out).strip().removeprefix("sbatch: error: ")[-1000:]
+            why = "; ".join(line.strip().removeprefix("sbatch: error: ") for line in (r.err or r.out).splitlines()
+                            if line.strip())[-1000:]
             if any(c in why for c in CAPACITY):
                 raise CapacityError(f"Slurm: {why}")
             raise BackendError(f"sbatch refused the runner's job: {why}")
