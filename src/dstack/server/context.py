@@ -65,9 +65,24 @@ class Settings:
         return {"type": "s3", "bucket": u.netloc, "prefix": u.path.strip("/"), "region": q.get("region"),
                 "endpoint_url": q.get("endpoint_url")}
 
+    # where runners on other machines reach this server (a cluster's login node, a proxy): DSTACK_SERVER_PUBLIC_URL
+    public_url: str | None = os.environ.get("DSTACK_SERVER_PUBLIC_URL") or None
+
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def runner_url(self) -> str:
+        """The URL that the runners a backend starts are given: DSTACK_SERVER_PUBLIC_URL, else the bound address
+        (for a wildcard one, this machine's name)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        if self.host in ("0.0.0.0", "::", ""):
+            import socket
+
+            return f"http://{socket.getfqdn()}:{self.port}"
+        return self.url
 
     @property
     def logs_dir(self) -> Path:

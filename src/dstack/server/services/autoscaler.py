@@ -237,7 +237,7 @@ async def _create(ctx: Context, backend, offer: Offer, jobs: list[JobSpec], afte
     # tokens of their own, never the admin's: each can do a runner's work and nothing else
     identities = [await runner_tokens.issue(ctx, None, {}, issued_by=backend.name) for _ in jobs]
     idle = idle_timeout(ctx, backend)
-    boots = [Bootstrap(server_url=ctx.settings.url, token=i.token, runner_name=i.name, idle_timeout=idle,
+    boots = [Bootstrap(server_url=ctx.settings.runner_url, token=i.token, runner_name=i.name, idle_timeout=idle,
                        server_id=ctx.server_id, interruptible=offer.spot, requirements=job.requirements)
              for i, job in zip(identities, jobs, strict=True)]
     made: list[Instance] = []
