@@ -123,3 +123,52 @@ def test_slurm_backend_end_to_end(tmp_path, slurm, cluster_dir):
         assert not _ours(slurm)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def login_node(tmp_path, slurm):
+    """An OpenSSH server on loopback in this machine's own namespace (where the cluster's daemons are): the
+    cluster's login node, whose sessions get SLURM_CONF (sshd's SetEnv) as a real login node's profile would."""
+    import socket
+    import subprocess
+
+    folder = tmp_path / "login"
+    folder.mkdir()
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\nPidFile {folder / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {folder / 'client_key.pub'}\nPermitRootLogin prohibit-password\n"
+        f"PasswordAuthentication no\nUsePAM no\nStrictModes no\nSetEnv SLURM_CONF={slurm.conf}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=open(folder / "sshd.log", "w"))
+    try:
+        _eventually(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10, "sshd did not listen")
+        yield f"root@127.0.0.1:{port}", folder / "client_key"
+    finally:
+        sshd.kill()
+        sshd.wait()
+
+
+def test_slurm_through_a_login_node(tmp_path, slurm, login_node, cluster_dir):
+    """The same backend with `login`: every Slurm command goes over SSH (the host key accepted on first use)."""
+    login, key = login_node
+    server = Server(tmp_path / "home", env={"SLURM_CONF": "/nonexistent"})  # the server itself has no cluster
+    d = Dstack(tmp_path / "client")
+    d.env.update({"DSTACK_SERVER_URL": server.url, "DSTACK_TOKEN": server.token})
+    proj = tmp_path / "proj"
+    (proj / ".dstack").mkdir(parents=True)
+    (proj / ".dstack" / "workflows.yaml").write_text(WORKFLOWS)
+    try:
+        added = d("backends", "add", "slurm", "--set", f"login={login}", "--secret-file", f"private_key={key}",
+                  "--set", f"dir={cluster_dir}", cwd=proj, check=True).stdout
+        assert "accepted on first use" in added and "partition debug: 2 nodes" in added, added
+        made = d("run", "make", cwd=proj, timeout=180)
+        assert made.returncode == 0 and "DONE" in made.stderr, made.stdout + made.stderr + server.log_text()
+        _eventually(lambda: not _ours(slurm), 60, lambda: _ours(slurm))
+    finally:
+        server.stop()

@@ -248,8 +248,13 @@ class SSHBackend(Gpus):
                     # not seen is not gone: what is known there stays until the host answers
                     return [i for i in self._known.values() if i.id.split("/", 1)[0] == host.key()]
             with self._lock:
-                if host.key() in self._facts:  # it answers again
+                seen = host.key() in self._facts
+                if seen:  # it answers again
                     self._notes.pop(host.key(), None)
+            if not seen:  # never looked at (unreachable as the server started): now, and it becomes an offer
+                self._probe(host, accept_new=False)
+                with self._lock:
+                    self._offers = [self._offer(h) for h in self.settings.hosts if h.key() in self._facts]
             name = out.strip()
             if not name:
                 return []
