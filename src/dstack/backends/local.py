@@ -58,6 +58,7 @@ class LocalBackend:
         self._procs: dict[str, tuple[subprocess.Popen | None, Instance, int | None]] = {}  # id -> (child, ., start)
         self._spare: subprocess.Popen | None = None
         self._spare_lock = threading.Lock()
+        self._leftovers_lock = threading.Lock()
         self._closed = False
         self._adopt()
         self._spare_later(1.0)  # once the server is up
@@ -73,7 +74,6 @@ class LocalBackend:
         return [Offer(self.name, self._resources)] if self.max_runners > 0 else []
 
     def create(self, offer: Offer, bootstrap: Bootstrap) -> Instance:
-        self.remove_leftovers()
         workdir = self.home / bootstrap.runner_name
         workdir.mkdir(parents=True, exist_ok=True)
         # its token in a file only it may read, which it removes once read: never in an environment, where a
@@ -97,7 +97,16 @@ class LocalBackend:
         inst = Instance(id=str(proc.pid), runner_name=bootstrap.runner_name, started_at=time.monotonic())
         self._procs[inst.id] = (proc, inst, None)
         self._spare_later()  # for the next one
+        # what runners gone before left: after this one is started, not on its way (removing a job's folder may
+        # take a while)
+        threading.Thread(target=self._remove_leftovers_quietly, name="local-leftovers", daemon=True).start()
         return inst
+
+    def _remove_leftovers_quietly(self) -> None:
+        try:
+            self.remove_leftovers()
+        except OSError as e:
+            log.warning("could not remove what gone runners left: %s", e)
 
     # A spare: a runner process made ahead of need (`dstack-runner spare`: imports done, the machine looked at),
     # waiting on its stdin for the arguments of `start`. A job that waits with no runner up gets its runner in
@@ -168,13 +177,17 @@ class LocalBackend:
     def list(self) -> list[Instance]:
         for iid, entry in list(self._procs.items()):
             if not self._running(*entry):
-                del self._procs[iid]
-        return [inst for _, inst, _ in self._procs.values()]
+                self._procs.pop(iid, None)  # (also called from the leftovers' thread)
+        return [inst for _, inst, _ in list(self._procs.values())]
 
     def remove_leftovers(self) -> None:
         """The folders of runners that no longer run (a killed runner's job folders included), but their logs."""
         if not self.home.is_dir():
             return
+        with self._leftovers_lock:  # one at a time (each runner's start begins one)
+            self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
         running = {inst.runner_name for inst in self.list()}
         for folder in self.home.iterdir():
             if folder.name in running or not folder.is_dir() or read_record(folder / RECORD) is not None:
