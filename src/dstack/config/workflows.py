@@ -167,12 +167,23 @@ def provider_name(raw: dict) -> str:
 
 def _validation_error(e: ValidationError, entry: WorkflowEntry, model: type, used: dict[tuple, str] | None = None,
                       overrides: dict | None = None) -> ConfigError:
-    """The first error of a workflow's validation, at its place in the file; when the value came from a
-    variable (`gpu: $gpu`), that variable is named, and an override from the command line too."""
-    used, overrides = used or {}, overrides or {}
+    """The first error of a workflow's validation (an unknown key first: it often causes the others, as
+    `comands` leaves `commands` empty)."""
+    return _validation_errors(e, entry, model, used, overrides)[0]
+
+
+def _validation_errors(e: ValidationError, entry: WorkflowEntry, model: type, used: dict[tuple, str] | None = None,
+                       overrides: dict | None = None) -> list[ConfigError]:
+    """Every error of a workflow's validation, each at its place in the file; the unknown keys alone when there are
+    some (the others are often their consequence)."""
     errors = e.errors()
-    # an unknown key first: it often causes the others (`comands` leaves `commands` empty)
-    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    unknown = [x for x in errors if x["type"] == "extra_forbidden"]
+    return [_one_error(err, entry, model, used or {}, overrides or {}) for err in (unknown or errors)]
+
+
+def _one_error(err: dict, entry: WorkflowEntry, model: type, used: dict[tuple, str], overrides: dict) -> ConfigError:
+    """One pydantic error at its place in the file; when the value came from a variable (`gpu: $gpu`), that
+    variable is named, and an override from the command line too."""
     loc = tuple(x for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-"))))
     path = entry.path + loc
     field_name = ".".join(str(x) for x in loc) or "workflow"
@@ -325,6 +336,9 @@ def _dependencies(raw: list, entry: WorkflowEntry) -> tuple[list[DependencySpec]
             raise entry.located.error(path, "a dependency is 'workflow:tag', 'workflow', a run name, "
                                       "or {ref: ..., artifacts: [...]}")
         _check(entry.located, path, spec.ref, "the dependency")
+        if spec.ref.count(":") > 1 or spec.ref.endswith(":") or " " in spec.ref:
+            raise entry.located.error(path, f"dependency '{spec.ref}' is not 'workflow', 'workflow:tag', ':tag' or "
+                                            "a run name", hint="e.g. `prepare:latest`")
         if spec.ref.split(":")[0] == entry.name:
             raise entry.located.error(path, f"workflow '{entry.name}' depends on itself")
         deps.append(spec)
@@ -372,7 +386,59 @@ def describe_workflow(files: ProjectFiles, name: str) -> WorkflowVariables:
                              required=required_variables(entry, declared), provider=provider_name(entry.raw))
 
 
-def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], run_name: str) -> ResolvedWorkflow:
+@dataclass
+class Validation:
+    """What `dstack validate` found: how many workflows, the errors (all of them: several per workflow where its
+    provider's model finds several) and the warnings (`file:line:column: warning: ...`)."""
+
+    workflows: int = 0
+    errors: list[ConfigError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)  # the workflows with errors
+
+
+def validate_project(files: ProjectFiles) -> Validation:
+    """Check every workflow of the project as `dstack run` would (structure, the provider's keys, variable
+    references, dependency syntax), with no server and running nothing. A variable that no variables.yaml
+    declares is a warning here (the command line may give it) with the `--NAME VALUE` that would."""
+    out = Validation()
+    try:
+        entries = load_workflows(files)
+    except ConfigError as e:  # the file itself (its YAML, its top-level keys): nothing more can be read
+        out.errors.append(e)
+        return out
+    out.workflows = len(entries)
+    names = [e.name for e in entries]
+    for entry in entries:
+        try:
+            declared = declared_variables(files, entry.name, names)
+            missing = required_variables(entry, declared)
+            for variable, ref in missing.items():
+                line, column = entry.located.where(ref.path)
+                where = f"{entry.located.file}:{line}:{column}" if line else entry.located.file
+                out.warnings.append(f"{where}: warning: workflow '{entry.name}' uses the variable '{variable}', which "
+                                    f"no variables.yaml declares: `dstack run {entry.name} --{variable} VALUE` "
+                                    f"must give it")
+            found: list[ConfigError] = []
+            resolved = resolve_workflow(files, entry.name, {v: "1" for v in missing}, "validate", errors=found)
+            out.errors += found
+            if found:
+                out.failed.add(entry.name)
+            if resolved is not None:
+                out.warnings += resolved.warnings
+        except ConfigError as e:
+            out.errors.append(e)
+            out.failed.add(entry.name)
+    # once each (a mistake in variables.yaml is met by every workflow), in the order of the files
+    unique = {(e.location, e.message): e for e in out.errors}
+    out.errors = sorted(unique.values(), key=lambda e: (e.file or "", e.line or 0, e.column or 0))
+    return out
+
+
+def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], run_name: str,
+                     errors: list[ConfigError] | None = None) -> ResolvedWorkflow | None:
+    """The workflow `name` with its variables substituted, validated by its provider, as job specs. `errors`: the
+    provider's model's errors go there, all of them, and None is returned (else the first is raised)."""
     entries = load_workflows(files)
     entry = find_workflow(entries, name)
     declared, _ = load_variables(files, name, [e.name for e in entries])
@@ -401,7 +467,11 @@ def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], 
     try:
         spec = provider.Spec.model_validate(raw)
     except ValidationError as e:
-        raise _validation_error(e, entry, provider.Spec, used, overrides) from None
+        found = _validation_errors(e, entry, provider.Spec, used, overrides)
+        if errors is None:
+            raise found[0] from None
+        errors += found
+        return None
     deps, where = _dependencies(spec.dependencies, entry)
     env = {_env_name(k): as_env_value(v) for k, v in variables.items() if _env_name(k) not in PROTECTED_ENV}
     env.update({"RUN_NAME": run_name, "JOB_ID": job_id})
