@@ -122,6 +122,23 @@ def test_a_runner_installed_from_the_servers_wheels_runs_a_job_and_leaves_when_i
         assert again.returncode == 0, (again.stderr, log.read_text())
         assert f"{venv} has dstack {__version__} already" in again.stderr and idle.exists()
         assert "registered as boot-2" in log.read_text()
+
+        # knowing the server's wheel, a venv this script installed from it is used with no Python started; a venv
+        # from another wheel is looked at by the installer again
+        from dstack.backends.wheelhouse import dstack_wheel
+
+        wheel = dstack_wheel(server.home)
+        assert (venv / "dstack-wheel").read_text().strip() == wheel
+        for name, given, checked in (("boot-3", wheel, False), ("boot-4", "dstack-0-py3-none-any.whl 00", True)):
+            idle.unlink()
+            token = server.check(server.admin.post("/api/runners/tokens", json={"name": name}))["token"]
+            user_data.write_text(install_script(Bootstrap(server.url, token, name, idle_timeout=0.5), venv=str(venv),
+                                                workdir=str(workdir), python="/nonexistent/python3" if not checked
+                                                else str(SYSTEM_PYTHON), on_idle=f"touch {idle}", wheel=given))
+            run = subprocess.run(host.run([*bare, "sh", str(user_data)]), capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0 and idle.exists(), (run.stderr, log.read_text())
+            assert (f"{venv} has dstack {__version__} already" in run.stderr) is checked, run.stderr
+            assert f"registered as {name}" in log.read_text()
         print(f"the runner registered {took:.1f}s after its script started")
     finally:
         if watch is not None:

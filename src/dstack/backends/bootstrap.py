@@ -130,10 +130,13 @@ with open(venv + ".lock", "a") as lock:
 
 
 def install_script(bootstrap: Bootstrap, *, venv: str = "/opt/dstack", workdir: str = "/var/lib/dstack-runner/runner",
-                   on_idle: str | None = None, python: str = "python3", backend: str | None = None) -> str:
+                   on_idle: str | None = None, python: str = "python3", backend: str | None = None,
+                   wheel: str | None = None) -> str:
     """The sh script that installs dstack from `bootstrap.server_url`'s wheels and runs the runner until it exits,
     then `on_idle` (a shell command; None: nothing). `backend`: the backend that made the machine, as the runner
-    reports it."""
+    reports it. `wheel`: "FILE SHA256" of the server's dstack wheel (`wheelhouse.dstack_wheel`): a VENV that this
+    script installed from it is used at once, with no Python started and nothing asked of the server (an SSH
+    host's or a cluster's venv, installed by an earlier start)."""
     if not re.fullmatch(r"[\x21-\x7e]+", bootstrap.token) or bootstrap.token == "DSTACK_TOKEN_END":
         raise ValueError("a runner's token is printable ASCII without spaces")
     q = shlex.quote
@@ -157,16 +160,20 @@ mkdir -p {q(str(wd.parent))} || exit 1
 (umask 077 && : >> "$LOG") || exit 1
 say() {{ printf 'dstack bootstrap: %s\\n' "$*" >&2; printf '%s dstack bootstrap: %s\\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >> "$LOG"; }}
 fail() {{ rm -f "$TOKEN_FILE"; say "error: $*"; exit 1; }}
-command -v "$PYTHON" > /dev/null 2>&1 || fail "no $PYTHON on this machine: the runner needs Python 3.11 or later"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2> /dev/null \\
-  || fail "$PYTHON is $("$PYTHON" -V 2>&1): the runner needs Python 3.11 or later"
 rm -f "$TOKEN_FILE"
 (umask 077 && cat > "$TOKEN_FILE") <<'DSTACK_TOKEN_END' || fail "cannot write $TOKEN_FILE"
 {bootstrap.token}
 DSTACK_TOKEN_END
+if [ -x "$VENV/bin/dstack-runner" ] && [ "$(cat "$VENV/dstack-wheel" 2> /dev/null)" = {q(wheel or "-")} ]; then
+  : # installed from the server's wheel by an earlier start
+else
+command -v "$PYTHON" > /dev/null 2>&1 || fail "no $PYTHON on this machine: the runner needs Python 3.11 or later"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2> /dev/null \\
+  || fail "$PYTHON is $("$PYTHON" -V 2>&1): the runner needs Python 3.11 or later"
 "$PYTHON" - "$SERVER" "$TOKEN_FILE" "$VENV" "$LOG" <<'DSTACK_INSTALL_END' || fail "dstack was not installed into $VENV"
 {_INSTALL.strip()}
 DSTACK_INSTALL_END
+fi
 say "starting runner "{q(bootstrap.runner_name)}" (log: $LOG)"
 pid=""
 trap '[ -n "$pid" ] && kill -TERM "$pid" 2> /dev/null' TERM INT HUP

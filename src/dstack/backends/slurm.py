@@ -112,6 +112,7 @@ class SlurmBackend(Allocations, Gpus):
             self.ssh = Connections(self.home / "server" / "ssh" / f"{name}.known_hosts",
                                    s.private_key.get_secret_value() if s.private_key else None, s.proxy_jump)
         self._lock = threading.Lock()
+        self._dstack_wheel: str | None = None
         self._offers: list[Offer] = []
         self._offers_at = float("-inf")
         self._nodes: dict[int, int] = {}  # id(offer) -> how many nodes have its shape
@@ -160,16 +161,15 @@ class SlurmBackend(Allocations, Gpus):
         scripts = []
         for b in bootstraps:
             text = install_script(b, venv=f"{d}/venv", workdir=f"{runners}/{b.runner_name}",
-                                  python=self.settings.python, backend=self.name)
+                                  python=self.settings.python, backend=self.name, wheel=self._wheel())
             scripts.append((f"{runners}/{b.runner_name}.sh", text.replace("\nset -u\n", "\nset -u\nrm -f -- \"$0\"\n", 1)))
         req = bootstraps[0].requirements
         header = ["#!/bin/sh", f"#SBATCH --job-name=dstack-{names[0]}", f"#SBATCH --nodes={k}",
-                  "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={runners}/{names[0]}.out", f"#SBATCH --chdir={runners}", "#SBATCH --export=NONE",
+                  "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={runners}/{names[0]}.out", f"#SBATCH --chdir={runners}",
                   f"#SBATCH --comment=dstack:{self.server_id}:{','.join(names)}",
                   *(f"#SBATCH {o}" for o in self._request(req, offer))]
         pick = "".join(f"{i}) exec sh {q(path)} ;;\n" for i, (path, _) in enumerate(scripts))
         pick = f'case "$SLURM_PROCID" in\n{pick}esac\necho "no runner for task $SLURM_PROCID" >&2\nexit 1\n'
-        # --export=NONE: the server's environment is not the runner's (its secrets); tasks get the batch script's
         body = ('PATH="${PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin}"; export PATH\n'
                 f"exec srun --export=ALL --kill-on-bad-exit=0 sh -c {q(pick)}\n")
         batch = "\n".join(header) + "\n" + body
@@ -302,6 +302,18 @@ class SlurmBackend(Allocations, Gpus):
             log.warning("slurm backend %s: no offers: %s", self.name, e)
             self._offers_at = time.monotonic()
 
+    def _wheel(self) -> str | None:
+        """The server's dstack wheel ("FILE SHA256"): a venv installed from it starts with no Python check."""
+        if self._dstack_wheel is None:
+            from dstack.backends.wheelhouse import WheelhouseError, dstack_wheel
+
+            try:
+                self._dstack_wheel = dstack_wheel(self.home)
+            except (WheelhouseError, OSError, StopIteration) as e:
+                log.warning("%s: the wheelhouse: %s", self.name, e)
+                self._dstack_wheel = ""
+        return self._dstack_wheel or None
+
     def _dir(self) -> str:
         d = self.settings.dir
         if not d.startswith("~/"):
@@ -313,9 +325,9 @@ class SlurmBackend(Allocations, Gpus):
     def _run(self, command: str, timeout: float = 60.0, accept_new: bool = False) -> Result:
         if self.ssh is not None:
             return self.ssh.run(self.settings.login, command, timeout=timeout, accept_new=accept_new)
-        try:
+        try:  # the server's environment is not the runners' (its secrets): sbatch passes what it is given on
             p = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL)
+                               stdin=subprocess.DEVNULL, env=_plain_env())
         except subprocess.TimeoutExpired:
             raise BackendError(f"{command.split()[0]} did not answer within {timeout:g} s") from None
         except OSError as e:
@@ -324,6 +336,16 @@ class SlurmBackend(Allocations, Gpus):
             raise BackendError(f"{command.split()[0]}: not found on this machine: install Slurm's commands, or give "
                                f"the backend `login` (a login node reached over SSH)")
         return Result(p.returncode, p.stdout, p.stderr)
+
+
+def _plain_env() -> dict[str, str]:
+    """What Slurm's commands run with on this machine, and so what a batch job gets (sbatch's --export=ALL): the
+    server's PATH, HOME, user, locale and SLURM_* variables, nothing else (its secrets stay with it). Not
+    --export=NONE: it has slurmd load the user's login environment first, a second more per allocation."""
+    import os
+
+    keep = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+    return {k: v for k, v in os.environ.items() if k in keep or k.startswith("SLURM_")}
 
 
 def _gpus(gres: str) -> list[Gpu]:

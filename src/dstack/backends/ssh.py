@@ -145,6 +145,7 @@ class SSHBackend(Gpus):
         key = s.private_key.get_secret_value() if s.private_key else None
         self.ssh = Connections(self.home / "server" / "ssh" / f"{name}.known_hosts", key, s.proxy_jump)
         self._lock = threading.Lock()
+        self._dstack_wheel: str | None = None
         self._facts: dict[str, dict] = {}  # host key -> what the probe saw
         self._offers: list[Offer] = []
         self._notes: dict[str, str] = {}  # host key -> why it has no offer
@@ -193,7 +194,7 @@ class SSHBackend(Gpus):
 
         d = self._dir(host)
         script = install_script(bootstrap, venv=f"{d}/venv", workdir=f"{d}/runner", python=self.settings.python,
-                                backend=self.name)
+                                backend=self.name, wheel=self._wheel())
         # the token is in the script: the file goes as soon as sh has it open
         script = script.replace("\nset -u\n", "\nset -u\nrm -f -- \"$0\"\n", 1)
         q = shlex.quote
@@ -310,6 +311,18 @@ class SSHBackend(Gpus):
         if host is None:
             raise BackendError(f"the ssh backend {self.name} has no host {key}")
         return host
+
+    def _wheel(self) -> str | None:
+        """The server's dstack wheel ("FILE SHA256"): a venv installed from it starts with no Python check."""
+        if self._dstack_wheel is None:
+            from dstack.backends.wheelhouse import WheelhouseError, dstack_wheel
+
+            try:
+                self._dstack_wheel = dstack_wheel(self.home)
+            except (WheelhouseError, OSError, StopIteration) as e:
+                log.warning("%s: the wheelhouse: %s", self.name, e)
+                self._dstack_wheel = ""
+        return self._dstack_wheel or None
 
     def _dir(self, host: SSHHost) -> str:
         """`dir` on `host`, with its home put in (the probe saw it; else asked now)."""

@@ -70,6 +70,14 @@ def ensure(folder: Path) -> Path:
     return target
 
 
+def dstack_wheel(home: Path) -> str:
+    """"FILE SHA256" of the dstack wheel the server of DSTACK_HOME `home` serves (built if it is not): what the
+    bootstrap script writes into a venv it installs, and finds there at a later start."""
+    folder = ensure(home / "server" / "wheels")
+    entry = next(e for e in json.loads((folder / INDEX).read_text()) if e["file"].startswith("dstack-"))
+    return f"{entry['file']} {entry['sha256']}"
+
+
 def closure() -> list[metadata.Distribution]:
     """dstack, the installed distributions its runtime requirements need (this interpreter's markers), and pip."""
     Requirement = _requirement_class()
