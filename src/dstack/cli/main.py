@@ -30,6 +30,7 @@ COMMANDS = {
     "limits": ("dstack.cli.backends:limits", "Show and set what each backend may start, and at what price."),
     "server": ("dstack.cli.server:server", "Run the dstack server in the foreground; `server stop` stops it."),
     "docs": ("dstack.cli.docs:docs", "Print the syntax of workflow files, or their JSON Schema."),
+    "providers": ("dstack.cli.providers:providers", "List the installed providers and the keys each takes."),
     "validate": ("dstack.cli.validate:validate", "Check every workflow of a project, with no server (a pre-commit hook)."),
 }
 ALIASES = {"ps": "status"}

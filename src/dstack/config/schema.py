@@ -34,6 +34,7 @@ from dstack.core.resources import _SIZE, GpuRequirement, Requirements
 from dstack.providers.base import CommandsSpec, WorkflowSpec, providers
 from dstack.providers.bash import BashSpec
 from dstack.providers.docker import DockerSpec
+from dstack.providers.python import PythonSpec
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "workflows.json"
 REGENERATE = "python scripts/gen_schema.py"
@@ -184,8 +185,11 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
     # `_retry`: a count (the limit, on a lost runner) or a boolean; `on` one word for a list of one
     (WorkflowSpec, "retry"): lambda s: _either(s, {"type": "integer", "minimum": 0, "maximum": 100},
                                               {"type": "boolean"}, NULL),
+    # and the early 2022 object {repo: {include: [...]}, workflows: [...]}
     (WorkflowSpec, "dependencies"): lambda s: _either(
-        {**s, "items": {"anyOf": [STRING, _own(DEPENDENCY)]}}, STRING, _own(DEPENDENCY), NULL),
+        {**s, "items": {"anyOf": [STRING, _own(DEPENDENCY)]}}, STRING, _own(DEPENDENCY), NULL,
+        {"type": "object", "additionalProperties": False, "minProperties": 1,
+         "properties": {"repo": {"type": "object"}, "workflows": {"type": "array", "items": STRING}}}),
     # `_lines`: one line for a list of one; numbers and booleans as text
     (CommandsSpec, "commands"): lambda s: _instead(s, LINES, STRING, NULL),
     (CommandsSpec, "before_run"): lambda s: _instead(s, LINES, STRING, NULL),
@@ -208,6 +212,13 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
     (Requirements, "memory_mib"): lambda s: _instead(s, SIZE, MIB, NULL),
     (Requirements, "shm_size_mib"): lambda s: _instead(s, SIZE, MIB, NULL),
     (GpuRequirement, "memory_mib"): lambda s: _instead(s, SIZE, MIB, NULL),
+    # PythonSpec `_path`: inside the working folder; `_args`: one string of shell words, or a list of scalars;
+    # `_version`: 3, 3.X (a number too: YAML's 3.1 is 3.10)
+    (PythonSpec, "file"): lambda s: {**s, **RELATIVE_PATH},
+    (PythonSpec, "requirements"): lambda s: _instead(s, RELATIVE_PATH, NULL),
+    (PythonSpec, "args"): lambda s: _instead(s, LINES, STRING, NULL),
+    (PythonSpec, "version"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
+                                                {"type": "number", "minimum": 3, "maximum": 4}, NULL),
 }
 
 
@@ -228,10 +239,19 @@ def _requirements(s: Schema) -> Schema:
     return s
 
 
-_MODEL_FORMS: dict[type[BaseModel], Transform] = {Requirements: _requirements}
+def _python(s: Schema) -> Schema:
+    """PythonSpec `_no_commands`: it runs `file` (no `commands`), in `image` or `python:VERSION`, not both."""
+    s.get("properties", {}).pop("commands", None)
+    _forbid(s, {"required": ["image", "docker"], "properties": {"docker": {"const": True}}})
+    return s
+
+
+_MODEL_FORMS: dict[type[BaseModel], Transform] = {Requirements: _requirements, PythonSpec: _python}
 
 # other spellings of a key, accepted by config/workflows.py before the models see the workflow
-_SPELLINGS: dict[tuple[type[BaseModel], str], list[str]] = {(WorkflowSpec, "dependencies"): ["deps"]}
+_SPELLINGS: dict[tuple[type[BaseModel], str], list[str]] = {(WorkflowSpec, "dependencies"): ["deps"],
+                                                            (PythonSpec, "file"): ["script", "python_script"],
+                                                            (PythonSpec, "version"): ["python"]}
 
 # tooltips, by (model, field), where the model has no description of its own
 _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
@@ -325,6 +345,9 @@ def as_written(cls: type[BaseModel], js: Schema) -> Schema:
             props[other] = {**s, "description": f"Same as `{key}`. " + s.get("description", "")}
         if len(names) > 1:
             exclusive += [{"required": [a, b]} for i, a in enumerate(names) for b in names[i + 1 :]]
+            if key in js.get("required", []):  # required under any of its names
+                js["required"] = [r for r in js["required"] if r != key]
+                js.setdefault("allOf", []).append({"anyOf": [{"required": [n]} for n in names]})
     if exclusive:
         _forbid(js, *exclusive)
     for k in cls.__mro__:

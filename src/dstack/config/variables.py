@@ -14,12 +14,12 @@ from dstack.config.yaml_positions import Located, load_text
 from dstack.core.errors import ConfigError, did_you_mean
 
 VARIABLES_FILE = ".dstack/variables.yaml"
-SYSTEM_VARIABLES = ("run_name", "job_id", "variables_as_args")
+SYSTEM_VARIABLES = ("run_name", "job_id", "variables_as_args", "run_args")
 # fields whose text is given to a shell: an undefined `$NAME` there is the shell's, not ours
 SHELL_FIELDS = {"commands", "before_run", "setup", "environment", "env"}
 
 _REF = re.compile(r"\$\$|\$\{\{\s*([A-Za-z_][\w.-]*)\s*\}\}|\$\{\{[^}]*\}\}|\$([A-Za-z_]\w*)")
-_ALIASES = {"run.name": "run_name", "job.id": "job_id"}
+_ALIASES = {"run.name": "run_name", "job.id": "job_id", "run.args": "run_args"}
 
 
 def load_variables(files: ProjectFiles, workflow: str, workflow_names: list[str]) -> tuple[dict, Located | None]:
@@ -128,6 +128,34 @@ def parse_cli_args(args: list[str]) -> dict[str, Any]:
         out[name] = parse_cli_value(value)
         i += 1
     return out
+
+
+def split_cli_args(args: list[str], wants_run_args: bool, variables: list[str]) -> tuple[dict[str, Any], str]:
+    """The command line after `dstack run WORKFLOW`: (overrides, run args). A workflow that refers to
+    `${{ run.args }}` gets, as that text, every argument that does not set one of `variables` (the 2022 form:
+    `dstack run train --epochs 3` with `python train.py ${{ run.args }}`); any other takes `--NAME VALUE` only."""
+    if not wants_run_args:
+        return parse_cli_args(args), ""
+    overrides: dict[str, Any] = {}
+    rest: list[str] = []
+    i = 0
+    known = set(variables) | {v.replace("_", "-") for v in variables}
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in known:
+            if not eq:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    overrides[name] = NO_VALUE
+                    i += 1
+                    continue
+                value = args[i + 1]
+                i += 1
+            overrides[name] = parse_cli_value(value)
+        elif arg != "--" or rest:
+            rest.append(arg)
+        i += 1
+    return overrides, shlex.join(rest)
 
 
 def apply_overrides(declared: dict, overrides: dict, workflow: str, required: tuple[str, ...] = ()) -> dict:

@@ -190,6 +190,9 @@ def _one_error(err: dict, entry: WorkflowEntry, model: type, used: dict[tuple, s
     if err["type"] == "extra_forbidden":
         key = loc[-1]
         known = _known_keys(model, loc[:-1])
+        if len(loc) == 1 and key in RETIRED:
+            return entry.located.error(path, f"'{key}' in workflow '{entry.name}' was retired: {RETIRED[key]}",
+                                       key=True)
         return entry.located.error(
             path, f"unknown key '{key}' in workflow '{entry.name}'",
             hint=did_you_mean(str(key), known) or f"known keys: {', '.join(sorted(known))}", key=True,
@@ -228,6 +231,16 @@ def _one_error(err: dict, entry: WorkflowEntry, model: type, used: dict[tuple, s
         return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}' {phrase}", hint=got)
     return entry.located.error(path, f"'{field_name}' in workflow '{entry.name}': {msg}", hint=got)
 
+
+# keys that a workflow once had and that no form takes any more: what to write instead
+RETIRED = {
+    "template": "the block of February 2022 held image, commands and resources; write them at the workflow's top "
+                "level (`image:`, `commands:`, `resources:`)",
+    "previous_jobs": "it became `depends-on` (now `dependencies`): `dependencies: [prepare:latest]`",
+    "triggers": "runs start with `dstack run WORKFLOW` (or a CI job that calls it)",
+    "ssh": "reach a job's ports with `dstack attach RUN` (the ports are forwarded over the server)",
+    "registry_auth": "images come from registries the runner's Docker Engine is logged in to (`docker login` there)",
+}
 
 _PLAIN = {
     "int_parsing": "must be a whole number", "int_type": "must be a whole number",
@@ -435,8 +448,23 @@ def validate_project(files: ProjectFiles) -> Validation:
     return out
 
 
+def command_line(files: ProjectFiles, name: str, args: list[str]) -> tuple[dict[str, Any], str]:
+    """`dstack run NAME ARGS`: (the variables' overrides, the run's args, `${{ run.args }}`). Only a workflow that
+    refers to `run.args` takes arguments that set no variable."""
+    from dstack.config.variables import split_cli_args
+
+    if not any("run.args" in t or "run_args" in t for t in files.texts.values()):
+        return split_cli_args(args, False, [])
+    entries = load_workflows(files)
+    entry = find_workflow(entries, name)
+    if not re.search(r"\$\{\{\s*run[._]args\s*\}\}|\$run_args\b", json.dumps(entry.raw)):
+        return split_cli_args(args, False, [])
+    declared = declared_variables(files, name, [e.name for e in entries])
+    return split_cli_args(args, True, [*declared, *required_variables(entry, declared)])
+
+
 def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], run_name: str,
-                     errors: list[ConfigError] | None = None) -> ResolvedWorkflow | None:
+                     errors: list[ConfigError] | None = None, run_args: str = "") -> ResolvedWorkflow | None:
     """The workflow `name` with its variables substituted, validated by its provider, as job specs. `errors`: the
     provider's model's errors go there, all of them, and None is returned (else the first is raised)."""
     entries = load_workflows(files)
@@ -444,7 +472,8 @@ def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], 
     declared, _ = load_variables(files, name, [e.name for e in entries])
     variables = apply_overrides(declared, overrides, name, tuple(required_variables(entry, declared)))
     job_id = new_job_id()
-    system = {"run_name": run_name, "job_id": job_id, "variables_as_args": variables_as_args(variables)}
+    system = {"run_name": run_name, "job_id": job_id, "variables_as_args": variables_as_args(variables),
+              "run_args": run_args}
     used: dict[tuple, str] = {}
     try:
         raw = substitute(entry.raw, {**variables, **system}, entry.located, entry.path, used=used)

@@ -41,6 +41,8 @@ class WorkflowSpec(BaseModel):
     @field_validator("dependencies", mode="before")
     @classmethod
     def _deps(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v and set(v) <= {"repo", "workflows"}:  # early 2022: {repo: {include}, workflows}
+            v = v.get("workflows") or []  # the repo's files: every run has its code
         return [] if v is None else [v] if isinstance(v, str | dict) else v
 
     retry: RetryPolicy | None = None
@@ -173,7 +175,7 @@ def providers() -> dict[str, type[Provider]]:
     return found  # loaded lazily by get_provider
 
 
-LEGACY = {"python", "torchrun", "notebook", "lab", "code", "tensorboard", "streamlit", "gradio", "fastapi", "curl"}
+LEGACY = {"torchrun", "notebook", "lab", "code", "tensorboard", "streamlit", "gradio", "fastapi", "curl"}
 
 
 def get_provider(name: str) -> Provider:

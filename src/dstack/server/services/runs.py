@@ -13,8 +13,7 @@ from sqlalchemy.orm import selectinload
 
 from dstack.config import outputs
 from dstack.config.files import ProjectFiles, require_unicode
-from dstack.config.variables import parse_cli_args
-from dstack.config.workflows import ResolvedWorkflow, resolve_workflow
+from dstack.config.workflows import ResolvedWorkflow, command_line, resolve_workflow
 from dstack.core.errors import (
     ConfigError,
     Conflict,
@@ -58,11 +57,11 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
     """Resolve the request's workflow from its files (variables, provider, job specs) and submit it."""
     files = ProjectFiles(texts=req.files, root=req.project)
     files.check()
-    overrides = parse_cli_args(req.args)
+    overrides, run_args = await asyncio.to_thread(command_line, files, req.workflow, req.args)
     for _ in range(5):
         run_name = await reserve_name(ctx)
         # in a thread: a large file takes a while to parse, and the server goes on answering meanwhile
-        resolved = await asyncio.to_thread(_resolve, files, req, overrides, run_name)
+        resolved = await asyncio.to_thread(_resolve, files, req, overrides, run_name, run_args)
         sub = RunSubmission(run_name=run_name, repo_id=req.repo_id, workflow=req.workflow,
                             provider=resolved.provider, variables=resolved.variables, overrides=overrides,
                             dependencies=resolved.dependencies, jobs=resolved.jobs, code=req.code, tag=req.tag)
@@ -77,9 +76,10 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
     raise Conflict("could not find a free run name", hint="submit again")
 
 
-def _resolve(files: ProjectFiles, req: RunRequest, overrides: dict, run_name: str) -> ResolvedWorkflow:
+def _resolve(files: ProjectFiles, req: RunRequest, overrides: dict, run_name: str,
+             run_args: str = "") -> ResolvedWorkflow:
     require_unicode([*req.args, req.workflow, req.repo_id, req.tag or ""], "the argument")
-    resolved = resolve_workflow(files, req.workflow, overrides, run_name)
+    resolved = resolve_workflow(files, req.workflow, overrides, run_name, run_args=run_args)
     require_unicode([resolved.variables, *(job.model_dump() for job in resolved.jobs)], "the value")
     return resolved
 
