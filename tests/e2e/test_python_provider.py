@@ -101,3 +101,21 @@ def test_python_provider_errors_at_their_place(tmp_path):
     assert said[0][0] == 5 and "is not a Python version" in said[0][1], said
     assert said[1][0] == 8 and "unknown key 'fiel'" in said[1][1], said
     assert all(isinstance(e, ConfigError) for e in found.errors)
+
+
+def test_dstack_providers_lists_each_with_its_keys(tmp_path):
+    import json
+
+    from tests.e2e.conftest import Dstack
+
+    d = Dstack(tmp_path / "home")  # no server: the installed packages alone
+    listed = json.loads(d("providers", "--json", cwd=tmp_path, check=True).stdout)
+    by_name = {p["name"]: p for p in listed}
+    assert {"bash", "docker", "python"} <= set(by_name)
+    keys = {k["key"]: k for k in by_name["python"]["keys"]}
+    assert keys["file"]["required"] and "commands" not in keys and keys["requirements"]["help"]
+    text = d("providers", "python", cwd=tmp_path, check=True).stdout
+    assert text.startswith("python: ") and "  file " in text
+    wrong = d("providers", "pyhton", cwd=tmp_path)
+    assert wrong.returncode == 2 and "no provider 'pyhton' is installed" in wrong.stderr
+    assert "did you mean 'python'?" in wrong.stderr

@@ -15,7 +15,7 @@ def _keys(spec) -> list[dict]:
     from dstack.config.schema import InputSchema
 
     schema = spec.model_json_schema(by_alias=True, schema_generator=InputSchema)
-    required = set(schema.get("required", []))
+    required = {info.alias or name for name, info in spec.model_fields.items() if info.is_required()}
     out = []
     for key, prop in schema.get("properties", {}).items():
         if key in _COMMON:
