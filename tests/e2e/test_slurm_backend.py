@@ -113,8 +113,18 @@ def test_slurm_backend_end_to_end(tmp_path, slurm, cluster_dir):
         _eventually(lambda: "Resources" in reason(), 60, reason)
         assert "provisioning slurm" in reason(), reason()
         assert len(_ours(slurm)) == 1 and "PENDING" in _ours(slurm)[0]
+        # the pending runner's script holds its token (0600, in the backend's folder): it must die with the job
+        script = next((cluster_dir / "slurm").glob("*.sh"))
+        token = re.search(r"<<'DSTACK_TOKEN_END'.*?\n(.+?)\nDSTACK_TOKEN_END", script.read_text(), re.S).group(1)
+        assert script.stat().st_mode & 0o077 == 0
         d("stop", waiting, cwd=proj, check=True)
         _eventually(lambda: not _ours(slurm), 30, lambda: _ours(slurm))
+        _eventually(lambda: not script.exists(), 30, "the script of a runner that never started is left")
+        import httpx
+
+        refused = httpx.post(f"{server.url}/api/runners/register", headers={"Authorization": f"Bearer {token}"},
+                             json={"hostname": "x", "resources": {"cpus": 1, "memory_mib": 1}})
+        assert refused.status_code == 401, refused.text
         slurm.run("scancel", blocker)
 
         # removed: its folder goes from the shared filesystem

@@ -6,7 +6,8 @@ resources; a queued job makes the server install its own dstack from its wheels 
 there (over SSH, detached: it outlives the SSH session), which runs a job with an artifact and then a job that
 depends on it; the runner stops after its idle timeout; a host cut off the network is reported in `dstack
 backends`; the private key is in no file, log line or API answer; `backends remove` leaves no process and no file
-of ours on the host (checked over SSH); a host key that changed is refused."""
+of ours on the host (checked over SSH), the user's own files in its folder kept, and its name is taken until then;
+a host key that changed is refused."""
 
 from __future__ import annotations
 
@@ -107,9 +108,19 @@ def test_ssh_backend_end_to_end(tmp_path, hosts, sshd, host_dir):  # noqa: F811
         assert secret not in server.log_text()
         assert secret not in d("backends", "--json", cwd=proj, check=True).stdout
 
-        # removed: no process and no file of ours on the host
-        assert d("backends", "remove", "ssh", cwd=proj).returncode == 0
-        _eventually(lambda: sshd.exec(f"test -e {host_dir} || echo gone").stdout.strip() == "gone", 60,
+        # removed while the host is cut off: its name is not free until what it installed is gone (asked again
+        # until the host answers); then no process and no file of ours is left, and the user's files are
+        (host_dir / "mine.txt").write_text("the user's\n")
+        sshd.test_host.cut()
+        try:
+            assert d("backends", "remove", "ssh", cwd=proj).returncode == 0
+            time.sleep(3)
+            again = d("backends", "add", "ssh", "--set", f"hosts={target}", "--secret-file",
+                      f"private_key={sshd.private_key}", cwd=proj)
+            assert again.returncode != 0 and "is being removed" in again.stderr, again.stdout + again.stderr
+        finally:
+            sshd.test_host.heal()
+        _eventually(lambda: sshd.exec(f"ls -A {host_dir}").stdout.split() == ["mine.txt"], 90,
                     lambda: sshd.exec(f"ls -la {host_dir}").stdout)
         assert sshd.exec(f"pgrep -af {ours}").returncode == 1
         assert not (tmp_path / "home" / "server" / "ssh" / "ssh.known_hosts").exists()

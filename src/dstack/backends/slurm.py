@@ -7,7 +7,7 @@ options). Its script is the bootstrap script (bootstrap.py): the server's dstack
 `dir/venv` on the cluster's shared filesystem (installed once, reused by every later allocation), then the runner,
 which polls the server over HTTP from the compute node. A multi-node run is one allocation (`-N k`, one task per
 node) whose `srun` starts one runner per node, so that Slurm places the nodes together; the runners of a run are
-all or none. The job name is `dstack-<runner>`, the comment `dstack:<server id>:<runners>` (what `list()` finds
+all or none. The job name is `dstack-<runner>`, the comment `dstack:<server id>:<backend>:<runners>` (what `list()` finds
 again after a restart). A pending job's reason (Priority, Resources, QOSMaxJobsPerUserLimit) is the note that jobs
 waiting for it show. An idle runner exits after a few seconds (`idle_timeout`, unless the limits say otherwise):
 an allocation held idle costs the user's share of the cluster; a job stopped while its allocation pends cancels it.
@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
 from dstack.backends.base import Allocations, BackendError, Bootstrap, CapacityError, Gpus, Instance, Offer
-from dstack.backends.ssh_client import Address, Connections, Result
+from dstack.backends.ssh_client import Address, Connections, Result, _first_command
 from dstack.core.base import Model
 from dstack.core.resources import Gpu, RunnerResources
 
@@ -84,6 +84,10 @@ class SlurmSettings(Model):
     @field_validator("dir")
     @classmethod
     def _dir(cls, value: str) -> str:
+        if any(ord(c) < 32 or c in "'\\" for c in value):
+            raise ValueError("dir has a quote, a backslash or a control character")
+        if value.rstrip("/") in ("", "~", "/"):
+            raise ValueError("dir is a folder of its own (what dstack puts there goes with the backend)")
         if not (value.startswith("/") or value.startswith("~/")) or ".." in value.split("/") or "'" in value:
             raise ValueError("dir is an absolute path, or one under the login's home (~/...), without '..'")
         return value.rstrip("/")
@@ -118,6 +122,7 @@ class SlurmBackend(Allocations, Gpus):
         self._nodes: dict[int, int] = {}  # id(offer) -> how many nodes have its shape
         self._home: str | None = None
         self._known: dict[str, Instance] = {}
+        self._ending: set[str] = set()  # instances asked to terminate (a job's allocation goes with its last)
 
     def __repr__(self) -> str:
         return f"SlurmBackend(name={self.name!r}, login={self.settings.login.label() if self.settings.login else None})"
@@ -155,7 +160,7 @@ class SlurmBackend(Allocations, Gpus):
         q = shlex.quote
         names = [b.runner_name for b in bootstraps]
         k = len(bootstraps)
-        runners = f"{d}/runners"
+        runners = self._runners(d)
         # each node's script (its runner's token in it: mode 0600, removed once sh has it open), then the batch
         # script that starts them, one per node
         scripts = []
@@ -166,7 +171,7 @@ class SlurmBackend(Allocations, Gpus):
         req = bootstraps[0].requirements
         header = ["#!/bin/sh", f"#SBATCH --job-name=dstack-{names[0]}", f"#SBATCH --nodes={k}",
                   "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={runners}/{names[0]}.out", f"#SBATCH --chdir={runners}",
-                  f"#SBATCH --comment=dstack:{self.server_id}:{','.join(names)}",
+                  f"#SBATCH --comment={self._mark()}{','.join(names)}",
                   *(f"#SBATCH {o}" for o in self._request(req, offer))]
         pick = "".join(f"{i}) exec sh {q(path)} ;;\n" for i, (path, _) in enumerate(scripts))
         pick = f'case "$SLURM_PROCID" in\n{pick}esac\necho "no runner for task $SLURM_PROCID" >&2\nexit 1\n'
@@ -193,21 +198,32 @@ class SlurmBackend(Allocations, Gpus):
         return made
 
     def terminate(self, instance_id: str) -> bool:
+        """A multi-node run's allocation is cancelled once all its runners are to go: one runner that exits idle
+        first must not end its neighbours' jobs."""
         job = instance_id.split("/", 1)[0]
+        with self._lock:
+            self._ending.add(instance_id)
+            others = [i for i in self._known if i.split("/", 1)[0] == job and i not in self._ending]
+        if others:
+            return True
         try:
             self._run(f"scancel {shlex.quote(job)}")  # an unknown (long gone) job: an error, and gone all the same
             state = self._run(f"squeue -h -j {shlex.quote(job)} -t {ALIVE} -o %T").out.strip()
         except BackendError as e:
             log.warning("slurm: %s", e)
             return False
-        return state in ("", "COMPLETING")
+        if state in ("", "COMPLETING"):
+            name = instance_id.split("/", 1)[-1]  # a script its runner never read holds its token: it goes
+            self._run(f"rm -f {shlex.quote(self._runners(self._dir()))}/{shlex.quote(name)}.sh")
+            return True
+        return False
 
     def list(self) -> list[Instance]:
         if time.monotonic() - self._offers_at > 60:
             self._quietly_refresh()
         out = self._run(f"squeue -h -u \"$(id -un)\" -t {ALIVE} -o '%i|%T|%r|%k'").check("squeue")
         found = []
-        mark = f"dstack:{self.server_id}:"
+        mark = self._mark()
         for line in out.splitlines():
             job, state, reason, comment = (line.split("|", 3) + ["", "", ""])[:4]
             if not comment.startswith(mark):
@@ -223,6 +239,7 @@ class SlurmBackend(Allocations, Gpus):
         with self._lock:
             self._known = {i.id: i for i in found} | {i: v for i, v in self._known.items()
                                                       if time.monotonic() - v.started_at < 10}
+            self._ending &= set(self._known)
         return found
 
     def release_jobs(self, job_ids: list[str]) -> None:
@@ -231,7 +248,7 @@ class SlurmBackend(Allocations, Gpus):
     def describe_failure(self, runner_name: str) -> str:
         inst = next((i for i in self._known.values() if i.runner_name == runner_name), None)
         if inst is None:
-            return f"see {self.settings.dir}/runners/{runner_name}.out on the cluster"
+            return f"see {self._runners(self.settings.dir)}/{runner_name}.out on the cluster"
         job = inst.id.split("/", 1)[0]
         try:
             info = self._run(f"scontrol -o show job {shlex.quote(job)}").out.strip()
@@ -239,7 +256,7 @@ class SlurmBackend(Allocations, Gpus):
             return str(e)
         fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
         return (f"Slurm job {job} is {fields.get('JobState', 'gone')} ({fields.get('Reason', '')}); its output: "
-                f"{self._dir()}/runners/{runner_name}.out")
+                f"{self._runners(self._dir())}/{runner_name}.out")
 
     def close(self) -> None:
         if self.ssh is not None:
@@ -248,7 +265,12 @@ class SlurmBackend(Allocations, Gpus):
     def uninstall(self) -> None:
         """The backend is removed and its runners' jobs are gone: its folder goes from the shared filesystem."""
         d = self._dir()
-        self._run(f"rm -rf {shlex.quote(d)}", timeout=300).check(f"removing {d}")
+        # its own folder; the venv too once no other backend's folder is left beside it (they share it)
+        q = shlex.quote
+        self._run(f"cd {q(d)} 2> /dev/null || exit 0\nrm -rf -- {q(self.name)}\n"
+                  f"[ -z \"$(ls -A | grep -vx -e venv -e venv.lock)\" ] && rm -rf -- venv venv.lock\n"
+                  f"cd / && rmdir {q(d)} 2> /dev/null\necho removed\n", timeout=300
+                  ).check(f"removing what dstack put in {d}")
         self.close()
         if self.ssh is not None:
             self.ssh.known_hosts.unlink(missing_ok=True)
@@ -314,6 +336,15 @@ class SlurmBackend(Allocations, Gpus):
                 self._dstack_wheel = ""
         return self._dstack_wheel or None
 
+    def _runners(self, d: str) -> str:
+        """The folder of this backend's runners' scripts, logs and job folders, in `dir`."""
+        return f"{d}/{self.name}"
+
+    def _mark(self) -> str:
+        """The start of its Slurm jobs' comment: this server's and this backend's (two backends on one cluster
+        never take each other's jobs for orphans)."""
+        return f"dstack:{self.server_id}:{self.name}:"
+
     def _dir(self) -> str:
         d = self.settings.dir
         if not d.startswith("~/"):
@@ -325,15 +356,17 @@ class SlurmBackend(Allocations, Gpus):
     def _run(self, command: str, timeout: float = 60.0, accept_new: bool = False) -> Result:
         if self.ssh is not None:
             return self.ssh.run(self.settings.login, command, timeout=timeout, accept_new=accept_new)
-        try:  # the server's environment is not the runners' (its secrets): sbatch passes what it is given on
-            p = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=timeout,
-                               stdin=subprocess.DEVNULL, env=_plain_env())
+        # on sh's stdin, never its command line (ps would show the runners' tokens); with the server's environment
+        # less its secrets: sbatch passes on what it is given
+        try:
+            p = subprocess.run(["sh", "-s"], input=command, capture_output=True, text=True, timeout=timeout,
+                               env=_plain_env())
         except subprocess.TimeoutExpired:
-            raise BackendError(f"{command.split()[0]} did not answer within {timeout:g} s") from None
+            raise BackendError(f"{_first_command(command)} did not answer within {timeout:g} s") from None
         except OSError as e:
             raise BackendError(f"cannot run sh: {e}") from None
         if p.returncode == 127:
-            raise BackendError(f"{command.split()[0]}: not found on this machine: install Slurm's commands, or give "
+            raise BackendError(f"{_first_command(command)}: not found on this machine: install Slurm's commands, or give "
                                f"the backend `login` (a login node reached over SSH)")
         return Result(p.returncode, p.stdout, p.stderr)
 

@@ -60,6 +60,7 @@ def run(argv):
 out["nvidia_smi"] = run(["nvidia-smi", "-q", "-x"]) if shutil.which("nvidia-smi") else None
 out["docker"] = bool(shutil.which("docker")) and run(["docker", "info", "--format", "{{.ServerVersion}}"]) is not None
 out["user"] = __import__("pwd").getpwuid(os.geteuid()).pw_name
+out["linux"] = bool(shutil.which("setsid")) and os.path.isdir("/proc/self")
 print(json.dumps(out))
 '''
 
@@ -100,6 +101,8 @@ class SSHSettings(Model):
     @field_validator("dir")
     @classmethod
     def _dir(cls, value: str) -> str:
+        if any(ord(c) < 32 or c in "'\\" for c in value):
+            raise ValueError("dir has a quote, a backslash or a control character")
         if not (value.startswith("/") or value.startswith("~/")) or ".." in value.split("/") or "'" in value:
             raise ValueError("dir is an absolute path, or one under the login's home (~/...), without '..'")
         if value.rstrip("/") in ("", "~", "/"):
@@ -198,15 +201,17 @@ class SSHBackend(Gpus):
         # the token is in the script: the file goes as soon as sh has it open
         script = script.replace("\nset -u\n", "\nset -u\nrm -f -- \"$0\"\n", 1)
         q = shlex.quote
-        # the script from stdin into its file; then started in a session of its own, outliving this connection
+        # the script into its file (0600), then started in a session of its own, outliving this connection
         # (never over a running one's script: sh reads its script as it goes)
-        command = (f"umask 077 && mkdir -p {q(d)} && "
+        command = (f"umask 077 && mkdir -p {q(d)} || exit 1\n"
                    f"if [ -f {q(d)}/runner.pid ] && read pid name < {q(d)}/runner.pid && {_alive('$pid', d)}; then "
-                   f"echo \"busy $name\"; exit 0; fi; cat > {q(d)}/runner.sh || exit 1; cd {q(d)} || exit 1; "
-                   f"nohup setsid sh {q(d)}/runner.sh < /dev/null >> {q(d)}/runner.out 2>&1 & "
+                   f"echo \"busy $name\"; exit 0; fi\n"
+                   f"cat > {q(d)}/runner.sh <<'DSTACK_SCRIPT_END' || exit 1\n{script}DSTACK_SCRIPT_END\n"
+                   f"cd {q(d)} || exit 1\n"
+                   f"nohup setsid sh {q(d)}/runner.sh < /dev/null >> {q(d)}/runner.out 2>&1 &\n"
                    f"echo \"$! {bootstrap.runner_name}\" > {q(d)}/runner.pid.new && mv {q(d)}/runner.pid.new "
-                   f"{q(d)}/runner.pid && echo started")
-        out = self.ssh.run(host, command, stdin=script.encode()).check(f"starting a runner on {host.label()}").split()
+                   f"{q(d)}/runner.pid && echo started\n")
+        out = self.ssh.run(host, command).check(f"starting a runner on {host.label()}").split()
         if out[:1] == ["busy"]:
             raise CapacityError(f"{host.key()} has a runner already ({' '.join(out[1:])})")
         inst = Instance(id=f"{host.key()}/{bootstrap.runner_name}", runner_name=bootstrap.runner_name,
@@ -299,8 +304,8 @@ class SSHBackend(Gpus):
         that answers, and forget the host keys."""
         for host in self.settings.hosts:
             d = self._dir(host)
-            self.ssh.run(host, f"{_stop(d, '')}; rm -rf {shlex.quote(d)} && echo removed",
-                         timeout=120).check(f"removing {d} from {host.label()}")
+            self.ssh.run(host, f"{_stop(d, '')}\n{_remove_ours(d, ['venv', 'venv.lock', 'runner', 'runner.*'])}",
+                         timeout=120).check(f"removing what dstack put in {d} on {host.label()}")
         self.ssh.close()
         self.ssh.known_hosts.unlink(missing_ok=True)
 
@@ -344,9 +349,9 @@ class SSHBackend(Gpus):
 
         py = self.settings.python
         try:
-            r = self.ssh.run(host, f"command -v {shlex.quote(py)} > /dev/null || {{ echo 'no {py}' >&2; exit 3; }}; "
-                                   f"{shlex.quote(py)} - {shlex.quote(self.settings.dir)}",
-                             stdin=_PROBE.encode(), timeout=60, accept_new=accept_new)
+            r = self.ssh.run(host, f"command -v {shlex.quote(py)} > /dev/null || {{ echo 'no {py}' >&2; exit 3; }}\n"
+                                   f"{shlex.quote(py)} - {shlex.quote(self.settings.dir)} <<'DSTACK_PROBE_END'\n"
+                                   f"{_PROBE.strip()}\nDSTACK_PROBE_END\n", timeout=60, accept_new=accept_new)
             if r.rc == 3:
                 raise BackendError(f"there is no {py}: the runner needs Python {MIN_PYTHON} or later (install it, or "
                                    f"give the backend `python`)")
@@ -361,6 +366,9 @@ class SSHBackend(Gpus):
         if version[:2] < tuple(int(x) for x in MIN_PYTHON.split(".")):
             self._no_offer(host, f"its {py} is {facts['python']}: the runner needs Python {MIN_PYTHON} or later "
                                  f"(give the backend `python`, the path of one)")
+            return
+        if not facts.get("linux", True):
+            self._no_offer(host, "it has no `setsid` or no /proc: the runner needs Linux")
             return
         if "dir_error" in facts:
             self._no_offer(host, f"{facts['dir']} cannot be made: {facts['dir_error']}")
@@ -387,6 +395,14 @@ class SSHBackend(Gpus):
                                     gpus=parse_nvidia_smi_xml(f["nvidia_smi"]) if f.get("nvidia_smi") else [],
                                     docker=bool(f.get("docker")), host_user=f.get("user"))
         return Offer(self.name, resources, instance_type=host.key())
+
+
+def _remove_ours(d: str, names: list[str]) -> str:
+    """sh: remove what dstack put in `d` (`names`, globs allowed), then `d` itself if nothing else is there: a `dir`
+    that is a folder of the user's (`~/work`) keeps the user's files."""
+    q = shlex.quote
+    return (f"cd {q(d)} 2> /dev/null || exit 0\nrm -rf -- {' '.join(names)}\ncd / && rmdir {q(d)} 2> /dev/null\n"
+            f"echo removed")
 
 
 def _alive(pid: str, d: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import shlex
 import threading
 import time
@@ -92,25 +93,34 @@ class Connections:
         self.known_hosts = Path(known_hosts)
         self.jump = jump
         self._key = load_key(private_key) if private_key else None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the dicts below; never held while connecting
         self._clients: dict[tuple[str, int, str], object] = {}
+        self._connecting: dict[tuple[str, int, str], threading.Lock] = {}  # one connect per address at a time
         self.accepted: list[str] = []  # keys accepted on first use by this object ("host: type SHA256:...")
 
-    def run(self, address: Address, command: str, stdin: bytes | None = None, timeout: float = 120.0,
-            accept_new: bool = False) -> Result:
-        """`command` (sh) on `address`: its exit status and output. A connection that fails is a BackendError
-        naming the host."""
+    def run(self, address: Address, script: str, timeout: float = 120.0, accept_new: bool = False) -> Result:
+        """`script` (POSIX sh) on `address`: its exit status and output. It goes to `sh -s` on the channel's stdin,
+        never on a command line (`ps` there would show what it holds, the runners' tokens), and whatever the
+        login's shell is (tcsh on many clusters). A connection that fails is a BackendError naming the host; one
+        found broken as the command is sent is made again once (a script that started is never sent twice)."""
         for attempt in (1, 2):
             client = self._client(address, accept_new)
             try:
-                return _exec(client, command, stdin, timeout)
-            except TimeoutError as e:  # not sent again: it may have done its work
-                raise BackendError(f"{address.label()}: {command.split()[0]}...: {e}") from None
-            except (OSError, EOFError, _ssh_exception()) as e:
+                chan = client.get_transport().open_session(timeout=CONNECT_TIMEOUT)
+            except (OSError, EOFError, AttributeError, _ssh_exception()) as e:
                 self._drop(address)
                 if attempt == 2:
                     raise BackendError(f"{address.label()}: the SSH connection broke: {e or type(e).__name__}") \
                         from None
+                continue
+            try:
+                return _exec(chan, script, timeout)
+            except TimeoutError as e:
+                raise BackendError(f"{address.label()}: {_first_command(script)}: {e}") from None
+            except (OSError, EOFError, _ssh_exception()) as e:
+                self._drop(address)
+                raise BackendError(f"{address.label()}: the SSH connection broke while `{_first_command(script)}` "
+                                   f"ran: {e or type(e).__name__}") from None
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -125,24 +135,33 @@ class Connections:
         if c is not None:
             c.close()
 
-    def _client(self, address: Address, accept_new: bool):
-        key = (address.host, address.port, address.user)
+    def _cached(self, key: tuple[str, int, str]):
         with self._lock:
             client = self._clients.get(key)
-            if client is not None and client.get_transport() is not None and client.get_transport().is_active():
+        transport = client.get_transport() if client is not None else None
+        return client if transport is not None and transport.is_active() else None
+
+    def _client(self, address: Address, accept_new: bool):
+        key = (address.host, address.port, address.user)
+        if (client := self._cached(key)) is not None:
+            return client
+        with self._lock:
+            connecting = self._connecting.setdefault(key, threading.Lock())
+        with connecting:  # a host that does not answer holds up its own commands, not the other hosts'
+            if (client := self._cached(key)) is not None:
                 return client
             sock = None
             if self.jump is not None:
-                jump = self._connect(self.jump, accept_new, None)
+                jump = self._client(self.jump, accept_new)  # one connection to the jump host, kept like the others
                 try:
                     sock = jump.get_transport().open_channel("direct-tcpip", (address.host, address.port),
                                                              ("127.0.0.1", 0), timeout=CONNECT_TIMEOUT)
                 except Exception as e:
-                    jump.close()
                     raise BackendError(f"{address.label()}: the jump host {self.jump.label()} could not reach it: "
                                        f"{e}") from None
             client = self._connect(address, accept_new, sock)
-            self._clients[key] = client
+            with self._lock:
+                self._clients[key] = client
             return client
 
     def _connect(self, address: Address, accept_new: bool, sock):
@@ -208,13 +227,19 @@ class _FirstUse:
         log.info("ssh: accepted the host key of %s on first use: %s", hostname, shown)
 
 
-def _exec(client, command: str, stdin: bytes | None, timeout: float) -> Result:
-    chan = client.get_transport().open_session(timeout=CONNECT_TIMEOUT)
+def _first_command(script: str) -> str:
+    """The script's first command's name, for messages (`sbatch`, not the `umask` that may come before it)."""
+    words = [w for w in re.split(r"[\s;&|()]+", script) if w and "=" not in w]
+    skip = {"umask", "mkdir", "cd", "exec", "set", "if", "then", "077", "022", "-p", "&&", "||", "[", "!"}
+    return next((w for w in words if w not in skip and not w.startswith(("-", "/", "'", "$"))), words[0] if words
+                else "sh")
+
+
+def _exec(chan, script: str, timeout: float) -> Result:
     chan.settimeout(timeout)
     try:
-        chan.exec_command(command)
-        if stdin:
-            chan.sendall(stdin)
+        chan.exec_command("exec sh -s")
+        chan.sendall(script.encode() + (b"" if script.endswith("\n") else b"\n"))
         chan.shutdown_write()
         out, err = bytearray(), bytearray()
         deadline = time.monotonic() + timeout

@@ -168,6 +168,7 @@ class Context:
     offer_cache: dict[str, tuple] = field(default_factory=dict)  # backend -> its allowed offers, as last listed
     queued_specs: dict[str, Any] = field(default_factory=dict)  # queued job id -> its JobSpec, read once
     instance_notes: dict[tuple[str, str], str] = field(default_factory=dict)  # what backends say of instances
+    uninstall_retries: dict[str, tuple[int, float]] = field(default_factory=dict)  # removed backend -> (n, when)
 
     def forget_quiet(self, runner_name: str) -> None:
         """The runner's next heartbeat reads the database: something about it changed (a job given, a drain)."""

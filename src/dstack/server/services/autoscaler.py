@@ -269,6 +269,15 @@ async def _add_instance(ctx: Context, backend, inst: Instance, offer: Offer, job
     log.info("started %s runner %s for job %s (%s)", backend.name, inst.runner_name, job.job_id, offer.describe())
 
 
+async def _revoke(ctx: Context, name: str) -> None:
+    from dstack.core.errors import NotFound
+
+    try:
+        await runner_tokens.revoke(ctx, name)
+    except NotFound:  # revoked already
+        pass
+
+
 async def _mark_terminating(ctx: Context, backend: str, instance_id: str, reason: str) -> None:
     async with ctx.sessions() as s, s.begin():
         row = await s.get(InstanceRow, (backend, instance_id))
@@ -300,9 +309,8 @@ async def teardown(ctx: Context) -> None:
         # scheduler's allocation for it gives it back (slurm: scancel of a job pending on Resources)
         for_jobs = [r.offer.get("for_job") for r in rows if r.runner_name not in runners and r.offer.get("for_job")
                     and getattr(backends.get(r.backend), "cancels_unneeded", False)]
-        ended = set((await s.scalars(select(JobRow.job_id).where(JobRow.job_id.in_(for_jobs),
-                                                                 JobRow.status.in_(_FINISHED)))).all()) \
-            if for_jobs else set()
+        ended = set((await s.scalars(select(JobRow.job_id).where(  # ended, or taken by another runner
+            JobRow.job_id.in_(for_jobs), JobRow.status != JobStatus.SUBMITTED.value))).all()) if for_jobs else set()
     over = _over_limits(ctx, [r for r in rows if r.status == "running"], backends)
     for row in rows:
         backend = backends.get(row.backend)
@@ -311,7 +319,7 @@ async def teardown(ctx: Context) -> None:
         runner = runners.get(row.runner_name)
         why = row.reason if row.status == "terminating" else None
         if why is None and runner is None and row.offer.get("for_job") in ended:
-            why = "the job it was started for ended before it started"
+            why = "the job it was started for ended, or another runner took it, before it started"
         if why is None:
             why = _why_go(ctx, backend, row, runner, row.runner_name in busy, last_end.get(row.runner_name),
                           row in over)
@@ -339,6 +347,8 @@ async def teardown(ctx: Context) -> None:
             from dstack.server.services.runners import terminated
 
             await terminated(ctx, [row.runner_name])
+        if done and runner is None:  # it never registered: its token must not outlive it
+            await _revoke(ctx, row.runner_name)
 
 
 _UNFINISHED = tuple(s.value for s in JobStatus if not s.finished and s != JobStatus.SUBMITTED)
@@ -427,13 +437,18 @@ async def reconcile(ctx: Context, force: bool = False) -> None:
             registered = set(names.all())
             known = {r.instance_id for r in (await s.scalars(select(InstanceRow).where(
                 InstanceRow.backend == backend.name))).all()}
+            never = []
             for row in rows:
                 if row.instance_id not in seen:
+                    if row.runner_name not in registered:
+                        never.append(row.runner_name)
                     if row.runner_name not in registered and row.status == "running":
                         _failed_start(ctx, backend, row.runner_name, "exited before it registered")
                     row.status, row.terminated_at = "terminated", _now()
                     row.reason = row.reason or "gone on its own (its runner exited, or the instance was terminated)"
             await s.commit()
+        for name in never:  # gone before it registered: its token goes too
+            await _revoke(ctx, name)
         for iid, inst in seen.items():
             if iid in known:
                 continue

@@ -107,6 +107,10 @@ async def add(ctx: Context, req: BackendRequest) -> BackendInfo:
         if await s.get(BackendRow, req.name) is not None:
             raise Conflict(f"a backend named '{req.name}' exists", hint="`dstack backends remove` it first, or choose "
                                                                         "another --name")
+    if req.name in ctx.removed_backends:
+        raise Conflict(f"backend '{req.name}' is being removed: its instances are being terminated and what it "
+                       "installed removed", hint="add it again once `dstack backends` no longer lists it (or choose "
+                                                 "another --name)")
     backend = build(ctx, req.name, req.kind, req.settings)
     note = await _tested(backend)
     cls = type(backend)
@@ -196,13 +200,22 @@ def _note(ctx: Context, name: str) -> str | None:
 async def forget_removed(ctx: Context, names: set[str]) -> None:
     """Removed backends whose instances are all gone: what they installed goes (`uninstall`), then the backend
     object. One whose uninstall fails stays, to be asked again."""
+    import time
+
     for backend in [b for b in ctx.backends if b.name in names]:
         if hasattr(backend, "uninstall"):
+            tries, after = ctx.uninstall_retries.get(backend.name, (0, 0.0))
+            if time.monotonic() < after:
+                continue
             try:
                 await asyncio.to_thread(backend.uninstall)
-            except Exception as e:
-                log.warning("backend %s: removing what it installed failed (asked again): %s", backend.name, e)
+            except Exception as e:  # a host that does not answer: asked again, less and less often
+                delay = min(600.0, 5.0 * 2 ** tries)
+                ctx.uninstall_retries[backend.name] = (tries + 1, time.monotonic() + delay)
+                log.warning("backend %s: removing what it installed failed (asked again in %g s): %s", backend.name,
+                            delay, e)
                 continue
+            ctx.uninstall_retries.pop(backend.name, None)
         ctx.backends.remove(backend)
         ctx.removed_backends.discard(backend.name)
         ctx.offer_cache.pop(backend.name, None)
