@@ -127,3 +127,21 @@ def test_slurm_gres_and_allocation_parsing():
     assert slurm_allocation({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "3", "SLURM_MEM_PER_NODE": "2048"}) == (3, 2048)
     assert slurm_allocation({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "2", "SLURM_MEM_PER_CPU": "100"}) == (2, 200)
     assert slurm_allocation({"SLURM_JOB_ID": "7", "SLURM_CPUS_ON_NODE": "x"}) == (None, None)
+
+
+def test_slurm_request_from_the_job_and_the_settings(tmp_path, slurm):
+    """sbatch is asked for the job's resources and the backend's settings (time limit, extra options), and the
+    allocation is gone once terminated."""
+    backend = SlurmBackend("s", {"partition": slurm.partition, "dir": str(tmp_path / "d"), "time_limit": "0:10:00",
+                                 "sbatch_options": "--nice=5"}, server_id="x", home=tmp_path)
+    backend.test()
+    boot = Bootstrap(server_url="http://127.0.0.1:9", token="t0ken", runner_name="r-2", idle_timeout=5,
+                     requirements=Requirements(cpu=2, memory_mib=512))
+    inst = backend.create(backend.offers()[0], boot)
+    job = slurm.job(inst.id.split("/")[0])
+    assert job["TimeLimit"] == "00:10:00" and job["Nice"] == "5", job
+    assert job["NumCPUs"] == "2" and job.get("MinMemoryNode", job.get("mem")) in ("512M", None), job
+    assert job["Comment"] == "dstack:x:s:r-2" and job["JobName"] == "dstack-r-2"
+    assert [i.id for i in backend.list()] == [inst.id]
+    assert backend.terminate(inst.id) is True
+    assert backend.list() == [] and not (tmp_path / "d" / "s" / "r-2.sh").exists()
