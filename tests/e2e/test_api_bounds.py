@@ -225,3 +225,21 @@ values = [-1, 0, 2147483648, {MAX_INT64}, {MAX_INT64 + 1}, {2**64}]
                         "--max-examples", "100", "--max-time", str(FUZZ_SECONDS), "--workers", "1", "--no-color"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=FUZZ_SECONDS + 60)
     assert "ST101" not in r.stdout and r.returncode == 0, r.stdout[-8000:] + r.stderr[-2000:]
+
+
+def test_asking_to_download_nothing_is_an_empty_answer(tmp_path):
+    """The fuzzer's find: a runner asking for the download of no blob (its job has no dependency) got a 500."""
+    from tests.dstack_server import Server
+
+    server = Server(tmp_path / "home")
+    try:
+        runner = server.runner("empty-ask")
+        server.submit("workflows:\n  - name: a\n    commands: [echo]\n", "a")
+        job = server.take(runner, "empty-ask")
+        job_id = job.get("job_id") or job["job"]["job_id"]
+        r = runner.post(f"/api/runners/empty-ask/jobs/{job_id}/downloads", json={"hashes": []})
+        assert r.status_code == 200, r.text
+        other = runner.post("/api/runners/empty-ask/jobs/000000000000/downloads", json={"hashes": []})
+        assert other.status_code in (403, 404), other.text  # not its job: refused, even asking for nothing
+    finally:
+        server.stop()

@@ -94,6 +94,9 @@ async def may_read_manifest(ctx: Context, runner: str, job_id: str, digest: str)
 
 async def may_read_blobs(ctx: Context, runner: str, job_id: str, hashes: list[str]) -> None:
     wanted = set(hashes)
+    await _job_spec(ctx, runner, job_id)  # the runner's own job, even when it asks for nothing
+    if not wanted:
+        return
     for digest in sorted(_dependency_manifests(await _job_spec(ctx, runner, job_id))):
         wanted -= await _blobs_of(ctx, digest)
         if not wanted:
