@@ -35,6 +35,7 @@ from dstack.providers.base import CommandsSpec, WorkflowSpec, providers
 from dstack.providers.bash import BashSpec
 from dstack.providers.docker import DockerSpec
 from dstack.providers.python import PythonSpec
+from dstack.providers.torchrun import TorchrunSpec
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "workflows.json"
 REGENERATE = "python scripts/gen_schema.py"
@@ -217,6 +218,9 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
     (PythonSpec, "file"): lambda s: {**s, **RELATIVE_PATH},
     (PythonSpec, "requirements"): lambda s: _instead(s, RELATIVE_PATH, NULL),
     (PythonSpec, "args"): lambda s: _instead(s, LINES, STRING, NULL),
+    # TorchrunSpec `_nproc`: a count, or gpu / cpu / auto
+    (TorchrunSpec, "nproc_per_node"): lambda s: _instead(s, {"type": "integer", "minimum": 1},
+                                                         {"enum": ["gpu", "cpu", "auto"]}, NULL),
     (PythonSpec, "version"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
                                                 {"type": "number", "minimum": 3, "maximum": 4}, NULL),
 }

@@ -175,7 +175,7 @@ def providers() -> dict[str, type[Provider]]:
     return found  # loaded lazily by get_provider
 
 
-LEGACY = {"torchrun", "notebook", "lab", "code", "tensorboard", "streamlit", "gradio", "fastapi", "curl"}
+LEGACY = {"notebook", "lab", "code", "tensorboard", "streamlit", "gradio", "fastapi", "curl"}
 
 
 def get_provider(name: str) -> Provider:

@@ -163,8 +163,9 @@ async def _start_for(ctx: Context, jobs: list[JobSpec], now: _Pass) -> str:
             continue
         if k > 1 and not isinstance(backend, MultiNode) and backend.name != "local":
             continue
+        n = _runners_for(backend, k)
         cap = capacity(ctx, backend)
-        if cap and alive.get(backend.name, 0) + k > cap:  # counts first: no offer needs a look
+        if cap and alive.get(backend.name, 0) + n > cap:  # counts first: no offer needs a look
             refusals.append(f"limit of {cap} {backend.name} instance{'s' if cap != 1 else ''} reached")
             continue
         allowed, refused = now.offers(backend)
@@ -174,11 +175,12 @@ async def _start_for(ctx: Context, jobs: list[JobSpec], now: _Pass) -> str:
             refusals += list(itertools.islice((f"{o.describe()}: {why}" for o, why in refused
                                                if all(not fits(j, o.resources) for j in jobs)), 3))
             continue
-        streams.append(_within_type_limits(ctx, backend, itertools.chain([first], fitting), k, alive, refusals))
+        streams.append(_within_type_limits(ctx, backend, itertools.chain([first], fitting), n, alive, refusals))
     tries = []
     for offer, backend in heapq.merge(*streams, key=lambda c: c[0].price):  # the cheapest first, found lazily
+        n = _runners_for(backend, k)
         try:
-            await _create(ctx, backend, offer, jobs, "; ".join(tries))
+            await _create(ctx, backend, offer, jobs[:n], "; ".join(tries))
         except CapacityError as e:
             tries.append(f"{offer.describe()}: {e}")
             log.info("%s refused a runner for %s: %s", backend.name, jobs[0].run_name, e)
@@ -187,8 +189,8 @@ async def _start_for(ctx: Context, jobs: list[JobSpec], now: _Pass) -> str:
             tries.append(f"{offer.describe()}: {e}")
             log.exception("%s could not create a runner", backend.name)
             continue
-        alive[backend.name] = alive.get(backend.name, 0) + k
-        alive[(backend.name, offer.instance_type)] = alive.get((backend.name, offer.instance_type), 0) + k
+        alive[backend.name] = alive.get(backend.name, 0) + n
+        alive[(backend.name, offer.instance_type)] = alive.get((backend.name, offer.instance_type), 0) + n
         now.decided.clear()  # the counts changed: alike jobs are decided again
         return _provisioning({"describe": offer.describe(), "after": "; ".join(tries)})
     said = tries + [r for r in dict.fromkeys(refusals) if r]
@@ -199,6 +201,13 @@ async def _start_for(ctx: Context, jobs: list[JobSpec], now: _Pass) -> str:
     if not tries:  # a capacity error may pass: only a decision made without one holds for alike jobs
         now.decided[key] = why
     return why
+
+
+def _runners_for(backend, k: int) -> int:
+    """How many runners a run of `k` jobs gets from `backend`: one each, but on `local`, whose runner is this
+    whole machine, one (it takes as many of the run's jobs as it has room for; the run is placed once all have
+    a place)."""
+    return 1 if backend.name == "local" else k
 
 
 def _within_type_limits(ctx: Context, backend, offers, k: int, alive: dict, refusals: list[str]):
