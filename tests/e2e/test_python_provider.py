@@ -119,3 +119,28 @@ def test_dstack_providers_lists_each_with_its_keys(tmp_path):
     wrong = d("providers", "pyhton", cwd=tmp_path)
     assert wrong.returncode == 2 and "no provider 'pyhton' is installed" in wrong.stderr
     assert "did you mean 'python'?" in wrong.stderr
+
+
+def test_dstack_run_a_provider_with_no_workflow(dstack, tmp_path):
+    """The 2022 form: `dstack run python FILE ARGS`, `dstack run bash -c CMD`, with no workflows file; its
+    mistakes are said for the command line."""
+    import subprocess
+
+    root = tmp_path / "plain"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    (root / "train.py").write_text("import sys\nprint('argv', sys.argv[1:])\n")
+    r = dstack("run", "python", "train.py", "--epochs", "3", "two words", cwd=root, timeout=120)
+    assert r.returncode == 0 and "argv ['--epochs', '3', 'two words']" in r.stdout, r.stdout + r.stderr
+    b = dstack("run", "bash", "-c", "echo from bash", "-c", "echo twice", cwd=root, timeout=120)
+    assert b.returncode == 0 and "from bash\ntwice" in b.stdout.replace("\r", ""), b.stdout + b.stderr
+    none = dstack("run", "python", cwd=root)
+    assert none.returncode == 2 and "`dstack run python` needs the script to run" in none.stderr, none.stderr
+    bad = dstack("run", "python", "--gpu", "x", "train.py", cwd=root)
+    assert bad.returncode == 2 and bad.stderr.startswith("dstack run python: error:"), bad.stderr
+    assert "Traceback" not in none.stderr + bad.stderr
+    # a workflow of that name wins over the provider
+    (root / ".dstack").mkdir()
+    (root / ".dstack" / "workflows.yaml").write_text("workflows:\n  - name: python\n    commands: [echo mine]\n")
+    mine = dstack("run", "python", cwd=root, timeout=120)
+    assert mine.returncode == 0 and "mine" in mine.stdout, mine.stdout + mine.stderr

@@ -58,7 +58,8 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
                        f"({printable(rid)}); so is {submitted['run_name']}, which reproduces it", err=True)
         return _attach(client, submitted, f"reproduces {what}", detach, as_json, interrupted)
     files = ProjectFiles.read(project)
-    files.require_workflows()  # before any server starts
+    if not _a_provider(workflow, files):  # `dstack run python train.py` needs no workflows file
+        files.require_workflows()  # before any server starts
     if not workflow:
         from dstack.config.workflows import load_workflows
 
@@ -108,6 +109,15 @@ def run(ctx: click.Context, workflow: str | None, detach: bool, reproduce: str |
             sys.exit(130)
         submitted, interrupted = _deferring_interrupts(lambda: client.submit(request))
     _attach(client, submitted, workflow, detach, as_json, interrupted)
+
+
+def _a_provider(name: str | None, files) -> bool:
+    """`dstack run PROVIDER ARGS` (2022): a provider's name, and no workflows file that could name a workflow so."""
+    if not name or files.workflow_files():
+        return False
+    from importlib.metadata import entry_points
+
+    return any(ep.name == name for ep in entry_points(group="dstack.providers"))
 
 
 def _where(run: dict) -> str:

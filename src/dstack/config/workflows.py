@@ -450,11 +450,28 @@ def validate_project(files: ProjectFiles) -> Validation:
     return out
 
 
+def provider_entry(files: ProjectFiles, name: str, args: list[str]) -> WorkflowEntry | None:
+    """`dstack run PROVIDER ARGS` (the 2022 form, no workflow): the workflow those arguments mean, when `name` is
+    an installed provider and no workflow of the project has that name."""
+    from dstack.providers.base import providers
+
+    if name not in providers() or (files.workflow_files() and name in [e.name for e in load_workflows(files)]):
+        return None
+    import yaml
+
+    raw = get_provider(name).from_args(list(args))
+    located = load_text(yaml.safe_dump({"workflows": [raw]}, sort_keys=False), f"dstack run {name}")
+    located.positions, located.key_positions = {}, {}  # a command line has no lines: errors name the command
+    return WorkflowEntry(name=name, raw=located.data["workflows"][0], located=located, path=("workflows", 0))
+
+
 def command_line(files: ProjectFiles, name: str, args: list[str]) -> tuple[dict[str, Any], str]:
     """`dstack run NAME ARGS`: (the variables' overrides, the run's args, `${{ run.args }}`). Only a workflow that
-    refers to `run.args` takes arguments that set no variable."""
+    refers to `run.args` takes arguments that set no variable; `dstack run PROVIDER ARGS`'s are the provider's."""
     from dstack.config.variables import split_cli_args
 
+    if provider_entry(files, name, args) is not None:
+        return {}, ""
     if not any("run.args" in t or "run_args" in t for t in files.texts.values()):
         return split_cli_args(args, False, [])
     entries = load_workflows(files)
@@ -466,11 +483,14 @@ def command_line(files: ProjectFiles, name: str, args: list[str]) -> tuple[dict[
 
 
 def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], run_name: str,
-                     errors: list[ConfigError] | None = None, run_args: str = "") -> ResolvedWorkflow | None:
+                     errors: list[ConfigError] | None = None, run_args: str = "",
+                     args: list[str] | None = None) -> ResolvedWorkflow | None:
     """The workflow `name` with its variables substituted, validated by its provider, as job specs. `errors`: the
-    provider's model's errors go there, all of them, and None is returned (else the first is raised)."""
-    entries = load_workflows(files)
-    entry = find_workflow(entries, name)
+    provider's model's errors go there, all of them, and None is returned (else the first is raised). `args`: the
+    command line, for `dstack run PROVIDER ARGS` (a provider's name that is no workflow's)."""
+    by_provider = provider_entry(files, name, args) if args is not None else None
+    entries = load_workflows(files) if by_provider is None or files.workflow_files() else []
+    entry = by_provider or find_workflow(entries, name)
     declared, _ = load_variables(files, name, [e.name for e in entries])
     variables = apply_overrides(declared, overrides, name, tuple(required_variables(entry, declared)))
     job_id = new_job_id()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import posixpath
 from functools import cache
 from importlib.metadata import entry_points
@@ -132,7 +133,8 @@ class CommandsSpec(WorkflowSpec):
 
 
 class Provider:
-    """A workflow kind. Subclasses set `name` and `Spec` and implement `create_jobs`."""
+    """A workflow kind. Subclasses set `name` and `Spec` and implement `create_jobs`; `from_args` reads
+    `dstack run PROVIDER ARGS` (no workflow) into a workflow's keys."""
 
     name: ClassVar[str]
     Spec: ClassVar[type[WorkflowSpec]]
@@ -140,9 +142,78 @@ class Provider:
     def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
         raise NotImplementedError
 
+    def from_args(self, args: list[str]) -> dict[str, Any]:
+        """The keys of a workflow that `dstack run NAME ARGS` means, from the 2022 provider arguments every
+        provider takes (`-e/--env`, `-a/--artifact`, `--dep`, `-w/--working-dir`, `-i/--interruptible`, `--cpu`,
+        `--memory`, `--gpu`, `--gpu-name`, `--gpu-memory`, `--shm-size`, `-r/--requirements`), then `own_args`."""
+
+        parser = _ArgParser(prog=f"dstack run {self.name}", add_help=False)
+        parser.add_argument("-e", "--env", action="append", default=[])
+        parser.add_argument("-a", "--artifact", action="append", default=[])
+        parser.add_argument("--dep", action="append", default=[])
+        parser.add_argument("-w", "--working-dir")
+        parser.add_argument("-i", "--interruptible", action="store_true")
+        parser.add_argument("-r", "--requirements")
+        for key in ("--cpu", "--memory", "--gpu", "--gpu-name", "--gpu-memory", "--shm-size"):
+            parser.add_argument(key)
+        self.own_args(parser)
+        known = parser.parse_args(args)
+        raw: dict[str, Any] = {"name": self.name, "provider": self.name}
+        if known.env:
+            raw["env"] = known.env
+        if known.artifact:
+            raw["artifacts"] = known.artifact
+        if known.dep:
+            raw["dependencies"] = known.dep
+        if known.working_dir:
+            raw["working_dir"] = known.working_dir
+        if known.requirements:
+            raw["requirements"] = known.requirements
+        resources: dict[str, Any] = {k: v for k, v in (("cpu", known.cpu), ("memory", known.memory),
+                                                       ("shm_size", known.shm_size)) if v is not None}
+        gpu = {k: v for k, v in (("count", known.gpu), ("name", known.gpu_name), ("memory", known.gpu_memory))
+               if v is not None}
+        if gpu:
+            resources["gpu"] = gpu
+        if known.interruptible:
+            resources["interruptible"] = True
+        if resources:
+            raw["resources"] = resources
+        raw.update(self.own_keys(known))
+        return raw
+
+    def own_args(self, parser: argparse.ArgumentParser) -> None:
+        """The provider's own arguments of `dstack run NAME ARGS` (none here)."""
+
+    def own_keys(self, known: argparse.Namespace) -> dict[str, Any]:
+        """The workflow's keys from the provider's own arguments."""
+        return {}
+
+
+class _ArgParser(argparse.ArgumentParser):
+    """argparse whose mistakes are ConfigErrors (said by `dstack run`, exit 2), not its own exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}", hint=f"`dstack run {self.prog.split()[-1]}` takes the "
+                                                          "2022 provider arguments; `dstack providers` lists the keys")
+
 
 class CommandsProvider(Provider):
     """One job that runs the workflow's commands, in its image if it has one."""
+
+    def own_args(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-c", "--command", action="append", default=[])
+        parser.add_argument("-p", "--ports", type=int)
+        if self.name == "docker":
+            parser.add_argument("image")
+
+    def own_keys(self, known: argparse.Namespace) -> dict[str, Any]:
+        out: dict[str, Any] = {"commands": known.command} if known.command else {}
+        if known.ports is not None:
+            out["ports"] = known.ports
+        if getattr(known, "image", None):
+            out["image"] = known.image
+        return out
 
     def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
         """One job; `nodes: N`, N alike (rank 0 the master), placed all at once (see server/services/gangs)."""

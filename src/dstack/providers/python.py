@@ -86,6 +86,25 @@ class PythonProvider(CommandsProvider):
     name = "python"
     Spec = PythonSpec
 
+    def own_args(self, parser) -> None:
+        """`dstack run python FILE [ARGS]` (2022): everything after FILE is the script's."""
+        import argparse
+
+        parser.add_argument("--version", "--python", dest="version")
+        parser.add_argument("file", nargs="?")
+        parser.add_argument("args", nargs=argparse.REMAINDER)
+
+    def own_keys(self, known) -> dict[str, Any]:
+        if not known.file:
+            from dstack.core.errors import ConfigError
+
+            raise ConfigError(f"`dstack run {self.name}` needs the script to run",
+                              hint=f"dstack run {self.name} FILE [ARGS], e.g. `dstack run {self.name} train.py --epochs 3`")
+        out: dict[str, Any] = {"file": known.file, "args": known.args}
+        if known.version:
+            out["version"] = known.version
+        return out
+
     def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
         if spec.docker:
             image, python = f"python:{spec.version or '3'}", "python"

@@ -37,6 +37,21 @@ class TorchrunProvider(PythonProvider):
     name = "torchrun"
     Spec = TorchrunSpec
 
+    def own_args(self, parser) -> None:
+        """`dstack run torchrun --nnodes N FILE [ARGS]` (2022)."""
+        parser.add_argument("--nnodes", type=int)
+        parser.add_argument("--nproc_per_node", "--nproc-per-node", dest="nproc_per_node")
+        super().own_args(parser)
+
+    def own_keys(self, known) -> dict[str, Any]:
+        out = super().own_keys(known)
+        if known.nnodes is not None:
+            out["nodes"] = known.nnodes
+        if known.nproc_per_node is not None:
+            out["nproc_per_node"] = int(known.nproc_per_node) if known.nproc_per_node.isdigit() \
+                else known.nproc_per_node
+        return out
+
     def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
         jobs = super().create_jobs(spec, env)
         for job in jobs:

@@ -79,7 +79,7 @@ async def run_workflow(ctx: Context, req: RunRequest) -> Run:
 def _resolve(files: ProjectFiles, req: RunRequest, overrides: dict, run_name: str,
              run_args: str = "") -> ResolvedWorkflow:
     require_unicode([*req.args, req.workflow, req.repo_id, req.tag or ""], "the argument")
-    resolved = resolve_workflow(files, req.workflow, overrides, run_name, run_args=run_args)
+    resolved = resolve_workflow(files, req.workflow, overrides, run_name, run_args=run_args, args=req.args)
     require_unicode([resolved.variables, *(job.model_dump() for job in resolved.jobs)], "the value")
     return resolved
 
