@@ -36,7 +36,13 @@ def providers(name: str | None, as_json: bool) -> None:
     from dstack.config.schema import registered_specs
     from dstack.core.errors import ConfigError, did_you_mean
 
-    specs = registered_specs()
+    specs = {n: (spec, summary) for n, (spec, summary) in registered_specs().items()}
+    from dstack.api.repo import find_project
+    from dstack.config.custom_providers import custom_providers
+    from dstack.config.files import ProjectFiles
+
+    for p in custom_providers(ProjectFiles.read(find_project())):  # the project's own, .dstack/providers.yaml
+        specs[p.name] = (p.Spec, f"(.dstack/providers.yaml) {p.Spec.__doc__}")
     if name is not None and name not in specs:
         raise ConfigError(f"no provider '{name}' is installed",
                           hint=did_you_mean(name, specs) or f"installed: {', '.join(specs)}")

@@ -25,7 +25,7 @@ class ProjectFiles:
     @classmethod
     def read(cls, project: Path) -> ProjectFiles:
         folder = project / ".dstack"
-        names = ["workflows.yaml", "workflows.yml", "variables.yaml"]
+        names = ["workflows.yaml", "workflows.yml", "variables.yaml", "providers.yaml"]
         texts = {}
         for path in [folder / n for n in names] + _folder_files(folder / "workflows"):
             rel = str(path.relative_to(project))

@@ -10,6 +10,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from dstack.config.custom_providers import custom_provider
 from dstack.config.files import ProjectFiles
 from dstack.config.variables import (
     Declared,
@@ -512,8 +513,10 @@ def resolve_workflow(files: ProjectFiles, name: str, overrides: dict[str, Any], 
                         for k, v in raw[key].items()}
     pname = provider_name(raw)
     try:
-        provider = get_provider(pname)
+        provider = custom_provider(files, pname) or get_provider(pname)
     except ConfigError as e:
+        if e.file:  # a mistake in providers.yaml, at its place
+            raise
         raise entry.located.error(entry.path + ("provider",), e.message, hint=e.hint) from None
     try:
         spec = provider.Spec.model_validate(raw)
