@@ -161,3 +161,28 @@ def test_the_schema_takes_the_2022_forms_and_the_python_provider():
     except jsonschema.ValidationError:
         refused = True
     assert refused  # the python provider runs `file`: `commands` is not one of its keys
+
+
+def test_entrypoint(dstack, project, busybox_image):
+    """`entrypoint` (docker, 2023) replaces the image's, and is given the commands as one script."""
+    root = project(f"""\
+    workflows:
+      - name: shell
+        image: {busybox_image}
+        entrypoint: /bin/sh -c
+        commands: [echo "via $0 entrypoint"]
+      - name: own
+        provider: docker
+        image: {busybox_image}
+        entrypoint: [/bin/echo, from-entrypoint]
+      - name: host
+        provider: bash
+        entrypoint: /bin/sh -c
+        commands: [echo x]
+    """)
+    r = dstack("run", "shell", cwd=root, timeout=120)
+    assert r.returncode == 0 and "via /bin/sh entrypoint" in r.stdout, r.stdout + r.stderr
+    own = dstack("run", "own", cwd=root, timeout=120)
+    assert own.returncode == 0 and "from-entrypoint" in own.stdout, own.stdout + own.stderr
+    host = dstack("run", "host", cwd=root)
+    assert host.returncode == 2 and "`entrypoint` replaces an image's entrypoint" in host.stderr, host.stderr

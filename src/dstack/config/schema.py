@@ -202,6 +202,9 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
         {**s, "items": {"anyOf": [RELATIVE_PATH, {"type": "object", "required": ["path"],
                                                   "properties": {"path": RELATIVE_PATH}}]}}, NULL),
     (CommandsSpec, "working_dir"): lambda s: _either({**s, **RELATIVE_PATH}, NULL),
+    # `_entrypoint`: shell words in one string, or a list
+    (CommandsSpec, "entrypoint"): lambda s: _instead(s, {"type": "array", "items": STRING, "minItems": 1},
+                                                     {"type": "string", "minLength": 1}, NULL),
     (CommandsSpec, "resources"): lambda s: _either(s, NULL),
     # Requirements `_labels`: null for none; any scalar as a label's value
     (Requirements, "labels"): lambda s: _either({**s, "additionalProperties": SCALAR}, NULL),
@@ -250,7 +253,14 @@ def _python(s: Schema) -> Schema:
     return s
 
 
-_MODEL_FORMS: dict[type[BaseModel], Transform] = {Requirements: _requirements, PythonSpec: _python}
+def _commands(s: Schema) -> Schema:
+    """CommandsSpec `_entrypoint_needs_image`: an `entrypoint` comes with an `image` (checked by dstack: the schema
+    cannot see which provider's default image applies)."""
+    return s
+
+
+_MODEL_FORMS: dict[type[BaseModel], Transform] = {Requirements: _requirements, PythonSpec: _python,
+                                                  CommandsSpec: _commands}
 
 # other spellings of a key, accepted by config/workflows.py before the models see the workflow
 _SPELLINGS: dict[tuple[type[BaseModel], str], list[str]] = {(WorkflowSpec, "dependencies"): ["deps"],
@@ -281,6 +291,8 @@ _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
                              "WORLD_SIZE ...); the master's (rank 0) artifacts are the run's.",
     (CommandsSpec, "artifacts"): "Folders (relative to working_dir) saved when the job ends, as immutable "
                                  "artifacts.",
+    (CommandsSpec, "entrypoint"): "Replaces the image's entrypoint, and is given the commands as one script: "
+                                  "`entrypoint: /bin/bash -c`.",
     (CommandsSpec, "resources"): "What the job needs of a runner: cpu, memory, gpu (or <name>/gpu: N), "
                                  "shm_size, interruptible, labels.",
     (BashSpec, "image"): "A Docker image to run the commands in; without one they run on the runner's host.",

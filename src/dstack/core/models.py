@@ -99,6 +99,7 @@ class JobSpec(Model):
     provider: str
     image: str | None = None
     commands: list[str] = []
+    entrypoint: list[str] | None = None  # the image's entrypoint replaced: it is given the commands as one script
     env: dict[str, str] = {}
     working_dir: str = "."
     artifacts: list[str] = []

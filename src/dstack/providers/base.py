@@ -8,7 +8,7 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dstack.core.errors import ConfigError, did_you_mean
 from dstack.core.models import JobSpec, RetryPolicy
@@ -75,6 +75,29 @@ class CommandsSpec(WorkflowSpec):
     working_dir: str = "."
     ports: int = Field(0, ge=0, le=64)
     nodes: int = Field(1, ge=1, le=64)
+    entrypoint: list[str] | None = None
+
+    @field_validator("entrypoint", mode="before")
+    @classmethod
+    def _entrypoint(cls, v: Any) -> Any:
+        """`entrypoint: /bin/bash -c` (shell words) or a list; it replaces the image's and gets the commands."""
+        if isinstance(v, str):
+            import shlex
+
+            try:
+                v = shlex.split(v)
+            except ValueError as e:
+                raise ValueError(f"entrypoint {v!r}: {e}") from None
+        if isinstance(v, list) and not v:
+            raise ValueError("entrypoint is a command: e.g. /bin/bash -c")
+        return v
+
+    @model_validator(mode="after")
+    def _entrypoint_needs_image(self) -> CommandsSpec:
+        if self.entrypoint and not getattr(self, "image", None) and not getattr(self, "docker", False):
+            raise ValueError("`entrypoint` replaces an image's entrypoint: give the workflow an `image` (on the "
+                             "runner's host, put the program in `commands`)")
+        return self
     artifacts: list[str] = []
     resources: Requirements = Requirements()
 
@@ -223,6 +246,7 @@ class CommandsProvider(Provider):
                 provider=self.name,
                 image=getattr(spec, "image", None),
                 commands=[*spec.before_run, *spec.commands],
+                entrypoint=spec.entrypoint,
                 env={**env, **spec.environment},
                 working_dir=spec.working_dir,
                 artifacts=spec.artifacts if rank == 0 else [],  # the master's artifacts are the run's

@@ -259,7 +259,10 @@ class DockerExecutor:
                 self._remove_stale(name)
             container = client.containers.create(
                 image.id,
-                command=["/bin/sh", "-c", job_script(job.commands)] if job.commands else None,
+                # `entrypoint` (the workflow's): it gets the commands as one script (`bash -c`, `python -c` ...)
+                entrypoint=job.entrypoint,
+                command=(([job_script(job.commands)] if job.entrypoint else ["/bin/sh", "-c", job_script(job.commands)])
+                         if job.commands else None),
                 working_dir=CONTAINER_ROOT if working_dir == "." else f"{CONTAINER_ROOT}/{working_dir}",
                 environment=job_env(job, ports, env),
                 volumes=volumes,

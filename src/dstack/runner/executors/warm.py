@@ -63,7 +63,7 @@ def enabled() -> bool:
 
 def kind(job: JobSpec) -> tuple | None:
     """What a warm container for `job` must share with it; None when `job` cannot use one."""
-    if not job.image or not job.commands or job.dependencies or not enabled():
+    if not job.image or not job.commands or job.dependencies or job.entrypoint or not enabled():
         return None
     if job.code is not None and job.code.subdir not in ("", "."):
         return None
