@@ -48,7 +48,7 @@ CASES = {
     "variables_for_unknown_workflow": (GOOD, VARS + "  trian:\n    x: 1\n", ["prepare"],
                                        ".dstack/variables.yaml:4:3:", "did you mean 'train'"),
     "no_workflows_file": (None, None, ["prepare"], "", "dstack init"),
-    "a_2022_provider": (GOOD.replace("    commands:\n      - echo hi\n", "    provider: python\n    file: x.py\n"),
+    "a_2022_provider": (GOOD.replace("    commands:\n      - echo hi\n", "    provider: streamlit\n    target: x.py\n"),
                         VARS, ["prepare"], ".dstack/workflows.yaml:3:15:", "not built in"),
 }
 
