@@ -34,6 +34,7 @@ from dstack.core.resources import _SIZE, GpuRequirement, Requirements
 from dstack.providers.base import CommandsSpec, WorkflowSpec, providers
 from dstack.providers.bash import BashSpec
 from dstack.providers.docker import DockerSpec
+from dstack.providers.jupyter import JupyterSpec
 from dstack.providers.python import PythonSpec
 from dstack.providers.torchrun import TorchrunSpec
 
@@ -224,6 +225,9 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
     # TorchrunSpec `_nproc`: a count, or gpu / cpu / auto
     (TorchrunSpec, "nproc_per_node"): lambda s: _instead(s, {"type": "integer", "minimum": 1},
                                                          {"enum": ["gpu", "cpu", "auto"]}, NULL),
+    (JupyterSpec, "requirements"): lambda s: _instead(s, RELATIVE_PATH, NULL),
+    (JupyterSpec, "version"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
+                                                 {"type": "number", "minimum": 3, "maximum": 4}, NULL),
     (PythonSpec, "version"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
                                                 {"type": "number", "minimum": 3, "maximum": 4}, NULL),
 }
@@ -259,13 +263,20 @@ def _commands(s: Schema) -> Schema:
     return s
 
 
+def _ide(s: Schema) -> Schema:
+    """JupyterSpec `_ide_commands`: it runs the IDE (no `commands`)."""
+    s.get("properties", {}).pop("commands", None)
+    return s
+
+
 _MODEL_FORMS: dict[type[BaseModel], Transform] = {Requirements: _requirements, PythonSpec: _python,
-                                                  CommandsSpec: _commands}
+                                                  CommandsSpec: _commands, JupyterSpec: _ide}
 
 # other spellings of a key, accepted by config/workflows.py before the models see the workflow
 _SPELLINGS: dict[tuple[type[BaseModel], str], list[str]] = {(WorkflowSpec, "dependencies"): ["deps"],
                                                             (PythonSpec, "file"): ["script", "python_script"],
-                                                            (PythonSpec, "version"): ["python"]}
+                                                            (PythonSpec, "version"): ["python"],
+                                                            (JupyterSpec, "version"): ["python"]}
 
 # tooltips, by (model, field), where the model has no description of its own
 _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {

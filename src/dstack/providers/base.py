@@ -270,7 +270,7 @@ def providers() -> dict[str, type[Provider]]:
     return found  # loaded lazily by get_provider
 
 
-LEGACY = {"notebook", "lab", "code", "tensorboard", "streamlit", "gradio", "fastapi", "curl"}
+LEGACY = {"code", "tensorboard", "streamlit", "gradio", "fastapi", "curl"}
 
 
 def get_provider(name: str) -> Provider:

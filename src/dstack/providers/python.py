@@ -19,6 +19,18 @@ from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
 VENV = ".dstack-venv"  # in the job's working folder: the job's own, gone with it
 
 
+def python_version(v: Any) -> str | None:
+    """`3.10` is the number 3.1 in YAML: the 2022 providers read it as 3.10, and so do these."""
+    if v is None:
+        return None
+    if isinstance(v, float):
+        v = "3.10" if v == 3.1 else repr(v)
+    v = str(v).strip()
+    if not re.fullmatch(r"3(\.\d{1,2})?", v):
+        raise ValueError(f"'{v}' is not a Python version: write e.g. \"3.11\" (quoted: 3.10 unquoted is 3.1)")
+    return v
+
+
 def _without_commands(schema: dict) -> None:
     schema.get("properties", {}).pop("commands", None)  # it runs `file`: `commands` is refused
 
@@ -62,15 +74,7 @@ class PythonSpec(CommandsSpec):
     @field_validator("version", mode="before")
     @classmethod
     def _version(cls, v: Any) -> Any:
-        """`3.10` is the number 3.1 in YAML: the 2022 provider read it as 3.10, and so does this one."""
-        if v is None:
-            return None
-        if isinstance(v, float):
-            v = "3.10" if v == 3.1 else repr(v)
-        v = str(v).strip()
-        if not re.fullmatch(r"3(\.\d{1,2})?", v):
-            raise ValueError(f"'{v}' is not a Python version: write e.g. \"3.11\" (quoted: 3.10 unquoted is 3.1)")
-        return v
+        return python_version(v)
 
     @model_validator(mode="after")
     def _no_commands(self) -> PythonSpec:

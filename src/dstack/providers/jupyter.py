@@ -1,0 +1,105 @@
+"""`lab` and `notebook`: JupyterLab or the Jupyter Notebook in a job (the 2022 providers), protected by a token of
+the run's own, its URL printed once it answers.
+
+The job makes a virtual environment of its own (with `python<version>`, as the `python` provider does), installs
+the workflow's `requirements` and JupyterLab (or Notebook) from the package index there, and serves on the job's
+first port (`PORT_0`) on every address of the runner's machine. The token (`JUPYTER_TOKEN`, which Jupyter reads) is
+made for each run; the job prints `http://<host>:<port>/lab?token=<token>` when the server answers. `dstack stop`
+ends it."""
+
+from __future__ import annotations
+
+import secrets
+import shlex
+from typing import Any
+
+from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
+
+from dstack.core.models import JobSpec
+from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
+from dstack.providers.python import VENV, _without_commands, python_version
+
+# the job waits for its server, then says where it is (in the background, beside it)
+_ANNOUNCE = r'''( python - "$PORT_0" "$JUPYTER_TOKEN" "$DSTACK_IDE_PATH" "$DSTACK_IDE_NAME" "${JOB_HOSTNAME:-}" <<'DSTACK_ANNOUNCE_END' & )
+import socket, sys, time, urllib.request
+port, token, path, name, host = sys.argv[1:6]
+for _ in range(600):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}{path}?token={token}", timeout=2)
+        break
+    except Exception:
+        time.sleep(0.5)
+host = host or socket.getfqdn()
+print(f"\n{name} is ready: http://{host}:{port}{path}?token={token}\n", flush=True)
+DSTACK_ANNOUNCE_END'''
+
+
+class JupyterSpec(CommandsSpec):
+    """JupyterLab (`lab`) or the Jupyter Notebook (`notebook`), with the workflow's `requirements` and Python
+    `version` (2022: `python`), `before_run`/`setup`, `environment`, `artifacts` and `resources`."""
+
+    model_config = ConfigDict(json_schema_extra=_without_commands)
+
+    requirements: str | None = Field(None, description="A pip requirements file, installed before the IDE.")
+    version: str | None = Field(None, validation_alias=AliasChoices("version", "python"),
+                                description="The Python version, e.g. 3.11 (2022: `python`); default: python3.")
+    image: str | None = Field(None, description="Run in this image (it needs Python and pip) instead of on the "
+                                                "runner's host.")
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        return python_version(v)
+
+    @model_validator(mode="after")
+    def _ide_commands(self) -> JupyterSpec:
+        if self.commands:
+            raise ValueError(f"the {self.provider or 'lab'} provider runs the IDE: commands to run first go in "
+                             "`before_run`")
+        return self
+
+    @field_validator("requirements", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return None if v is None else relative_path(str(v), "requirements")
+
+
+class _Jupyter(CommandsProvider):
+    Spec = JupyterSpec
+    package: str
+    command: str
+    path: str
+    title: str
+
+    def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
+        python = f"python{spec.version}" if spec.version else "python3"
+        lines = [f"{python} -m venv {VENV} && . {VENV}/bin/activate",
+                 "python -m pip install --disable-pip-version-check -q --upgrade pip > /dev/null || true"]
+        if spec.requirements:
+            lines.append(f"python -m pip install --disable-pip-version-check -q -r {shlex.quote(spec.requirements)}")
+        lines += [f"python -m pip install --disable-pip-version-check -q {self.package}", _ANNOUNCE,
+                  f'exec {self.command} --no-browser --ip=0.0.0.0 --port="$PORT_0" --ServerApp.allow_root=True '
+                  f"--ServerApp.open_browser=False"]
+        token = secrets.token_hex(24)
+        jobs = super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}),
+                                   {**env, "JUPYTER_TOKEN": token, "DSTACK_IDE_PATH": self.path,
+                                    "DSTACK_IDE_NAME": self.title})
+        for job in jobs:
+            job.image = spec.image
+        return jobs
+
+
+class LabProvider(_Jupyter):
+    name = "lab"
+    package = "jupyterlab"
+    command = "jupyter lab"
+    path = "/lab"
+    title = "JupyterLab"
+
+
+class NotebookProvider(_Jupyter):
+    name = "notebook"
+    package = "notebook"
+    command = "jupyter notebook"
+    path = "/tree"
+    title = "Jupyter Notebook"
