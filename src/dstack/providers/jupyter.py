@@ -4,12 +4,11 @@ the run's own, its URL printed once it answers.
 The job makes a virtual environment of its own (with `python<version>`, as the `python` provider does), installs
 the workflow's `requirements` and JupyterLab (or Notebook) from the package index there, and serves on the job's
 first port (`PORT_0`) on every address of the runner's machine. The token (`JUPYTER_TOKEN`, which Jupyter reads) is
-made for each run; the job prints `http://<host>:<port>/lab?token=<token>` when the server answers. `dstack stop`
+made by the job, never written in its spec (which the API shows) nor on a command line; the job prints `http://<host>:<port>/lab?token=<token>` when the server answers. `dstack stop`
 ends it."""
 
 from __future__ import annotations
 
-import secrets
 import shlex
 from typing import Any
 
@@ -20,9 +19,10 @@ from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
 from dstack.providers.python import VENV, _without_commands, python_version
 
 # the job waits for its server, then says where it is (in the background, beside it)
-_ANNOUNCE = r'''( python - "$PORT_0" "$JUPYTER_TOKEN" "$DSTACK_IDE_PATH" "$DSTACK_IDE_NAME" "${JOB_HOSTNAME:-}" <<'DSTACK_ANNOUNCE_END' & )
-import socket, sys, time, urllib.request
-port, token, path, name, host = sys.argv[1:6]
+_ANNOUNCE = r'''( python - "$PORT_0" "$DSTACK_IDE_PATH" "$DSTACK_IDE_NAME" "${JOB_HOSTNAME:-}" <<'DSTACK_ANNOUNCE_END' & )
+import os, socket, sys, time, urllib.request
+port, path, name, host = sys.argv[1:5]
+token = os.environ["JUPYTER_TOKEN"]  # from the environment, not argv: ps shows argv to every user
 for _ in range(600):
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{port}{path}?token={token}", timeout=2)
@@ -77,13 +77,14 @@ class _Jupyter(CommandsProvider):
                  "python -m pip install --disable-pip-version-check -q --upgrade pip > /dev/null || true"]
         if spec.requirements:
             lines.append(f"python -m pip install --disable-pip-version-check -q -r {shlex.quote(spec.requirements)}")
-        lines += [f"python -m pip install --disable-pip-version-check -q {self.package}", _ANNOUNCE,
+        # the token is made in the job, never in its spec (which the API shows): only the job's log has it
+        lines += [f"python -m pip install --disable-pip-version-check -q {self.package}",
+                  "JUPYTER_TOKEN=\"$(python -c 'import secrets; print(secrets.token_hex(24))')\"; export JUPYTER_TOKEN",
+                  _ANNOUNCE,
                   f'exec {self.command} --no-browser --ip=0.0.0.0 --port="$PORT_0" --ServerApp.allow_root=True '
                   f"--ServerApp.open_browser=False"]
-        token = secrets.token_hex(24)
         jobs = super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}),
-                                   {**env, "JUPYTER_TOKEN": token, "DSTACK_IDE_PATH": self.path,
-                                    "DSTACK_IDE_NAME": self.title})
+                                   {**env, "DSTACK_IDE_PATH": self.path, "DSTACK_IDE_NAME": self.title})
         for job in jobs:
             job.image = spec.image
         return jobs
