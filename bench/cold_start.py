@@ -41,10 +41,10 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cold import SNAPSHOT_ENV, run_on_a_snapshot, snapshot_hash, ts  # noqa: E402
 from _common import DSTACK, env_for, fresh_home, make_project, ms, print_table, stats, verdict, write_results  # noqa: E402
 
 MARKER = "cold-start-marker"
@@ -118,8 +118,8 @@ class Server:
         job = run["jobs"][0]
         inst = next(i for i in self.http.get("/api/instances", params={"all": True}).json()
                     if i["runner_name"] == job["runner"])
-        return {"submitted": _ts(job["submitted_at"]), "instance_created": _ts(inst["created_at"]),
-                "job_taken": _ts(job["started_at"]), "cli_started": t_cli}
+        return {"submitted": ts(job["submitted_at"]), "instance_created": ts(inst["created_at"]),
+                "job_taken": ts(job["started_at"]), "cli_started": t_cli}
 
     def repo_id(self) -> str:
         if not hasattr(self, "_repo_id"):
@@ -132,48 +132,12 @@ class Server:
         shutil.rmtree(self.project, ignore_errors=True)
 
 
-def _ts(text: str) -> float:
-    d = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
-
-
-SNAPSHOT_ENV = "DSTACK_BENCH_SNAPSHOT"
-
-
-def run_on_a_snapshot() -> None:
-    """Run this script again with a copy of src/dstack first on PYTHONPATH (for it, the CLI, servers, runners and
-    the runner image's wheel), unless it is that run."""
-    if os.environ.get(SNAPSHOT_ENV):
-        return
-    src = Path(__file__).resolve().parents[1] / "src" / "dstack"
-    folder = Path(fresh_home("snapshot"))
-    shutil.copytree(src, folder / "dstack", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    env = {**os.environ, SNAPSHOT_ENV: str(folder),
-           "PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    try:
-        code = subprocess.run([sys.executable, __file__, *sys.argv[1:]], env=env).returncode
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    sys.exit(code)
-
-
-def snapshot_hash(folder: Path) -> str:
-    """Which code was measured: a hash of the snapshot's files (names and bytes)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        h.update(f"{path.relative_to(folder)}\0".encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--keep-image", action="store_true", help="keep the runner image tags built here")
     args = ap.parse_args()
-    run_on_a_snapshot()
+    run_on_a_snapshot(__file__)
     import docker
 
     import dstack

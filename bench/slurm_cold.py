@@ -21,9 +21,9 @@ Pairs, A then B:
 Where A's time goes, per run, on one clock (the cluster's nodes are this machine): the job's `submitted_at`;
 slurmctld's log: the batch job received (`_slurm_rpc_submit_batch_job`) and allocated (`sched: Allocate`);
 the server log's `slurm: job N for runner NAME` (sbatch returned: create() is done); slurmd's `Launching batch job
-N`; the start of the batch script (slurm_script), of the runner's node script (dir/runners/NAME.sh, started by
+N`; the start of the batch script (slurm_script), of the runner's node script (dir/slurm/NAME.sh, started by
 `srun`) and of its `dstack-runner` process (/proc start times, 10 ms ticks, read while the runner is up); the
-runner log's `registered as NAME` (dir/runners/NAME.log); the job's `started_at` (taken); the first output at the
+runner log's `registered as NAME` (dir/slurm/NAME.log); the job's `started_at` (taken); the first output at the
 CLI. Slurm logs with milliseconds, the server and runner with milliseconds, /proc in 10 ms ticks. Also, alone on
 this machine (the node), what the bootstrap's and runner's pieces cost (medians of 5), and Slurm's allocation to
 its launch of a batch job with `--export=NONE` (as the runners' jobs) and without it (medians of 3).
@@ -54,65 +54,23 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cold import (  # noqa: E402
+    SNAPSHOT_ENV,
+    first_line,
+    log_ts,
+    machine_activity,
+    pids_with,
+    proc_started,
+    run_on_a_snapshot,
+    snapshot_hash,
+    ts,
+)
 from _common import REPO, env_for, fresh_home, make_project, ms, print_table, stats, verdict, write_results  # noqa: E402
-from cold_start import SNAPSHOT_ENV, _ts, snapshot_hash  # noqa: E402
 
 MARKER = "first-output"
 WORKFLOWS = f"workflows:\n  - name: first\n    commands:\n      - echo {MARKER}\n      - echo done\n"
 TARGET = 2.0  # median(A) / median(B) under this
 POLL = 0.01
-
-
-def run_on_a_snapshot() -> None:
-    """Run this script again with a copy of src/dstack first on PYTHONPATH (for it, the server, the CLI and the
-    wheels the runner's venv is installed from), unless it is that run."""
-    if os.environ.get(SNAPSHOT_ENV):
-        return
-    folder = fresh_home("snapshot")
-    shutil.copytree(REPO / "src" / "dstack", folder / "dstack", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    env = {**os.environ, SNAPSHOT_ENV: str(folder),
-           "PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:]], env=env)
-    try:
-        while True:
-            try:
-                code = child.wait()
-                break
-            except KeyboardInterrupt:  # Ctrl-C: the child has it too; it stops what it started, let it finish
-                pass
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    sys.exit(code)
-
-
-def first_line(cmd: list[str], marker: str, cwd: Path | None = None, env: dict | None = None,
-               timeout: float = 300, on_marker=None) -> tuple[float, float, str]:
-    """Seconds from spawning `cmd` to the line `marker` in its stdout+stderr, the wall clock then, and its whole
-    output (it is left to finish: its exit status is checked). `on_marker()` is called as soon as it is seen."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
-    seen = []
-    try:
-        for line in p.stdout:
-            seen.append(line)
-            if line.strip() == marker.encode():
-                dt, wall = time.perf_counter() - t0, time.time()
-                if on_marker is not None:
-                    on_marker()
-                break
-        else:
-            p.wait(timeout=timeout)
-            raise RuntimeError(f"{cmd} exited {p.returncode} without the line {marker!r}:\n"
-                               f"{b''.join(seen)[-3000:].decode(errors='replace')}")
-        seen.append(p.stdout.read())
-        if p.wait(timeout=timeout) != 0:
-            raise RuntimeError(f"{cmd} exited {p.returncode}:\n{b''.join(seen)[-3000:].decode(errors='replace')}")
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return dt, wall, b"".join(seen).decode(errors="replace")
 
 
 def sbatch_until(out: Path, wrap: str, env: dict, timeout: float = 60) -> tuple[float, str, float, float]:
@@ -136,48 +94,9 @@ def sbatch_until(out: Path, wrap: str, env: dict, timeout: float = 60) -> tuple[
     return dt, job, wall0, wall
 
 
-def _log_ts(text: str) -> float:
-    """A `logging` asctime (local time, `2026-12-05 01:44:26,123`) as epoch seconds."""
-    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
 def _slurm_ts(text: str) -> float:
     """A Slurm log time (local time, `2026-12-05T01:44:26.123`) as epoch seconds."""
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f").timestamp()
-
-
-def _proc_started(pid: int) -> float | None:
-    """When process `pid` started, epoch seconds (its /proc start time: clock ticks of CLOCK_BOOTTIME)."""
-    from dstack.core.processes import start_time
-
-    ticks = start_time(pid)
-    if ticks is None:
-        return None
-    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _pids_with(*texts: str) -> list[int]:
-    """Processes of this machine whose command line holds every one of `texts`."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit():
-                cmdline = (entry / "cmdline").read_bytes()
-                if all(t.encode() in cmdline for t in texts):
-                    out.append(int(entry.name))
-        except OSError:
-            pass
-    return out
-
-
-def machine_activity() -> dict:
-    """What else the machine was doing: the load average, and the busiest processes (top's %CPU over 1 s)."""
-    top = subprocess.run(["top", "-b", "-n", "2", "-d", "1", "-w", "200", "-o", "%CPU"], capture_output=True,
-                         text=True, timeout=30).stdout.splitlines()  # the second frame: %CPU over that 1 s
-    head = max((i for i, line in enumerate(top) if line.lstrip().startswith("PID")), default=None)
-    busy = [" ".join(line.split()[8:9] + line.split()[11:12]) for line in top[head + 1: head + 7]] if head else []
-    return {"loadavg": os.getloadavg(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout
-            .strip(), "top_cpu": busy}
 
 
 def _last(pattern: str, text: str, parse) -> float | None:
@@ -260,9 +179,9 @@ class Bench:
         """Start times of the batch script, the node's runner script and dstack-runner (read while it is up)."""
         out = {}
         for key, texts in (("batch_script", ("srun", "--kill-on-bad-exit=0")),  # the batch script, exec'd into srun
-                           ("node_script", (f"sh\0{self.dir}/runners/", ".sh")),  # not srun's (names it)
+                           ("node_script", (f"sh\0{self.dir}/slurm/", ".sh")),  # not srun's (names it)
                            ("dstack_runner", (f"{self.dir}/venv/bin/dstack-runner",))):
-            starts = [t for t in map(_proc_started, _pids_with(*texts)) if t is not None]
+            starts = [t for t in map(proc_started, pids_with(*texts)) if t is not None]
             out[key] = min(starts) if starts else None
         return out
 
@@ -276,21 +195,21 @@ class Bench:
                        re.M)
         slurm_job = m[-1][1] if m else None
         ctld, slurmd = self.slurm_logs()
-        runner_log = Path(f"{self.dir}/runners/{name}.log").read_text(errors="replace")
+        runner_log = Path(f"{self.dir}/slurm/{name}.log").read_text(errors="replace")
         j = re.escape(slurm_job or "-")
         taken = job.get("started_at")
         points = [
-            ("cli_spawned", t_cli), ("submitted", _ts(job["submitted_at"])),
+            ("cli_spawned", t_cli), ("submitted", ts(job["submitted_at"])),
             ("slurmctld_got_job", _last(rf"^\[(\S+)\] _slurm_rpc_submit_batch_job: JobId={j} ", ctld, _slurm_ts)),
-            ("sbatch_returned", _log_ts(m[-1][0]) if m else None),
+            ("sbatch_returned", log_ts(m[-1][0]) if m else None),
             ("allocated", _last(rf"^\[(\S+)\] sched\S*: Allocate JobId={j} ", ctld, _slurm_ts)),
             ("slurmd_launching", _last(rf"^\[(\S+)\] Launching batch job {j} ", slurmd, _slurm_ts)),
             ("batch_script_started", procs.get("batch_script")),
             ("srun_step_launch", _last(rf"^\[(\S+)\] launch task StepId={j}\.0 ", slurmd, _slurm_ts)),
             ("node_script_started", procs.get("node_script")),
             ("dstack_runner_started", procs.get("dstack_runner")),
-            ("registered", _last(rf"^(\S+ \S+) INFO registered as {re.escape(name)} ", runner_log, _log_ts)),
-            ("job_taken", _ts(taken) if taken else None), ("first_output", wall)]
+            ("registered", _last(rf"^(\S+ \S+) INFO registered as {re.escape(name)} ", runner_log, log_ts)),
+            ("job_taken", ts(taken) if taken else None), ("first_output", wall)]
         job_lines = [line for line in (ctld + slurmd).splitlines()
                      if re.search(rf"(JobId={j}\b|job {j}\b|StepId={j}\.|\[{j}\.)", line)]
         return {"runner": name, "slurm_job": slurm_job, "points": dict(points), "slurm_log": job_lines[:40]}
@@ -360,7 +279,7 @@ class Bench:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = self.conf_before
-        for pid in _pids_with(self.dir):  # anything of the backend's dir left
+        for pid in pids_with(self.dir):  # anything of the backend's dir left
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -394,7 +313,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("slurm_cold.py starts munged and slurmd: run it as root")
-    run_on_a_snapshot()
+    run_on_a_snapshot(__file__)
     sys.path.insert(0, str(REPO))  # tests.slurm, tests.dstack_server
 
     def on_term(signum, frame):

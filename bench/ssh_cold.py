@@ -45,106 +45,26 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cold import (  # noqa: E402
+    SNAPSHOT_ENV,
+    first_line,
+    log_ts,
+    machine_activity,
+    pids_with,
+    proc_started,
+    run_on_a_snapshot,
+    snapshot_hash,
+    ts,
+)
 from _common import REPO, env_for, fresh_home, make_project, ms, print_table, stats, verdict, write_results  # noqa: E402
-from cold_start import SNAPSHOT_ENV, _ts, snapshot_hash  # noqa: E402
 
 MARKER = "first-output"
 WORKFLOWS = f"workflows:\n  - name: first\n    commands:\n      - echo {MARKER}\n      - echo done\n"
 IDLE = 2  # seconds a runner waits for a job before it exits
 TARGET_S = 1.0  # median(A) - median(B) under this
-
-
-def run_on_a_snapshot() -> None:
-    """Run this script again with a copy of src/dstack first on PYTHONPATH (for it, the server, the CLI and the
-    wheels the host installs), unless it is that run (cold_start.run_on_a_snapshot's way, for this file)."""
-    if os.environ.get(SNAPSHOT_ENV):
-        return
-    folder = fresh_home("snapshot")
-    shutil.copytree(REPO / "src" / "dstack", folder / "dstack", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    env = {**os.environ, SNAPSHOT_ENV: str(folder),
-           "PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:]], env=env)
-    try:
-        while True:
-            try:
-                code = child.wait()
-                break
-            except KeyboardInterrupt:  # Ctrl-C: the child has it too; it stops what it started, let it finish
-                pass
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    sys.exit(code)
-
-
-def first_line(cmd: list[str], marker: str, cwd: Path | None = None, env: dict | None = None,
-               timeout: float = 300, on_marker=None) -> tuple[float, float, str]:
-    """Seconds from spawning `cmd` to the line `marker` in its stdout+stderr, the wall clock then, and its whole
-    output (it is left to finish: its exit status is checked). `on_marker()` is called as soon as it is seen."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
-    seen = []
-    try:
-        for line in p.stdout:
-            seen.append(line)
-            if line.strip() == marker.encode():
-                dt, wall = time.perf_counter() - t0, time.time()
-                if on_marker is not None:
-                    on_marker()
-                break
-        else:
-            p.wait(timeout=timeout)
-            raise RuntimeError(f"{cmd} exited {p.returncode} without the line {marker!r}:\n"
-                               f"{b''.join(seen)[-3000:].decode(errors='replace')}")
-        seen.append(p.stdout.read())
-        if p.wait(timeout=timeout) != 0:
-            raise RuntimeError(f"{cmd} exited {p.returncode}:\n{b''.join(seen)[-3000:].decode(errors='replace')}")
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    return dt, wall, b"".join(seen).decode(errors="replace")
-
-
-def _log_ts(text: str) -> float:
-    """A `logging` asctime (local time, `2026-12-05 01:44:26,123`) as epoch seconds."""
-    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def _proc_started(pid: int) -> float | None:
-    """When process `pid` started, epoch seconds (its /proc start time: clock ticks of CLOCK_BOOTTIME)."""
-    from dstack.core.processes import start_time
-
-    ticks = start_time(pid)
-    if ticks is None:
-        return None
-    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def _pids_with(text: str) -> list[int]:
-    """Processes of this machine whose command line holds `text` (the host's are this machine's too)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
-                out.append(int(entry.name))
-        except OSError:
-            pass
-    return out
-
-
-def machine_activity() -> dict:
-    """What else the machine was doing: the load average, and the busiest processes (top's %CPU over 1 s)."""
-    top = subprocess.run(["top", "-b", "-n", "2", "-d", "1", "-w", "200", "-o", "%CPU"], capture_output=True,
-                         text=True, timeout=30).stdout.splitlines()  # the second frame: %CPU over that 1 s
-    head = max((i for i, line in enumerate(top) if line.lstrip().startswith("PID")), default=None)
-    busy = [" ".join(line.split()[8:9] + line.split()[11:12]) for line in top[head + 1: head + 7]] if head else []
-    return {"loadavg": os.getloadavg(), "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout
-            .strip(), "top_cpu": busy}
 
 
 class Bench:
@@ -191,7 +111,7 @@ class Bench:
         return first_line(self.baseline, "hi")
 
     def runner_scripts(self) -> list[int]:
-        return _pids_with(f"{self.host_dir}/runner.sh")
+        return pids_with(f"{self.host_dir}/runner.sh")
 
     def instances(self) -> int:
         found = json.loads(self.cli("backends", "--json"))
@@ -212,7 +132,7 @@ class Bench:
         out = {}
         for key, text in (("runner_sh", f"{self.host_dir}/runner.sh"),
                           ("dstack_runner", f"{self.host_dir}/venv/bin/dstack-runner")):
-            starts = [t for t in map(_proc_started, _pids_with(text)) if t is not None]
+            starts = [t for t in map(proc_started, pids_with(text)) if t is not None]
             out[key] = min(starts) if starts else None
         return out
 
@@ -226,11 +146,11 @@ class Bench:
         runner_log = Path(f"{self.host_dir}/runner.log").read_text(errors="replace")
         registered = re.findall(rf"^(\S+ \S+) INFO registered as {re.escape(name)} ", runner_log, re.M)
         taken = job.get("started_at")
-        points = [("cli_spawned", t_cli), ("submitted", _ts(job["submitted_at"])),
-                  ("create_returned", _log_ts(created[-1]) if created else None),
+        points = [("cli_spawned", t_cli), ("submitted", ts(job["submitted_at"])),
+                  ("create_returned", log_ts(created[-1]) if created else None),
                   ("runner_sh_started", procs.get("runner_sh")), ("dstack_runner_started", procs.get("dstack_runner")),
-                  ("registered", _log_ts(registered[-1]) if registered else None),
-                  ("job_taken", _ts(taken) if taken else None), ("first_output", wall)]
+                  ("registered", log_ts(registered[-1]) if registered else None),
+                  ("job_taken", ts(taken) if taken else None), ("first_output", wall)]
         return {"runner": name, "points": dict(points)}
 
     def host_parts(self) -> dict:
@@ -281,7 +201,7 @@ print(json.dumps(out))
             self.server.stop()
         if self.servers is not None:
             self.servers.close()  # sshd, and every process left in the host's namespace (the runner's too)
-        for pid in _pids_with(self.host_dir):  # anything of the host's dir left outside it
+        for pid in pids_with(self.host_dir):  # anything of the host's dir left outside it
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -306,7 +226,7 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("ssh_cold.py makes network namespaces: run it as root")
-    run_on_a_snapshot()
+    run_on_a_snapshot(__file__)
     sys.path.insert(0, str(REPO))  # tests.netns, tests.sshd, tests.dstack_server
     from tests.netns import why_not as netns_why_not
     from tests.sshd import why_not as sshd_why_not

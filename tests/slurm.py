@@ -22,20 +22,18 @@ session left behind (its owner is gone) is cleaned the same way by the next sess
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from dstack.core.processes import is_running, start_time
+from tests import scratch
 
 PREFIX = "dstack-test-slurm-"
 NODES = ["n1", "n2"]
@@ -86,14 +84,7 @@ def _kill_all(folder: Path) -> None:
 
 def sweep() -> None:
     """Stop and remove the clusters of test sessions that are gone (killed before their clean-up)."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        try:
-            owner = json.loads((folder / "owner.json").read_text())
-        except (OSError, ValueError):
-            owner = {}
-        if not is_running(owner.get("pid"), owner.get("started")):
-            _kill_all(folder)
-            shutil.rmtree(folder, ignore_errors=True)
+    scratch.sweep(PREFIX, _kill_all)
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -113,9 +104,8 @@ class Slurm:
                 raise RuntimeError(f"Slurm needs `{tool}`: `apt-get install slurm-wlm munge` (scripts/test.sh does "
                                    "it; no service is started, the tests start a cluster of their own)")
         sweep()
-        self.folder = Path(tempfile.mkdtemp(prefix=PREFIX))
+        self.folder = scratch.owned_folder(PREFIX)
         self.folder.chmod(0o755)  # munged (user munge) goes through it
-        (self.folder / "owner.json").write_text(json.dumps({"pid": os.getpid(), "started": start_time(os.getpid())}))
         self.conf = self.folder / "slurm.conf"
         self.partition, self.partitions, self.nodes = "debug", ["debug", "one"], list(NODES)
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}

@@ -16,19 +16,17 @@ their sshd) of a killed session are removed by the next one."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from dstack.core.processes import is_running, start_time
+from tests import scratch
 
 PREFIX = "dstack-test-sshd-"
 SSHD = "/usr/sbin/sshd"
@@ -56,14 +54,7 @@ def _kill_sshd_of(folder: Path) -> None:
 
 def sweep() -> None:
     """Remove the folders (and kill the sshd) of test sessions that are gone."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        try:
-            owner = json.loads((folder / "owner.json").read_text())
-        except (OSError, ValueError):
-            owner = {}
-        if not is_running(owner.get("pid"), owner.get("started")):
-            _kill_sshd_of(folder)
-            shutil.rmtree(folder, ignore_errors=True)
+    scratch.sweep(PREFIX, _kill_sshd_of)
 
 
 class Sshd:
@@ -154,8 +145,7 @@ class Servers:
 
     def start(self, name: str) -> Sshd:
         """An sshd on test host `name` (made if need be)."""
-        folder = Path(tempfile.mkdtemp(prefix=PREFIX))
-        (folder / "owner.json").write_text(json.dumps({"pid": os.getpid(), "started": start_time(os.getpid())}))
+        folder = scratch.owned_folder(PREFIX)
         self.folders.append(folder)
         server = Sshd(self.hosts.add(name), folder, self)
         self.servers.append(server)

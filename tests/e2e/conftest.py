@@ -98,6 +98,18 @@ def jobs_dir(workdir: Path) -> Path:
     return job_user.jobs_dir(workdir, users.sample if users else None, Path(base) if base else None)
 
 
+def eventually(condition, within: float, what, every: float = 0.2):
+    """condition()'s first true value within `within` s; else fails saying `what` (a text, or a function that
+    says it then)."""
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {within} s: {what() if callable(what) else what}"
+        time.sleep(every)
+
+
 def gone(pid: int) -> bool:
     """The process has ended: no such process, or a zombie that its new parent (init, once the process that
     started it exited) has not reaped yet."""

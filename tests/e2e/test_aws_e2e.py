@@ -34,7 +34,7 @@ import httpx
 import pytest
 
 from dstack.backends.aws import IMAGE_FAMILIES
-from tests.e2e.conftest import BIN, Dstack
+from tests.e2e.conftest import BIN, Dstack, eventually
 from tests.integration.test_aws_backend import DEFAULT_IMAGE, ERRORS, PYTHON, Proxy, _ProxyHandler
 from tests.netns import Host
 
@@ -189,16 +189,6 @@ def _state(ec2, instance_id: str) -> str:
     return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
 
 
-def _eventually(condition, within: float, what, every: float = 0.2):
-    """condition()'s first true value within `within` s; else fails saying `what` (a text, or a function that
-    says it then)."""
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within} s: {what() if callable(what) else what}"
-        time.sleep(every)
 
 
 @pytest.fixture
@@ -255,7 +245,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
             return json.loads(cli("run", workflow, "--json"))["run_name"]
 
         def done(run: str, machine: Machine, within: float = 90) -> dict:
-            return _eventually(lambda: (j := job(run))["status"].upper() in ("DONE", "FAILED", "ABORTED") and j,
+            return eventually(lambda: (j := job(run))["status"].upper() in ("DONE", "FAILED", "ABORTED") and j,
                                within, f"{run} ends ({machine.log()}\n{server.log()[-3000:]})", every=0.5)
 
         def aws_instances() -> int:
@@ -281,9 +271,9 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
         # a job makes an instance, and says so while its runner is being started
         first = submit("make")
         reason = "provisioning aws t3.medium, us-east-1, $0.04/h"
-        _eventually(lambda: job(first).get("reason") == reason, 30,
+        eventually(lambda: job(first).get("reason") == reason, 30,
                     lambda: f"{first} says {reason!r}: {job(first)}\n{server.log()[-3000:]}", every=0.3)
-        (raw,) = _eventually(lambda: _instances(ec2, server_id, ["pending", "running"]), 10, "an instance in EC2")
+        (raw,) = eventually(lambda: _instances(ec2, server_id, ["pending", "running"]), 10, "an instance in EC2")
         tags = {t["Key"]: t["Value"] for t in raw["Tags"]}
         assert raw["InstanceType"] == "t3.medium" and raw["ImageId"] == DEFAULT_IMAGE and "InstanceLifecycle" not in raw
         runner_a = tags["dstack:runner"]
@@ -291,7 +281,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
         # a second run meanwhile: no second instance (--max-total 1), and it says why it waits
         second = submit("again")
         limit = "waiting: limit of 1 aws instance reached"
-        _eventually(lambda: job(second).get("reason") == limit, 10, lambda: f"{second} says {limit!r}: {job(second)}")
+        eventually(lambda: job(second).get("reason") == limit, 10, lambda: f"{second} says {limit!r}: {job(second)}")
         assert job(first)["reason"] == reason  # as long as the runner is being started
 
         # the instance boots: its runner installs from the server's wheels and runs both jobs to DONE
@@ -315,7 +305,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
         assert a.proc.wait(timeout=60) == 0, a.log()
         assert f"EC2: instance {a.id} is " in a.log() and "idle for 20.0s; exiting" in a.log(), a.log()
         assert _state(ec2, a.id) in ("shutting-down", "terminated")
-        _eventually(lambda: aws_instances() == 0, 30, "no aws instance")
+        eventually(lambda: aws_instances() == 0, 30, "no aws instance")
         (row,) = [i for i in api("/api/instances", all="true") if i["instance_id"] == a.id]
         assert row["status"] == "terminated" and row["runner_name"] == runner_a, row
 
@@ -326,7 +316,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
         refused = (f"aws t3.medium, us-east-1, $0.04/h: InsufficientInstanceCapacity: "
                    f"{ERRORS['InsufficientInstanceCapacity'][1]}")
         reason = f"provisioning aws t3.large, us-east-1, $0.08/h (after {refused})"
-        _eventually(lambda: job(third).get("reason") == reason, 30, lambda: f"{third} says {reason!r}: {job(third)}")
+        eventually(lambda: job(third).get("reason") == reason, 30, lambda: f"{third} says {reason!r}: {job(third)}")
         (raw,) = _instances(ec2, server_id, ["pending", "running"])
         assert raw["InstanceType"] == "t3.large", raw
         asked = [(f["InstanceType"], f.get("InstanceMarketOptions.MarketType")) for f in proxy.calls[calls:]
@@ -349,7 +339,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
                                        {"Key": "dstack:runner", "Value": "orphan-1"}]}])["Instances"][0]["InstanceId"]
         restarted = time.monotonic()
         server.start()
-        _eventually(lambda: _state(ec2, orphan) in ("shutting-down", "terminated"), 35, "the orphan is terminated")
+        eventually(lambda: _state(ec2, orphan) in ("shutting-down", "terminated"), 35, "the orphan is terminated")
         said = (f"the aws backend has instance {orphan} (runner orphan-1) with this server's tags that the server "
                 f"does not know: terminating it")
         assert said in server.log(), server.log()[-3000:]
@@ -357,7 +347,7 @@ def test_aws_runners_on_demand_through_the_server(hosts, moto_ec2, tmp_path, pro
         # and the runner of the instance it knows comes back to it, then leaves idle: its instance terminates
         assert b.proc.wait(timeout=60) == 0, b.log()
         assert f"EC2: instance {b.id} is " in b.log() and _state(ec2, b.id) in ("shutting-down", "terminated")
-        _eventually(lambda: aws_instances() == 0, 30, "no aws instance")
+        eventually(lambda: aws_instances() == 0, 30, "no aws instance")
         rows = {i["instance_id"]: i for i in api("/api/instances", all="true")}
         assert set(rows) == {a.id, b.id, orphan} and {r["status"] for r in rows.values()} == {"terminated"}, rows
         assert rows[orphan]["reason"].startswith("an orphan"), rows[orphan]

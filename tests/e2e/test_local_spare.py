@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.e2e.conftest import Dstack
+from tests.e2e.conftest import Dstack, eventually
 
 
 def _spares(home: Path) -> list[int]:
@@ -27,12 +27,6 @@ def _spares(home: Path) -> list[int]:
     return found
 
 
-def _eventually(condition, what: str, within: float = 30.0):
-    deadline = time.monotonic() + within
-    while not (value := condition()):
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-    return value
 
 
 def test_the_first_job_gets_the_spare_process_as_its_runner_and_it_ends_with_the_server(tmp_path, project):
@@ -41,16 +35,17 @@ def test_the_first_job_gets_the_spare_process_as_its_runner_and_it_ends_with_the
     root = project("workflows:\n  - name: hello\n    commands: [echo hello]\n")
     try:
         d("status", cwd=root, check=True)  # the server starts; its spare follows a second later
-        spare = _eventually(lambda: _spares(home), "a spare runner process is made")[0]
+        spare = eventually(lambda: _spares(home), 30, "a spare runner process is made", every=0.1)[0]
         assert "hello" in d("run", "hello", cwd=root, check=True).stdout
         (runner,) = json.loads(d("runners", "--json", cwd=root, check=True).stdout)
         record = json.loads((home / "runners" / runner["name"] / "runner.json").read_text())
         assert record["pid"] == spare  # the spare became the runner
         assert "registered as" in (home / "runners" / runner["name"] / "runner.log").read_text()
-        _eventually(lambda: [p for p in _spares(home) if p != spare], "a new spare is made for the next one")
+        eventually(lambda: [p for p in _spares(home) if p != spare], 30, "a new spare is made for the next one",
+                   every=0.1)
     finally:
         d.stop_server()
-    _eventually(lambda: not _spares(home), "no spare outlives its server")
+    eventually(lambda: not _spares(home), 30, "no spare outlives its server", every=0.1)
 
 
 def test_no_spare_when_told_not_to(tmp_path, project):

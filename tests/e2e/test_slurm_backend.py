@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.dstack_server import Server
-from tests.e2e.conftest import Dstack
+from tests.e2e.conftest import Dstack, eventually
 from tests.e2e.test_multinode import PAIR
 
 WORKFLOWS = """\
@@ -40,14 +39,6 @@ workflows:
 """
 
 
-def _eventually(condition, within: float, what, every: float = 0.3):
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within} s: {what() if callable(what) else what}"
-        time.sleep(every)
 
 
 @pytest.fixture
@@ -86,8 +77,8 @@ def test_slurm_backend_end_to_end(tmp_path, slurm, cluster_dir):
         venv_made = (cluster_dir / "venv" / "dstack-wheel").stat().st_mtime
 
         # after its idle timeout (a few seconds on Slurm) the runner exits, and its allocation ends
-        _eventually(lambda: not _ours(slurm), 60, lambda: _ours(slurm))
-        _eventually(lambda: json.loads(d("backends", "--json", cwd=proj, check=True).stdout)[-1]["instances"] == 0,
+        eventually(lambda: not _ours(slurm), 60, lambda: _ours(slurm))
+        eventually(lambda: json.loads(d("backends", "--json", cwd=proj, check=True).stdout)[-1]["instances"] == 0,
                     30, "the instance is still counted")
 
         # two nodes, one allocation, jobs that reach each other
@@ -101,7 +92,7 @@ def test_slurm_backend_end_to_end(tmp_path, slurm, cluster_dir):
         long = json.loads(d("run", "long", "--json", cwd=proj, check=True).stdout)["run_name"]
         d.wait_status(proj, long, {"RUNNING"}, timeout=120)
         d("stop", long, cwd=proj, check=True)
-        _eventually(lambda: not _ours(slurm), 60, lambda: _ours(slurm))
+        eventually(lambda: not _ours(slurm), 60, lambda: _ours(slurm))
 
         # the cluster full: the job says why it waits (Slurm's reason), and stopping it cancels its Slurm job
         blocker = slurm.run("sbatch", "--parsable", "-N2", "-c2", "-o", "/dev/null", "--wrap", "sleep 300").stdout.strip()
@@ -110,7 +101,7 @@ def test_slurm_backend_end_to_end(tmp_path, slurm, cluster_dir):
         def reason() -> str:
             return d.run_info(proj, waiting)["jobs"][0].get("reason") or ""
 
-        _eventually(lambda: "Resources" in reason(), 60, reason)
+        eventually(lambda: "Resources" in reason(), 60, reason)
         assert "provisioning slurm" in reason(), reason()
         assert len(_ours(slurm)) == 1 and "PENDING" in _ours(slurm)[0]
         # the pending runner's script holds its token (0600, in the backend's folder): it must die with the job
@@ -118,8 +109,8 @@ def test_slurm_backend_end_to_end(tmp_path, slurm, cluster_dir):
         token = re.search(r"<<'DSTACK_TOKEN_END'.*?\n(.+?)\nDSTACK_TOKEN_END", script.read_text(), re.S).group(1)
         assert script.stat().st_mode & 0o077 == 0
         d("stop", waiting, cwd=proj, check=True)
-        _eventually(lambda: not _ours(slurm), 30, lambda: _ours(slurm))
-        _eventually(lambda: not script.exists(), 30, "the script of a runner that never started is left")
+        eventually(lambda: not _ours(slurm), 30, lambda: _ours(slurm))
+        eventually(lambda: not script.exists(), 30, "the script of a runner that never started is left")
         import httpx
 
         refused = httpx.post(f"{server.url}/api/runners/register", headers={"Authorization": f"Bearer {token}"},
@@ -129,7 +120,7 @@ def test_slurm_backend_end_to_end(tmp_path, slurm, cluster_dir):
 
         # removed: its folder goes from the shared filesystem
         assert d("backends", "remove", "slurm", cwd=proj).returncode == 0
-        _eventually(lambda: not cluster_dir.exists(), 60, lambda: list(cluster_dir.iterdir()))
+        eventually(lambda: not cluster_dir.exists(), 60, lambda: list(cluster_dir.iterdir()))
         assert not _ours(slurm)
     finally:
         server.stop()
@@ -157,7 +148,7 @@ def login_node(tmp_path, slurm):
     sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(folder / "sshd_config")],
                             stdout=subprocess.DEVNULL, stderr=open(folder / "sshd.log", "w"))
     try:
-        _eventually(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10, "sshd did not listen")
+        eventually(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 10, "sshd did not listen")
         yield f"root@127.0.0.1:{port}", folder / "client_key"
     finally:
         sshd.kill()
@@ -179,6 +170,6 @@ def test_slurm_through_a_login_node(tmp_path, slurm, login_node, cluster_dir):
         assert "accepted on first use" in added and "partition debug: 2 nodes" in added, added
         made = d("run", "make", cwd=proj, timeout=180)
         assert made.returncode == 0 and "DONE" in made.stderr, made.stdout + made.stderr + server.log_text()
-        _eventually(lambda: not _ours(slurm), 60, lambda: _ours(slurm))
+        eventually(lambda: not _ours(slurm), 60, lambda: _ours(slurm))
     finally:
         server.stop()

@@ -12,7 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from tests.e2e.conftest import BIN, Dstack
+from tests.e2e.conftest import BIN, Dstack, eventually
 
 WORKFLOWS = """\
 workflows:
@@ -78,14 +78,6 @@ def _start_server(tmp_path):
     return server, json.loads(info.read_text())["url"], (home / "server" / "token").read_text().strip()
 
 
-def _eventually(condition, within: float = 60.0, what: str = ""):
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        time.sleep(0.3)
 
 
 def test_a_spot_runners_job_is_requeued_on_its_notice_and_ends_on_another_runner(tmp_path, project, shared):
@@ -106,8 +98,8 @@ def test_a_spot_runners_job_is_requeued_on_its_notice_and_ends_on_another_runner
                                          str(token_file), "--no-docker", "--workdir", str(tmp_path / name), *extra],
                                         env=env, stdout=subprocess.DEVNULL,
                                         stderr=open(tmp_path / f"{name}.log", "wb")))
-        _eventually(lambda: any(r["name"] == name for r in json.loads(
-            client("runners", "--json", cwd=root, check=True).stdout)), what=f"runner {name} registers")
+        eventually(lambda: any(r["name"] == name for r in json.loads(
+            client("runners", "--json", cwd=root, check=True).stdout)), 60, f"runner {name} registers")
 
     try:
         runner("spot-a", "--interruptible")
@@ -118,7 +110,7 @@ def test_a_spot_runners_job_is_requeued_on_its_notice_and_ends_on_another_runner
         assert plain.returncode == 2 and "a machine that is not interruptible (spot)" in plain.stderr, plain
         r = client("run", "spot", "-d", cwd=root, check=True)
         name = json.loads(client("status", "--json", cwd=root, check=True).stdout)[0]["run_name"]
-        _eventually(lambda: (shared / "first").exists(), what="the first attempt starts on the spot runner")
+        eventually(lambda: (shared / "first").exists(), 60, "the first attempt starts on the spot runner")
         imds.notice = {"action": "terminate", "time": "2026-12-04T23:59:00Z"}
         deadline = time.monotonic() + 60
         while (info := client.run_info(root, name))["jobs"][0]["status"].lower() != "submitted":

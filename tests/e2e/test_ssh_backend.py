@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.dstack_server import Server
-from tests.e2e.conftest import Dstack
+from tests.e2e.conftest import Dstack, eventually
 from tests.sshd import sshd  # noqa: F401
 
 WORKFLOWS = """\
@@ -37,14 +37,6 @@ workflows:
 """
 
 
-def _eventually(condition, within: float, what, every: float = 0.3):
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within} s: {what() if callable(what) else what}"
-        time.sleep(every)
 
 
 @pytest.fixture
@@ -85,16 +77,16 @@ def test_ssh_backend_end_to_end(tmp_path, hosts, sshd, host_dir):  # noqa: F811
         assert [r["backend"] for r in runners] == ["ssh"], runners
         # the runner outlives the SSH sessions; after its idle timeout it exits, and its instance is gone
         assert sshd.exec(f"pgrep -f {ours}/runner.sh").returncode == 0
-        _eventually(lambda: sshd.exec(f"pgrep -f {ours}/runner.sh").returncode == 1, 60,
+        eventually(lambda: sshd.exec(f"pgrep -f {ours}/runner.sh").returncode == 1, 60,
                     "the runner did not stop after its idle timeout")
-        _eventually(lambda: json.loads(d("backends", "--json", cwd=proj, check=True).stdout)[-1]["instances"] == 0,
+        eventually(lambda: json.loads(d("backends", "--json", cwd=proj, check=True).stdout)[-1]["instances"] == 0,
                     30, "the instance is still counted")
         assert (host_dir / "venv" / "bin" / "dstack-runner").exists()  # kept for the next start
 
         # cut off: said in `dstack backends`, and a job waits saying why
         sshd.test_host.cut()
         try:
-            _eventually(lambda: "cannot connect" in (json.loads(d("backends", "--json", cwd=proj, check=True)
+            eventually(lambda: "cannot connect" in (json.loads(d("backends", "--json", cwd=proj, check=True)
                                                                 .stdout)[-1].get("note") or ""), 40,
                         lambda: d("backends", cwd=proj).stdout)
         finally:
@@ -120,7 +112,7 @@ def test_ssh_backend_end_to_end(tmp_path, hosts, sshd, host_dir):  # noqa: F811
             assert again.returncode != 0 and "is being removed" in again.stderr, again.stdout + again.stderr
         finally:
             sshd.test_host.heal()
-        _eventually(lambda: sshd.exec(f"ls -A {host_dir}").stdout.split() == ["mine.txt"], 90,
+        eventually(lambda: sshd.exec(f"ls -A {host_dir}").stdout.split() == ["mine.txt"], 90,
                     lambda: sshd.exec(f"ls -la {host_dir}").stdout)
         assert sshd.exec(f"pgrep -af {ours}").returncode == 1
         assert not (tmp_path / "home" / "server" / "ssh" / "ssh.known_hosts").exists()

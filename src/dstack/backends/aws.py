@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from dstack.backends.aws_catalog import OfferCache
 from dstack.backends.base import (
@@ -39,6 +39,7 @@ from dstack.backends.base import (
     MultiNode,
     Offer,
     Spot,
+    validated_settings,
 )
 from dstack.core.base import Model
 
@@ -120,12 +121,7 @@ class AWSBackend(Spot, Gpus, MultiNode):
     max_runners = 1_000_000  # no count of its own: its limits (`dstack limits set`) bound it
 
     def __init__(self, name: str, settings: dict[str, Any], *, server_id: str, home: Path) -> None:
-        try:
-            self.settings = AWSSettings.model_validate(settings)
-        except ValidationError as e:  # pydantic's own text quotes the input: a secret, maybe
-            what = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
-                             for err in e.errors(include_input=False, include_url=False))
-            raise BackendError(f"the settings of backend '{name}' are not valid: {what}") from None
+        self.settings = validated_settings(AWSSettings, name, settings)
         if not server_id:
             raise BackendError("the aws backend needs the server's id to tag what it creates")
         self.name, self.server_id, self.home = name, server_id, Path(home)

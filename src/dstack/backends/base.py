@@ -29,6 +29,19 @@ class BackendError(Exception):
     secret)."""
 
 
+def validated_settings(model: type, name: str, settings: dict[str, Any]) -> Any:
+    """`settings` as `model` (a pydantic model); a BackendError that names each wrong key and never its value
+    (pydantic's own text quotes the input: a secret, maybe)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(settings)
+    except ValidationError as e:
+        what = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
+                         for err in e.errors(include_input=False, include_url=False))
+        raise BackendError(f"the settings of backend '{name}' are not valid: {what}") from None
+
+
 class CapacityError(BackendError):
     """This offer cannot be had now (no capacity, a quota, a spot price): try the next one. The message is the
     provider's reason, e.g. `InsufficientInstanceCapacity: We currently do not have sufficient g5.xlarge ...`."""

@@ -131,12 +131,13 @@ with open(venv + ".lock", "a") as lock:
 
 def install_script(bootstrap: Bootstrap, *, venv: str = "/opt/dstack", workdir: str = "/var/lib/dstack-runner/runner",
                    on_idle: str | None = None, python: str = "python3", backend: str | None = None,
-                   wheel: str | None = None) -> str:
+                   wheel: str | None = None, self_removing: bool = False) -> str:
     """The sh script that installs dstack from `bootstrap.server_url`'s wheels and runs the runner until it exits,
     then `on_idle` (a shell command; None: nothing). `backend`: the backend that made the machine, as the runner
     reports it. `wheel`: "FILE SHA256" of the server's dstack wheel (`wheelhouse.dstack_wheel`): a VENV that this
     script installed from it is used at once, with no Python started and nothing asked of the server (an SSH
-    host's or a cluster's venv, installed by an earlier start)."""
+    host's or a cluster's venv, installed by an earlier start). `self_removing`: the script is run from a file,
+    which it removes as soon as sh has it open (it holds the token)."""
     if not re.fullmatch(r"[\x21-\x7e]+", bootstrap.token) or bootstrap.token == "DSTACK_TOKEN_END":
         raise ValueError("a runner's token is printable ASCII without spaces")
     q = shlex.quote
@@ -150,7 +151,7 @@ def install_script(bootstrap: Bootstrap, *, venv: str = "/opt/dstack", workdir: 
     script = f"""#!/bin/sh
 # A dstack runner: installs dstack from its server's wheels and runs it (dstack/backends/bootstrap.py)
 set -u
-SERVER={q(bootstrap.server_url)}
+{'rm -f -- "$0"' + chr(10) if self_removing else ""}SERVER={q(bootstrap.server_url)}
 VENV={q(venv)}
 PYTHON={q(python)}
 LOG={q(f"{wd}.log")}

@@ -25,10 +25,19 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 
-from dstack.backends.base import Allocations, BackendError, Bootstrap, CapacityError, Gpus, Instance, Offer
-from dstack.backends.ssh_client import Address, Connections, Result, _first_command
+from dstack.backends.base import (
+    Allocations,
+    BackendError,
+    Bootstrap,
+    CapacityError,
+    Gpus,
+    Instance,
+    Offer,
+    validated_settings,
+)
+from dstack.backends.ssh_client import Address, Connections, Result, first_command, remote_dir
 from dstack.core.base import Model
 from dstack.core.resources import Gpu, RunnerResources
 
@@ -84,13 +93,7 @@ class SlurmSettings(Model):
     @field_validator("dir")
     @classmethod
     def _dir(cls, value: str) -> str:
-        if any(ord(c) < 32 or c in "'\\" for c in value):
-            raise ValueError("dir has a quote, a backslash or a control character")
-        if value.rstrip("/") in ("", "~", "/"):
-            raise ValueError("dir is a folder of its own (what dstack puts there goes with the backend)")
-        if not (value.startswith("/") or value.startswith("~/")) or ".." in value.split("/") or "'" in value:
-            raise ValueError("dir is an absolute path, or one under the login's home (~/...), without '..'")
-        return value.rstrip("/")
+        return remote_dir(value)
 
 
 class SlurmBackend(Allocations, Gpus):
@@ -103,12 +106,7 @@ class SlurmBackend(Allocations, Gpus):
     cancels_unneeded = True
 
     def __init__(self, name: str, settings: dict[str, Any], *, server_id: str, home: Path) -> None:
-        try:
-            self.settings = SlurmSettings.model_validate(settings)
-        except ValidationError as e:
-            what = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
-                             for err in e.errors(include_input=False, include_url=False))
-            raise BackendError(f"the settings of backend '{name}' are not valid: {what}") from None
+        self.settings = validated_settings(SlurmSettings, name, settings)
         self.name, self.server_id, self.home = name, server_id, Path(home)
         s = self.settings
         self.ssh = None
@@ -116,7 +114,6 @@ class SlurmBackend(Allocations, Gpus):
             self.ssh = Connections(self.home / "server" / "ssh" / f"{name}.known_hosts",
                                    s.private_key.get_secret_value() if s.private_key else None, s.proxy_jump)
         self._lock = threading.Lock()
-        self._dstack_wheel: str | None = None
         self._offers: list[Offer] = []
         self._offers_at = float("-inf")
         self._nodes: dict[int, int] = {}  # id(offer) -> how many nodes have its shape
@@ -155,6 +152,7 @@ class SlurmBackend(Allocations, Gpus):
 
     def create_group(self, offer: Offer, bootstraps: list[Bootstrap]) -> list[Instance]:
         from dstack.backends.bootstrap import install_script
+        from dstack.backends.wheelhouse import served_wheel
 
         d = self._dir()
         q = shlex.quote
@@ -166,8 +164,9 @@ class SlurmBackend(Allocations, Gpus):
         scripts = []
         for b in bootstraps:
             text = install_script(b, venv=f"{d}/venv", workdir=f"{runners}/{b.runner_name}",
-                                  python=self.settings.python, backend=self.name, wheel=self._wheel())
-            scripts.append((f"{runners}/{b.runner_name}.sh", text.replace("\nset -u\n", "\nset -u\nrm -f -- \"$0\"\n", 1)))
+                                  python=self.settings.python, backend=self.name, wheel=served_wheel(self.home),
+                                  self_removing=True)
+            scripts.append((f"{runners}/{b.runner_name}.sh", text))
         req = bootstraps[0].requirements
         header = ["#!/bin/sh", f"#SBATCH --job-name=dstack-{names[0]}", f"#SBATCH --nodes={k}",
                   "#SBATCH --ntasks-per-node=1", f"#SBATCH --output={runners}/{names[0]}.out", f"#SBATCH --chdir={runners}",
@@ -324,18 +323,6 @@ class SlurmBackend(Allocations, Gpus):
             log.warning("slurm backend %s: no offers: %s", self.name, e)
             self._offers_at = time.monotonic()
 
-    def _wheel(self) -> str | None:
-        """The server's dstack wheel ("FILE SHA256"): a venv installed from it starts with no Python check."""
-        if self._dstack_wheel is None:
-            from dstack.backends.wheelhouse import WheelhouseError, dstack_wheel
-
-            try:
-                self._dstack_wheel = dstack_wheel(self.home)
-            except (WheelhouseError, OSError, StopIteration) as e:
-                log.warning("%s: the wheelhouse: %s", self.name, e)
-                self._dstack_wheel = ""
-        return self._dstack_wheel or None
-
     def _runners(self, d: str) -> str:
         """The folder of this backend's runners' scripts, logs and job folders, in `dir`."""
         return f"{d}/{self.name}"
@@ -362,11 +349,11 @@ class SlurmBackend(Allocations, Gpus):
             p = subprocess.run(["sh", "-s"], input=command, capture_output=True, text=True, timeout=timeout,
                                env=_plain_env())
         except subprocess.TimeoutExpired:
-            raise BackendError(f"{_first_command(command)} did not answer within {timeout:g} s") from None
+            raise BackendError(f"{first_command(command)} did not answer within {timeout:g} s") from None
         except OSError as e:
             raise BackendError(f"cannot run sh: {e}") from None
         if p.returncode == 127:
-            raise BackendError(f"{_first_command(command)}: not found on this machine: install Slurm's commands, or give "
+            raise BackendError(f"{first_command(command)}: not found on this machine: install Slurm's commands, or give "
                                f"the backend `login` (a login node reached over SSH)")
         return Result(p.returncode, p.stdout, p.stderr)
 

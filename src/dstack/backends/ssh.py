@@ -24,10 +24,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from dstack.backends.base import BackendError, Bootstrap, CapacityError, Gpus, Instance, Offer
-from dstack.backends.ssh_client import Address, Connections
+from dstack.backends.base import (
+    BackendError,
+    Bootstrap,
+    CapacityError,
+    Gpus,
+    Instance,
+    Offer,
+    validated_settings,
+)
+from dstack.backends.ssh_client import Address, Connections, remote_dir
 from dstack.core.base import Model
 from dstack.core.resources import RunnerResources
 
@@ -101,13 +109,7 @@ class SSHSettings(Model):
     @field_validator("dir")
     @classmethod
     def _dir(cls, value: str) -> str:
-        if any(ord(c) < 32 or c in "'\\" for c in value):
-            raise ValueError("dir has a quote, a backslash or a control character")
-        if not (value.startswith("/") or value.startswith("~/")) or ".." in value.split("/") or "'" in value:
-            raise ValueError("dir is an absolute path, or one under the login's home (~/...), without '..'")
-        if value.rstrip("/") in ("", "~", "/"):
-            raise ValueError("dir is a folder of its own (it is removed with the backend)")
-        return value.rstrip("/")
+        return remote_dir(value)
 
     @model_validator(mode="after")
     def _unique(self) -> SSHSettings:
@@ -136,19 +138,13 @@ class SSHBackend(Gpus):
     list_interval = 10.0
 
     def __init__(self, name: str, settings: dict[str, Any], *, server_id: str, home: Path) -> None:
-        try:
-            self.settings = SSHSettings.model_validate(settings)
-        except ValidationError as e:
-            what = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}"
-                             for err in e.errors(include_input=False, include_url=False))
-            raise BackendError(f"the settings of backend '{name}' are not valid: {what}") from None
+        self.settings = validated_settings(SSHSettings, name, settings)
         self.name, self.server_id, self.home = name, server_id, Path(home)
         s = self.settings
         self.max_runners = len(s.hosts)
         key = s.private_key.get_secret_value() if s.private_key else None
         self.ssh = Connections(self.home / "server" / "ssh" / f"{name}.known_hosts", key, s.proxy_jump)
         self._lock = threading.Lock()
-        self._dstack_wheel: str | None = None
         self._facts: dict[str, dict] = {}  # host key -> what the probe saw
         self._offers: list[Offer] = []
         self._notes: dict[str, str] = {}  # host key -> why it has no offer
@@ -194,12 +190,11 @@ class SSHBackend(Gpus):
         if busy is not None:
             raise CapacityError(f"{host.key()} has a runner already ({busy.runner_name})")
         from dstack.backends.bootstrap import install_script
+        from dstack.backends.wheelhouse import served_wheel
 
         d = self._dir(host)
         script = install_script(bootstrap, venv=f"{d}/venv", workdir=f"{d}/runner", python=self.settings.python,
-                                backend=self.name, wheel=self._wheel())
-        # the token is in the script: the file goes as soon as sh has it open
-        script = script.replace("\nset -u\n", "\nset -u\nrm -f -- \"$0\"\n", 1)
+                                backend=self.name, wheel=served_wheel(self.home), self_removing=True)
         q = shlex.quote
         # the script into its file (0600), then started in a session of its own, outliving this connection
         # (never over a running one's script: sh reads its script as it goes)
@@ -316,18 +311,6 @@ class SSHBackend(Gpus):
         if host is None:
             raise BackendError(f"the ssh backend {self.name} has no host {key}")
         return host
-
-    def _wheel(self) -> str | None:
-        """The server's dstack wheel ("FILE SHA256"): a venv installed from it starts with no Python check."""
-        if self._dstack_wheel is None:
-            from dstack.backends.wheelhouse import WheelhouseError, dstack_wheel
-
-            try:
-                self._dstack_wheel = dstack_wheel(self.home)
-            except (WheelhouseError, OSError, StopIteration) as e:
-                log.warning("%s: the wheelhouse: %s", self.name, e)
-                self._dstack_wheel = ""
-        return self._dstack_wheel or None
 
     def _dir(self, host: SSHHost) -> str:
         """`dir` on `host`, with its home put in (the probe saw it; else asked now)."""

@@ -116,10 +116,10 @@ class Connections:
             try:
                 return _exec(chan, script, timeout)
             except TimeoutError as e:
-                raise BackendError(f"{address.label()}: {_first_command(script)}: {e}") from None
+                raise BackendError(f"{address.label()}: {first_command(script)}: {e}") from None
             except (OSError, EOFError, _ssh_exception()) as e:
                 self._drop(address)
-                raise BackendError(f"{address.label()}: the SSH connection broke while `{_first_command(script)}` "
+                raise BackendError(f"{address.label()}: the SSH connection broke while `{first_command(script)}` "
                                    f"ran: {e or type(e).__name__}") from None
         raise AssertionError("unreachable")
 
@@ -227,7 +227,19 @@ class _FirstUse:
         log.info("ssh: accepted the host key of %s on first use: %s", hostname, shown)
 
 
-def _first_command(script: str) -> str:
+def remote_dir(value: str) -> str:
+    """A `dir` setting (ssh, slurm): a folder of its own on the other machine, absolute or under the login's home
+    (`~/...`), that a shell quotes safely."""
+    if any(ord(c) < 32 or c in "'\\" for c in value):
+        raise ValueError("dir has a quote, a backslash or a control character")
+    if value.rstrip("/") in ("", "~", "/"):
+        raise ValueError("dir is a folder of its own (what dstack puts there goes with the backend)")
+    if not (value.startswith("/") or value.startswith("~/")) or ".." in value.split("/"):
+        raise ValueError("dir is an absolute path, or one under the login's home (~/...), without '..'")
+    return value.rstrip("/")
+
+
+def first_command(script: str) -> str:
     """The script's first command's name, for messages (`sbatch`, not the `umask` that may come before it)."""
     words = [w for w in re.split(r"[\s;&|()]+", script) if w and "=" not in w]
     skip = {"umask", "mkdir", "cd", "exec", "set", "if", "then", "077", "022", "-p", "&&", "||", "[", "!"}

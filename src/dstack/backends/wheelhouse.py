@@ -70,6 +70,23 @@ def ensure(folder: Path) -> Path:
     return target
 
 
+_served: dict[Path, str | None] = {}
+
+
+def served_wheel(home: Path) -> str | None:
+    """`dstack_wheel(home)`, asked once per process (None when there is no wheelhouse: the bootstrap script then
+    checks the venv with Python, as on a fresh machine)."""
+    if home not in _served:
+        try:
+            _served[home] = dstack_wheel(home)
+        except (WheelhouseError, OSError, StopIteration) as e:
+            import logging
+
+            logging.getLogger("dstack.server").warning("the wheelhouse: %s", e)
+            _served[home] = None
+    return _served[home]
+
+
 def dstack_wheel(home: Path) -> str:
     """"FILE SHA256" of the dstack wheel the server of DSTACK_HOME `home` serves (built if it is not): what the
     bootstrap script writes into a venv it installs, and finds there at a later start."""

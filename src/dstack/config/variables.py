@@ -108,16 +108,36 @@ NO_VALUE: Any = _NoValue()
 
 def parse_cli_args(args: list[str]) -> dict[str, Any]:
     """`--gpu 4 --name=x` -> {'gpu': 4, 'name': 'x'}; `--gpu` alone -> {'gpu': NO_VALUE}."""
+    return _overrides(args, None)[0]
+
+
+def split_cli_args(args: list[str], wants_run_args: bool, variables: list[str]) -> tuple[dict[str, Any], str]:
+    """The command line after `dstack run WORKFLOW`: (overrides, run args). A workflow that refers to
+    `${{ run.args }}` gets, as that text, every argument that does not set one of `variables` (the 2022 form:
+    `dstack run train --epochs 3` with `python train.py ${{ run.args }}`); any other takes `--NAME VALUE` only."""
+    if not wants_run_args:
+        return parse_cli_args(args), ""
+    overrides, rest = _overrides(args, set(variables) | {v.replace("_", "-") for v in variables})
+    return overrides, shlex.join(rest)
+
+
+def _overrides(args: list[str], known: set[str] | None) -> tuple[dict[str, Any], list[str]]:
+    """(`--NAME VALUE` / `--NAME=VALUE` pairs, the other arguments). `known`: the names that are variables, the
+    others kept as they are (a leading `--` dropped); None: every argument must be a variable's."""
     out: dict[str, Any] = {}
+    rest: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(
-                f"unexpected argument '{arg}'",
-                hint="variables are given as --NAME VALUE, e.g. dstack run train --gpu 2",
-            )
-        name, eq, value = arg[2:].partition("=")
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") and arg != "--" else ("", "", "")
+        if known is not None and name not in known:
+            if arg != "--" or rest:
+                rest.append(arg)
+            i += 1
+            continue
+        if not name:
+            raise ConfigError(f"unexpected argument '{arg}'",
+                              hint="variables are given as --NAME VALUE, e.g. dstack run train --gpu 2")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 out[name] = NO_VALUE
@@ -127,35 +147,7 @@ def parse_cli_args(args: list[str]) -> dict[str, Any]:
             i += 1
         out[name] = parse_cli_value(value)
         i += 1
-    return out
-
-
-def split_cli_args(args: list[str], wants_run_args: bool, variables: list[str]) -> tuple[dict[str, Any], str]:
-    """The command line after `dstack run WORKFLOW`: (overrides, run args). A workflow that refers to
-    `${{ run.args }}` gets, as that text, every argument that does not set one of `variables` (the 2022 form:
-    `dstack run train --epochs 3` with `python train.py ${{ run.args }}`); any other takes `--NAME VALUE` only."""
-    if not wants_run_args:
-        return parse_cli_args(args), ""
-    overrides: dict[str, Any] = {}
-    rest: list[str] = []
-    i = 0
-    known = set(variables) | {v.replace("_", "-") for v in variables}
-    while i < len(args):
-        arg = args[i]
-        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if name in known:
-            if not eq:
-                if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                    overrides[name] = NO_VALUE
-                    i += 1
-                    continue
-                value = args[i + 1]
-                i += 1
-            overrides[name] = parse_cli_value(value)
-        elif arg != "--" or rest:
-            rest.append(arg)
-        i += 1
-    return overrides, shlex.join(rest)
+    return out, rest
 
 
 def apply_overrides(declared: dict, overrides: dict, workflow: str, required: tuple[str, ...] = ()) -> dict:
