@@ -120,7 +120,7 @@ def test_realistic_workflow_files_are_valid(validator, text):
         "provider: bsh\n    commands: [x]",  # an unknown provider
         "provider: docker\n    commands: [x]",  # docker without an image
         "commands: []",  # bash without commands
-        "commands: [x]\n    artifacts: [/data]",  # an absolute artifact path
+        "commands: [x]\n    artifacts: [~/data]",  # an artifact in the job's home (not kept)
         "commands: [x]\n    resources: {memory: 16XB}",  # not a size
         "commands: [x]\n    ports: 65",
         "commands: [x]\n    env: {A: 1}\n    environment: {B: 2}",  # one key spelled twice
@@ -179,6 +179,16 @@ AGREEMENT = [
     "commands: [x]\n    artifacts: [out, {path: logs}]",
     "commands: [x]\n    artifacts: out",
     "commands: [x]\n    artifacts: [~/out]",
+    "commands: [x]\n    artifacts: [/opt/conda/envs/x, {path: /data}]",
+    "commands: [x]\n    cache: [~/.cache/pip, build, {path: /opt/x}]",
+    "commands: [x]\n    cache: ~/.cache/pip",
+    "commands: [x]\n    cache: [~user/x]",
+    "commands: [x]\n    dependencies: [{ref: b, into: runs/b}]",
+    "commands: [x]\n    dependencies: [{ref: b, into: /abs}]",
+    "provider: tensorboard\n    runs: [a-1, 'b:best']\n    logdir: logs",
+    "provider: tensorboard\n    runs: a-1\n    python: 3.1",
+    "provider: tensorboard\n    logdir: logs",
+    "provider: tensorboard\n    runs: [a]\n    commands: [x]",
     "commands: [x]\n    depends-on: [b:latest, b, lazy-bobcat-1]",
     "commands: [x]\n    dependencies: [{ref: b, artifacts: [data]}]",
     "commands: [x]\n    deps: [{workflow: b, tag: v1}]",

@@ -24,7 +24,7 @@ def _hash(path: Path) -> str:
 def _selected(artifact: str, entries: list[Entry], only: str | None) -> list[Entry]:
     if only is None:
         return entries
-    only = only.strip("/")
+    only, artifact = only.strip("/"), artifact.lstrip("/")
     if only == artifact:
         return entries
     if not only.startswith(artifact + "/"):
@@ -41,7 +41,8 @@ def download_artifacts(client: Client, artifacts: list[dict], output: Path, only
     dirs: list[Path] = []
     entries = {a["manifest"]: client.manifest(a["manifest"]).entries for a in artifacts}
     for a in artifacts:
-        base = output / validate_relative_path(a["path"], "artifact path") if a["path"] != "." else output
+        # an absolute artifact (/opt/conda/envs/x) lands at OUTPUT/opt/conda/envs/x
+        base = output / validate_relative_path(a["path"].lstrip("/"), "artifact path") if a["path"] != "." else output
         for e in _selected(a["path"], entries[a["manifest"]], only):
             dest = base / e.path
             if e.kind == "dir":

@@ -36,6 +36,7 @@ from dstack.providers.bash import BashSpec
 from dstack.providers.docker import DockerSpec
 from dstack.providers.jupyter import JupyterSpec
 from dstack.providers.python import PythonSpec
+from dstack.providers.tensorboard import TensorboardSpec
 from dstack.providers.torchrun import TorchrunSpec
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "workflows.json"
@@ -102,6 +103,8 @@ SIZE: Schema = {"type": "string", "pattern": _SIZE_PATTERN}
 GPU_KEY = "^.+/gpu$"  # `v100/gpu: 2`, read by Requirements._short_forms
 MIB: Schema = {"type": "number", "minimum": 0}
 RELATIVE_PATH: Schema = {"type": "string", "pattern": r"^\s*[^\s/~]"}
+ARTIFACT_PATH: Schema = {"type": "string", "pattern": r"^\s*[^\s~]"}  # relative, or absolute (saved from there)
+CACHE_PATH: Schema = {"type": "string", "pattern": r"^\s*([^\s~]|~/)"}  # relative, absolute or in the home
 
 OWN_DEFS: dict[str, Schema] = {
     REFERENCE: {
@@ -121,8 +124,10 @@ OWN_DEFS: dict[str, Schema] = {
             "workflow": {"type": "string", "description": "A workflow: its latest DONE run, or with `tag`, the "
                          "run so tagged."},
             "tag": {"type": "string", "description": "A tag; with `workflow`, the same as `workflow:tag`."},
-            "artifacts": {"anyOf": [{"type": "array", "items": RELATIVE_PATH}, RELATIVE_PATH],
+            "artifacts": {"anyOf": [{"type": "array", "items": ARTIFACT_PATH}, ARTIFACT_PATH],
                           "description": "The artifacts to mount; all of the run's when omitted."},
+            "into": {**RELATIVE_PATH, "description": "Mount the artifacts under this folder of the working dir "
+                                                     "instead of at their own paths."},
         },
         "anyOf": [{"required": ["ref"]}, {"required": ["workflow"]}, {"required": ["tag"]}],
         "additionalProperties": False,
@@ -198,10 +203,14 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
     # `_env`: the 0.0.x list ["KEY=VALUE", "KEY"]; any scalar as a value
     (CommandsSpec, "environment"): lambda s: _either(
         {**s, "additionalProperties": _either(SCALAR, NULL)}, {"type": "array", "items": STRING}, NULL),
-    # `_artifacts`: {path: ...} for a path; each must stay inside the working folder
+    # `_artifacts`: {path: ...} for a path; relative to the working folder (not leaving it), or absolute
     (CommandsSpec, "artifacts"): lambda s: _either(
-        {**s, "items": {"anyOf": [RELATIVE_PATH, {"type": "object", "required": ["path"],
-                                                  "properties": {"path": RELATIVE_PATH}}]}}, NULL),
+        {**s, "items": {"anyOf": [ARTIFACT_PATH, {"type": "object", "required": ["path"],
+                                                  "properties": {"path": ARTIFACT_PATH}}]}}, NULL),
+    # `_cache`: {path: ...} for a path; `~/` for the job's home; one path for a list of one
+    (CommandsSpec, "cache"): lambda s: _either(
+        {**s, "items": {"anyOf": [CACHE_PATH, {"type": "object", "required": ["path"],
+                                               "properties": {"path": CACHE_PATH}}]}}, CACHE_PATH, NULL),
     (CommandsSpec, "working_dir"): lambda s: _either({**s, **RELATIVE_PATH}, NULL),
     # `_entrypoint`: shell words in one string, or a list
     (CommandsSpec, "entrypoint"): lambda s: _instead(s, {"type": "array", "items": STRING, "minItems": 1},
@@ -230,6 +239,13 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
                                                  {"type": "number", "minimum": 3, "maximum": 4}, NULL),
     (PythonSpec, "version"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
                                                 {"type": "number", "minimum": 3, "maximum": 4}, NULL),
+    # TensorboardSpec `_runs`: one run for a list of one; `_path`: inside the working folder; `_version` as above
+    (TensorboardSpec, "runs"): lambda s: _either({**s, "items": {"type": "string", "pattern": r"^\s*[^\s./]"}},
+                                                 {"type": "string", "pattern": r"^\s*[^\s./]"}),
+    (TensorboardSpec, "logdir"): lambda s: _instead(s, RELATIVE_PATH, NULL),
+    (TensorboardSpec, "requirements"): lambda s: _instead(s, RELATIVE_PATH, NULL),
+    (TensorboardSpec, "version"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
+                                                     {"type": "number", "minimum": 3, "maximum": 4}, NULL),
 }
 
 
@@ -264,19 +280,20 @@ def _commands(s: Schema) -> Schema:
 
 
 def _ide(s: Schema) -> Schema:
-    """JupyterSpec `_ide_commands`: it runs the IDE (no `commands`)."""
+    """JupyterSpec `_ide_commands`, TensorboardSpec `_served`: it runs the IDE or TensorBoard (no `commands`)."""
     s.get("properties", {}).pop("commands", None)
     return s
 
 
 _MODEL_FORMS: dict[type[BaseModel], Transform] = {Requirements: _requirements, PythonSpec: _python,
-                                                  CommandsSpec: _commands, JupyterSpec: _ide}
+                                                  CommandsSpec: _commands, JupyterSpec: _ide, TensorboardSpec: _ide}
 
 # other spellings of a key, accepted by config/workflows.py before the models see the workflow
 _SPELLINGS: dict[tuple[type[BaseModel], str], list[str]] = {(WorkflowSpec, "dependencies"): ["deps"],
                                                             (PythonSpec, "file"): ["script", "python_script"],
                                                             (PythonSpec, "version"): ["python"],
-                                                            (JupyterSpec, "version"): ["python"]}
+                                                            (JupyterSpec, "version"): ["python"],
+                                                            (TensorboardSpec, "version"): ["python"]}
 
 # tooltips, by (model, field), where the model has no description of its own
 _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
@@ -300,8 +317,10 @@ _DESCRIPTIONS: dict[tuple[type[BaseModel], str], str] = {
                              "PORT_0, PORT_1, ...",
     (CommandsSpec, "nodes"): "A multi-node run: N jobs placed all at once (JOB_RANK, MASTER_ADDR, MASTER_PORT, "
                              "WORLD_SIZE ...); the master's (rank 0) artifacts are the run's.",
-    (CommandsSpec, "artifacts"): "Folders (relative to working_dir) saved when the job ends, as immutable "
-                                 "artifacts.",
+    (CommandsSpec, "artifacts"): "Folders (relative to working_dir, or absolute: /opt/conda/envs/train) saved "
+                                 "when the job ends, as immutable artifacts.",
+    (CommandsSpec, "cache"): "Folders kept between runs of this workflow on the same runner (~/.cache/pip, "
+                             "build): relative to working_dir, in the job's home (~/), or absolute.",
     (CommandsSpec, "entrypoint"): "Replaces the image's entrypoint, and is given the commands as one script: "
                                   "`entrypoint: /bin/bash -c`.",
     (CommandsSpec, "resources"): "What the job needs of a runner: cpu, memory, gpu (or <name>/gpu: N), "

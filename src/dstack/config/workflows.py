@@ -28,7 +28,7 @@ from dstack.core.errors import ConfigError, did_you_mean
 from dstack.core.models import DependencySpec, JobSpec
 from dstack.core.names import MAX_WORKFLOW_NAME, BadName, check_text
 from dstack.core.names import job_id as new_job_id
-from dstack.providers.base import get_provider, relative_path
+from dstack.providers.base import artifact_path, get_provider, relative_path
 
 
 @dataclass
@@ -309,7 +309,7 @@ def _raise_unknown_key(entry: WorkflowEntry) -> None:
         pass  # an unknown provider: the caller's error stands
 
 
-DEPENDENCY_KEYS = ["ref", "artifacts", "tag", "workflow"]
+DEPENDENCY_KEYS = ["ref", "artifacts", "tag", "workflow", "into"]
 
 
 def _dependency_artifacts(value: Any, entry: WorkflowEntry, path: tuple) -> list[str] | None:
@@ -323,9 +323,19 @@ def _dependency_artifacts(value: Any, entry: WorkflowEntry, path: tuple) -> list
         if isinstance(a, str):
             _check(entry.located, path + (i,), a, "the artifact path")
     try:
-        return [relative_path(a, "artifact") for a in value]
+        return [artifact_path(a) for a in value]
     except ValueError as e:
         raise entry.located.error(path, str(e)) from None
+
+
+def _into(value: Any, entry: WorkflowEntry, path: tuple) -> str | None:
+    """`into: runs/prepare`: the folder (of the working dir) that the dependency's artifacts are mounted under."""
+    if value is None:
+        return None
+    try:
+        return relative_path(value, "into")
+    except ValueError as e:
+        raise entry.located.error(path, str(e), hint="e.g. `into: inputs/prepare`") from None
 
 
 def _dependencies(raw: list, entry: WorkflowEntry) -> tuple[list[DependencySpec], dict[str, ConfigError]]:
@@ -345,7 +355,8 @@ def _dependencies(raw: list, entry: WorkflowEntry) -> tuple[list[DependencySpec]
             if "tag" in d:
                 ref = f"{d.get('workflow', entry.name)}:{d['tag']}" if "workflow" in d else f":{d['tag']}"
             spec = DependencySpec(ref=str(ref), artifacts=_dependency_artifacts(d.get("artifacts"), entry,
-                                                                                path + ("artifacts",)))
+                                                                                path + ("artifacts",)),
+                                  into=_into(d.get("into"), entry, path + ("into",)))
         else:
             raise entry.located.error(path, "a dependency is 'workflow:tag', 'workflow', a run name, "
                                       "or {ref: ..., artifacts: [...]}")

@@ -68,6 +68,7 @@ class DependencySpec(Model):
 
     ref: str
     artifacts: list[str] | None = None
+    into: str | None = None  # mount them under this folder of the working dir (tensorboard: runs/<run>)
 
 
 class DependencyRef(Model):
@@ -78,6 +79,7 @@ class DependencyRef(Model):
     job_id: str
     artifacts: list[str]
     manifests: dict[str, str] = {}  # artifact path -> manifest digest: exactly what was consumed
+    into: str | None = None  # the folder (of the working dir) they are mounted under; None: at their own paths
 
 
 class RetryPolicy(Model):
@@ -102,7 +104,9 @@ class JobSpec(Model):
     entrypoint: list[str] | None = None  # the image's entrypoint replaced: it is given the commands as one script
     env: dict[str, str] = {}
     working_dir: str = "."
-    artifacts: list[str] = []
+    artifacts: list[str] = []  # relative to working_dir, or absolute
+    cache: list[str] = []  # folders kept between runs of the workflow on a runner: relative, ~/..., or absolute
+    repo_id: str = ""  # the project's (set by the server): with `workflow`, whose cache it is
     ports: int = 0
     requirements: Requirements = Requirements()
     dependencies: list[DependencyRef] = []

@@ -29,6 +29,36 @@ def relative_path(value: str, what: str) -> str:
     return norm
 
 
+_NOT_FOLDERS = ("/proc", "/sys", "/dev")
+
+
+def artifact_path(value: Any, what: str = "artifact") -> str:
+    """An artifact's path: relative to the job's working_dir, or absolute (`/opt/conda/envs/x`: saved from where
+    the job wrote it, mounted there for the workflows that depend on it)."""
+    if isinstance(value, str) and value.strip().startswith("/"):
+        norm = posixpath.normpath(value.strip()).replace("//", "/")
+        if norm == "/" or any(norm == d or norm.startswith(d + "/") for d in _NOT_FOLDERS):
+            raise ValueError(f"{what} '{value.strip()}' is not one of the job's folders: name the folder it writes, "
+                             "e.g. /opt/conda/envs/train")
+        return norm
+    if isinstance(value, str) and value.strip().startswith("~"):
+        raise ValueError(f"{what} '{value.strip()}': `~` is the job's home, which is not kept; use a path "
+                         "relative to the working_dir or an absolute one (folders to keep between runs go in "
+                         "`cache`)")
+    return relative_path(value, what)
+
+
+def cache_path(value: Any) -> str:
+    """A `cache:` folder: `~/.cache/pip` (the job's home), an absolute path, or one relative to the working_dir."""
+    if isinstance(value, str) and value.strip().startswith("~"):
+        text = value.strip()
+        if not text.startswith("~/") or posixpath.normpath(text[2:]) in (".", "..") \
+                or posixpath.normpath(text[2:]).startswith("../"):
+            raise ValueError(f"cache '{text}' must be a folder in the job's home, e.g. ~/.cache/pip")
+        return "~/" + posixpath.normpath(text[2:])
+    return artifact_path(value, "cache")
+
+
 class WorkflowSpec(BaseModel):
     """Keys every workflow has, whatever its provider."""
 
@@ -99,7 +129,23 @@ class CommandsSpec(WorkflowSpec):
                              "runner's host, put the program in `commands`)")
         return self
     artifacts: list[str] = []
+    cache: list[str] = []
     resources: Requirements = Requirements()
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache(cls, v: Any) -> Any:
+        """`cache: [~/.cache/pip, data/tmp]` (or `{path: ...}`): folders kept between runs of the workflow on the
+        same runner; `~/` is the job's home, a relative path is in the working_dir."""
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            return [v] if isinstance(v, str) else v
+        out = []
+        for item in v:
+            path = item.get("path") if isinstance(item, dict) else item
+            out.append(cache_path(path))
+        return list(dict.fromkeys(out))
 
     @field_validator("commands", "before_run", mode="before")
     @classmethod
@@ -141,7 +187,7 @@ class CommandsSpec(WorkflowSpec):
         out = []
         for item in v:
             path = item.get("path") if isinstance(item, dict) else item
-            out.append(relative_path(path, "artifact"))
+            out.append(artifact_path(path))
         return list(dict.fromkeys(out))  # `data` and `./data` are one artifact
 
     @field_validator("working_dir", mode="before")
@@ -250,6 +296,7 @@ class CommandsProvider(Provider):
                 env={**env, **spec.environment},
                 working_dir=spec.working_dir,
                 artifacts=spec.artifacts if rank == 0 else [],  # the master's artifacts are the run's
+                cache=spec.cache,
                 ports=spec.ports,
                 requirements=spec.resources,
                 retry=spec.retry,
@@ -270,7 +317,7 @@ def providers() -> dict[str, type[Provider]]:
     return found  # loaded lazily by get_provider
 
 
-LEGACY = {"code", "tensorboard", "streamlit", "gradio", "fastapi", "curl"}
+LEGACY = {"code", "streamlit", "gradio", "fastapi", "curl"}
 
 
 def get_provider(name: str) -> Provider:

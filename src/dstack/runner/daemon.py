@@ -50,6 +50,7 @@ class Slot:
         self.job = job
         self.execution = None
         self.stop_requested: str | None = None
+        self.locks: list = []  # of its `cache:` folders, held while it runs
 
 
 class Runner:
@@ -337,6 +338,8 @@ class Runner:
         finally:
             shipper.close()
             executor.release(job)
+            for lock in slot.locks:
+                lock.close()
             with self._lock:
                 execution, slot.execution = slot.execution, None
             if execution is not None:
@@ -449,11 +452,18 @@ class Runner:
         job_user_mod.give(root, host_user)
         home = job_user_mod.home(folder, host_user)
         mounts = []  # the store is opened only for a job that has dependencies or artifacts
+        binds = executor.binds_anywhere
         if job.dependencies:
             store = self._job_store(job)
             with self.cache.using():  # not pruned while jobs of this runner build their trees from it
-                mounts = workspace.dependency_mounts(job, root, store, self._trees()[1], self.cache)
+                mounts = workspace.dependency_mounts(job, root, store, self._trees()[1], self.cache, binds)
             self._mounted(job, store)
+        outputs, absolute = workspace.output_mounts(job, folder, binds, host_user)
+        kept, slot.locks, notes = workspace.cache_mounts(job, folder, self.jobs_dir.parent / "cache", binds,
+                                                         host_user)
+        mounts += outputs + kept
+        for note in notes:
+            shipper.write(f"dstack: {note}\n".encode())
         if slot.stop_requested:
             self._finish(job, JobStatus.ABORTED if slot.stop_requested == "abort" else JobStatus.STOPPED,
                          reason="stopped before it started")
@@ -480,8 +490,10 @@ class Runner:
             code = slot.execution.wait()
             if host_user is not None:
                 self.job_users.end(host_user)  # what it left running goes before root reads its folder
-                if host_user.own:
-                    job_user_mod.take_back(root)  # nor may another job's uid change it while root reads it
+                if host_user.own:  # nor may another job's uid change what root reads (or keeps) now
+                    for tree in (root, folder / "outputs", *(m.source for m in kept)):
+                        if tree.exists():
+                            job_user_mod.take_back(tree)
         finally:
             ended.set()
             running.cancel()
@@ -498,7 +510,8 @@ class Runner:
             self._report(job, JobStatus.UPLOADING, {"exit_code": code, **started})
             local, trees = self._trees()
             store = self._job_store(job)
-            sources = {path: artifact_source(root / job.working_dir, path) for path in job.artifacts}
+            sources = {path: absolute.get(path) or artifact_source(root / job.working_dir, path)
+                       for path in job.artifacts}
             for path in job.artifacts:
                 src = sources[path]
                 if src.exists() and not src.is_dir():
@@ -523,6 +536,8 @@ class Runner:
                 # the job is over and its folder goes next: its files may become the blobs themselves,
                 # and the folder the dependency tree (unless another artifact lies inside it or around it)
                 nested = any(p != path and (o.is_relative_to(src) or src.is_relative_to(o)) for p, o in sources.items())
+                # a folder of the machine's own (an absolute artifact, no namespace): read, never adopted
+                nested = nested or src == Path(path)
                 manifest = save_tree(store, src, adopt=local and not nested, trees=None if nested else trees,
                                      cache=self.cache, warn=warn)
                 artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
+import posixpath
 from pathlib import Path
+from typing import IO
 
 from dstack.core.errors import NotFound
-from dstack.core.models import JobSpec
+from dstack.core.models import DependencyRef, JobSpec
 from dstack.runner import job_user
 from dstack.runner.executors.base import Mount
 from dstack.runner.job_user import JobUser
@@ -31,17 +34,32 @@ def job_path(job: JobSpec, path: str) -> str:
 IN_USE = "trees-in-use"  # beside the job's code folder: the dependency trees it mounts, one digest a line
 
 
-def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, cache: BlobCache) -> list[Mount]:
+def _dependency_target(job: JobSpec, dep: DependencyRef, path: str) -> str:
+    """Where a dependency's artifact appears: under its `into` folder, else at its own path (absolute ones too)."""
+    if dep.into:
+        return job_path(job, posixpath.join(dep.into, path.lstrip("/")))
+    return path if path.startswith("/") else job_path(job, path)
+
+
+def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, cache: BlobCache,
+                      binds: bool = True) -> list[Mount]:
     """Each dependency artifact as a read-only folder to mount at its path: built once per manifest
     (hard links to the store's blobs when it is on this disk, else to blobs fetched into `cache`).
-    A path that leads outside the job's folder through a symlink of the code is refused. The trees are
-    recorded beside the job's code (`trees_in_use`), so that pruning the cache leaves them while it runs."""
+    A path that leads outside the job's folder through a symlink of the code is refused; an absolute one needs an
+    executor that `binds` anywhere (a container; a root runner's namespace). The trees are recorded beside the
+    job's code (`trees_in_use`), so that pruning the cache leaves them while it runs."""
     digests = [d for dep in job.dependencies for d in dep.manifests.values()]
     (root.parent / IN_USE).write_text("".join(f"{d}\n" for d in digests))
     mounts = []
     for dep in job.dependencies:
         for path in dep.artifacts:
-            artifact_source(root, job_path(job, path))  # raises UnsafePath when it escapes
+            target = _dependency_target(job, dep, path)
+            if target.startswith("/") and not binds:
+                raise WorkspaceError(f"artifact '{path}' of {dep.run_name} ({dep.ref}) is mounted at its absolute "
+                                     "path, which a job on this runner's host cannot have: give the workflow an "
+                                     "`image`, or run the runner as root (it mounts it in the job's namespace)")
+            if not target.startswith("/"):
+                artifact_source(root, target)  # raises UnsafePath when it escapes
             digest = dep.manifests.get(path)
             if digest is None:
                 raise WorkspaceError(f"artifact '{path}' of {dep.run_name} ({dep.ref}) has no manifest")
@@ -50,8 +68,66 @@ def dependency_mounts(job: JobSpec, root: Path, store: BlobStore, trees: Path, c
             except NotFound:
                 raise WorkspaceError(f"artifact '{path}' of {dep.run_name} ({dep.ref}) is missing from the "
                                      "store (pruned?)") from None
-            mounts.append(Mount(source=src, target=job_path(job, path), read_only=True))
+            mounts.append(Mount(source=src, target=target, read_only=True))
     return mounts
+
+
+def output_mounts(job: JobSpec, folder: Path, binds: bool, user: JobUser | None) -> tuple[list[Mount], dict[str, Path]]:
+    """The job's absolute artifacts (`/opt/conda/envs/train`) and the folders they are saved from. Where the
+    executor `binds` anywhere (a container; a root runner's namespace), a folder of the job's own
+    (`folder/outputs/N`) is mounted at the path; a runner whose jobs run as itself, with no namespace, saves the
+    path itself, where the job wrote. Any other runner (root, jobs as other users, no namespace) refuses: it would
+    read the machine's files for the job with its own rights."""
+    mounts, sources = [], {}
+    for i, path in enumerate(p for p in job.artifacts if p.startswith("/")):
+        if binds:
+            source = folder / "outputs" / str(i)
+            source.mkdir(parents=True, exist_ok=True)
+            job_user.give(source, user)
+            mounts.append(Mount(source=source, target=path, read_only=False))
+            sources[path] = source
+        elif user is None:
+            sources[path] = Path(path)
+        else:
+            raise WorkspaceError(f"artifact '{path}' is absolute, which a job on this runner's host cannot have: "
+                                 "its runner runs jobs as other users and cannot make mount namespaces; give the "
+                                 "workflow an `image`, or save a folder of its working_dir")
+    return mounts, sources
+
+
+def cache_mounts(job: JobSpec, folder: Path, caches: Path, binds: bool,
+                 user: JobUser | None) -> tuple[list[Mount], list[IO], list[str]]:
+    """The workflow's `cache:` folders, kept between its runs on this runner (per project and workflow, in
+    `caches`), each mounted read-write at its path (`~/` is the job's home). A job on the host of a runner with no
+    namespace: a relative or `~/` one is a symlink to the kept folder; an absolute one (or `~/` of the runner's
+    own user) is the path itself, which stays anyway. A folder that another job uses now is not shared: this job
+    gets an empty one (said in `notes`). Returns the mounts, the locks to hold while the job runs, the notes."""
+    mounts, locks, notes = [], [], []
+    for path in job.cache:
+        if not binds and (path.startswith("/") or (path.startswith("~/") and user is None)):
+            if user is not None:
+                raise WorkspaceError(f"cache '{path}' is absolute, which a job on this runner's host cannot have: its "
+                                     "runner runs jobs as other users and cannot make mount namespaces; give the "
+                                     "workflow an `image`, or cache a folder of its working_dir or home")
+            continue  # the runner's own user's folder: it stays between runs
+        key = hashlib.sha256(f"{job.repo_id}\0{job.workflow}\0{path}".encode()).hexdigest()[:20]
+        caches.mkdir(mode=0o711, parents=True, exist_ok=True)
+        lock = open(caches / f"{key}.lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            source = folder / "cache" / key
+            notes.append(f"cache '{path}' is in use by another job of {job.workflow} on this runner: this job "
+                         "starts with an empty one, which is not kept")
+        else:
+            locks.append(lock)
+            source = caches / key
+        source.mkdir(parents=True, exist_ok=True)
+        job_user.give(source, user)
+        target = path if path.startswith(("/", "~/")) else job_path(job, path)
+        mounts.append(Mount(source=source, target=target, read_only=False))
+    return mounts, locks, notes
 
 
 def trees_in_use(jobs_dir: Path) -> set[str]:

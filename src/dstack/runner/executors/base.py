@@ -31,8 +31,8 @@ class ExecutorError(Exception):
 
 @dataclass
 class Mount:
-    """A host folder made visible to the job at `target`, relative to the job's root folder
-    (e.g. `data` for a dependency's artifact)."""
+    """A host folder made visible to the job at `target`: relative to the job's root folder (e.g. `data` for a
+    dependency's artifact), absolute (an absolute artifact), or `~/...` (a `cache:` folder in the job's home)."""
 
     source: Path
     target: str
@@ -65,6 +65,9 @@ class Execution(Protocol):
 
 
 class Executor(Protocol):
+    # whether it mounts folders anywhere (absolute and `~/` targets): a container, a root runner's namespace
+    binds_anywhere: bool
+
     def start(
         self,
         job: JobSpec,

@@ -196,6 +196,8 @@ class DockerExecution:
 class DockerExecutor:
     """Runs jobs in containers of their image; the image must be present or pullable."""
 
+    binds_anywhere = True
+
     def __init__(self, client: docker.DockerClient | None = None) -> None:
         self._client = client
         self._lock = threading.Lock()
@@ -243,15 +245,11 @@ class DockerExecutor:
         try:
             image = self._image(job.image, on_output)
             root = Path(root).resolve()
-            volumes = {str(root): {"bind": CONTAINER_ROOT, "mode": "rw"}}
+            binds = [docker.types.Mount(CONTAINER_ROOT, str(root), type="bind")]
             for mount in mounts:
-                target = relative_working_dir(mount.target)
-                if target == ".":
-                    raise ExecutorError(f"a mount of {mount.source} would hide the job's root folder")
-                volumes[str(Path(mount.source).resolve())] = {
-                    "bind": f"{CONTAINER_ROOT}/{target}",
-                    "mode": "ro" if mount.read_only else "rw",
-                }
+                binds.append(docker.types.Mount(_container_path(mount.target, image),
+                                                str(Path(mount.source).resolve()), type="bind",
+                                                read_only=mount.read_only))
             ports = pick_free_ports(job.ports)
             working_dir = relative_working_dir(job.working_dir)
             name = f"dstack-{job.job_id}" if job.job_id else None
@@ -264,8 +262,8 @@ class DockerExecutor:
                 command=(([job_script(job.commands)] if job.entrypoint else ["/bin/sh", "-c", job_script(job.commands)])
                          if job.commands else None),
                 working_dir=CONTAINER_ROOT if working_dir == "." else f"{CONTAINER_ROOT}/{working_dir}",
-                environment=job_env(job, ports, env),
-                volumes=volumes,
+                environment=_with_home(job_env(job, ports, env), mounts, image),
+                mounts=binds,
                 labels={"dstack.job_id": job.job_id, "dstack.run_name": job.run_name, **_runner_labels()},
                 name=name,
                 **_container_options(job),
@@ -462,6 +460,37 @@ class DockerExecutor:
             self.client.containers.get(name).remove(force=True)
         except docker.errors.NotFound:
             pass
+
+
+def _container_path(target: str, image: Any) -> str:
+    """Where a mount goes in the container: an absolute target as it is, `~/x` in the home of the image's user,
+    anything else under the job's root."""
+    if target.startswith("/"):
+        return target
+    if target.startswith("~/"):
+        return f"{_image_home(image).rstrip('/')}/{target[2:]}"
+    relative = relative_working_dir(target)
+    if relative == ".":
+        raise ExecutorError(f"a mount at '{target}' would hide the job's root folder")
+    return f"{CONTAINER_ROOT}/{relative}"
+
+
+def _with_home(environment: dict[str, str], mounts: list[Mount], image: Any) -> dict[str, str]:
+    """A job with folders in its home (`cache: [~/.cache/pip]`) gets HOME set where they are mounted (an image
+    with no account for its user would give it `/`)."""
+    if "HOME" in environment or not any(m.target.startswith("~/") for m in mounts):
+        return environment
+    return {**environment, "HOME": _image_home(image)}
+
+
+def _image_home(image: Any) -> str:
+    """The HOME of the image's user: its `HOME=` setting, else root's or /home/<user>."""
+    config = image.attrs.get("Config") or {}
+    for item in config.get("Env") or []:
+        if item.startswith("HOME="):
+            return item[5:] or "/"
+    user = (config.get("User") or "").split(":")[0]
+    return "/root" if user in ("", "root", "0") else f"/home/{user}"
 
 
 def _container_options(job: JobSpec) -> dict[str, Any]:

@@ -234,16 +234,22 @@ class HostExecutor:
         full_env = {**_base_env(), **job_env(job, ports, env)}
         script = job_script(job.commands)
         argv = [shell, "-c"]
+        home = full_env.get("HOME") or os.path.expanduser("~")
         binds = None  # the job's mount namespace: (source, target, read-only), bound as root before it starts
         if (mounts or (user and user.own)) and namespaces_work():
             binds = _account_binds(root.parent, user, shell) if user and user.own else []
             for m in mounts:
-                dest = root / m.target
-                dest.mkdir(parents=True, exist_ok=True)
+                dest = _host_path(m.target, root, home)
+                dest.mkdir(parents=True, exist_ok=True)  # an absolute one: an empty folder of the machine's
                 binds.append((str(m.source), str(dest), m.read_only))
         elif mounts:
-            _copy_read_only(root, mounts)
+            _copy_read_only(root, [m for m in mounts if m.read_only])
+            _link_kept(root, home, [m for m in mounts if not m.read_only], user)
         return _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports, user, binds).result()
+
+    @property
+    def binds_anywhere(self) -> bool:
+        return namespaces_work()
 
     # nothing to get ready ahead of a job: a process starts in milliseconds
     def warm(self, job: JobSpec, root: Path) -> bool:
@@ -367,6 +373,31 @@ def _account_binds(folder: Path, user: JobUser, shell: str) -> list[tuple[str, s
         os.chmod(etc / name, 0o644)
         binds.append((str(etc / name), str(source), True))
     return binds
+
+
+def _host_path(target: str, root: Path, home: str) -> Path:
+    """A mount's place: absolute as it is, `~/x` in the job's home, anything else in the job's folder."""
+    if target.startswith("~/"):
+        return Path(home) / target[2:]
+    return Path(target) if target.startswith("/") else root / target
+
+
+def _link_kept(root: Path, home: str, mounts: list[Mount], user: JobUser | None) -> None:
+    """Without a namespace, a kept folder (`cache:`) in the job's folder or home is a symlink to it."""
+    for m in mounts:
+        dest = _host_path(m.target, root, home)
+        if not dest.is_relative_to(root) and not dest.is_relative_to(home):
+            raise ExecutorError(f"cannot mount {m.target} on this runner's host (no mount namespace)")
+        made = [p for p in dest.parents if not p.exists()]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for p in made:
+            if user is not None:
+                os.chown(p, user.uid, user.gid)
+        if dest.is_symlink() or dest.is_file():
+            dest.unlink()
+        elif dest.is_dir():
+            shutil.rmtree(dest)
+        dest.symlink_to(m.source)
 
 
 def _copy_read_only(root: Path, mounts: list[Mount]) -> None:

@@ -59,5 +59,5 @@ async def resolve(s: AsyncSession, repo_id: str, deps: list[DependencySpec]) -> 
                 raise NotFound(f"dependency '{dep.ref}': run {run.name} saved no artifact '{missing[0]}'",
                                hint=f"it saved: {', '.join(saved) or 'nothing'}")
             out.append(DependencyRef(ref=dep.ref, run_name=run.name, job_id=job.job_id, artifacts=wanted,
-                                     manifests={a: by_path[a] for a in wanted if by_path.get(a)}))
+                                     manifests={a: by_path[a] for a in wanted if by_path.get(a)}, into=dep.into))
     return out

@@ -178,6 +178,7 @@ async def _insert(s, sub: RunSubmission, resolved: list[DependencyRef], reproduc
     for i, job in enumerate(sub.jobs):
         job.dependencies = resolved
         job.code = sub.code
+        job.repo_id = sub.repo_id
         rows.append(JobRow(
             # a microsecond apart, in the provider's order: a run's jobs are read back ordered by this time, and a
             # tie is no order at all (PostgreSQL returns tied rows in whatever order its last updates left them)

@@ -1,0 +1,108 @@
+"""`tensorboard`: TensorBoard over the artifacts of other runs (`runs: [train-run-1, train:best]`), the 2022
+provider.
+
+Each run's artifacts are mounted (read-only, as dependencies) under `runs/<run>` of the job's folder, so that two
+runs that both saved `logs` sit side by side, and TensorBoard shows each as a run of its own. `logdir` narrows it to
+a folder inside each run's artifacts. TensorBoard is installed from the package index into the job's own venv.
+TensorBoard has no authentication of its own: it listens on 127.0.0.1 only, and a small proxy of the job's
+(providers/token_proxy.py) serves it on the job's port, on every address, to requests that carry the run's token
+(made in the job, printed in its log with the URL once TensorBoard answers)."""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
+
+from dstack.core.models import JobSpec
+from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
+from dstack.providers.python import VENV, _without_commands, python_version
+
+RUNS = "runs"  # the folder of the job's working dir where each run's artifacts are mounted
+_PROXY = Path(__file__).with_name("token_proxy.py")
+
+
+class TensorboardSpec(CommandsSpec):
+    """TensorBoard over the artifacts of `runs` (run names, `workflow:tag` or a workflow's latest DONE run)."""
+
+    model_config = ConfigDict(json_schema_extra=_without_commands)
+
+    runs: list[str] = Field(description="The runs whose artifacts hold TensorBoard logs: run names, `workflow:tag`, "
+                                        "or a workflow (its latest DONE run).", min_length=1)
+    logdir: str | None = Field(None, description="The folder of each run's artifacts to read (e.g. `logs`); "
+                                                 "default: all of them.")
+    version: str | None = Field(None, validation_alias=AliasChoices("version", "python"),
+                                description="The Python version, e.g. 3.11 (2022: `python`); default: python3.")
+    requirements: str | None = Field(None, description="A pip requirements file (e.g. TensorBoard plugins), "
+                                                       "installed with TensorBoard.")
+    image: str | None = Field(None, description="Run in this image (it needs Python and pip) instead of on the "
+                                                "runner's host.")
+
+    @field_validator("runs", mode="before")
+    @classmethod
+    def _runs(cls, v: Any) -> Any:
+        v = [v] if isinstance(v, str) else v
+        if isinstance(v, list):
+            for run in v:
+                if not isinstance(run, str) or not run.strip() or "/" in run or run.strip().startswith("."):
+                    raise ValueError(f"'{run}' is not a run: write a run name, workflow:tag or a workflow")
+            v = [run.strip() for run in v]
+        return v
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: Any) -> Any:
+        return python_version(v)
+
+    @field_validator("logdir", "requirements", mode="before")
+    @classmethod
+    def _path(cls, v: Any, info) -> Any:
+        return None if v is None else relative_path(str(v), info.field_name)
+
+    @model_validator(mode="after")
+    def _served(self) -> TensorboardSpec:
+        if self.commands:
+            raise ValueError("the tensorboard provider runs TensorBoard: commands to run first go in `before_run`")
+        self.dependencies = [*self.dependencies, *({"ref": run, "into": _folder(run)} for run in self.runs)]
+        return self
+
+
+def _folder(run: str) -> str:
+    return posixpath.join(RUNS, run.strip(":").replace(":", "-"))
+
+
+class TensorboardProvider(CommandsProvider):
+    name = "tensorboard"
+    Spec = TensorboardSpec
+
+    def own_args(self, parser) -> None:
+        parser.add_argument("runs", nargs="+")
+        parser.add_argument("--logdir")
+
+    def own_keys(self, known) -> dict[str, Any]:
+        return {"runs": known.runs, **({"logdir": known.logdir} if known.logdir else {})}
+
+    def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
+        python = f"python{spec.version}" if spec.version else "python3"
+        logdirs = ",".join(f"{posixpath.basename(_folder(r))}:{posixpath.join(_folder(r), spec.logdir or '')}"
+                           .rstrip("/") for r in spec.runs)
+        lines = [f"{python} -m venv {VENV} && . {VENV}/bin/activate",
+                 "python -m pip install --disable-pip-version-check -q --upgrade pip > /dev/null || true",
+                 "python -m pip install --disable-pip-version-check -q tensorboard"
+                 + (f" -r {shlex.quote(spec.requirements)}" if spec.requirements else ""),
+                 f"cat > {VENV}/token_proxy.py <<'DSTACK_PROXY_END'\n{_PROXY.read_text()}DSTACK_PROXY_END",
+                 # the token is made in the job, never in its spec (which the API shows): only the job's log has it
+                 "DSTACK_APP_TOKEN=\"$(python -c 'import secrets; print(secrets.token_hex(24))')\"; "
+                 "export DSTACK_APP_TOKEN",
+                 "APP_PORT=\"$(python -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); "
+                 "print(s.getsockname()[1])')\"",
+                 f"env -u DSTACK_APP_TOKEN tensorboard --logdir_spec {shlex.quote(logdirs)} --host 127.0.0.1 "
+                 "--port \"$APP_PORT\" &",
+                 f"exec python {VENV}/token_proxy.py \"$PORT_0\" \"$APP_PORT\" \"$!\" TensorBoard"]
+        jobs = super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}), env)
+        for job in jobs:
+            job.image = spec.image
+        return jobs

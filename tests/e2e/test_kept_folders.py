@@ -1,0 +1,116 @@
+"""Folders outside the job's working dir: absolute artifacts (saved from where the job wrote them, mounted at that
+path for the workflows that depend on them), dependencies mounted `into` a folder, and `cache:` folders kept
+between runs of a workflow on the same runner: on the host (a root runner: the job's own mount namespace) and in a
+container."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from dstack.core.models import DependencyRef, JobSpec
+from dstack.runner import workspace
+from dstack.runner.job_user import JobUser
+from tests.e2e.conftest import last_run
+
+WORKFLOWS = """\
+workflows:
+  - name: env
+    {image}
+    commands:
+      - mkdir -p {env}/bin
+      - echo "$RUN_NAME" > {env}/bin/made-by
+      - mkdir -p logs && echo one > logs/events
+    artifacts: [{env}, logs]
+  - name: use
+    {image}
+    deps: [env]
+    commands:
+      - cat {env}/bin/made-by
+      - touch {env}/bin/x 2>/dev/null && echo writable || echo read-only
+  - name: side-by-side
+    {image}
+    dependencies:
+      - {{workflow: env, into: runs/first}}
+    commands:
+      - cat runs/first/logs/events runs/first{env}/bin/made-by
+  - name: kept
+    {image}
+    cache: [~/.cache/counter, build, {{path: {kept}}}]
+    commands:
+      - for d in ~/.cache/counter build {kept}; do echo x >> $d/count; wc -l < $d/count; done
+"""
+
+
+@pytest.fixture
+def machine():
+    """A folder of the machine's that every user may pass through (as /opt is), for the jobs' absolute paths."""
+    folder = Path(tempfile.mkdtemp(prefix="dstack-abs-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["host", "docker"])
+def test_absolute_artifacts_into_and_cache(dstack, project, tmp_path, machine, where, request):
+    image = f"image: {request.getfixturevalue('busybox_image')}" if where == "docker" else ""
+    # absolute paths of the job's, which the machine's own folders must not see
+    env, kept = machine / "opt" / "envs" / "train", machine / "kept"
+    root = project(WORKFLOWS.format(image=image, env=env, kept=kept))
+
+    r = dstack("run", "env", cwd=root, check=True)
+    made = last_run(dstack, root)["run_name"]
+    listed = json.loads(dstack("artifacts", "list", made, "--json", cwd=root, check=True).stdout)
+    assert sorted(a["path"] for a in listed) == sorted([str(env), "logs"]), (listed, r.stdout)
+    # the job wrote in a folder of its own, mounted there: nothing of it is left on the machine
+    assert not (env / "bin").exists()
+
+    r = dstack("run", "use", cwd=root, check=True)
+    assert r.stdout.split()[:2] == [made, "read-only"], r.stdout + r.stderr
+
+    r = dstack("run", "side-by-side", cwd=root, check=True)
+    assert r.stdout.split()[:2] == ["one", made], r.stdout + r.stderr
+
+    out = tmp_path / "dl"
+    dstack("artifacts", "download", made, "-o", str(out), cwd=root, check=True)
+    assert (out / str(env).lstrip("/") / "bin" / "made-by").read_text() == f"{made}\n"
+
+    counts = [dstack("run", "kept", cwd=root, check=True).stdout.split()[:3] for _ in range(2)]
+    assert counts == [["1", "1", "1"], ["2", "2", "2"]], counts
+    assert not (kept / "count").exists()  # kept in the runner's folder, not the machine's
+
+
+def test_kept_folders_without_a_namespace(tmp_path):
+    """A runner whose jobs run as itself with no mount namespace (not root): an absolute artifact is saved from the
+    path itself and an absolute or `~/` cache folder is the path itself; one that runs jobs as other users with no
+    namespace refuses them, saying what to do; an absolute dependency needs a namespace or an image."""
+    job = JobSpec(workflow="w", provider="bash", artifacts=["/opt/envs/x", "out"], repo_id="r",
+                  cache=["~/.cache/pip", "/var/cache/x", "build"])
+    folder = tmp_path / "job"
+    mounts, sources = workspace.output_mounts(job, folder, binds=False, user=None)
+    assert (mounts, sources) == ([], {"/opt/envs/x": Path("/opt/envs/x")})
+    mounts, locks, notes = workspace.cache_mounts(job, folder, tmp_path / "caches", binds=False, user=None)
+    assert [m.target for m in mounts] == ["build"] and len(locks) == 1 and not notes
+    # a second job of the workflow while the first holds its folder: an empty one of its own
+    again, more, notes = workspace.cache_mounts(job, tmp_path / "job2", tmp_path / "caches", binds=False, user=None)
+    assert again[0].source != mounts[0].source and not more and "in use by another job" in notes[0]
+    for lock in locks:
+        lock.close()
+
+    other = JobUser(name="dstack-job", uid=os.getuid() + 1900000000, gid=os.getgid() + 1900000000, groups=(),
+                    own=True)
+    with pytest.raises(workspace.WorkspaceError, match="artifact '/opt/envs/x' is absolute.*give the workflow an `image`"):
+        workspace.output_mounts(job, folder, binds=False, user=other)
+    with pytest.raises(workspace.WorkspaceError, match="cache '/var/cache/x' is absolute"):
+        workspace.cache_mounts(job, folder, tmp_path / "caches", binds=False, user=other)
+
+    dep = DependencyRef(ref="env", run_name="r-1", job_id="j", artifacts=["/opt/envs/x"], manifests={"/opt/envs/x": "0"})
+    job = JobSpec(workflow="use", provider="bash", dependencies=[dep])
+    (tmp_path / "code").mkdir()
+    with pytest.raises(workspace.WorkspaceError, match="mounted at its absolute path.*`image`, or run the runner as root"):
+        workspace.dependency_mounts(job, tmp_path / "code", None, tmp_path / "trees", None, binds=False)
