@@ -39,6 +39,10 @@ workflows:
       - {{workflow: env, into: runs/first}}
     commands:
       - cat runs/first/logs/events runs/first{env}/bin/made-by
+  - name: fails
+    {image}
+    commands: [exit 3]
+    artifacts: [{env}]
   - name: kept
     {image}
     cache: [~/.cache/counter, build, {{path: {kept}}}]
@@ -80,6 +84,11 @@ def test_absolute_artifacts_into_and_cache(dstack, project, tmp_path, machine, w
     dstack("artifacts", "download", made, "-o", str(out), cwd=root, check=True)
     assert (out / str(env).lstrip("/") / "bin" / "made-by").read_text() == f"{made}\n"
 
+    r = dstack("run", "fails", cwd=root)
+    assert r.returncode == 3 and f"artifact '{env}' was not created by the job: nothing saved" in r.stdout, r.stdout
+    failed = last_run(dstack, root)["run_name"]
+    assert json.loads(dstack("artifacts", "list", failed, "--json", cwd=root).stdout or "[]") == []
+
     counts = [dstack("run", "kept", cwd=root, check=True).stdout.split()[:3] for _ in range(2)]
     assert counts == [["1", "1", "1"], ["2", "2", "2"]], counts
     assert not (kept / "count").exists()  # kept in the runner's folder, not the machine's
@@ -114,3 +123,20 @@ def test_kept_folders_without_a_namespace(tmp_path):
     (tmp_path / "code").mkdir()
     with pytest.raises(workspace.WorkspaceError, match="mounted at its absolute path.*`image`, or run the runner as root"):
         workspace.dependency_mounts(job, tmp_path / "code", None, tmp_path / "trees", None, binds=False)
+
+
+def test_kept_folders_are_links_on_a_host_without_a_namespace(tmp_path):
+    """The host executor with no namespace: a kept folder in the job's folder or home is a symlink to it (what the
+    job left at that path goes first); one elsewhere cannot be had, said."""
+    from dstack.runner.executors.base import ExecutorError, Mount
+    from dstack.runner.executors.host import _link_kept
+
+    root, home, kept = tmp_path / "code", tmp_path / "home", tmp_path / "kept"
+    for folder in (root / "build", home, kept):
+        folder.mkdir(parents=True)
+    (root / "build" / "stale").write_text("x")
+    _link_kept(root, str(home), [Mount(kept, "build", read_only=False), Mount(kept, "~/.cache/pip", read_only=False)],
+               None)
+    assert os.readlink(root / "build") == str(kept) and os.readlink(home / ".cache" / "pip") == str(kept)
+    with pytest.raises(ExecutorError, match="cannot mount /opt/x on this runner's host"):
+        _link_kept(root, str(home), [Mount(kept, "/opt/x", read_only=False)], None)

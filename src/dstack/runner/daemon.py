@@ -518,7 +518,8 @@ class Runner:
                     not_folders.append(path)
                     shipper.write(f"dstack: artifact '{path}' is a file, not a folder: not saved\n".encode())
                     continue
-                if not src.exists() and (code != 0 or slot.stop_requested):
+                unwritten = not src.exists() or (src.parent == folder / "outputs" and not any(src.iterdir()))
+                if unwritten and (code != 0 or slot.stop_requested):
                     # a job that failed (or was stopped) before it made the folder: nothing to save, and no
                     # empty artifact that would pass for its output
                     shipper.write(f"dstack: artifact '{path}' was not created by the job: nothing saved\n"
