@@ -140,3 +140,86 @@ def test_kept_folders_are_links_on_a_host_without_a_namespace(tmp_path):
     assert os.readlink(root / "build") == str(kept) and os.readlink(home / ".cache" / "pip") == str(kept)
     with pytest.raises(ExecutorError, match="cannot mount /opt/x on this runner's host"):
         _link_kept(root, str(home), [Mount(kept, "/opt/x", read_only=False)], None)
+
+
+def test_what_a_job_on_the_host_is_given_cannot_raise_it(dstack, project, machine):
+    """On a root runner's host, a job's own mounts are nosuid and nodev and the job cannot gain privileges (a setuid
+    program in a folder of its own, or one it mounts over /etc, would make it root); no folder of the machine's is
+    made outside the places for them; a link of the code cannot lead a cache out of the job's folder; a path that
+    is both a dependency's artifact and the job's own is refused."""
+    root = project(f"""\
+    workflows:
+      - name: privs
+        cache: [build]
+        commands:
+          - grep NoNewPrivs /proc/self/status
+          - grep " $PWD/build " /proc/self/mountinfo
+      - name: nologin
+        commands: [echo never]
+        artifacts: [/etc/dstack-test-no-such-folder/nologin]
+      - name: out-by-link
+        cache: [lnk/y]
+        commands: [echo never]
+      - name: env
+        commands: [mkdir -p {machine}/env && echo made > {machine}/env/x]
+        artifacts: [{machine}/env]
+      - name: over
+        deps: [env]
+        commands: [echo never]
+        artifacts: [{machine}/env]
+    """)
+    (root / "lnk").symlink_to("/etc")
+    r = dstack("run", "privs", cwd=root, check=True)
+    line = next(x for x in r.stdout.splitlines() if "/build " in x)
+    assert "NoNewPrivs:\t1" in r.stdout and "nosuid" in line and "nodev" in line, r.stdout
+
+    r = dstack("run", "nologin", cwd=root)
+    assert r.returncode != 0 and "folders to mount on are made only in /opt" in r.stdout + r.stderr, r.stdout
+    assert not Path("/etc/dstack-test-no-such-folder").exists()
+
+    r = dstack("run", "out-by-link", cwd=root)
+    assert r.returncode != 0 and "leads outside the job's folder" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert not Path("/etc/y").exists()
+
+    dstack("run", "env", cwd=root, check=True)
+    r = dstack("run", "over", cwd=root)
+    assert r.returncode != 0 and f"two folders would be mounted at '{machine}/env'" in r.stdout + r.stderr, r.stdout
+
+
+def test_one_folder_one_use_and_tensorboard_runs_once():
+    from pydantic import ValidationError
+
+    from dstack.providers.base import CommandsSpec
+    from dstack.providers.tensorboard import TensorboardSpec
+
+    with pytest.raises(ValidationError, match="'out' is both an artifact and a cache"):
+        CommandsSpec.model_validate({"name": "a", "commands": ["x"], "artifacts": ["out"], "cache": "./out"})
+    with pytest.raises(ValidationError, match="run 'a' is listed twice"):
+        TensorboardSpec.model_validate({"name": "b", "runs": ["a", "a"]})
+    spec = TensorboardSpec.model_validate({"name": "b", "runs": ["a:b", "a-b", ":best"]})
+    assert [d["into"] for d in spec.dependencies] == ["runs/a@b", "runs/a-b", "runs/@best"]
+
+
+def test_an_image_of_another_user_writes_its_kept_folders(dstack, project, busybox_image, docker_client):
+    """An image whose USER is not root (a uid with no account) writes its `~/` cache and its absolute artifact."""
+    import io
+
+    dockerfile = f"FROM {busybox_image}\nUSER 4321\n".encode()
+    docker_client.images.build(fileobj=io.BytesIO(dockerfile), tag="dstack-test/busybox-uid:latest", pull=False,
+                               rm=True)
+    root = project("""\
+    workflows:
+      - name: as-uid
+        image: dstack-test/busybox-uid:latest
+        cache: [~/.cache/c]
+        commands:
+          - id -u && echo $HOME
+          - echo x >> ~/.cache/c/n && wc -l < ~/.cache/c/n
+          - mkdir -p /opt/out/sub && echo hi > /opt/out/sub/f
+        artifacts: [/opt/out]
+    """)
+    outs = [dstack("run", "as-uid", cwd=root, check=True).stdout.split()[:3] for _ in range(2)]
+    assert outs == [["4321", "/home/4321", "1"], ["4321", "/home/4321", "2"]], outs
+    listed = json.loads(dstack("artifacts", "list", last_run(dstack, root)["run_name"], "--json", cwd=root,
+                               check=True).stdout)
+    assert [(a["path"], a["files"]) for a in listed] == [("/opt/out", 1)]

@@ -233,6 +233,9 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys(project):
         ("artifacts: [~/abs]", "'artifacts'", "4:16"),
         ("artifacts: ['  /proc/x']", "'artifacts'", "4:16"),
         ("working_dir: /abs", "'working_dir'", "4:18"),
+        ("cache: ../../etc", "'cache'", "4:12"),
+        ("cache: ['~/../x']", "'cache'", "4:12"),
+        ("artifacts: [/workflow/out]", "'artifacts'", "4:16"),
         ("environment: 5", "'environment'", "4:18"),
     ],
 )

@@ -40,6 +40,9 @@ def artifact_path(value: Any, what: str = "artifact") -> str:
         if norm == "/" or any(norm == d or norm.startswith(d + "/") for d in _NOT_FOLDERS):
             raise ValueError(f"{what} '{value.strip()}' is not one of the job's folders: name the folder it writes, "
                              "e.g. /opt/conda/envs/train")
+        if norm == "/workflow" or norm.startswith("/workflow/"):
+            raise ValueError(f"{what} '{value.strip()}': /workflow is where a container has the job's code; write "
+                             "the path relative to the working_dir")
         return norm
     if isinstance(value, str) and value.strip().startswith("~"):
         raise ValueError(f"{what} '{value.strip()}': `~` is the job's home, which is not kept; use a path "
@@ -139,13 +142,23 @@ class CommandsSpec(WorkflowSpec):
         same runner; `~/` is the job's home, a relative path is in the working_dir."""
         if v is None:
             return []
+        if isinstance(v, str | dict):
+            v = [v]
         if not isinstance(v, list):
-            return [v] if isinstance(v, str) else v
+            return v
         out = []
         for item in v:
             path = item.get("path") if isinstance(item, dict) else item
             out.append(cache_path(path))
         return list(dict.fromkeys(out))
+
+    @model_validator(mode="after")
+    def _one_use_a_folder(self) -> CommandsSpec:
+        both = [p for p in self.cache if p in self.artifacts]
+        if both:
+            raise ValueError(f"'{both[0]}' is both an artifact and a cache: a folder is saved (`artifacts`) or "
+                             "kept on the runner (`cache`), not both")
+        return self
 
     @field_validator("commands", "before_run", mode="before")
     @classmethod

@@ -50,6 +50,9 @@ class TensorboardSpec(CommandsSpec):
                 if not isinstance(run, str) or not run.strip() or "/" in run or run.strip().startswith("."):
                     raise ValueError(f"'{run}' is not a run: write a run name, workflow:tag or a workflow")
             v = [run.strip() for run in v]
+            twice = [run for run in v if v.count(run) > 1]
+            if twice:
+                raise ValueError(f"run '{twice[0]}' is listed twice")
         return v
 
     @field_validator("version", mode="before")
@@ -71,7 +74,8 @@ class TensorboardSpec(CommandsSpec):
 
 
 def _folder(run: str) -> str:
-    return posixpath.join(RUNS, run.strip(":").replace(":", "-"))
+    """`runs/<run>`; `train:best` is `runs/train@best` (no run name has `@`), `:best` is `runs/@best`."""
+    return posixpath.join(RUNS, run.replace(":", "@"))
 
 
 class TensorboardProvider(CommandsProvider):

@@ -3,11 +3,14 @@
 
 It serves on every address at LISTEN_PORT and passes a request to the app (on 127.0.0.1:APP_PORT) only when it
 carries the token: `?token=` in the URL (then a cookie keeps the browser in) or that cookie. Anything else gets 403.
+The cookie is named after the port (browsers send a host's cookies to all its ports) and holds an HMAC of the
+token, not the token, so that another server on the machine that gets it cannot use it to reach this one's app.
 Once the app answers it prints `TITLE is ready: http://HOST:PORT/?token=...`; it exits with the app (APP_PID, its
 child: the shell that started the app in the background exec'd this)."""
 
+import hashlib
+import hmac
 import http.client
-import http.cookies
 import http.server
 import os
 import secrets
@@ -17,7 +20,6 @@ import threading
 import time
 import urllib.parse
 
-COOKIE = "dstack_token"
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
               "proxy-authenticate", "content-length", "host"}
 
@@ -25,6 +27,8 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", 
 def main() -> None:
     listen, app, pid, title = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     token = os.environ.pop("DSTACK_APP_TOKEN")
+    cookie_name = f"dstack_token_{listen}"
+    cookie_value = hmac.new(token.encode(), b"dstack-proxy-cookie", hashlib.sha256).hexdigest()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -36,25 +40,33 @@ def main() -> None:
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             if secrets.compare_digest(query.get("token", [""])[0].encode(), token.encode()):
                 return "url"
-            cookie = http.cookies.SimpleCookie()
-            try:
-                cookie.load(self.headers.get("Cookie", ""))
-            except http.cookies.CookieError:
-                return ""
-            held = cookie[COOKIE].value if COOKIE in cookie else ""
-            return "cookie" if secrets.compare_digest(held.encode(), token.encode()) else ""
+            for header in self.headers.get_all("Cookie") or []:
+                for pair in header.split(";"):  # by hand: other apps' cookies may hold what SimpleCookie refuses
+                    name, _, value = pair.strip().partition("=")
+                    if name == cookie_name and secrets.compare_digest(value.encode(), cookie_value.encode()):
+                        return "cookie"
+            return ""
+
+        def _refuse(self, code: int, text: str) -> None:
+            body = text.encode() + b"\n"
+            self.send_response(code)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")  # an unread body must not pass for the next request
+            self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
 
         def _pass(self) -> None:
+            size_text = self.headers.get("Content-Length") or "0"
+            if self.headers.get("Transfer-Encoding") or not size_text.isdigit() or int(size_text) > 1 << 30:
+                self._refuse(400, "400: a body needs a Content-Length (up to 1 GiB), not a Transfer-Encoding")
+                return
             admitted = self._admitted()
             if not admitted:
-                body = b"403: open the URL with its token (the run's logs print it)\n"
-                self.send_response(403)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self._refuse(403, "403: open the URL with its token (the run's logs print it)")
                 return
-            size = int(self.headers.get("Content-Length") or 0)
+            size = int(size_text)
             body = self.rfile.read(size) if size else None
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"cookie"}}
             try:
@@ -70,8 +82,9 @@ def main() -> None:
                 if k.lower() not in HOP_BY_HOP:
                     self.send_header(k, v)
             if admitted == "url":
-                self.send_header("Set-Cookie", f"{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict")
-            self.send_header("Content-Length", str(len(data)))
+                self.send_header("Set-Cookie", f"{cookie_name}={cookie_value}; Path=/; HttpOnly; SameSite=Strict")
+            length = answer.getheader("Content-Length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(data)))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(data)

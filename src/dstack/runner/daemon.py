@@ -460,8 +460,8 @@ class Runner:
             self._mounted(job, store)
         outputs, absolute = workspace.output_mounts(job, folder, binds, host_user)
         kept, slot.locks, notes = workspace.cache_mounts(job, folder, self.jobs_dir.parent / "cache", binds,
-                                                         host_user)
-        mounts += outputs + kept
+                                                         host_user, root)
+        mounts = workspace.distinct(mounts + outputs + kept)
         for note in notes:
             shipper.write(f"dstack: {note}\n".encode())
         if slot.stop_requested:

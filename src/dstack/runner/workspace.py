@@ -80,10 +80,11 @@ def output_mounts(job: JobSpec, folder: Path, binds: bool, user: JobUser | None)
     read the machine's files for the job with its own rights."""
     mounts, sources = [], {}
     for i, path in enumerate(p for p in job.artifacts if p.startswith("/")):
+        _check_absolute(path, "artifact")
         if binds:
             source = folder / "outputs" / str(i)
             source.mkdir(parents=True, exist_ok=True)
-            job_user.give(source, user)
+            _hand_over(folder / "outputs", source, job, user)
             mounts.append(Mount(source=source, target=path, read_only=False))
             sources[path] = source
         elif user is None:
@@ -95,39 +96,84 @@ def output_mounts(job: JobSpec, folder: Path, binds: bool, user: JobUser | None)
     return mounts, sources
 
 
+def distinct(mounts: list[Mount]) -> list[Mount]:
+    """`mounts`, none at a place another has (an absolute artifact that is also a dependency's, say)."""
+    seen: dict[str, Mount] = {}
+    for m in mounts:
+        if m.target in seen:
+            raise WorkspaceError(f"two folders would be mounted at '{m.target}' (an artifact, a dependency's "
+                                 "artifact or a cache at one path): give them different paths, or a dependency "
+                                 "`into: FOLDER`")
+        seen[m.target] = m
+    return mounts
+
+
+def _check_absolute(path: str, what: str) -> None:
+    """What the server checked, checked again where it matters (the runner takes no path on trust)."""
+    if posixpath.normpath(path) != path or path in ("/", "~") or path.startswith(("/proc", "/sys", "/dev")):
+        raise WorkspaceError(f"{what} '{path}' is not a folder a job may have")
+
+
+def _hand_over(parent: Path, folder: Path, job: JobSpec, user: JobUser | None) -> None:
+    """A folder the runner made for the job to write in: its user's on the host; in a container (whose user may be
+    anyone the image says), writable by all, in a `parent` that only root may enter."""
+    if job.image:
+        os.chmod(parent, 0o700)
+        os.chmod(folder, 0o777)
+    else:
+        job_user.give(folder, user)
+
+
 def cache_mounts(job: JobSpec, folder: Path, caches: Path, binds: bool,
-                 user: JobUser | None) -> tuple[list[Mount], list[IO], list[str]]:
+                 user: JobUser | None, root: Path | None = None) -> tuple[list[Mount], list[IO], list[str]]:
     """The workflow's `cache:` folders, kept between its runs on this runner (per project and workflow, in
     `caches`), each mounted read-write at its path (`~/` is the job's home). A job on the host of a runner with no
     namespace: a relative or `~/` one is a symlink to the kept folder; an absolute one (or `~/` of the runner's
     own user) is the path itself, which stays anyway. A folder that another job uses now is not shared: this job
     gets an empty one (said in `notes`). Returns the mounts, the locks to hold while the job runs, the notes."""
     mounts, locks, notes = [], [], []
-    for path in job.cache:
-        if not binds and (path.startswith("/") or (path.startswith("~/") and user is None)):
-            if user is not None:
-                raise WorkspaceError(f"cache '{path}' is absolute, which a job on this runner's host cannot have: its "
-                                     "runner runs jobs as other users and cannot make mount namespaces; give the "
-                                     "workflow an `image`, or cache a folder of its working_dir or home")
-            continue  # the runner's own user's folder: it stays between runs
-        key = hashlib.sha256(f"{job.repo_id}\0{job.workflow}\0{path}".encode()).hexdigest()[:20]
-        caches.mkdir(mode=0o711, parents=True, exist_ok=True)
-        lock = open(caches / f"{key}.lock", "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+    try:
+        for path in job.cache:
+            _cache_mount(job, path, folder, caches, binds, user, root, mounts, locks, notes)
+    except BaseException:
+        for lock in locks:
             lock.close()
-            source = folder / "cache" / key
-            notes.append(f"cache '{path}' is in use by another job of {job.workflow} on this runner: this job "
-                         "starts with an empty one, which is not kept")
-        else:
-            locks.append(lock)
-            source = caches / key
-        source.mkdir(parents=True, exist_ok=True)
-        job_user.give(source, user)
-        target = path if path.startswith(("/", "~/")) else job_path(job, path)
-        mounts.append(Mount(source=source, target=target, read_only=False))
+        raise
     return mounts, locks, notes
+
+
+def _cache_mount(job: JobSpec, path: str, folder: Path, caches: Path, binds: bool, user: JobUser | None,
+                 root: Path | None, mounts: list[Mount], locks: list[IO], notes: list[str]) -> None:
+    if path.startswith("/"):
+        _check_absolute(path, "cache")
+    elif path.startswith("~/"):
+        _check_absolute("/" + path[2:], "cache")
+    elif root is not None:
+        artifact_source(root, job_path(job, path))  # raises UnsafePath when a link of the code leads out
+    if not binds and (path.startswith("/") or (path.startswith("~/") and user is None)):
+        if user is not None:
+            raise WorkspaceError(f"cache '{path}' is absolute, which a job on this runner's host cannot have: its "
+                                 "runner runs jobs as other users and cannot make mount namespaces; give the "
+                                 "workflow an `image`, or cache a folder of its working_dir or home")
+        return  # the runner's own user's folder: it stays between runs
+    key = hashlib.sha256(f"{job.repo_id}\0{job.workflow}\0{path}".encode()).hexdigest()[:20]
+    caches = caches / ("image" if job.image else "host")  # a container's are writable by all: only root enters
+    caches.mkdir(mode=0o700 if job.image else 0o711, parents=True, exist_ok=True)
+    lock = open(caches / f"{key}.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        source = folder / "cache" / key
+        notes.append(f"cache '{path}' is in use by another job of {job.workflow} on this runner: this job "
+                     "starts with an empty one, which is not kept")
+    else:
+        locks.append(lock)
+        source = caches / key
+    source.mkdir(parents=True, exist_ok=True)
+    _hand_over(source.parent, source, job, user)
+    target = path if path.startswith(("/", "~/")) else job_path(job, path)
+    mounts.append(Mount(source=source, target=target, read_only=False))
 
 
 def trees_in_use(jobs_dir: Path) -> set[str]:

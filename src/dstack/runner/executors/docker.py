@@ -245,12 +245,20 @@ class DockerExecutor:
         try:
             image = self._image(job.image, on_output)
             root = Path(root).resolve()
-            binds = [docker.types.Mount(CONTAINER_ROOT, str(root), type="bind")]
-            for mount in mounts:
-                binds.append(docker.types.Mount(_container_path(mount.target, image),
-                                                str(Path(mount.source).resolve()), type="bind",
-                                                read_only=mount.read_only))
             ports = pick_free_ports(job.ports)
+            environment = job_env(job, ports, env)
+            if any(m.target.startswith("~/") for m in mounts):  # folders in its home: HOME says where they are
+                environment.setdefault("HOME", _image_home(image))
+            binds = [docker.types.Mount(CONTAINER_ROOT, str(root), type="bind")]
+            seen = {CONTAINER_ROOT}
+            for mount in mounts:
+                target = _container_path(mount.target, environment.get("HOME", "/"))
+                if target in seen:
+                    raise ExecutorError(f"two folders would be mounted at {target} in the container (an artifact, "
+                                        "a dependency's artifact or a cache at one path): give them different paths")
+                seen.add(target)
+                binds.append(docker.types.Mount(target, str(Path(mount.source).resolve()), type="bind",
+                                                read_only=mount.read_only))
             working_dir = relative_working_dir(job.working_dir)
             name = f"dstack-{job.job_id}" if job.job_id else None
             if name:
@@ -262,7 +270,7 @@ class DockerExecutor:
                 command=(([job_script(job.commands)] if job.entrypoint else ["/bin/sh", "-c", job_script(job.commands)])
                          if job.commands else None),
                 working_dir=CONTAINER_ROOT if working_dir == "." else f"{CONTAINER_ROOT}/{working_dir}",
-                environment=_with_home(job_env(job, ports, env), mounts, image),
+                environment=environment,
                 mounts=binds,
                 labels={"dstack.job_id": job.job_id, "dstack.run_name": job.run_name, **_runner_labels()},
                 name=name,
@@ -462,29 +470,22 @@ class DockerExecutor:
             pass
 
 
-def _container_path(target: str, image: Any) -> str:
-    """Where a mount goes in the container: an absolute target as it is, `~/x` in the home of the image's user,
-    anything else under the job's root."""
+def _container_path(target: str, home: str) -> str:
+    """Where a mount goes in the container: an absolute target as it is, `~/x` in `home`, anything else under the
+    job's root."""
     if target.startswith("/"):
         return target
     if target.startswith("~/"):
-        return f"{_image_home(image).rstrip('/')}/{target[2:]}"
+        return f"{home.rstrip('/')}/{target[2:]}"
     relative = relative_working_dir(target)
     if relative == ".":
         raise ExecutorError(f"a mount at '{target}' would hide the job's root folder")
     return f"{CONTAINER_ROOT}/{relative}"
 
 
-def _with_home(environment: dict[str, str], mounts: list[Mount], image: Any) -> dict[str, str]:
-    """A job with folders in its home (`cache: [~/.cache/pip]`) gets HOME set where they are mounted (an image
-    with no account for its user would give it `/`)."""
-    if "HOME" in environment or not any(m.target.startswith("~/") for m in mounts):
-        return environment
-    return {**environment, "HOME": _image_home(image)}
-
-
 def _image_home(image: Any) -> str:
-    """The HOME of the image's user: its `HOME=` setting, else root's or /home/<user>."""
+    """The HOME of the image's user: its `HOME=` setting, else root's or /home/<user> (also for a uid: Docker would
+    give a user with no account `/`, where the job may not write)."""
     config = image.attrs.get("Config") or {}
     for item in config.get("Env") or []:
         if item.startswith("HOME="):

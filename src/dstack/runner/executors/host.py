@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 TERMINAL_ROWS, TERMINAL_COLUMNS = 24, 80
 DRAIN_TIMEOUT = 5.0  # seconds to keep reading output after the job ended
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NO_NEW_PRIVS = 38
 # Runs before the job's commands. stdin is the guard pipe: keep it as fd 9 for a double-forked
 # subshell (not a child of the job's shell, so the job's `wait` never waits for it), give the job
 # /dev/null instead.
@@ -85,12 +86,15 @@ def _load_prctl():
 _prctl = _load_prctl()
 
 
-def _die_with(parent_pid: int):
-    """A preexec_fn: the child gets SIGKILL when the runner (its parent) dies."""
+def _die_with(parent_pid: int, no_new_privs: bool = False):
+    """A preexec_fn: the child gets SIGKILL when the runner (its parent) dies; with `no_new_privs`, no program it
+    runs gains privileges (setuid, file capabilities: a job as another user stays that user)."""
 
     def preexec() -> None:
         if _prctl is not None:
             _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if no_new_privs and _prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                os._exit(126)
         if os.getppid() != parent_pid:  # the runner died before prctl took effect
             os._exit(137)
 
@@ -239,8 +243,7 @@ class HostExecutor:
         if (mounts or (user and user.own)) and namespaces_work():
             binds = _account_binds(root.parent, user, shell) if user and user.own else []
             for m in mounts:
-                dest = _host_path(m.target, root, home)
-                dest.mkdir(parents=True, exist_ok=True)  # an absolute one: an empty folder of the machine's
+                dest = _mount_point(_host_path(m.target, root, home), root.parent, user)
                 binds.append((str(m.source), str(dest), m.read_only))
         elif mounts:
             _copy_read_only(root, [m for m in mounts if m.read_only])
@@ -290,7 +293,8 @@ class HostExecutor:
                 # the user is set before preexec_fn runs: PR_SET_PDEATHSIG, which a change of user clears, holds
                 **({"user": user.uid, "group": user.gid, "extra_groups": list(user.groups)}
                    if user and binds is None else {}),
-                preexec_fn=_die_with(os.getpid()) if binds is None else _enter_namespace(os.getpid(), binds, user),
+                preexec_fn=(_die_with(os.getpid(), no_new_privs=user is not None) if binds is None
+                            else _enter_namespace(os.getpid(), binds, user)),
             )
         except OSError as e:
             os.close(master)
@@ -303,7 +307,7 @@ class HostExecutor:
 
 
 _CLONE_NEWNS = 0x00020000
-_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 
 
 def _libc():
@@ -340,13 +344,15 @@ def _enter_namespace(parent_pid: int, binds: list[tuple[str, str, bool]], user: 
         for source, target, read_only in binds:
             if libc.mount(source.encode(), target.encode(), None, _MS_BIND, None) != 0:
                 fail(f"cannot mount {source} at {target}")
-            if read_only and libc.mount(None, target.encode(), None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY, None) != 0:
-                fail(f"cannot make {target} read-only")
+            # no setuid program, no device, in what the job is given (read-write ones are its to fill)
+            flags = _MS_BIND | _MS_REMOUNT | _MS_NOSUID | _MS_NODEV | (_MS_RDONLY if read_only else 0)
+            if libc.mount(None, target.encode(), None, flags, None) != 0:
+                fail(f"cannot restrict the mount at {target}")
         if user is not None:
             os.setgroups(list(user.groups))
             os.setresgid(user.gid, user.gid, user.gid)
             os.setresuid(user.uid, user.uid, user.uid)
-        _die_with(parent_pid)()
+        _die_with(parent_pid, no_new_privs=user is not None)()
 
     return preexec
 
@@ -382,18 +388,59 @@ def _host_path(target: str, root: Path, home: str) -> Path:
     return Path(target) if target.startswith("/") else root / target
 
 
+# where a root runner makes a missing folder of the machine's to mount on (an absolute artifact or cache of a job on
+# its host): elsewhere (/etc, /usr, /var ...) a folder's mere existence may change what the machine does
+MAKES_FOLDERS_IN = ("/opt", "/mnt", "/srv", "/data", "/datasets", "/models", "/scratch", "/workspace", "/home",
+                    "/tmp", "/var/tmp")
+
+
+def _mount_point(dest: Path, job_folder: Path, user: JobUser | None) -> Path:
+    """The folder to mount on at `dest`, made where missing, one component at a time without following a link (one
+    put on the way meanwhile is refused). In the job's folder (its code, its home) what is made is the job user's;
+    a folder of the machine's is made (as root) only in MAKES_FOLDERS_IN."""
+    real = Path(os.path.realpath(dest))
+    job_folder = Path(os.path.realpath(job_folder))
+    mine = real == job_folder or job_folder in real.parents
+    if not mine and not real.is_dir():
+        if real.exists():
+            raise ExecutorError(f"cannot mount at {dest}: it is not a folder")
+        if not any(real == Path(p) or Path(p) in real.parents for p in MAKES_FOLDERS_IN):
+            raise ExecutorError(f"cannot mount at {dest}: no such folder on this runner's machine, and folders to "
+                                f"mount on are made only in {', '.join(MAKES_FOLDERS_IN)}; make it there first, or "
+                                "give the workflow an `image`")
+    start = job_folder if mine else Path("/")
+    fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in real.relative_to(start).parts:
+            try:
+                following = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(part, 0o755, dir_fd=fd)
+                following = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                if mine and user is not None:
+                    os.fchown(following, user.uid, user.gid)
+            except OSError as e:
+                raise ExecutorError(f"cannot mount at {dest}: '{part}' on the way is a link or not a folder "
+                                    f"({e.strerror})") from None
+            os.close(fd)
+            fd = following
+    finally:
+        os.close(fd)
+    return real
+
+
 def _link_kept(root: Path, home: str, mounts: list[Mount], user: JobUser | None) -> None:
-    """Without a namespace, a kept folder (`cache:`) in the job's folder or home is a symlink to it."""
+    """Without a namespace, a kept folder (`cache:`) in the job's folder or home is a symlink to it (what the job's
+    code has at that path goes first); a path elsewhere, or one that a link leads out of them, cannot be had."""
+    job_folder = Path(os.path.realpath(root.parent))  # its code and its home (not the HOME its `env` may name)
     for m in mounts:
         dest = _host_path(m.target, root, home)
-        if not dest.is_relative_to(root) and not dest.is_relative_to(home):
-            raise ExecutorError(f"cannot mount {m.target} on this runner's host (no mount namespace)")
-        made = [p for p in dest.parents if not p.exists()]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        for p in made:
-            if user is not None:
-                os.chown(p, user.uid, user.gid)
-        if dest.is_symlink() or dest.is_file():
+        parent = Path(os.path.realpath(dest.parent))
+        if not (parent == job_folder or job_folder in parent.parents) or dest.name in ("", ".", ".."):
+            raise ExecutorError(f"cannot mount {m.target} on this runner's host (no mount namespace): it is not in "
+                                "the job's folder or home")
+        dest = _mount_point(parent, job_folder, user) / dest.name
+        if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
             dest.unlink()
         elif dest.is_dir():
             shutil.rmtree(dest)
