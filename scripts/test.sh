@@ -20,6 +20,13 @@ command -v unshare >/dev/null 2>&1 || pkgs+=(util-linux)
 command -v slurmctld >/dev/null 2>&1 || pkgs+=(slurm-wlm)
 command -v munged >/dev/null 2>&1 || pkgs+=(munge)
 [ -x /usr/sbin/sshd ] || pkgs+=(openssh-server)
+# what the `code` provider's test builds code-server with (Node.js 20 itself is not Debian 12's: without it,
+# tests/e2e/test_code_provider.py skips its test that serves VS Code)
+command -v c++ >/dev/null 2>&1 || pkgs+=(g++)
+command -v make >/dev/null 2>&1 || pkgs+=(make)
+command -v pkg-config >/dev/null 2>&1 || pkgs+=(pkg-config)
+pkg-config --exists krb5-gssapi 2>/dev/null || pkgs+=(libkrb5-dev)
+command -v rg >/dev/null 2>&1 || pkgs+=(ripgrep)
 if [ "${#pkgs[@]}" -gt 0 ]; then
   # another apt run (e.g. a provisioning script) may hold the lock: wait for it
   for _ in $(seq 1 120); do

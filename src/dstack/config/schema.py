@@ -38,6 +38,7 @@ from dstack.providers.jupyter import JupyterSpec
 from dstack.providers.python import PythonSpec
 from dstack.providers.tensorboard import TensorboardSpec
 from dstack.providers.torchrun import TorchrunSpec
+from dstack.providers.vscode import CodeSpec
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "schemas" / "workflows.json"
 REGENERATE = "python scripts/gen_schema.py"
@@ -239,6 +240,11 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
                                                  {"type": "number", "minimum": 3, "maximum": 4}, NULL),
     (PythonSpec, "version"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
                                                 {"type": "number", "minimum": 3, "maximum": 4}, NULL),
+    # CodeSpec `_version`: all of a code-server version (x.y.z: a string); `_python`, `_path` as above
+    (CodeSpec, "version"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*\d+\.\d+\.\d+\s*$"}),
+    (CodeSpec, "python"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
+                                             {"type": "number", "minimum": 3, "maximum": 4}, NULL),
+    (CodeSpec, "requirements"): lambda s: _instead(s, RELATIVE_PATH, NULL),
     # TensorboardSpec `_runs`: one run for a list of one; `_path`: inside the working folder; `_version` as above
     (TensorboardSpec, "runs"): lambda s: _either({**s, "items": {"type": "string", "pattern": r"^\s*[^\s./]"}},
                                                  {"type": "string", "pattern": r"^\s*[^\s./]"}),
@@ -280,13 +286,15 @@ def _commands(s: Schema) -> Schema:
 
 
 def _ide(s: Schema) -> Schema:
-    """JupyterSpec `_ide_commands`, TensorboardSpec `_served`: it runs the IDE or TensorBoard (no `commands`)."""
+    """JupyterSpec and CodeSpec `_ide_commands`, TensorboardSpec `_served`: it runs the IDE or TensorBoard (no
+    `commands`)."""
     s.get("properties", {}).pop("commands", None)
     return s
 
 
 _MODEL_FORMS: dict[type[BaseModel], Transform] = {Requirements: _requirements, PythonSpec: _python,
-                                                  CommandsSpec: _commands, JupyterSpec: _ide, TensorboardSpec: _ide}
+                                                  CommandsSpec: _commands, JupyterSpec: _ide, TensorboardSpec: _ide,
+                                                  CodeSpec: _ide}
 
 # other spellings of a key, accepted by config/workflows.py before the models see the workflow
 _SPELLINGS: dict[tuple[type[BaseModel], str], list[str]] = {(WorkflowSpec, "dependencies"): ["deps"],

@@ -330,7 +330,7 @@ def providers() -> dict[str, type[Provider]]:
     return found  # loaded lazily by get_provider
 
 
-LEGACY = {"code", "streamlit", "gradio", "fastapi", "curl"}
+LEGACY = {"streamlit", "gradio", "fastapi", "curl"}
 
 
 def get_provider(name: str) -> Provider:

@@ -16,22 +16,8 @@ from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_val
 
 from dstack.core.models import JobSpec
 from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
+from dstack.providers.ide import announcer
 from dstack.providers.python import VENV, _without_commands, python_version
-
-# the job waits for its server, then says where it is (in the background, beside it)
-_ANNOUNCE = r'''( python - "$PORT_0" "$DSTACK_IDE_PATH" "$DSTACK_IDE_NAME" "${JOB_HOSTNAME:-}" <<'DSTACK_ANNOUNCE_END' & )
-import os, socket, sys, time, urllib.request
-port, path, name, host = sys.argv[1:5]
-token = os.environ["JUPYTER_TOKEN"]  # from the environment, not argv: ps shows argv to every user
-for _ in range(600):
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}{path}?token={token}", timeout=2)
-        break
-    except Exception:
-        time.sleep(0.5)
-host = host or socket.getfqdn()
-print(f"\n{name} is ready: http://{host}:{port}{path}?token={token}\n", flush=True)
-DSTACK_ANNOUNCE_END'''
 
 
 class JupyterSpec(CommandsSpec):
@@ -80,11 +66,11 @@ class _Jupyter(CommandsProvider):
         # the token is made in the job, never in its spec (which the API shows): only the job's log has it
         lines += [f"python -m pip install --disable-pip-version-check -q {self.package}",
                   "JUPYTER_TOKEN=\"$(python -c 'import secrets; print(secrets.token_hex(24))')\"; export JUPYTER_TOKEN",
-                  _ANNOUNCE,
+                  announcer("JUPYTER_TOKEN", f"http://127.0.0.1:{{port}}{self.path}?token={{secret}}",
+                            f"\n{self.title} is ready: http://{{host}}:{{port}}{self.path}?token={{secret}}\n"),
                   f'exec {self.command} --no-browser --ip=0.0.0.0 --port="$PORT_0" --ServerApp.allow_root=True '
                   f"--ServerApp.open_browser=False"]
-        jobs = super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}),
-                                   {**env, "DSTACK_IDE_PATH": self.path, "DSTACK_IDE_NAME": self.title})
+        jobs = super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}), env)
         for job in jobs:
             job.image = spec.image
         return jobs
