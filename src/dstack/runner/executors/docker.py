@@ -245,6 +245,7 @@ class DockerExecutor:
         try:
             image = self._image(job.image, on_output)
             root = Path(root).resolve()
+            root.mkdir(parents=True, exist_ok=True)  # a bind mount's source must be there
             ports = pick_free_ports(job.ports)
             environment = job_env(job, ports, env)
             if any(m.target.startswith("~/") for m in mounts):  # folders in its home: HOME says where they are
