@@ -7,6 +7,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from dstack.config.files import ProjectFiles
 from dstack.config.workflows import command_line, resolve_workflow, validate_project
 
@@ -186,3 +188,21 @@ def test_entrypoint(dstack, project, busybox_image):
     assert own.returncode == 0 and "from-entrypoint" in own.stdout, own.stdout + own.stderr
     host = dstack("run", "host", cwd=root)
     assert host.returncode == 2 and "`entrypoint` replaces an image's entrypoint" in host.stderr, host.stderr
+
+
+@pytest.mark.skipif(not Path("/usr/bin/python3.11").exists(), reason="needs Debian's python3.11 (scripts/test.sh)")
+def test_bash_with_the_2022_python_and_requirements(dstack, project):
+    """`bash` with `python:` (YAML's number) and `requirements:`: its commands run in a venv of that Python."""
+    root = project("""\
+    workflows:
+      - name: old-bash
+        provider: bash
+        python: 3.11
+        requirements: requirements.txt
+        commands:
+          - python --version
+          - command -v python
+    """)
+    (root / "requirements.txt").write_text("# nothing to install\n")
+    r = dstack("run", "old-bash", cwd=root, timeout=180)
+    assert r.returncode == 0 and "Python 3.11" in r.stdout and "/.dstack-venv/bin/python" in r.stdout, r.stdout

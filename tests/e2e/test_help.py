@@ -86,6 +86,18 @@ def test_help_of_an_unknown_workflow_is_a_clear_error(cli, project):
     assert no_server_started(cli.home)
 
 
+def test_help_of_a_provider_run_with_no_workflow(cli, project):
+    """`dstack run PROVIDER --help` (the 2022 form): its arguments and the keys they stand for; a workflow of the
+    project named like a provider is the workflow."""
+    root = project(WORKFLOWS.replace("name: prepare", "name: python"), VARIABLES)
+    r = cli("run", "tensorboard", "--help", cwd=root, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("Usage: dstack run tensorboard [-e NAME=VALUE]"), r.stderr
+    assert "runs [runs ...]" in r.stdout and "--logdir LOGDIR" in r.stdout and "\n  runs " in r.stdout, r.stdout
+    r = cli("run", "python", "--help", cwd=root, timeout=30)
+    assert r.returncode == 0 and "Workflow 'python' of .dstack/workflows.yaml" in r.stdout, r.stdout
+    assert no_server_started(cli.home)
+
+
 def test_help_of_a_workflow_in_broken_files_is_their_located_error(cli, project):
     root = project(WORKFLOWS.replace("  - name: prepare", "  - name: [prepare"), VARIABLES)
     r = cli("run", "train", "--help", cwd=root, timeout=30)

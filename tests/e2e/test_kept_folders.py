@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def test_absolute_artifacts_into_and_cache(dstack, project, tmp_path, machine, w
     made = last_run(dstack, root)["run_name"]
     listed = json.loads(dstack("artifacts", "list", made, "--json", cwd=root, check=True).stdout)
     assert sorted(a["path"] for a in listed) == sorted([str(env), "logs"]), (listed, r.stdout)
-    # the job wrote in a folder of its own, mounted there: nothing of it is left on the machine
-    assert not (env / "bin").exists()
+    # the job wrote in a folder of its own, mounted there: nothing of it is left on the machine, nor the folders
+    # made to mount on
+    assert not (machine / "opt").exists()
 
     r = dstack("run", "use", cwd=root, check=True)
     assert r.stdout.split()[:2] == [made, "read-only"], r.stdout + r.stderr
@@ -156,7 +158,7 @@ def test_what_a_job_on_the_host_is_given_cannot_raise_it(dstack, project, machin
           - grep " $PWD/build " /proc/self/mountinfo
       - name: nologin
         commands: [echo never]
-        artifacts: [/etc/dstack-test-no-such-folder/nologin]
+        artifacts: [/var/dstack-test-no-such-folder/nologin]
       - name: out-by-link
         cache: [lnk/y]
         commands: [echo never]
@@ -175,7 +177,7 @@ def test_what_a_job_on_the_host_is_given_cannot_raise_it(dstack, project, machin
 
     r = dstack("run", "nologin", cwd=root)
     assert r.returncode != 0 and "folders to mount on are made only in /opt" in r.stdout + r.stderr, r.stdout
-    assert not Path("/etc/dstack-test-no-such-folder").exists()
+    assert not Path("/var/dstack-test-no-such-folder").exists()
 
     r = dstack("run", "out-by-link", cwd=root)
     assert r.returncode != 0 and "leads outside the job's folder" in r.stdout + r.stderr, r.stdout + r.stderr
@@ -198,6 +200,23 @@ def test_one_folder_one_use_and_tensorboard_runs_once():
         TensorboardSpec.model_validate({"name": "b", "runs": ["a", "a"]})
     spec = TensorboardSpec.model_validate({"name": "b", "runs": ["a:b", "a-b", ":best"]})
     assert [d["into"] for d in spec.dependencies] == ["runs/a@b", "runs/a-b", "runs/@best"]
+    with pytest.raises(ValidationError, match="`runs` names no run"):
+        TensorboardSpec.model_validate({"name": "b", "runs": []})
+
+
+def test_tensorboard_says_which_run_lacks_its_logdir(tmp_path):
+    """The job's first lines, run as the job runs them: a run whose artifacts have no `logdir` is named, with what
+    it saved; `logdir` may be an absolute artifact's path."""
+    from dstack.providers.tensorboard import TensorboardProvider, TensorboardSpec
+    from dstack.runner.executors.base import job_script
+
+    spec = TensorboardSpec.model_validate({"name": "b", "runs": ["train-1", "train:best"], "logdir": "/opt/tb"})
+    job = TensorboardProvider().create_jobs(spec, {})[0]
+    (tmp_path / "runs" / "train-1" / "opt" / "tb").mkdir(parents=True)
+    (tmp_path / "runs" / "train@best" / "logs").mkdir(parents=True)
+    checks = job_script([c for c in job.commands if c.startswith("[ -e")])
+    r = subprocess.run(["bash", "-c", checks], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "dstack: run train:best saved no 'opt/tb' (its artifacts: logs )\n", r
 
 
 def test_an_image_of_another_user_writes_its_kept_folders(dstack, project, busybox_image, docker_client):

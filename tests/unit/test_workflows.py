@@ -236,6 +236,10 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys(project):
         ("cache: ../../etc", "'cache'", "4:12"),
         ("cache: ['~/../x']", "'cache'", "4:12"),
         ("artifacts: [/workflow/out]", "'artifacts'", "4:16"),
+        ("artifacts: [/etc]", "'artifacts'", "4:16"),
+        ("artifacts: [/opt/../usr]", "'artifacts'", "4:16"),
+        ("cache: [/opt]", "'cache'", "4:12"),
+        ("artifacts: [out]\n    cache: [./out]", "'cache'", "5:12"),
         ("environment: 5", "'environment'", "4:18"),
     ],
 )

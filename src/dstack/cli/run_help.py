@@ -16,7 +16,7 @@ RUN_OPTIONS = ("tag", "json", "detach", "help", "reproduce")
 
 def print_help(ctx: click.Context, workflow: str | None) -> None:
     if workflow:
-        click.echo(workflow_help(ctx, workflow))
+        click.echo(provider_help(workflow) or workflow_help(ctx, workflow))
         return
     click.echo(ctx.get_help())
     listing = workflows_listing(ctx)  # after the help: a mistake in the files is their file:line:column error
@@ -41,6 +41,30 @@ def workflows_listing(ctx: click.Context) -> str | None:
         else:
             formatter.write_text("none: the workflows files define no workflow")
     return formatter.getvalue().rstrip()
+
+
+def provider_help(name: str) -> str | None:
+    """`dstack run PROVIDER --help` (2022: a provider run with no workflow), unless the project has a workflow of
+    that name: the provider's arguments and the keys they stand for."""
+    from importlib.metadata import entry_points
+
+    from dstack.api.repo import find_project
+    from dstack.config.workflows import load_workflows
+
+    if not any(ep.name == name for ep in entry_points(group="dstack.providers")):
+        return None
+    files = ProjectFiles.read(find_project())
+    if files.workflow_files() and any(e.name == name for e in load_workflows(files)):
+        return None
+    from dstack.cli.providers import _keys
+    from dstack.providers.base import get_provider
+
+    provider = get_provider(name)
+    lines = [provider.usage().replace("usage: ", "Usage: ", 1), "",
+             f"  Runs the provider `{name}` with no workflow (the 2022 form); its arguments stand for these keys of "
+             "a workflow (`dstack providers` lists every provider's):", ""]
+    lines += [f"  {k['key']:<14} {k['help']}" for k in _keys(provider.Spec)]
+    return "\n".join(lines)
 
 
 def workflow_help(ctx: click.Context, workflow: str) -> str:

@@ -245,6 +245,10 @@ _FIELD_FORMS: dict[tuple[type[BaseModel], str], Transform] = {
     (CodeSpec, "python"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
                                              {"type": "number", "minimum": 3, "maximum": 4}, NULL),
     (CodeSpec, "requirements"): lambda s: _instead(s, RELATIVE_PATH, NULL),
+    # BashSpec `_python` (3.X; YAML's 3.1 is 3.10), `_path` (inside the working folder): the 2022 keys
+    (BashSpec, "python"): lambda s: _instead(s, {"type": "string", "pattern": r"^\s*3(\.\d{1,2})?\s*$"},
+                                             {"type": "number", "minimum": 3, "maximum": 4}, NULL),
+    (BashSpec, "requirements"): lambda s: _instead(s, RELATIVE_PATH, NULL),
     # TensorboardSpec `_runs`: one run for a list of one; `_path`: inside the working folder; `_version` as above
     (TensorboardSpec, "runs"): lambda s: _either({**s, "items": {"type": "string", "pattern": r"^\s*[^\s./]"}},
                                                  {"type": "string", "pattern": r"^\s*[^\s./]"}),

@@ -8,7 +8,7 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from dstack.core.errors import ConfigError, did_you_mean
 from dstack.core.models import JobSpec, RetryPolicy
@@ -29,7 +29,10 @@ def relative_path(value: str, what: str) -> str:
     return norm
 
 
-_NOT_FOLDERS = ("/proc", "/sys", "/dev")
+_NOT_FOLDERS = ("/proc", "/sys", "/dev", "/etc")  # nor anything in them
+# the machine's (or image's) own folders, which a folder of the job's mounted there would hide from it
+_SYSTEM_FOLDERS = ("/", "/bin", "/boot", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/root", "/run",
+                   "/sbin", "/srv", "/tmp", "/usr", "/usr/bin", "/usr/lib", "/usr/local", "/var", "/var/lib", "/mnt")
 
 
 def artifact_path(value: Any, what: str = "artifact") -> str:
@@ -37,8 +40,9 @@ def artifact_path(value: Any, what: str = "artifact") -> str:
     the job wrote it, mounted there for the workflows that depend on it)."""
     if isinstance(value, str) and value.strip().startswith("/"):
         norm = posixpath.normpath(value.strip()).replace("//", "/")
-        if norm == "/" or any(norm == d or norm.startswith(d + "/") for d in _NOT_FOLDERS):
-            raise ValueError(f"{what} '{value.strip()}' is not one of the job's folders: name the folder it writes, "
+        if norm in _SYSTEM_FOLDERS or any(norm == d or norm.startswith(d + "/") for d in _NOT_FOLDERS):
+            raise ValueError(f"{what} '{value.strip()}' is the machine's own: a folder of the job's mounted there "
+                             "would hide what the machine (or the image) has in it; name a folder of the job's, "
                              "e.g. /opt/conda/envs/train")
         if norm == "/workflow" or norm.startswith("/workflow/"):
             raise ValueError(f"{what} '{value.strip()}': /workflow is where a container has the job's code; write "
@@ -152,13 +156,14 @@ class CommandsSpec(WorkflowSpec):
             out.append(cache_path(path))
         return list(dict.fromkeys(out))
 
-    @model_validator(mode="after")
-    def _one_use_a_folder(self) -> CommandsSpec:
-        both = [p for p in self.cache if p in self.artifacts]
+    @field_validator("cache")
+    @classmethod
+    def _one_use_a_folder(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        both = [p for p in v if p in (info.data.get("artifacts") or [])]
         if both:
             raise ValueError(f"'{both[0]}' is both an artifact and a cache: a folder is saved (`artifacts`) or "
                              "kept on the runner (`cache`), not both")
-        return self
+        return v
 
     @field_validator("commands", "before_run", mode="before")
     @classmethod
@@ -229,17 +234,7 @@ class Provider:
         provider takes (`-e/--env`, `-a/--artifact`, `--dep`, `-w/--working-dir`, `-i/--interruptible`, `--cpu`,
         `--memory`, `--gpu`, `--gpu-name`, `--gpu-memory`, `--shm-size`, `-r/--requirements`), then `own_args`."""
 
-        parser = _ArgParser(prog=f"dstack run {self.name}", add_help=False)
-        parser.add_argument("-e", "--env", action="append", default=[])
-        parser.add_argument("-a", "--artifact", action="append", default=[])
-        parser.add_argument("--dep", action="append", default=[])
-        parser.add_argument("-w", "--working-dir")
-        parser.add_argument("-i", "--interruptible", action="store_true")
-        parser.add_argument("-r", "--requirements")
-        for key in ("--cpu", "--memory", "--gpu", "--gpu-name", "--gpu-memory", "--shm-size"):
-            parser.add_argument(key)
-        self.own_args(parser)
-        known = parser.parse_args(args)
+        known = self._parser().parse_args(args)
         raw: dict[str, Any] = {"name": self.name, "provider": self.name}
         if known.env:
             raw["env"] = known.env
@@ -263,6 +258,23 @@ class Provider:
             raw["resources"] = resources
         raw.update(self.own_keys(known))
         return raw
+
+    def usage(self) -> str:
+        """`dstack run NAME ARGS`'s usage line: the 2022 provider arguments and the provider's own."""
+        return self._parser().format_usage().strip()
+
+    def _parser(self) -> argparse.ArgumentParser:
+        parser = _ArgParser(prog=f"dstack run {self.name}", add_help=False)
+        parser.add_argument("-e", "--env", action="append", default=[], metavar="NAME=VALUE")
+        parser.add_argument("-a", "--artifact", action="append", default=[], metavar="PATH")
+        parser.add_argument("--dep", action="append", default=[], metavar="REF")
+        parser.add_argument("-w", "--working-dir", metavar="PATH")
+        parser.add_argument("-i", "--interruptible", action="store_true")
+        parser.add_argument("-r", "--requirements", metavar="FILE")
+        for key in ("--cpu", "--memory", "--gpu", "--gpu-name", "--gpu-memory", "--shm-size"):
+            parser.add_argument(key, metavar=key.strip("-").split("-")[-1].upper())
+        self.own_args(parser)
+        return parser
 
     def own_args(self, parser: argparse.ArgumentParser) -> None:
         """The provider's own arguments of `dstack run NAME ARGS` (none here)."""

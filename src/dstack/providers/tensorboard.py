@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 
 from dstack.core.models import JobSpec
-from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
+from dstack.providers.base import CommandsProvider, CommandsSpec, artifact_path, relative_path
 from dstack.providers.python import VENV, _without_commands, python_version
 
 RUNS = "runs"  # the folder of the job's working dir where each run's artifacts are mounted
@@ -32,8 +32,8 @@ class TensorboardSpec(CommandsSpec):
 
     runs: list[str] = Field(description="The runs whose artifacts hold TensorBoard logs: run names, `workflow:tag`, "
                                         "or a workflow (its latest DONE run).", min_length=1)
-    logdir: str | None = Field(None, description="The folder of each run's artifacts to read (e.g. `logs`); "
-                                                 "default: all of them.")
+    logdir: str | None = Field(None, description="The folder of each run's artifacts to read (e.g. `logs`, or an "
+                                                 "absolute artifact's path); default: all of them.")
     version: str | None = Field(None, validation_alias=AliasChoices("version", "python"),
                                 description="The Python version, e.g. 3.11 (2022: `python`); default: python3.")
     requirements: str | None = Field(None, description="A pip requirements file (e.g. TensorBoard plugins), "
@@ -45,6 +45,8 @@ class TensorboardSpec(CommandsSpec):
     @classmethod
     def _runs(cls, v: Any) -> Any:
         v = [v] if isinstance(v, str) else v
+        if isinstance(v, list) and not v:
+            raise ValueError("`runs` names no run: list the runs whose logs to show, e.g. runs: [train:latest]")
         if isinstance(v, list):
             for run in v:
                 if not isinstance(run, str) or not run.strip() or "/" in run or run.strip().startswith("."):
@@ -63,6 +65,8 @@ class TensorboardSpec(CommandsSpec):
     @field_validator("logdir", "requirements", mode="before")
     @classmethod
     def _path(cls, v: Any, info) -> Any:
+        if info.field_name == "logdir" and isinstance(v, str) and v.strip().startswith("/"):
+            v = artifact_path(v, "logdir").lstrip("/")  # in an absolute artifact (/opt/tb: runs/<run>/opt/tb)
         return None if v is None else relative_path(str(v), info.field_name)
 
     @model_validator(mode="after")
@@ -93,7 +97,11 @@ class TensorboardProvider(CommandsProvider):
         python = f"python{spec.version}" if spec.version else "python3"
         logdirs = ",".join(f"{posixpath.basename(_folder(r))}:{posixpath.join(_folder(r), spec.logdir or '')}"
                            .rstrip("/") for r in spec.runs)
-        lines = [f"{python} -m venv {VENV} && . {VENV}/bin/activate",
+        # a run whose artifacts lack `logdir` shows nothing: said, not left for the user to wonder
+        checks = [f"[ -e {shlex.quote(posixpath.join(_folder(r), spec.logdir))} ] || echo \"dstack: run {r} saved no "
+                  f"'{spec.logdir}' (its artifacts: $(cd {shlex.quote(_folder(r))} && ls -A | tr '\\n' ' '))\" >&2"
+                  for r in spec.runs] if spec.logdir else []
+        lines = [*checks, f"{python} -m venv {VENV} && . {VENV}/bin/activate",
                  "python -m pip install --disable-pip-version-check -q --upgrade pip > /dev/null || true",
                  "python -m pip install --disable-pip-version-check -q tensorboard"
                  + (f" -r {shlex.quote(spec.requirements)}" if spec.requirements else ""),

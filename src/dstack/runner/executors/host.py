@@ -29,6 +29,7 @@ there); what the uid leaves in it goes when its lease ends (runner/job_user.py).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import fcntl
@@ -136,6 +137,8 @@ class HostExecution:
         self._group_lock = threading.Lock()
         self._group_reaped = False
         self._exit_code: int | None = None
+        self.made: list[Path] = []  # folders of the machine's made to mount on: removed once it ended, if empty
+        self.used: list[Path] = []  # folders of the machine's mounted on
         self._reader = threading.Thread(
             target=self._pump, name=f"dstack-host-output-{process.pid}", daemon=True
         )
@@ -147,7 +150,8 @@ class HostExecution:
         return self._process.pid
 
     def dispose(self) -> None:
-        pass  # the process is gone once wait() returned; its pty is closed there
+        _remove_made(self.made, self.used)  # the process is gone once wait() returned; its pty is closed there
+        self.made = self.used = []
 
     def _pump(self) -> None:
         fd = self._master_fd
@@ -240,15 +244,32 @@ class HostExecutor:
         argv = [shell, "-c"]
         home = full_env.get("HOME") or os.path.expanduser("~")
         binds = None  # the job's mount namespace: (source, target, read-only), bound as root before it starts
+        made: list[Path] = []
+        used: list[Path] = []
         if (mounts or (user and user.own)) and namespaces_work():
             binds = _account_binds(root.parent, user, shell) if user and user.own else []
-            for m in mounts:
-                dest = _mount_point(_host_path(m.target, root, home), root.parent, user)
-                binds.append((str(m.source), str(dest), m.read_only))
+            try:
+                with _mounted_lock:
+                    for m in mounts:
+                        dest = _mount_point(_host_path(m.target, root, home), root.parent, user, made)
+                        binds.append((str(m.source), str(dest), m.read_only))
+                        if not dest.is_relative_to(os.path.realpath(root.parent)):
+                            used.append(dest)
+                    _mounted.update(used)
+            except BaseException:
+                _remove_made(made, [])
+                raise
         elif mounts:
             _copy_read_only(root, [m for m in mounts if m.read_only])
             _link_kept(root, home, [m for m in mounts if not m.read_only], user)
-        return _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports, user, binds).result()
+        try:
+            execution = _spawner.submit(self._spawn, argv, script, cwd, full_env, on_output, ports, user,
+                                        binds).result()
+        except BaseException:
+            _remove_made(made, used)
+            raise
+        execution.made, execution.used = made, used
+        return execution
 
     @property
     def binds_anywhere(self) -> bool:
@@ -394,7 +415,27 @@ MAKES_FOLDERS_IN = ("/opt", "/mnt", "/srv", "/data", "/datasets", "/models", "/s
                     "/tmp", "/var/tmp")
 
 
-def _mount_point(dest: Path, job_folder: Path, user: JobUser | None) -> Path:
+_mounted: collections.Counter = collections.Counter()  # the machine's folders that running jobs mount on
+_mounted_lock = threading.Lock()
+
+
+def _remove_made(made: list[Path], used: list[Path]) -> None:
+    """A job ended: the machine's folders it mounted on (`used`) are no longer its, and those made for it (`made`)
+    go, deepest first, unless another job of this runner mounts on one or below it now (removing a mount point takes
+    the mount away in the namespaces that have it), or something else put files in it."""
+    with _mounted_lock:
+        _mounted.subtract(used)
+        busy = [p for p, n in _mounted.items() if n > 0]
+        for folder in reversed(made):
+            if any(b == folder or folder in b.parents for b in busy):
+                break
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _mount_point(dest: Path, job_folder: Path, user: JobUser | None, made: list[Path] | None = None) -> Path:
     """The folder to mount on at `dest`, made where missing, one component at a time without following a link (one
     put on the way meanwhile is refused). In the job's folder (its code, its home) what is made is the job user's;
     a folder of the machine's is made (as root) only in MAKES_FOLDERS_IN."""
@@ -411,7 +452,9 @@ def _mount_point(dest: Path, job_folder: Path, user: JobUser | None) -> Path:
     start = job_folder if mine else Path("/")
     fd = os.open(start, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        current = start
         for part in real.relative_to(start).parts:
+            current = current / part
             try:
                 following = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except FileNotFoundError:
@@ -419,6 +462,8 @@ def _mount_point(dest: Path, job_folder: Path, user: JobUser | None) -> Path:
                 following = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 if mine and user is not None:
                     os.fchown(following, user.uid, user.gid)
+                elif not mine and made is not None:
+                    made.append(current)
             except OSError as e:
                 raise ExecutorError(f"cannot mount at {dest}: '{part}' on the way is a link or not a folder "
                                     f"({e.strerror})") from None
