@@ -98,6 +98,24 @@ def jobs_dir(workdir: Path) -> Path:
     return job_user.jobs_dir(workdir, users.sample if users else None, Path(base) if base else None)
 
 
+def log_match(d: Dstack, cwd: Path, run: str, pattern: str, within: float):
+    """The first match of `pattern` in the run's log, once it is there (the run must not end first), and the log."""
+    import re
+
+    from dstack.core.status import JobStatus
+
+    deadline = time.monotonic() + within
+    while True:
+        logs = d("logs", run, cwd=cwd).stdout
+        found = re.search(pattern, logs)
+        if found:
+            return found, logs
+        info = d.run_info(cwd, run)
+        assert not JobStatus(info["status"]).finished, (info, logs[-3000:])
+        assert time.monotonic() < deadline, logs[-3000:]
+        time.sleep(1)
+
+
 def eventually(condition, within: float, what, every: float = 0.2):
     """condition()'s first true value within `within` s; else fails saying `what` (a text, or a function that
     says it then)."""

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import shutil
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from dstack.core.status import JobStatus
 from dstack.providers.vscode import DEFAULT_VERSION, INSTALL_ROOT, CodeProvider, CodeSpec
 from dstack.runner.executors.base import job_script
+from tests.e2e.conftest import log_match
 
 PYTHON = Path("/usr/bin/python3.11")
 
@@ -96,17 +94,10 @@ def test_code_answers_with_its_password(dstack, project):
 
 
 def _ready(dstack, root, run: str, within: float = 480):
-    """The run's "VS Code is ready" line (port, password) once it is in its log, and the log."""
-    deadline = time.monotonic() + within  # a first install builds native modules (~65 s here); later: seconds
-    while True:
-        logs = dstack("logs", run, cwd=root).stdout
-        found = re.search(r"VS Code is ready: http://[^:/\s]+:(\d+)/\s+VS Code password: ([0-9a-f]{48})", logs)
-        if found:
-            return found, logs
-        info = dstack.run_info(root, run)
-        assert not JobStatus(info["status"]).finished, (info, logs[-3000:])
-        assert time.monotonic() < deadline, logs[-3000:]
-        time.sleep(1)
+    """The run's "VS Code is ready" line (port, password) once it is in its log, and the log; a first install builds
+    native modules (~65 s here), later ones take seconds."""
+    return log_match(dstack, root, run, r"VS Code is ready: http://[^:/\s]+:(\d+)/\s+VS Code password: ([0-9a-f]{48})",
+                     within)
 
 
 def test_a_host_without_the_build_tools_is_told_what_to_install(dstack, project):

@@ -5,16 +5,14 @@ once it answers; `dstack stop` ends it."""
 from __future__ import annotations
 
 import json
-import re
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from dstack.core.status import JobStatus
 from dstack.providers.jupyter import LabProvider, NotebookProvider
+from tests.e2e.conftest import log_match
 
 
 @pytest.mark.skipif(not Path("/usr/bin/python3.11").exists(), reason="needs Debian's python3.11 (scripts/test.sh)")
@@ -27,18 +25,8 @@ def test_lab_answers_with_its_token(dstack, project):
     """)
     run = json.loads(dstack("run", "ide", "--json", cwd=root, check=True).stdout)["run_name"]
     try:
-        deadline = time.monotonic() + 240  # pip installs JupyterLab (~15 s here) and it starts
-        url = None
-        while url is None:
-            logs = dstack("logs", run, cwd=root).stdout
-            found = re.search(r"JupyterLab is ready: http://[^:/]+:(\d+)/lab\?token=([0-9a-f]+)", logs)
-            if found:
-                url = found
-                break
-            info = dstack.run_info(root, run)
-            assert not JobStatus(info["status"]).finished, (info, logs[-3000:])
-            assert time.monotonic() < deadline, logs[-3000:]
-            time.sleep(1)
+        # pip installs JupyterLab (~15 s here) and it starts
+        url, _ = log_match(dstack, root, run, r"JupyterLab is ready: http://[^:/]+:(\d+)/lab\?token=([0-9a-f]+)", 240)
         port, token = url.group(1), url.group(2)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=10) as r:
             assert r.status == 200 and "started" in json.loads(r.read())

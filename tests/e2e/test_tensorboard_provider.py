@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
-import re
 import time
 import urllib.error
 import urllib.request
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dstack.core.status import JobStatus
-from tests.e2e.conftest import last_run
+from tests.e2e.conftest import last_run, log_match
 
 WORKFLOWS = """\
 workflows:
@@ -62,16 +60,8 @@ def test_tensorboard_serves_two_runs_with_its_token(dstack, project):
     run = json.loads(dstack("run", "board", "--first", runs[0], "--second", runs[1], "--json", cwd=root,
                             check=True).stdout)["run_name"]
     try:
-        deadline = time.monotonic() + 240  # pip installs TensorBoard, which then starts
-        while True:
-            logs = dstack("logs", run, cwd=root).stdout
-            found = re.search(r"TensorBoard is ready: http://[^:/]+:(\d+)/\?token=([0-9a-f]+)", logs)
-            if found:
-                break
-            info = dstack.run_info(root, run)
-            assert not JobStatus(info["status"]).finished, (info, logs[-3000:])
-            assert time.monotonic() < deadline, logs[-3000:]
-            time.sleep(1)
+        # pip installs TensorBoard, which then starts
+        found, _ = log_match(dstack, root, run, r"TensorBoard is ready: http://[^:/]+:(\d+)/\?token=([0-9a-f]+)", 240)
         port, token = found.group(1), found.group(2)
         base = f"http://127.0.0.1:{port}"
 

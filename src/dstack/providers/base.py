@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import posixpath
+from collections.abc import Callable
 from functools import cache
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -53,6 +54,16 @@ def artifact_path(value: Any, what: str = "artifact") -> str:
                          "relative to the working_dir or an absolute one (folders to keep between runs go in "
                          "`cache`)")
     return relative_path(value, what)
+
+
+def _folders(v: Any, check: Callable[[Any], str]) -> Any:
+    """A list of folders as written (`data` or `{path: data}`), each normalised by `check`, and each once (`data`
+    and `./data` are one folder); None is none; anything else is left for the field's type to refuse."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        return v
+    return list(dict.fromkeys(check(item.get("path") if isinstance(item, dict) else item) for item in v))
 
 
 def cache_path(value: Any) -> str:
@@ -144,17 +155,7 @@ class CommandsSpec(WorkflowSpec):
     def _cache(cls, v: Any) -> Any:
         """`cache: [~/.cache/pip, data/tmp]` (or `{path: ...}`): folders kept between runs of the workflow on the
         same runner; `~/` is the job's home, a relative path is in the working_dir."""
-        if v is None:
-            return []
-        if isinstance(v, str | dict):
-            v = [v]
-        if not isinstance(v, list):
-            return v
-        out = []
-        for item in v:
-            path = item.get("path") if isinstance(item, dict) else item
-            out.append(cache_path(path))
-        return list(dict.fromkeys(out))
+        return _folders([v] if isinstance(v, str | dict) else v, cache_path)
 
     @field_validator("cache")
     @classmethod
@@ -198,15 +199,7 @@ class CommandsSpec(WorkflowSpec):
     @field_validator("artifacts", mode="before")
     @classmethod
     def _artifacts(cls, v: Any) -> Any:
-        if v is None:
-            return []
-        if not isinstance(v, list):
-            return v
-        out = []
-        for item in v:
-            path = item.get("path") if isinstance(item, dict) else item
-            out.append(artifact_path(path))
-        return list(dict.fromkeys(out))  # `data` and `./data` are one artifact
+        return _folders(v, artifact_path)
 
     @field_validator("working_dir", mode="before")
     @classmethod

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
 from typing import Any
 
 from pydantic import Field, field_validator
 
 from dstack.core.models import JobSpec
 from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
-from dstack.providers.python import VENV, python_version
+from dstack.providers.python import python_command, python_version, venv_lines
 
 
 class BashSpec(CommandsSpec):
@@ -46,9 +45,6 @@ class BashProvider(CommandsProvider):
         """With the 2022 `python` or `requirements`, the commands run in a venv of the job's own (made with
         `python<version>`, the requirements installed there), as the `python` provider's do."""
         if spec.python or spec.requirements:
-            python = f"python{spec.python}" if spec.python else "python3"
-            venv = [f"{python} -m venv {VENV} && . {VENV}/bin/activate"]
-            if spec.requirements:
-                venv.append(f"python -m pip install --disable-pip-version-check -q -r {shlex.quote(spec.requirements)}")
+            venv = venv_lines(python_command(spec.python), spec.requirements)
             spec = spec.model_copy(update={"before_run": [*venv, *spec.before_run]})
         return super().create_jobs(spec, env)

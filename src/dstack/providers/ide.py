@@ -4,6 +4,12 @@ it is once it answers."""
 from __future__ import annotations
 
 
+def secret(name: str) -> str:
+    """A line of the job's script that makes a secret of the run's own (a token, a password) in the environment
+    variable `name`: made in the job, never written in its spec (which the API shows), so only the job's log has it."""
+    return f"{name}=\"$(python -c 'import secrets; print(secrets.token_hex(24))')\"; export {name}"
+
+
 def announcer(secret: str, probe: str, ready: str) -> str:
     """A line of the job's script that, in the background beside the IDE, waits until `probe` answers (for at most
     a few minutes), then prints `ready`. Both are templates of `{port}` (the job's first port), `{host}` (the

@@ -9,15 +9,14 @@ ends it."""
 
 from __future__ import annotations
 
-import shlex
 from typing import Any
 
 from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 
 from dstack.core.models import JobSpec
 from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
-from dstack.providers.ide import announcer
-from dstack.providers.python import VENV, _without_commands, python_version
+from dstack.providers.ide import announcer, secret
+from dstack.providers.python import PIP, _without_commands, python_command, python_version, venv_lines
 
 
 class JupyterSpec(CommandsSpec):
@@ -58,22 +57,14 @@ class _Jupyter(CommandsProvider):
     title: str
 
     def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
-        python = f"python{spec.version}" if spec.version else "python3"
-        lines = [f"{python} -m venv {VENV} && . {VENV}/bin/activate",
-                 "python -m pip install --disable-pip-version-check -q --upgrade pip > /dev/null || true"]
-        if spec.requirements:
-            lines.append(f"python -m pip install --disable-pip-version-check -q -r {shlex.quote(spec.requirements)}")
-        # the token is made in the job, never in its spec (which the API shows): only the job's log has it
-        lines += [f"python -m pip install --disable-pip-version-check -q {self.package}",
-                  "JUPYTER_TOKEN=\"$(python -c 'import secrets; print(secrets.token_hex(24))')\"; export JUPYTER_TOKEN",
+        lines = venv_lines(python_command(spec.version), spec.requirements, upgrade_pip=True)
+        lines += [f"{PIP} {self.package}",
+                  secret("JUPYTER_TOKEN"),
                   announcer("JUPYTER_TOKEN", f"http://127.0.0.1:{{port}}{self.path}?token={{secret}}",
                             f"\n{self.title} is ready: http://{{host}}:{{port}}{self.path}?token={{secret}}\n"),
                   f'exec {self.command} --no-browser --ip=0.0.0.0 --port="$PORT_0" --ServerApp.allow_root=True '
                   f"--ServerApp.open_browser=False"]
-        jobs = super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}), env)
-        for job in jobs:
-            job.image = spec.image
-        return jobs
+        return super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}), env)
 
 
 class LabProvider(_Jupyter):

@@ -17,6 +17,23 @@ from dstack.core.models import JobSpec
 from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
 
 VENV = ".dstack-venv"  # in the job's working folder: the job's own, gone with it
+PIP = "python -m pip install --disable-pip-version-check -q"  # in the venv
+
+
+def python_command(version: str | None) -> str:
+    """The Python of a workflow's `version` (`python3.11`), or the machine's python3."""
+    return f"python{version}" if version else "python3"
+
+
+def venv_lines(python: str, requirements: str | None = None, *, upgrade_pip: bool = False) -> list[str]:
+    """Lines of a job's script: a venv of the job's own made with `python` and activated (its `python` and `pip`
+    first on PATH for what follows), then `requirements` installed in it."""
+    lines = [f"{python} -m venv {VENV} && . {VENV}/bin/activate"]
+    if upgrade_pip:
+        lines.append(f"{PIP} --upgrade pip > /dev/null || true")
+    if requirements:
+        lines.append(f"{PIP} -r {shlex.quote(requirements)}")
+    return lines
 
 
 def python_version(v: Any) -> str | None:
@@ -113,7 +130,7 @@ class PythonProvider(CommandsProvider):
         if spec.docker:
             image, python = f"python:{spec.version or '3'}", "python"
         else:
-            image, python = spec.image, f"python{spec.version}" if spec.version else "python3"
+            image, python = spec.image, python_command(spec.version)
         lines = []
         if not spec.docker:
             where = f"in the image {image}" if image else "on this runner's host ($(hostname))"
@@ -121,9 +138,7 @@ class PythonProvider(CommandsProvider):
                          f"Python {spec.version or '3'} there, or give the workflow 'docker: true' (the image "
                          f"python:{spec.version or '3'})\" >&2; exit 127; }}")
         if spec.requirements:
-            q = shlex.quote(spec.requirements)
-            lines += [f"{python} -m venv {VENV} && . {VENV}/bin/activate",
-                      f"python -m pip install --disable-pip-version-check -q -r {q}"]
+            lines += venv_lines(python, spec.requirements)
             python = "python"
         lines.append(" ".join([python, shlex.quote(spec.file), *(shlex.quote(a) for a in spec.args)]))
         jobs = super().create_jobs(spec.model_copy(update={"commands": lines}), env)

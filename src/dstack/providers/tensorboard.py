@@ -19,7 +19,8 @@ from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_val
 
 from dstack.core.models import JobSpec
 from dstack.providers.base import CommandsProvider, CommandsSpec, artifact_path, relative_path
-from dstack.providers.python import VENV, _without_commands, python_version
+from dstack.providers.ide import secret
+from dstack.providers.python import PIP, VENV, _without_commands, python_command, python_version, venv_lines
 
 RUNS = "runs"  # the folder of the job's working dir where each run's artifacts are mounted
 _PROXY = Path(__file__).with_name("token_proxy.py")
@@ -94,27 +95,19 @@ class TensorboardProvider(CommandsProvider):
         return {"runs": known.runs, **({"logdir": known.logdir} if known.logdir else {})}
 
     def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
-        python = f"python{spec.version}" if spec.version else "python3"
         logdirs = ",".join(f"{posixpath.basename(_folder(r))}:{posixpath.join(_folder(r), spec.logdir or '')}"
                            .rstrip("/") for r in spec.runs)
         # a run whose artifacts lack `logdir` shows nothing: said, not left for the user to wonder
         checks = [f"[ -e {shlex.quote(posixpath.join(_folder(r), spec.logdir))} ] || echo \"dstack: run {r} saved no "
                   f"'{spec.logdir}' (its artifacts: $(cd {shlex.quote(_folder(r))} && ls -A | tr '\\n' ' '))\" >&2"
                   for r in spec.runs] if spec.logdir else []
-        lines = [*checks, f"{python} -m venv {VENV} && . {VENV}/bin/activate",
-                 "python -m pip install --disable-pip-version-check -q --upgrade pip > /dev/null || true",
-                 "python -m pip install --disable-pip-version-check -q tensorboard"
-                 + (f" -r {shlex.quote(spec.requirements)}" if spec.requirements else ""),
+        lines = [*checks, *venv_lines(python_command(spec.version), upgrade_pip=True),
+                 f"{PIP} tensorboard" + (f" -r {shlex.quote(spec.requirements)}" if spec.requirements else ""),
                  f"cat > {VENV}/token_proxy.py <<'DSTACK_PROXY_END'\n{_PROXY.read_text()}DSTACK_PROXY_END",
-                 # the token is made in the job, never in its spec (which the API shows): only the job's log has it
-                 "DSTACK_APP_TOKEN=\"$(python -c 'import secrets; print(secrets.token_hex(24))')\"; "
-                 "export DSTACK_APP_TOKEN",
+                 secret("DSTACK_APP_TOKEN"),
                  "APP_PORT=\"$(python -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); "
                  "print(s.getsockname()[1])')\"",
                  f"env -u DSTACK_APP_TOKEN tensorboard --logdir_spec {shlex.quote(logdirs)} --host 127.0.0.1 "
                  "--port \"$APP_PORT\" &",
                  f"exec python {VENV}/token_proxy.py \"$PORT_0\" \"$APP_PORT\" \"$!\" TensorBoard"]
-        jobs = super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}), env)
-        for job in jobs:
-            job.image = spec.image
-        return jobs
+        return super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1)}), env)

@@ -25,8 +25,8 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from dstack.core.models import JobSpec
 from dstack.providers.base import CommandsProvider, CommandsSpec, relative_path
-from dstack.providers.ide import announcer
-from dstack.providers.python import VENV, _without_commands, python_version
+from dstack.providers.ide import announcer, secret
+from dstack.providers.python import _without_commands, python_command, python_version, venv_lines
 
 DEFAULT_VERSION = "4.100.3"  # the newest code-server for Node.js 20 (4.102 and later need Node.js 22)
 INSTALL_ROOT = "~/.cache/dstack/code-server"  # a folder of the job's home, one per version: a `cache:` may keep it
@@ -133,7 +133,7 @@ class CodeProvider(CommandsProvider):
     Spec = CodeSpec
 
     def create_jobs(self, spec: Any, env: dict[str, str]) -> list[JobSpec]:
-        python = f"python{spec.python}" if spec.python else "python3"
+        python = python_command(spec.python)
         host = "\"on this runner's host ($(hostname 2> /dev/null || echo ?))\""  # a missing hostname: no exit
         where = shlex.quote(f"in the image {spec.image}") if spec.image else host
         root = INSTALL_ROOT.replace("~", "$HOME", 1)
@@ -141,19 +141,13 @@ class CodeProvider(CommandsProvider):
                  f'cs_where={where}; cs_build_needs="{BUILD_NEEDS}"; cs_packages="{DEBIAN_PACKAGES}"',
                  _CHECK,
                  _INSTALL,
-                 f"{python} -m venv {VENV} && . {VENV}/bin/activate"]  # first on PATH: the terminal's python
-        if spec.requirements:
-            lines.append(f"python -m pip install --disable-pip-version-check -q -r {shlex.quote(spec.requirements)}")
-        # the password is made in the job, never in its spec (which the API shows): only the job's log has it
-        lines += ["PASSWORD=\"$(python -c 'import secrets; print(secrets.token_hex(24))')\"; export PASSWORD",
-                  announcer("PASSWORD", "http://127.0.0.1:{port}/healthz",
-                            "\nVS Code is ready: http://{host}:{port}/\nVS Code password: {secret}\n"),
-                  'exec "$cs_dir/bin/code-server" --bind-addr "0.0.0.0:$PORT_0" --auth password '
-                  '--disable-telemetry --disable-update-check "$PWD"']
+                 *venv_lines(python, spec.requirements),  # first on PATH: the terminal's python
+                 secret("PASSWORD"),
+                 announcer("PASSWORD", "http://127.0.0.1:{port}/healthz",
+                           "\nVS Code is ready: http://{host}:{port}/\nVS Code password: {secret}\n"),
+                 'exec "$cs_dir/bin/code-server" --bind-addr "0.0.0.0:$PORT_0" --auth password '
+                 '--disable-telemetry --disable-update-check "$PWD"']
         # the install is kept on the runner between the workflow's runs: the next one starts in seconds
         cache = [*spec.cache, *([INSTALL_ROOT] if INSTALL_ROOT not in spec.cache else [])]
-        jobs = super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1),
+        return super().create_jobs(spec.model_copy(update={"commands": lines, "ports": max(spec.ports, 1),
                                                            "cache": cache}), env)
-        for job in jobs:
-            job.image = spec.image
-        return jobs

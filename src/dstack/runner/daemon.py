@@ -27,8 +27,6 @@ from dstack.runner.job_user import JobUser, JobUsers
 from dstack.runner.logs import AsWritten, LogShipper
 from dstack.storage.blobstore import BlobStore, LocalBlobStore
 from dstack.storage.cache import DEFAULT_CACHE_SIZE, BlobCache
-from dstack.storage.save import save_tree
-from dstack.storage.tree import artifact_source
 
 log = logging.getLogger("dstack.runner")
 HEARTBEAT_INTERVAL = 1.0  # while it runs jobs, or as a server before 0.5 expects; an idle one, as the server says
@@ -510,39 +508,9 @@ class Runner:
             self._report(job, JobStatus.UPLOADING, {"exit_code": code, **started})
             local, trees = self._trees()
             store = self._job_store(job)
-            sources = {path: absolute.get(path) or artifact_source(root / job.working_dir, path)
-                       for path in job.artifacts}
-            for path in job.artifacts:
-                src = sources[path]
-                if src.exists() and not src.is_dir():
-                    not_folders.append(path)
-                    shipper.write(f"dstack: artifact '{path}' is a file, not a folder: not saved\n".encode())
-                    continue
-                unwritten = not src.exists() or (src.parent == folder / "outputs" and not any(src.iterdir()))
-                if unwritten and (code != 0 or slot.stop_requested):
-                    # a job that failed (or was stopped) before it made the folder: nothing to save, and no
-                    # empty artifact that would pass for its output
-                    shipper.write(f"dstack: artifact '{path}' was not created by the job: nothing saved\n"
-                                  .encode())
-                    continue
-                if not src.exists():
-                    shipper.write(f"dstack: artifact '{path}' was not created by the job; saved as an empty "
-                                  f"folder\n".encode())
-                    src = folder / "empty"
-                    src.mkdir(exist_ok=True)
-
-                def warn(message: str, path: str = path) -> None:
-                    shipper.write(f"dstack: artifact '{path}': {message}\n".encode())
-
-                # the job is over and its folder goes next: its files may become the blobs themselves,
-                # and the folder the dependency tree (unless another artifact lies inside it or around it)
-                nested = any(p != path and (o.is_relative_to(src) or src.is_relative_to(o)) for p, o in sources.items())
-                # a folder of the machine's own (an absolute artifact, no namespace): read, never adopted
-                nested = nested or src == Path(path)
-                manifest = save_tree(store, src, adopt=local and not nested, trees=None if nested else trees,
-                                     cache=self.cache, warn=warn)
-                artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
-                                  "size": manifest.size})
+            artifacts, not_folders = workspace.save_artifacts(
+                job, root, folder, absolute, store, adopt=local, trees=trees, cache=self.cache,
+                ended_early=code != 0 or bool(slot.stop_requested), say=shipper.write)
             if isinstance(store, transfer.JobStore):
                 log.info("job %s: artifacts saved: uploaded %d blobs (%s, %d bytes)", job.job_id,
                          store.stats.uploaded, human_size(store.stats.uploaded_bytes), store.stats.uploaded_bytes)

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import posixpath
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -17,6 +18,7 @@ from dstack.runner.executors.base import Mount
 from dstack.runner.job_user import JobUser
 from dstack.storage.blobstore import BlobStore
 from dstack.storage.cache import BlobCache
+from dstack.storage.save import save_tree
 from dstack.storage.tree import artifact_source, remove_tree, tree_cache
 
 log = logging.getLogger("dstack.runner")
@@ -174,6 +176,44 @@ def _cache_mount(job: JobSpec, path: str, folder: Path, caches: Path, binds: boo
     _hand_over(source.parent, source, job, user)
     target = path if path.startswith(("/", "~/")) else job_path(job, path)
     mounts.append(Mount(source=source, target=target, read_only=False))
+
+
+def save_artifacts(job: JobSpec, root: Path, folder: Path, absolute: dict[str, Path], store: BlobStore, *,
+                   adopt: bool, trees: Path, cache: BlobCache, ended_early: bool,
+                   say: Callable[[bytes], None]) -> tuple[list[dict], list[str]]:
+    """Save the ended job's artifacts (from `root`'s working dir, or `absolute`: output_mounts), saying in its log
+    (`say`) what is not saved and why. A job that failed or was stopped (`ended_early`) before it made a folder saves
+    nothing for it, not an empty artifact that would pass for its output. The job's folder goes next, so its files
+    may become the store's blobs (`adopt`) and a folder the dependency tree (in `trees`), unless another artifact
+    lies inside it or around it; a folder of the machine's own is read, never adopted. Returns the saved artifacts
+    and the paths that were files, not folders."""
+    artifacts, not_folders = [], []
+    sources = {path: absolute.get(path) or artifact_source(root / job.working_dir, path) for path in job.artifacts}
+    for path in job.artifacts:
+        src = sources[path]
+        if src.exists() and not src.is_dir():
+            not_folders.append(path)
+            say(f"dstack: artifact '{path}' is a file, not a folder: not saved\n".encode())
+            continue
+        unwritten = not src.exists() or (src.parent == folder / "outputs" and not any(src.iterdir()))
+        if unwritten and ended_early:
+            say(f"dstack: artifact '{path}' was not created by the job: nothing saved\n".encode())
+            continue
+        if not src.exists():
+            say(f"dstack: artifact '{path}' was not created by the job; saved as an empty folder\n".encode())
+            src = folder / "empty"
+            src.mkdir(exist_ok=True)
+
+        def warn(message: str, path: str = path) -> None:
+            say(f"dstack: artifact '{path}': {message}\n".encode())
+
+        shared = src == Path(path) or any(p != path and (o.is_relative_to(src) or src.is_relative_to(o))
+                                           for p, o in sources.items())
+        manifest = save_tree(store, src, adopt=adopt and not shared, trees=None if shared else trees, cache=cache,
+                             warn=warn)
+        artifacts.append({"path": path, "manifest": manifest.digest(), "files": manifest.files,
+                          "size": manifest.size})
+    return artifacts, not_folders
 
 
 def trees_in_use(jobs_dir: Path) -> set[str]:
